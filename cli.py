@@ -1,0 +1,712 @@
+"""``sessionq``: the one command-line entry point (a click group).
+
+Global options carry ``envvar=`` so the CLI, the environment and the config file
+agree; state lives in :class:`App` on ``ctx.obj``. User errors are one clear line
+and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar, cast
+
+import click
+
+from models import Settings, Store, open_store
+from models.errors import StoreError
+from scheduler.sweeps import SWEEP_KINDS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class App:
+    """What every command shares: the settings and, opened on first use, the store."""
+
+    settings: Settings
+    _store: Store | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> Store:
+        """The configured store (opened lazily, closed when the command ends)."""
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        """Close the store if it was opened."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def user_errors(func: F) -> F:
+    """Turn store, configuration and file errors into one redacted ``Error: ...`` line, exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from workers.errors import JobError
+        from workers.logs import redact
+
+        try:
+            return func(*args, **kwargs)
+        except (StoreError, JobError) as exc:
+            raise click.ClickException(redact(str(exc))) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def configure_logging(settings: Settings) -> None:
+    """Install the process's log handler (only the CLI configures handlers)."""
+    from workers.logs import configure
+
+    configure(settings)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_file", envvar="SESSIONQ_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML or TOML config file.")
+@click.option("--storage-url", envvar="STORAGE_URL", help="Store URL (sqlite:///, postgresql://, mysql://, mongodb://).")
+@click.option("--redis-url", envvar="REDIS_URL", help="Redis URL; without it sessionq runs embedded.")
+@click.version_option(package_name="mcp-sessionq")
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None, storage_url: str | None, redis_url: str | None) -> None:
+    """sessionq: durable, non-blocking session persistence for MCP servers."""
+    try:
+        settings = Settings.load(config_file, storage_url=storage_url, redis_url=redis_url)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(settings)
+    app = App(settings)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+@main.group()
+def db() -> None:
+    """Schema versions of the configured store."""
+
+
+@db.command("upgrade")
+@click.option("--to", "target", type=int, help="Stop at this version (default: latest).")
+@pass_app
+@user_errors
+def db_upgrade(app: App, target: int | None) -> None:
+    """Apply pending schema migrations (idempotent)."""
+    applied = app.store.upgrade(target)
+    version = app.store.schema_version()
+    if applied:
+        click.echo(f"applied {', '.join(map(str, applied))}; schema at version {version}")
+    else:
+        click.echo(f"schema already at version {version}")
+
+
+@db.command("status")
+@pass_app
+@user_errors
+def db_status(app: App) -> None:
+    """Print the schema version and whether migrations are pending."""
+    current, latest = app.store.schema_version(), app.store.latest_schema_version()
+    state = "up to date" if current >= latest else f"{latest - current} migration(s) pending"
+    click.echo(f"backend {app.store.backend}: schema version {current} of {latest} ({state})")
+    if current < latest:
+        sys.exit(1)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the effective configuration."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def config_show(app: App, as_json: bool) -> None:
+    """Print the effective settings, secrets redacted."""
+    values = app.settings.redacted()
+    if as_json:
+        click.echo(json.dumps(values, indent=2, default=str))
+        return
+    width = max(map(len, values))
+    for name, value in values.items():
+        click.echo(f"{name:<{width}}  {value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@user_errors
+def stats(app: App, as_json: bool) -> None:
+    """Counts of sessions by status, messages, files and transport sessions."""
+    data = app.store.stats().to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    for name, value in data.items():
+        click.echo(f"{name:<20} {value}")
+
+
+@main.command("scheduler")
+@pass_app
+@user_errors
+def scheduler_command(app: App) -> None:
+    """Enqueue the periodic sweeps (long-running; stop with SIGTERM or Ctrl-C).
+
+    Run as many replicas as you like against one Redis: a lease makes one of them
+    fire, each tick exactly once; if it dies another takes over within one lease
+    period (SESSIONQ_SCHEDULER_LEASE_SECONDS).
+    """
+    import signal
+    import threading
+
+    from scheduler.runner import SweepScheduler, dramatiq_send
+
+    redis_client = _scheduler_redis(app.settings, required=True)
+    if redis_client is None:
+        logging.getLogger(__name__).warning(
+            "no REDIS_URL: this scheduler is the only one, and its jobs run only in this process's "
+            "embedded broker (use `sessionq up` to run a worker alongside it)"
+        )
+    from workers.broker import configure
+
+    configure(app.settings)  # the broker of these settings (--redis-url / --config included)
+    # APScheduler logs every job run at INFO; each tick already logs what it enqueued.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.getLogger().level))
+    runner = SweepScheduler(dramatiq_send(), settings=app.settings, redis=redis_client)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    runner.run(stop)
+
+
+@main.command()
+@click.option("--aggressive", is_flag=True, help="Also purge sessions expired for over an hour.")
+@click.option("--dry-run", is_flag=True, help="Count what would change; change nothing.")
+@click.option("--kind", type=click.Choice(SWEEP_KINDS), help="Run only this sweep.")
+@pass_app
+@user_errors
+def cleanup(app: App, aggressive: bool, dry_run: bool, kind: str | None) -> None:
+    """Run the hygiene sweeps now, in this process, and print what they changed."""
+    import time
+
+    from scheduler import SweepBook, run_sweep, schedule_for, sweep_guard
+
+    kinds = [kind] if kind else list(schedule_for(app.settings))
+    if aggressive and "aggressive_cleanup" not in kinds and not kind:
+        kinds.append("aggressive_cleanup")
+    redis_client = None if dry_run else _scheduler_redis(app.settings, required=False)
+    book = SweepBook(redis_client) if redis_client is not None else None
+    store = app.store
+    for name in kinds:
+        started = time.perf_counter()
+        with sweep_guard(redis_client, name) as acquired:
+            if not acquired:
+                click.echo(f"{name}: skipped (already running elsewhere)")
+                continue
+            counts = run_sweep(name, store, app.settings, book=book, dry_run=dry_run)
+        summary = " ".join(f"{k}={v}" for k, v in counts.items())
+        prefix = "would change " if dry_run else ""
+        click.echo(f"{name}: {prefix}{summary} ({time.perf_counter() - started:.2f}s)")
+
+
+def _scheduler_redis(settings: Settings, *, required: bool) -> Any | None:
+    """A Redis client for ``settings.redis_url`` that answers, or ``None`` (no Redis
+    configured, or unreachable and not ``required``)."""
+    if not settings.redis_url:
+        return None
+    import redis
+
+    from models.settings import redact_url
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        message = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
+        if required:
+            raise click.ClickException(message) from None
+        click.echo(f"warning: {message}; running without the sweep locks and book", err=True)
+        return None
+    return client
+
+
+@main.command()
+@click.option("--host", envvar="SESSIONQ_HTTP_HOST", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", envvar="SESSIONQ_HTTP_PORT", type=int, help="Port to bind (default 8080).")
+@pass_app
+@user_errors
+def serve(app: App, host: str | None, port: int | None) -> None:
+    """Serve GET /session-health and GET /metrics (Bearer token: SESSIONQ_API_TOKEN)."""
+    from workers.http import serve as serve_http
+
+    serve_http(app.settings, host, port)
+
+
+@main.command()
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for each component (default 3).")
+@pass_app
+def health(app: App, timeout: float | None) -> None:
+    """Check the store, broker and sweeps; print one JSON line; exit 0 if healthy, 1 if not."""
+    from workers.health import DEFAULT_PROBE_TIMEOUT, HealthChecker
+
+    with HealthChecker(app.settings, timeout=timeout or DEFAULT_PROBE_TIMEOUT) as checker:
+        report = checker.check()
+    click.echo(json.dumps(report.to_json(), sort_keys=True, default=str))
+    sys.exit(0 if report.healthy else 1)
+
+# -- bulk operations: migrate, verify, export-all, import, backup, restore ----------------
+
+# Checkpoint file `sessionq migrate` writes (and `--resume` reads) when none is given.
+DEFAULT_CHECKPOINT = "sessionq-migrate.checkpoint.json"
+
+
+def _open_url(url: str, role: str) -> Store:
+    """Open and ping the store at ``url`` (``role`` names it in errors, password masked)."""
+    from models.settings import redact_url
+
+    try:
+        store = open_store(url)
+        store.ping()
+    except StoreError as exc:
+        raise click.ClickException(f"{role} {redact_url(url)}: {exc}") from None
+    return store
+
+
+def _echo_import(report: Any, what: str) -> None:
+    click.echo(
+        f"{what}: read {report.sessions_read} sessions / {report.messages_read} messages; "
+        f"wrote {report.sessions_written} sessions, inserted {report.messages_inserted} messages; "
+        f"{report.error_count} rejected"
+    )
+    for line in report.errors:
+        click.echo(f"  rejected {line}", err=True)
+    if report.error_count > len(report.errors):
+        click.echo(f"  ... and {report.error_count - len(report.errors)} more", err=True)
+
+
+@main.command("migrate")
+@click.option("--from", "source", required=True, help="Source store URL.")
+@click.option("--to", "destination", required=True, help="Destination store URL (its schema is brought up to date).")
+@click.option("--verify", "check", is_flag=True, help="Verify counts and per-session checksums afterwards.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True, help="Sessions per batch.")
+@click.option("--resume", is_flag=True, help="Continue after the last finished batch of the checkpoint.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=DEFAULT_CHECKPOINT, show_default=True,
+              help="Checkpoint file, rewritten after every batch.")
+@click.option("--pause", type=click.FloatRange(min=0), default=0.0, help="Seconds to sleep between batches.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--fan-out", is_flag=True,
+              help="Enqueue one `migrate_batch` job per batch on the bulk queue instead (stores as @NAME, see docs).")
+@pass_app
+@user_errors
+def migrate_command(app: App, source: str, destination: str, check: bool, batch_size: int, resume: bool,
+                    checkpoint: str, pause: float, progress: bool | None, fan_out: bool) -> None:
+    """Copy every session and message from one store to another (resumable, idempotent)."""
+    from pathlib import Path
+
+    from models.settings import redact_url
+    from models.transfer import Checkpoint, describe, migrate, verify
+
+    labels = (redact_url(source), redact_url(destination))
+    if source == destination:
+        raise click.ClickException("--from and --to name the same store")
+    if fan_out:
+        _fan_out_migration(app, source, destination, batch_size)
+        return
+    path = Path(checkpoint)
+    if resume:
+        saved = Checkpoint.load(path)
+        if saved.source and (saved.source, saved.destination) != labels:
+            raise click.ClickException(
+                f"checkpoint {path} belongs to {saved.source} -> {saved.destination}; use another --checkpoint"
+            )
+    src, dst = _open_url(source, "source"), _open_url(destination, "destination")
+    try:
+        dst.upgrade()
+        click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
+        report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
+                         pause=pause, labels=labels)
+        start = f" (resumed after {report.resumed_from!r})" if report.resumed_from else ""
+        click.echo(
+            f"migrated {report.sessions} sessions, {report.messages} messages{start} in {report.seconds:.1f}s "
+            f"({report.rows_per_second:.0f} rows/s); {report.sessions_written} sessions written, "
+            f"{report.messages_inserted} messages inserted"
+        )
+        if check:
+            result = verify(src, dst, show_progress=progress)
+            for line in describe(result):
+                click.echo(line)
+            if not result.equal:
+                sys.exit(1)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _fan_out_migration(app: App, source: str, destination: str, batch_size: int) -> None:
+    """Plan the batches of a migration and enqueue one ``migrate_batch`` job each."""
+    from models.transfer import plan_batches
+    from workers.payloads import resolve_store_url, store_reference
+    from workers.producer import Producer
+
+    if app.settings.queue_url is None:
+        raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
+    refs = (store_reference(source), store_reference(destination))
+    src = _open_url(resolve_store_url(refs[0]), "source")
+    dst = _open_url(resolve_store_url(refs[1]), "destination")
+    dst.upgrade()
+    dst.close()
+    producer = Producer(app.settings)
+    jobs = 0
+    try:
+        for after, until in plan_batches(src, batch_size):
+            payload = {"source": refs[0], "destination": refs[1], "after": after, "until": until, "limit": batch_size}
+            producer.send("migrate_batch", payload)
+            jobs += 1
+    finally:
+        producer.close()
+        src.close()
+    click.echo(f"enqueued {jobs} migrate_batch job(s) on the bulk queue; check with `sessionq verify` when they are done")
+
+
+@main.command("verify")
+@click.option("--from", "source", required=True, help="Source store URL.")
+@click.option("--to", "destination", required=True, help="Destination store URL.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@user_errors
+def verify_command(source: str, destination: str, progress: bool | None) -> None:
+    """Compare two stores (counts, fields, messages, checksums); exit 1 on any difference."""
+    from models.transfer import describe, verify
+
+    src, dst = _open_url(source, "source"), _open_url(destination, "destination")
+    try:
+        result = verify(src, dst, show_progress=progress)
+    finally:
+        src.close()
+        dst.close()
+    for line in describe(result):
+        click.echo(line)
+    if not result.equal:
+        sys.exit(1)
+
+
+@main.command("export-all")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (.gz compresses).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default=None,
+              help="jsonl (default) or json (default for a .json name).")
+@pass_app
+@user_errors
+def export_all_command(app: App, output: str, fmt: str | None) -> None:
+    """Export every session and its messages from the configured store."""
+    from pathlib import Path
+
+    from models.archive_io import export_file
+
+    report = export_file(app.store, Path(output), fmt)
+    click.echo(f"exported {report.sessions} sessions, {report.messages} messages to {output}")
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@pass_app
+@user_errors
+def import_command(app: App, file: str) -> None:
+    """Import a .jsonl/.json export (optionally .gz) into the configured store; idempotent.
+    Bad records are reported with their line and the rest is imported (exit 1)."""
+    from pathlib import Path
+
+    from models.archive_io import import_file
+
+    app.store.upgrade()
+    report = import_file(app.store, Path(file))
+    _echo_import(report, f"imported {file}")
+    if report.error_count:
+        sys.exit(1)
+
+
+@main.command("backup")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Backup directory.")
+@click.option("--keep", type=click.IntRange(min=1), default=7, show_default=True, help="Backups to keep.")
+@pass_app
+@user_errors
+def backup_command(app: App, directory: str, keep: int) -> None:
+    """Write a timestamped, compressed backup of the configured store and keep the last N."""
+    from pathlib import Path
+
+    from models.archive_io import backup
+
+    report = backup(app.store, Path(directory), keep=keep)
+    click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages")
+    for old in report.removed:
+        click.echo(f"removed {old}")
+
+
+@main.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@pass_app
+@user_errors
+def restore_command(app: App, file: str) -> None:
+    """Restore a backup (or any export) into the configured store; idempotent."""
+    from pathlib import Path
+
+    from models.archive_io import restore
+
+    app.store.upgrade()
+    report = restore(app.store, Path(file))
+    _echo_import(report, f"restored {file}")
+    if report.error_count:
+        sys.exit(1)
+
+# -- jobs: worker, enqueue, export, archive, up, dlq (issue 3) ------------------
+
+
+def _root_params(ctx: click.Context) -> dict[str, Any]:
+    return ctx.find_root().params
+
+
+def _export_settings_env(ctx: click.Context) -> None:
+    """Pass the global options to child processes (they load Settings from the environment)."""
+    import os
+
+    params = _root_params(ctx)
+    for name, env in (("config_file", "SESSIONQ_CONFIG"), ("storage_url", "STORAGE_URL"), ("redis_url", "REDIS_URL")):
+        if params.get(name):
+            os.environ[env] = str(params[name])
+
+
+def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
+    """Enqueue jobs; with no broker configured run them embedded and return once done.
+
+    Raises ClickException with the reason if a job is dead-lettered in embedded mode.
+    """
+    from workers.producer import Producer
+
+    if app.settings.queue_url is not None:
+        producer = Producer(app.settings)
+        try:
+            ids = [producer.send(actor, arg) for actor, arg in jobs]
+            if producer.pending():
+                click.echo(f"broker unreachable: {producer.pending()} job(s) spooled to {producer.outbox_path}", err=True)
+        finally:
+            producer.close()
+        return ids
+    from workers.embedded import EmbeddedRuntime
+
+    app.close()
+    runtime = EmbeddedRuntime(app.settings, threads=2).start()
+    try:
+        producer = Producer(app.settings)
+        ids = [producer.send(actor, arg) for actor, arg in jobs]
+        runtime.join()
+        failed = {d.message_id: d.reason for d in runtime.dead_letters()}
+    finally:
+        runtime.stop()
+    for job_id in ids:
+        if job_id in failed:
+            raise click.ClickException(f"job {job_id} failed: {failed[job_id]}")
+    return ids
+
+
+@main.command()
+@click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
+@click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
+@click.option("--queues", "-Q", multiple=True, type=click.Choice(["sessions", "maintenance", "bulk"]),
+              help="Queues to consume (repeatable; default: all).")
+@click.pass_context
+@user_errors
+def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...]) -> None:
+    """Run Dramatiq worker processes against the configured broker (graceful on SIGTERM)."""
+    app: App = ctx.obj
+    if app.settings.queue_url is None:
+        raise click.ClickException("no broker configured (set REDIS_URL or --redis-url); `sessionq up` runs embedded")
+    _export_settings_env(ctx)
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    from workers.broker import configure
+
+    configure(app.settings)  # forked worker processes inherit this broker
+
+    argv = ["workers.actors", "--processes", str(processes or app.settings.worker_processes),
+            "--threads", str(threads or app.settings.worker_threads), "--skip-logging"]
+    if queues:
+        argv += ["--queues", *queues]
+    app.close()
+    sys.exit(dramatiq_main(make_argument_parser().parse_args(argv)))
+
+
+@main.group()
+def enqueue() -> None:
+    """Enqueue jobs from the shell."""
+
+
+@enqueue.command("save")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@pass_app
+@user_errors
+def enqueue_save(app: App, file: Any) -> None:
+    """Save a session from FILE.json (the `sessionq export --format json` shape; - for stdin).
+
+    With no broker configured the job runs embedded and this returns once it is stored.
+    """
+    try:
+        payload = json.load(file)
+    except ValueError as exc:
+        raise click.ClickException(f"{file.name}: not valid JSON: {exc}") from None
+    (job_id,) = _run_jobs(app, [("save_session", payload)])
+    count = len(payload.get("messages", [])) if isinstance(payload, dict) else 0
+    done = "saved" if app.settings.queue_url is None else "enqueued"
+    click.echo(f"{done} session {payload.get('session_id')} ({count} messages); job {job_id}")
+
+
+@main.command("export")
+@click.argument("session_id")
+@click.option("--format", "fmt", type=click.Choice(["json", "text", "markdown"]), default="json", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here (default: stdout).")
+@pass_app
+@user_errors
+def export_command(app: App, session_id: str, fmt: str, output: str | None) -> None:
+    """Export one session from the store as JSON, text or Markdown."""
+    from pathlib import Path
+
+    from workers.exports import export_to_file, write_export
+
+    if output:
+        count = export_to_file(app.store, session_id, fmt, Path(output))
+        click.echo(f"exported {session_id} ({count} messages) to {output}", err=True)
+    else:
+        write_export(app.store, session_id, fmt, sys.stdout)
+
+
+@main.command("archive")
+@click.argument("session_id")
+@pass_app
+@user_errors
+def archive_command(app: App, session_id: str) -> None:
+    """Archive a session (an archive_session job; embedded: waits until done)."""
+    from models import utcnow
+
+    if app.settings.queue_url is None:
+        app.store.upgrade()
+        app.store.load_session(session_id)  # embedded: an unknown id is an error now, not a retried job
+    (job_id,) = _run_jobs(app, [("archive_session", {"session_id": session_id, "at": utcnow()})])
+    click.echo(f"{'archived' if app.settings.queue_url is None else 'enqueued archive of'} {session_id}; job {job_id}")
+
+
+@main.command("up")
+@click.option("--demo", is_flag=True, help="Run a self-contained tour in a temporary directory and exit.")
+@click.option("--threads", "-t", type=click.IntRange(1), help="Worker threads (default: settings.worker_threads).")
+@click.option("--no-http", is_flag=True, help="Do not serve /session-health and /metrics.")
+@pass_app
+@user_errors
+def up(app: App, demo: bool, threads: int | None, no_http: bool) -> None:
+    """Worker, scheduler and HTTP in one process (embedded queue unless a broker is set)."""
+    if demo:
+        from workers.demo import run_demo
+
+        app.close()
+        run_demo(app.settings, click.echo)
+        return
+    import signal
+    import threading
+
+    from workers.up import AllInOne
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app.close()
+    with AllInOne(app.settings, threads=threads, http=not no_http) as running:
+        where = f"; http://{app.settings.http_host}:{running.http_port}" if running.http_port else ""
+        click.echo(f"sessionq up: worker and scheduler running{where} (Ctrl-C or SIGTERM to stop)", err=True)
+        stop.wait()
+        click.echo("sessionq up: stopping (draining queued jobs)", err=True)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-lettered jobs (Redis broker): list, requeue, purge."""
+
+
+def _dead_letters(app: App) -> Any:
+    import redis
+
+    from workers.dlq import DeadLetters
+
+    url = app.settings.queue_url
+    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise click.ClickException("dead letters live in Redis: set REDIS_URL (embedded mode logs them instead)")
+    return DeadLetters(redis.Redis.from_url(url, socket_connect_timeout=2))
+
+
+def _redis_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return func(*args, **kwargs)
+        except redis.RedisError as exc:
+            from workers.logs import redact
+
+            raise click.ClickException(f"Redis unavailable: {redact(str(exc))}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@pass_app
+@_redis_errors
+def dlq_list(app: App, as_json: bool) -> None:
+    """List dead letters with their reasons."""
+    count = 0
+    for letter in _dead_letters(app):
+        count += 1
+        if as_json:
+            click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
+        else:
+            click.echo(f"{letter.id}  {letter.queue:<11} {letter.actor_name:<17} "
+                       f"{letter.dead_lettered_at:%Y-%m-%d %H:%M:%S}  {letter.reason[:200]}")
+    if not as_json:
+        click.echo(f"{count} dead letter(s)", err=True)
+
+
+@dlq.command("requeue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Requeue every dead letter.")
+@pass_app
+@_redis_errors
+def dlq_requeue(app: App, ids: tuple[str, ...], all_: bool) -> None:
+    """Put dead letters (by id, or --all) back on their queues."""
+    if not ids and not all_:
+        raise click.ClickException("give dead-letter ids or --all")
+    moved = _dead_letters(app).requeue(None if all_ else ids)
+    if ids and moved < len(ids):
+        click.echo(f"requeued {moved} of {len(ids)}; the others were not found", err=True)
+    click.echo(f"requeued {moved} job(s)")
+
+
+@dlq.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+@_redis_errors
+def dlq_purge(app: App, yes: bool) -> None:
+    """Delete every dead letter."""
+    letters = _dead_letters(app)
+    if not yes and not click.confirm(f"delete {letters.count()} dead letter(s)?"):
+        raise click.ClickException("aborted")
+    click.echo(f"purged {letters.purge()} dead letter(s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

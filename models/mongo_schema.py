@@ -1,0 +1,116 @@
+"""Collections, indexes and schema versions of the MongoDB backend.
+
+Every collection is prefixed ``sessionq_``. Indexes are created by versioned steps
+recorded in ``sessionq_schema`` (one document per applied version), the MongoDB
+counterpart of :mod:`models.sql_schema`. ``create_index`` is idempotent, so a step
+interrupted half-way is simply applied again.
+
+Timestamps are stored as integer microseconds since the Unix epoch: BSON dates
+only keep milliseconds, and a store must return exactly the instant it was given
+(``updated_at`` comparisons decide which save wins).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.database import Database
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "sessionq_schema"
+SESSIONS = "sessionq_sessions"
+MESSAGES = "sessionq_messages"
+FILES = "sessionq_files"
+TRANSPORTS = "sessionq_transports"
+AGENT_STATE = "sessionq_agent_state"
+EVENTS = "sessionq_events"
+COUNTERS = "sessionq_counters"
+#: Every data collection (the schema collection excluded).
+DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def to_us(value: datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch (exact, orderable)."""
+    delta = value.astimezone(timezone.utc) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def opt_us(value: datetime | None) -> int | None:
+    """:func:`to_us`, passing ``None`` through."""
+    return None if value is None else to_us(value)
+
+
+def from_us(value: int | None) -> datetime | None:
+    """The inverse of :func:`to_us` (``None`` stays ``None``)."""
+    return None if value is None else _EPOCH + timedelta(microseconds=int(value))
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step, applied once in version order."""
+
+    version: int
+    description: str
+    apply: Callable[[Database[Any]], None]
+
+
+def _v1_core(db: Database[Any]) -> None:
+    db[SESSIONS].create_index([("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated")
+    db[MESSAGES].create_index(
+        [("session_id", ASCENDING), ("message_id", ASCENDING)], unique=True, name="session_message"
+    )
+    db[MESSAGES].create_index([("session_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="session_seq")
+    db[FILES].create_index([("expires_at", ASCENDING)], name="expires_at")
+    db[TRANSPORTS].create_index([("status", ASCENDING), ("grace_expires_at", ASCENDING)], name="status_grace")
+    db[TRANSPORTS].create_index([("status", ASCENDING), ("last_heartbeat", ASCENDING)], name="status_heartbeat")
+    db[AGENT_STATE].create_index([("agent_id", ASCENDING), ("key", ASCENDING)], unique=True, name="agent_key")
+    db[AGENT_STATE].create_index([("expires_at", ASCENDING)], name="expires_at")
+
+
+def _v2_event_log(db: Database[Any]) -> None:
+    db[EVENTS].create_index(
+        [("mcp_session_id", ASCENDING), ("stream_id", ASCENDING), ("_id", ASCENDING)], name="session_stream_id"
+    )
+    db[EVENTS].create_index([("created_at", ASCENDING)], name="created_at")
+    db[EVENTS].create_index([("mcp_session_id", ASCENDING), ("_id", DESCENDING)], name="session_newest")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "sessions, messages (unique per session and seq), files, transports, agent state", _v1_core),
+    Migration(2, "MCP event log", _v2_event_log),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def current_version(db: Database[Any]) -> int:
+    """The highest applied version, 0 for an empty database."""
+    doc = db[SCHEMA].find_one({}, sort=[("_id", DESCENDING)], projection={"_id": 1})
+    return int(doc["_id"]) if doc else 0
+
+
+def upgrade(db: Database[Any], target: int | None = None) -> list[int]:
+    """Apply the pending steps up to ``target``; return the versions applied."""
+    target = LATEST_VERSION if target is None else target
+    done = {int(doc["_id"]) for doc in db[SCHEMA].find({}, projection={"_id": 1})}
+    applied: list[int] = []
+    for step in MIGRATIONS:
+        if step.version > target:
+            break
+        if step.version in done:
+            continue
+        logger.info("applying MongoDB schema step %d: %s", step.version, step.description)
+        step.apply(db)
+        db[SCHEMA].update_one(
+            {"_id": step.version},
+            {"$setOnInsert": {"description": step.description, "applied_at": datetime.now(timezone.utc)}},
+            upsert=True,
+        )
+        applied.append(step.version)
+    return applied

@@ -1,0 +1,347 @@
+"""The SQL backend: SQLite, PostgreSQL and MariaDB/MySQL through Peewee.
+
+Each :class:`SqlStore` owns its database object and its own model classes (see
+:mod:`models.sql_schema`). Writes lock the sessions they touch (``FOR UPDATE``, or
+``BEGIN IMMEDIATE`` on SQLite), so concurrent workers never assign the same ``seq``
+twice, and a whole batch of saves costs a handful of statements and one commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Sequence
+
+import peewee as pw
+
+from . import sql_copy
+from .errors import NotFound, ValidationError
+from .records import ChatMessage, ChatSession
+from .sql_base import (
+    DEFAULT_WRITE_ATTEMPTS,
+    RETRYABLE_CODES,
+    chunks,
+    open_database,
+    translate_errors,
+)
+from .sql_ops import SqlRecordOps
+from .store import (
+    DEFAULT_PAGE_SIZE,
+    Page,
+    SessionWrite,
+    Store,
+    WriteResult,
+    check_message_owners,
+)
+
+__all__ = ["SqlStore", "open_database"]
+
+logger = logging.getLogger(__name__)
+
+
+class SqlStore(SqlRecordOps, Store):
+    """A :class:`~models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
+
+    Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
+    or a ready Peewee ``database`` with its ``dialect``.
+    """
+
+    # -- sessions and messages -------------------------------------------------
+
+    @translate_errors
+    def save_sessions(self, writes: Sequence[SessionWrite]) -> WriteResult:
+        """See :meth:`Store.save_sessions`."""
+        return self._write([(session, session.session_id, list(messages)) for session, messages in writes])
+
+    @translate_errors
+    def append_messages(self, session_id: str, messages: Sequence[ChatMessage]) -> int:
+        """See :meth:`Store.append_messages`."""
+        return self._write([(None, session_id, list(messages))]).messages_inserted
+
+    def _write(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+        check_message_owners(writes)
+        for attempt in range(1, DEFAULT_WRITE_ATTEMPTS + 1):
+            try:
+                with self._txn():
+                    return self._write_once(writes)
+            except pw.IntegrityError:
+                if attempt == DEFAULT_WRITE_ATTEMPTS:
+                    raise
+                logger.debug("session insert raced another writer; retrying (attempt %d)", attempt)
+            except pw.OperationalError as exc:
+                code = exc.args[0] if exc.args else None
+                pgcode = getattr(getattr(exc, "__cause__", None), "pgcode", None) or getattr(exc, "pgcode", None)
+                if attempt == DEFAULT_WRITE_ATTEMPTS or (code not in RETRYABLE_CODES and pgcode not in RETRYABLE_CODES):
+                    raise
+                logger.debug("write transaction deadlocked; retrying (attempt %d)", attempt)
+        raise AssertionError("unreachable")
+
+    def _write_once(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+        S, M = self.m.Session, self.m.Message
+        ids = sorted({session_id for _, session_id, _ in writes})
+        stored: dict[str, dict[str, Any]] = {}
+        for chunk in chunks(ids):
+            for found in self._lock_sessions(list(chunk)):
+                stored[found["session_id"]] = found
+        state = {sid: dict(row) for sid, row in stored.items()}
+        dirty: set[str] = set()
+        pending: dict[str, dict[str, ChatMessage]] = {}
+        for session, session_id, messages in writes:
+            current = state.get(session_id)
+            if session is None and current is None:
+                raise NotFound(f"session {session_id!r} does not exist")
+            if session is not None:
+                if current is None:
+                    state[session_id] = self._session_row(session)
+                    dirty.add(session_id)
+                elif session.last_activity >= current["updated_at"]:
+                    incoming = {
+                        "model": session.model,
+                        "status": session.status,
+                        "metadata": session.metadata,
+                        "updated_at": session.last_activity,
+                    }
+                    if any(current[k] != v for k, v in incoming.items()):
+                        current.update(incoming)
+                        dirty.add(session_id)
+            batch = pending.setdefault(session_id, {})
+            for message in messages:
+                batch.setdefault(message.message_id, message)
+        known = self._existing_message_ids([sid for sid in pending if sid in stored and pending[sid]], pending)
+        rows: list[dict[str, Any]] = []
+        for session_id, batch in pending.items():
+            current = state[session_id]
+            for message in batch.values():
+                if (session_id, message.message_id) in known:
+                    continue
+                current["message_count"] += 1
+                current["updated_at"] = max(current["updated_at"], message.created_at)
+                rows.append(self._message_row(message, current["message_count"]))
+                dirty.add(session_id)
+        new = [state[sid] for sid in ids if sid in dirty and sid not in stored]
+        for chunk in chunks(new):
+            self._insert_rows(S, chunk)
+        for sid in ids:
+            if sid in dirty and sid in stored:
+                row = state[sid]
+                S.update(
+                    model=row["model"],
+                    status=row["status"],
+                    metadata=row["metadata"],
+                    updated_at=row["updated_at"],
+                    message_count=row["message_count"],
+                ).where(S.session_id == sid).execute()
+        for chunk in chunks(rows):
+            self._insert_rows(M, chunk)
+        return WriteResult(sessions_written=len(dirty), messages_inserted=len(rows))
+
+    def _lock_sessions(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The stored rows of ``ids``, locked for this transaction, in id order.
+
+        On PostgreSQL the statement is written directly (Peewee's query compilation
+        cost more CPU per group-commit batch than the query itself); values still go
+        through each field's ``python_value``.
+        """
+        S = self.m.Session
+        if self.backend != "postgresql":
+            query = self._locked(S.select().where(S.session_id.in_(ids)).order_by(S.session_id))
+            return list(query.dicts())
+        fields = S._meta.sorted_fields
+        columns = ", ".join(f'"{f.column_name}"' for f in fields)
+        marks = ", ".join(["%s"] * len(ids))
+        cursor = self.database.execute_sql(
+            f'SELECT {columns} FROM "{S._meta.table_name}" WHERE "session_id" IN ({marks}) '
+            'ORDER BY "session_id" FOR UPDATE',
+            ids,
+        )
+        return [{f.name: f.python_value(v) for f, v in zip(fields, row)} for row in cursor.fetchall()]
+
+    def _insert_sql(self, model: Any, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]] | None:
+        """A multi-row INSERT of rows keyed by field name (all with the same keys) as
+        SQL and parameters, or ``None`` when a value needs SQL wrapping (JSON on
+        SQLite/MySQL), which only Peewee's own ``insert_many`` renders."""
+        fields = [model._meta.fields[name] for name in rows[0]]
+        params: list[Any] = []
+        for row in rows:
+            for f in fields:
+                value = f.db_value(row[f.name])
+                if isinstance(value, pw.Node):
+                    return None
+                params.append(value)
+        db = self.database
+        left, right = db.quote[0], db.quote[-1]
+        columns = ", ".join(f"{left}{f.column_name}{right}" for f in fields)
+        one = "(" + ", ".join([db.param] * len(fields)) + ")"
+        table = f"{left}{model._meta.table_name}{right}"
+        return f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(rows))}", params
+
+    @translate_errors
+    def import_records(self, sessions: Sequence[ChatSession], messages: Sequence[ChatMessage]) -> WriteResult:
+        """See :meth:`Store.import_records` (INSERT ... ON CONFLICT DO NOTHING, in one transaction)."""
+        S: Any = self.m.Session
+        M: Any = self.m.Message
+        for message in messages:
+            if message.seq < 1:
+                raise ValidationError(f"message {message.message_id!r} has no seq; imports keep the source's seq")
+        incoming = {s.session_id: self._session_row(s) | {"message_count": s.message_count} for s in sessions}
+        written = inserted = 0
+        with self._txn():
+            stored: dict[str, dict[str, Any]] = {}
+            for chunk in chunks(list(incoming)):
+                stored.update((row["session_id"], row) for row in S.select().where(S.session_id.in_(list(chunk))).dicts())
+            new = [row for sid, row in incoming.items() if sid not in stored]
+            for chunk in chunks(new):
+                written += int(S.insert_many(chunk).on_conflict_ignore().as_rowcount().execute())
+            for sid, old in stored.items():
+                row = incoming[sid]
+                if row["updated_at"] >= old["updated_at"] and any(old[k] != v for k, v in row.items()):
+                    S.update(**{k: v for k, v in row.items() if k != "session_id"}).where(S.session_id == sid).execute()
+                    written += 1
+            others = sorted({m.session_id for m in messages} - set(incoming))
+            for chunk in chunks(others):
+                found = {sid for (sid,) in S.select(S.session_id).where(S.session_id.in_(list(chunk))).tuples()}
+                missing = [sid for sid in chunk if sid not in found]
+                if missing:
+                    raise NotFound(f"session {missing[0]!r} does not exist")
+            rows = [self._message_row(m, m.seq) for m in messages]
+            if self.backend == "postgresql" and self.use_copy and len(rows) >= sql_copy.DEFAULT_COPY_THRESHOLD:
+                return WriteResult(written, sql_copy.copy_messages(self._db, M._meta.table_name, rows))
+            for chunk in chunks(rows):
+                inserted += int(M.insert_many(chunk).on_conflict_ignore().as_rowcount().execute())
+        return WriteResult(sessions_written=written, messages_inserted=inserted)
+
+    def _insert_rows(self, model: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """A multi-row INSERT of rows keyed by field name, all with the same keys.
+
+        Peewee compiles every value into a query node, which on the save path costs
+        more CPU than the database spends on the insert; when every value converts to
+        a plain driver parameter (PostgreSQL) the statement is written directly.
+        Values that need SQL wrapping (JSON on SQLite/MySQL) take Peewee's path.
+        """
+        statement = self._insert_sql(model, rows)
+        if statement is None:
+            model.insert_many(rows).execute()
+        else:
+            self.database.execute_sql(*statement)
+
+    def _existing_message_ids(
+        self, session_ids: list[str], pending: dict[str, dict[str, ChatMessage]]
+    ) -> set[tuple[str, str]]:
+        M = self.m.Message
+        found: set[tuple[str, str]] = set()
+        for session_id in session_ids:
+            for chunk in chunks(list(pending[session_id])):
+                query = M.select(M.message_id).where((M.session == session_id) & M.message_id.in_(list(chunk)))
+                found.update((session_id, mid) for (mid,) in query.tuples())
+        return found
+
+    @staticmethod
+    def _session_row(session: ChatSession) -> dict[str, Any]:
+        return {
+            "session_id": session.session_id,
+            "model": session.model,
+            "status": session.status,
+            "created_at": session.created_at,
+            "updated_at": session.last_activity,
+            "metadata": session.metadata,
+            "message_count": 0,
+        }
+
+    @staticmethod
+    def _message_row(message: ChatMessage, seq: int) -> dict[str, Any]:
+        return {
+            "session": message.session_id,
+            "message_id": message.message_id,
+            "seq": seq,
+            "role": message.role,
+            "content": message.content,
+            "created_at": message.created_at,
+            "metadata": message.metadata,
+        }
+
+    def _to_session(self, row: dict[str, Any]) -> ChatSession:
+        return ChatSession(
+            session_id=row["session_id"],
+            model=row["model"],
+            status=row["status"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            metadata=row["metadata"] or {},
+            message_count=row["message_count"],
+        )
+
+    @translate_errors
+    def load_session(self, session_id: str) -> ChatSession:
+        """See :meth:`Store.load_session`."""
+        S = self.m.Session
+        row = S.select().where(S.session_id == session_id).dicts().first()
+        if row is None:
+            raise NotFound(f"session {session_id!r} does not exist")
+        return self._to_session(row)
+
+    @translate_errors
+    def list_sessions(
+        self,
+        *,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        updated_after: datetime | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+    ) -> Page[ChatSession]:
+        """See :meth:`Store.list_sessions`."""
+        S = self.m.Session
+        query = S.select()
+        if status is not None:
+            query = query.where(S.status == status)
+        if updated_before is not None:
+            query = query.where(S.updated_at < updated_before)
+        if updated_after is not None:
+            query = query.where(S.updated_at > updated_after)
+        if cursor is not None:
+            query = query.where(S.session_id > cursor)
+        rows = list(query.order_by(S.session_id).limit(limit + 1).dicts())
+        items = [self._to_session(row) for row in rows[:limit]]
+        return Page(items, items[-1].session_id if len(rows) > limit else None)
+
+    @translate_errors
+    def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:
+        """See :meth:`Store.load_messages`."""
+        M = self.m.Message
+        query = M.select().where((M.session == session_id) & (M.seq > after_seq)).order_by(M.seq)
+        if limit is not None:
+            query = query.limit(limit)
+        return [
+            ChatMessage(
+                message_id=row["message_id"],
+                session_id=row["session"],
+                seq=row["seq"],
+                role=row["role"],
+                content=row["content"],
+                created_at=row["created_at"],
+                metadata=row["metadata"] or {},
+            )
+            for row in query.dicts()
+        ]
+
+    @translate_errors
+    def delete_session(self, session_id: str) -> bool:
+        """See :meth:`Store.delete_session`."""
+        S = self.m.Session
+        with self._db.atomic():
+            return bool(S.delete().where(S.session_id == session_id).execute())
+
+    @translate_errors
+    def archive_session(self, session_id: str, at: datetime) -> ChatSession:
+        """See :meth:`Store.archive_session`."""
+        S = self.m.Session
+        with self._txn():
+            row = self._locked(S.select().where(S.session_id == session_id)).dicts().first()
+            if row is None:
+                raise NotFound(f"session {session_id!r} does not exist")
+            updated = max(row["updated_at"], at)
+            if row["status"] != "archived" or updated != row["updated_at"]:
+                S.update(status="archived", updated_at=updated).where(S.session_id == session_id).execute()
+            row.update(status="archived", updated_at=updated)
+        return self._to_session(row)
+

@@ -1,0 +1,257 @@
+"""Plumbing of the SQL backend: opening databases, error translation, transactions,
+batched set-based statements, and the schema lifecycle. :class:`~models.sql.SqlStore`
+builds on :class:`SqlBase`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Iterable, Sequence, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import peewee as pw
+from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
+
+from . import sql_schema
+from .errors import Conflict, StoreError, StoreUnavailable, ValidationError
+
+logger = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Connections kept by the PostgreSQL/MySQL pool when no size is configured.
+DEFAULT_MAX_POOL_SIZE = 20
+# Seconds an idle pooled connection is kept before it is recycled.
+DEFAULT_STALE_TIMEOUT = 300
+# Seconds to wait for a free pooled connection / for the server to answer a connect.
+DEFAULT_CONNECT_TIMEOUT = 10
+# Rows per multi-row INSERT / IN list.
+DEFAULT_CHUNK = 500
+# Attempts of one write transaction on deadlock or insert race before giving up.
+DEFAULT_WRITE_ATTEMPTS = 5
+RETRYABLE_CODES = {"40001", "40P01", 1213, 1205}
+
+
+def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tuple[pw.Database, str]:
+    """Build a Peewee database for a ``sqlite://``, ``postgresql://`` or ``mysql://`` URL.
+
+    Returns ``(database, dialect)``. PostgreSQL and MySQL get a connection pool of at
+    most ``max_pool_size`` connections; SQLite runs in WAL mode with foreign keys on.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0]
+    query = dict(parse_qsl(parts.query))
+    if scheme == "sqlite":
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path) or parts.netloc
+        if not path:
+            raise ValidationError(f"sqlite URL needs a file path: {url!r}")
+        pragmas = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 30_000, "synchronous": "full"}
+        return pw.SqliteDatabase(path, pragmas=pragmas, field_types=sql_schema.FIELD_TYPES["sqlite"]), "sqlite"
+    database = unquote(parts.path.lstrip("/"))
+    if not database:
+        raise ValidationError(f"{scheme} URL needs a database name")
+    common: dict[str, Any] = {
+        "max_connections": max_pool_size,
+        "stale_timeout": DEFAULT_STALE_TIMEOUT,
+        "timeout": DEFAULT_CONNECT_TIMEOUT,
+        "host": parts.hostname or "localhost",
+        "user": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+    }
+    if parts.port:
+        common["port"] = parts.port
+    common = {k: v for k, v in common.items() if v is not None}
+    if scheme in ("postgresql", "postgres"):
+        return (
+            PooledPostgresqlDatabase(
+                database,
+                field_types=sql_schema.FIELD_TYPES["postgresql"],
+                options="-c timezone=UTC",
+                connect_timeout=int(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+                **common,
+                **query,
+            ),
+            "postgresql",
+        )
+    if scheme in ("mysql", "mariadb"):
+        return (
+            PooledMySQLDatabase(
+                database,
+                field_types=sql_schema.FIELD_TYPES["mysql"],
+                charset="utf8mb4",
+                connect_timeout=int(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+                **common,
+                **query,
+            ),
+            "mysql",
+        )
+    raise ValidationError(f"unsupported SQL URL scheme {scheme!r}")
+
+
+def translate_errors(method: F) -> F:
+    """Map driver errors to the store's error hierarchy; drop broken connections.
+
+    A pooled connection the call checked out is returned to the pool when the call
+    ends (unless the caller holds it open, e.g. in its own transaction): Peewee binds
+    connections to threads, so one left open by a short-lived thread would leak.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        checked_out = self._pooled and self._db.is_closed()
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            self._discard_connection()
+            raise StoreUnavailable(f"{self.backend} unavailable: {first_line(exc)}") from exc
+        except pw.IntegrityError as exc:
+            raise Conflict(f"integrity error: {first_line(exc)}") from exc
+        except pw.DataError as exc:
+            raise ValidationError(f"value rejected by {self.backend}: {first_line(exc)}") from exc
+        except (pw.ProgrammingError, pw.NotSupportedError) as exc:
+            raise StoreError(f"{self.backend} rejected a statement: {first_line(exc)}") from exc
+        except pw.DatabaseError as exc:
+            self._discard_connection()
+            raise StoreUnavailable(f"{self.backend} error: {first_line(exc)}") from exc
+        finally:
+            if checked_out and not self._db.is_closed() and not self._db.in_transaction():
+                self._db.close()
+
+    return cast(F, wrapper)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (driver errors span several)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def chunks(items: Sequence[Any], size: int = DEFAULT_CHUNK) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items (multi-row INSERTs, IN lists)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SqlBase:
+    """Connection handling and shared helpers of the SQL store.
+
+    Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
+    or a ready Peewee ``database`` with its ``dialect``.
+    """
+
+    backend: str = ""
+
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        database: pw.Database | None = None,
+        dialect: str | None = None,
+        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+    ) -> None:
+        if database is None:
+            if url is None:
+                raise ValueError("SqlStore needs a url or a database")
+            database, dialect = open_database(url, max_pool_size=max_pool_size)
+        elif dialect is None:
+            raise ValueError("SqlStore needs the dialect of a ready database")
+        self._db = database
+        self._pooled = isinstance(database, PooledPostgresqlDatabase | PooledMySQLDatabase)
+        self.backend = cast(str, dialect)
+        #: PostgreSQL only: load big import_records message batches with COPY.
+        self.use_copy = True
+        self.m = sql_schema.build_models(database, self.backend)
+
+    @property
+    def database(self) -> pw.Database:
+        """The Peewee database (for tests and tools that need raw SQL)."""
+        return self._db
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _discard_connection(self) -> None:
+        try:
+            if self._pooled:
+                self._db.manual_close()  # type: ignore[attr-defined]
+            else:
+                self._db.close()
+        except Exception:  # the connection is already unusable; forgetting it is the point
+            logger.debug("discarding a broken %s connection failed", self.backend, exc_info=True)
+
+    def _txn(self) -> AbstractContextManager[Any]:
+        if self.backend == "sqlite":
+            return cast(AbstractContextManager[Any], self._db.atomic("IMMEDIATE"))
+        return cast(AbstractContextManager[Any], self._db.atomic())
+
+    def _upsert(self, model: type[pw.Model], row: dict[str, Any], target: list[pw.Field], preserve: list[pw.Field]) -> None:
+        """INSERT, or on a key conflict overwrite the ``preserve`` columns with the new values."""
+        conflict_target = None if self.backend == "mysql" else target
+        model.insert(**row).on_conflict(conflict_target=conflict_target, preserve=preserve).execute()
+
+    def _locked(self, query: Any) -> Any:
+        return query if self.backend == "sqlite" else query.for_update()
+
+    def _batched(
+        self,
+        model: type[pw.Model],
+        build: Callable[[], pw.Query],
+        where: pw.Expression,
+        batch_size: int,
+        dry_run: bool = False,
+    ) -> int:
+        """Run an UPDATE/DELETE over the rows matching ``where`` in batches of ``batch_size``,
+        each batch in its own transaction, until a batch affects fewer rows.
+
+        ``dry_run`` only counts the matching rows (in the database)."""
+        if dry_run:
+            return int(model.select().where(where).count())
+        pk = model._meta.primary_key
+        if isinstance(pk, pw.CompositeKey):
+            key: Any = pw.Tuple(*[model._meta.fields[name] for name in pk.field_names])
+            key_select = [model._meta.fields[name] for name in pk.field_names]
+        else:
+            key, key_select = pk, [pk]
+        total = 0
+        while True:
+            query = build()
+            if self.backend == "mysql":
+                query = query.where(where).limit(batch_size)
+            else:
+                query = query.where(key.in_(model.select(*key_select).where(where).limit(batch_size)))
+            with self._db.atomic():
+                count = int(query.execute())
+            total += count
+            if count < batch_size:
+                return total
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @translate_errors
+    def upgrade(self, target: int | None = None) -> list[int]:
+        """See :meth:`Store.upgrade`."""
+        return sql_schema.upgrade(self._db, self.m, target)
+
+    @translate_errors
+    def schema_version(self) -> int:
+        """See :meth:`Store.schema_version`."""
+        return sql_schema.current_version(self._db, self.m)
+
+    def latest_schema_version(self) -> int:
+        """See :meth:`Store.latest_schema_version`."""
+        return sql_schema.LATEST_VERSION
+
+    @translate_errors
+    def ping(self) -> None:
+        """See :meth:`Store.ping`."""
+        self._db.execute_sql("SELECT 1").fetchall()
+
+    def close(self) -> None:
+        """See :meth:`Store.close`."""
+        if self._pooled:
+            self._db.close_all()  # type: ignore[attr-defined]
+        elif not self._db.is_closed():
+            self._db.close()
+

@@ -1,0 +1,393 @@
+"""Streaming migration between any two stores, and verification of the result.
+
+A migration walks the source's sessions in keyset pages (``batch_size`` sessions per
+batch). Each batch is independent (:func:`migrate_batch`): it writes the page's
+sessions into the destination with :meth:`Store.import_records` (fields, ``seq`` and
+``message_count`` kept exactly), then streams each session's messages across in
+chunks. Memory holds one page of sessions and one chunk of messages, whatever the
+size of the store.
+
+Re-running a batch is harmless (imports are idempotent), so a checkpoint only needs
+the last session id of the last *finished* batch: after a kill, ``resume`` starts
+from there and the half-done batch is simply imported again. The same property lets
+a queue fan the batches out to several workers (see :func:`plan_batches`).
+
+:func:`verify` compares two stores session by session: fields, every message and a
+sha256 checksum over the canonical JSON of each session, reporting every difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import NotFound, ValidationError
+from .records import ChatMessage, ChatSession
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+# Sessions per migration batch (one keyset page of the source).
+DEFAULT_BATCH_SIZE = 200
+# Messages per import_records call (and per page read from the source).
+DEFAULT_MESSAGE_CHUNK = 1000
+# Differences kept in a VerifyReport (counts keep going past it).
+DEFAULT_MAX_DIFFERENCES = 1000
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BatchResult:
+    """What one batch moved: the last session id it covered (``None`` when the
+    source had no session after ``after_session_id``), sessions and messages."""
+
+    last_session_id: str | None
+    sessions: int = 0
+    messages: int = 0
+    sessions_written: int = 0
+    messages_inserted: int = 0
+
+
+def migrate_batch(
+    src: Store,
+    dst: Store,
+    after_session_id: str | None,
+    limit: int = DEFAULT_BATCH_SIZE,
+    *,
+    until: str | None = None,
+    message_chunk: int = DEFAULT_MESSAGE_CHUNK,
+    progress: Progress | None = None,
+) -> BatchResult:
+    """Copy the ``limit`` sessions that follow ``after_session_id`` (in the source's
+    keyset order) with all their messages; idempotent, so safe to run again.
+
+    With ``until`` the batch instead covers every session after ``after_session_id``
+    up to and including ``until`` (read ``limit`` at a time), so that batches planned
+    up front by :func:`plan_batches` still cover everything when sessions are added
+    meanwhile. ``progress(sessions, messages)`` is called with increments.
+    """
+    result = BatchResult(None)
+    cursor = after_session_id
+    while True:
+        page = src.list_sessions(limit=limit, cursor=cursor)
+        items = page.items
+        ids = [s.session_id for s in items]
+        reached = until is not None and until in ids
+        if until is not None and reached:
+            items = items[: ids.index(until) + 1]
+        if items:
+            _copy_sessions(src, dst, items, result, message_chunk, progress)
+        if until is None or reached or page.next_cursor is None:
+            return result
+        cursor = page.next_cursor
+
+
+def _copy_sessions(
+    src: Store, dst: Store, sessions: list[ChatSession], result: BatchResult, message_chunk: int,
+    progress: Progress | None,
+) -> None:
+    # Sessions first (messages need them), then their messages in bounded chunks.
+    result.sessions_written += dst.import_records(sessions, []).sessions_written
+    result.sessions += len(sessions)
+    result.last_session_id = sessions[-1].session_id
+    if progress:
+        progress(len(sessions), 0)
+    chunk: list[ChatMessage] = []
+
+    def flush() -> None:
+        result.messages_inserted += dst.import_records([], chunk).messages_inserted
+        result.messages += len(chunk)
+        if progress:
+            progress(0, len(chunk))
+        chunk.clear()
+
+    for session in sessions:
+        for message in src.iter_messages(session.session_id, page_size=message_chunk):
+            chunk.append(message)
+            if len(chunk) >= message_chunk:
+                flush()
+    if chunk:
+        flush()
+
+
+def plan_batches(
+    src: Store, batch_size: int = DEFAULT_BATCH_SIZE, *, after: str | None = None
+) -> Iterator[tuple[str | None, str]]:
+    """``(after_session_id, until)`` for every batch of a migration, for fanning it
+    out: each pair is one independent ``migrate_batch(src, dst, after, batch_size,
+    until=until)`` call. Only session ids are kept, one page at a time."""
+    cursor = after
+    while True:
+        page = src.list_sessions(limit=batch_size, cursor=cursor)
+        if not page.items:
+            return
+        yield cursor, page.items[-1].session_id
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+@dataclass
+class Checkpoint:
+    """Where a migration stands, saved as JSON after every finished batch."""
+
+    last_session_id: str | None = None
+    sessions: int = 0
+    messages: int = 0
+    done: bool = False
+    source: str = ""
+    destination: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """Read a checkpoint file; a missing file is a fresh start."""
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValidationError(f"checkpoint {path} is unreadable: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a kill never leaves half a file)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+@dataclass
+class MigrationReport:
+    """What :func:`migrate` did."""
+
+    sessions: int
+    messages: int
+    seconds: float
+    last_session_id: str | None
+    resumed_from: str | None = None
+    sessions_written: int = 0
+    messages_inserted: int = 0
+
+    @property
+    def rows_per_second(self) -> float:
+        """Sessions plus messages written per second."""
+        return (self.sessions + self.messages) / self.seconds if self.seconds > 0 else 0.0
+
+
+def migrate(
+    src: Store,
+    dst: Store,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    message_chunk: int = DEFAULT_MESSAGE_CHUNK,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    show_progress: bool | None = None,
+    pause: float = 0.0,
+    labels: tuple[str, str] = ("", ""),
+) -> MigrationReport:
+    """Copy every session and message of ``src`` into ``dst``, batch by batch.
+
+    With ``checkpoint`` the position is saved after each batch; with ``resume`` the
+    migration continues after the checkpoint's last session. ``show_progress`` draws
+    a tqdm bar on stderr (``None``: only when stderr is a terminal). ``pause`` sleeps
+    between batches to spare a busy source. ``labels`` (redacted URLs) are recorded
+    in the checkpoint.
+    """
+    from tqdm import tqdm
+
+    state = Checkpoint.load(checkpoint) if (checkpoint and resume) else Checkpoint()
+    state.source, state.destination = labels
+    resumed_from = state.last_session_id
+    if resume and state.done:
+        logger.info("checkpoint says the migration finished; checking for sessions after %r", state.last_session_id)
+    state.done = False
+    total = src.stats().total_sessions
+    started = time.monotonic()
+    moved = [0, 0]
+    written = [0, 0]
+    earlier_messages = state.messages  # moved by the run this one resumes
+    bar = tqdm(
+        total=total,
+        initial=min(state.sessions, total),
+        unit="session",
+        desc="migrate",
+        file=sys.stderr,
+        disable=(not sys.stderr.isatty()) if show_progress is None else not show_progress,
+        dynamic_ncols=True,
+    )
+
+    def progress(sessions: int, messages: int) -> None:
+        moved[0] += sessions
+        moved[1] += messages
+        bar.update(sessions)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        bar.set_postfix(messages=str(earlier_messages + moved[1]), msg_rate=f"{moved[1] / elapsed:.0f}/s", refresh=False)
+
+    try:
+        cursor = state.last_session_id
+        while True:
+            result = migrate_batch(src, dst, cursor, batch_size, message_chunk=message_chunk, progress=progress)
+            if result.last_session_id is None:
+                break
+            written[0] += result.sessions_written
+            written[1] += result.messages_inserted
+            cursor = result.last_session_id
+            state.last_session_id = cursor
+            state.sessions += result.sessions
+            state.messages += result.messages
+            if checkpoint:
+                state.save(checkpoint)
+            logger.debug("batch done up to %r (%d sessions, %d messages)", cursor, result.sessions, result.messages)
+            if result.sessions < batch_size:
+                break
+            if pause > 0:
+                time.sleep(pause)
+        state.done = True
+        if checkpoint:
+            state.save(checkpoint)
+    finally:
+        bar.close()
+    return MigrationReport(
+        moved[0], moved[1], time.monotonic() - started, state.last_session_id, resumed_from, written[0], written[1]
+    )
+
+
+# -- verification -------------------------------------------------------------------
+
+
+def canonical(record: ChatSession | ChatMessage) -> bytes:
+    """The canonical JSON of a record (sorted keys, compact, UTF-8) used by checksums."""
+    return json.dumps(record.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class VerifyReport:
+    """Counts on both sides and every difference found (``equal`` when there is none)."""
+
+    source_sessions: int = 0
+    destination_sessions: int = 0
+    source_messages: int = 0
+    destination_messages: int = 0
+    sessions_checked: int = 0
+    messages_checked: int = 0
+    difference_count: int = 0
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        """True when both stores hold the same sessions and messages."""
+        return self.difference_count == 0
+
+    def add(self, text: str) -> None:
+        """Record a difference (the text is kept up to DEFAULT_MAX_DIFFERENCES)."""
+        self.difference_count += 1
+        if len(self.differences) < DEFAULT_MAX_DIFFERENCES:
+            self.differences.append(text)
+
+
+def session_checksum(store: Store, session: ChatSession, *, page_size: int = DEFAULT_MESSAGE_CHUNK) -> str:
+    """sha256 over the canonical JSON of the session and its messages in seq order."""
+    digest = hashlib.sha256(canonical(session))
+    for message in store.iter_messages(session.session_id, page_size=page_size):
+        digest.update(b"\n" + canonical(message))
+    return digest.hexdigest()
+
+
+def verify(
+    src: Store, dst: Store, *, page_size: int = DEFAULT_MESSAGE_CHUNK, show_progress: bool | None = False
+) -> VerifyReport:
+    """Compare ``dst`` against ``src``: counts, and per session the fields, every
+    message and a checksum. Sessions only in ``dst`` are reported too."""
+    from tqdm import tqdm
+
+    report = VerifyReport()
+    src_stats, dst_stats = src.stats(), dst.stats()
+    report.source_sessions, report.destination_sessions = src_stats.total_sessions, dst_stats.total_sessions
+    report.source_messages, report.destination_messages = src_stats.total_messages, dst_stats.total_messages
+    if report.source_sessions != report.destination_sessions:
+        report.add(f"session count differs: source {report.source_sessions}, destination {report.destination_sessions}")
+    if report.source_messages != report.destination_messages:
+        report.add(f"message count differs: source {report.source_messages}, destination {report.destination_messages}")
+    matched = 0
+    disable = (not sys.stderr.isatty()) if show_progress is None else not show_progress
+    with tqdm(total=report.source_sessions, unit="session", desc="verify", file=sys.stderr, disable=disable) as bar:
+        for session in src.iter_sessions(page_size=page_size):
+            bar.update(1)
+            report.sessions_checked += 1
+            try:
+                other = dst.load_session(session.session_id)
+            except NotFound:
+                report.add(f"session {session.session_id!r}: missing in destination")
+                continue
+            matched += 1
+            _compare_session(src, dst, session, other, report, page_size)
+    if report.destination_sessions > matched:
+        for session in dst.iter_sessions(page_size=page_size):
+            try:
+                src.load_session(session.session_id)
+            except NotFound:
+                report.add(f"session {session.session_id!r}: only in destination")
+    return report
+
+
+def _compare_session(
+    src: Store, dst: Store, a: ChatSession, b: ChatSession, report: VerifyReport, page_size: int
+) -> None:
+    sid = a.session_id
+    left, right = a.to_json(), b.to_json()
+    for name in left:
+        if left[name] != right[name]:
+            report.add(f"session {sid!r}: {name} differs: source {left[name]!r:.80}, destination {right[name]!r:.80}")
+    ha, hb = hashlib.sha256(canonical(a)), hashlib.sha256(canonical(b))
+    first_bad: str | None = None
+    bad = 0
+    pairs = zip_longest(src.iter_messages(sid, page_size=page_size), dst.iter_messages(sid, page_size=page_size))
+    for ma, mb in pairs:
+        report.messages_checked += 1
+        if ma is not None:
+            ha.update(b"\n" + canonical(ma))
+        if mb is not None:
+            hb.update(b"\n" + canonical(mb))
+        if ma is None or mb is None or ma != mb:
+            bad += 1
+            if first_bad is None:
+                first_bad = _describe_message_difference(ma, mb)
+    if bad:
+        report.add(f"session {sid!r}: {bad} message(s) differ; first: {first_bad}")
+    if ha.hexdigest() != hb.hexdigest() and not bad and left == right:
+        report.add(f"session {sid!r}: checksum differs ({ha.hexdigest()[:12]} vs {hb.hexdigest()[:12]})")
+
+
+def _describe_message_difference(a: ChatMessage | None, b: ChatMessage | None) -> str:
+    if a is None:
+        assert b is not None
+        return f"seq {b.seq} ({b.message_id!r}) only in destination"
+    if b is None:
+        return f"seq {a.seq} ({a.message_id!r}) missing in destination"
+    left, right = a.to_json(), b.to_json()
+    names = [name for name in left if left[name] != right[name]]
+    return f"seq {a.seq} ({a.message_id!r}) differs in {', '.join(names)}"
+
+
+def describe(report: VerifyReport) -> Iterator[str]:
+    """Human-readable lines for a report (summary first)."""
+    verdict = "EQUAL" if report.equal else f"{report.difference_count} DIFFERENCE(S)"
+    yield (
+        f"{verdict}: sessions source={report.source_sessions} destination={report.destination_sessions}, "
+        f"messages source={report.source_messages} destination={report.destination_messages}, "
+        f"checked {report.sessions_checked} sessions / {report.messages_checked} messages"
+    )
+    yield from (f"  - {line}" for line in report.differences)
+    if report.difference_count > len(report.differences):
+        yield f"  ... and {report.difference_count - len(report.differences)} more"
+

@@ -1,0 +1,1 @@
+"""Operations assets: service scripts, deployment files and the benchmark suite (not packaged)."""

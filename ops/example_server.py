@@ -1,0 +1,121 @@
+"""An MCP server whose sessions survive restarts: the sessionq integration end to end.
+
+    python ops/example_server.py --port 8765                       # SQLite + in-memory events
+    REDIS_URL=redis://127.0.0.1:6379/0 python ops/example_server.py --port 8765
+
+Settings come from the environment like every sessionq component (``STORAGE_URL``,
+``REDIS_URL``, ``SESSION_TTL``, ``MAX_EVENTS_PER_SESSION``, ``SESSION_COMPRESSION``,
+``SESSIONQ_GRACE_MINUTES``, ``SESSIONQ_MAX_RECOVERY_ATTEMPTS``...). With ``REDIS_URL``
+the event log is on Redis Streams, otherwise in the store. Kill it, start it again on
+the same port: connected clients keep their session id and carry on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+# Runnable as a plain script from a checkout (the package is not installed there).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import Settings, open_store
+from workers.mcp import (
+    RecoverableSessionManager,
+    RedisEventStore,
+    SessionRegistry,
+    StoreEventStore,
+    recoverable_http_app,
+    request_session_id,
+)
+
+logger = logging.getLogger("sessionq.example")
+
+
+def build_app(
+    settings: Settings, *, retry_ms: int | None = None, event_log: str = "auto", via_queue: bool = False
+) -> Any:
+    """The Starlette app: an MCPServer with a few tools, recoverable sessions, resumable streams."""
+    store = open_store(settings)
+    store.upgrade()
+    registry = SessionRegistry.from_settings(store, settings, via_queue=via_queue)
+    use_redis = event_log == "redis" or (event_log == "auto" and settings.redis_url)
+    event_store = RedisEventStore.from_settings(settings) if use_redis else StoreEventStore(store)
+
+    server = MCPServer("sessionq-example")
+    managers: list[RecoverableSessionManager] = []
+
+    @server.tool()
+    async def whoami(ctx: Context) -> dict[str, Any]:
+        """This session's id, the serving process and whether this process recovered it."""
+        session_id = request_session_id(ctx)
+        recovered = managers[0].recovered_sessions.get(session_id or "") if managers else None
+        return {
+            "session_id": session_id,
+            "pid": os.getpid(),
+            "recovered": recovered is not None,
+            "recovery_attempts": recovered.recovery_attempts if recovered else 0,
+        }
+
+    @server.tool()
+    async def countdown(n: int, ctx: Context, drop_stream: bool = False, pause: float = 0.0) -> str:
+        """Log ``tick 1..n``, ``pause`` seconds apart; with ``drop_stream`` close the SSE
+        stream first (the client resumes with Last-Event-ID and gets every tick from the log)."""
+        if drop_stream:
+            await ctx.close_sse_stream()
+        for i in range(1, n + 1):
+            await ctx.info(f"tick {i}")
+            await anyio.sleep(pause)
+        return f"done {n}"
+
+    @server.tool()
+    async def remember(key: str, value: str, ctx: Context) -> str:
+        """Keep a value in this session's agent state (survives restarts)."""
+        await registry.put_agent_state(request_session_id(ctx) or "anonymous", key, value,
+                                       mcp_session_id=request_session_id(ctx))
+        return "ok"
+
+    @server.tool()
+    async def recall(key: str, ctx: Context) -> str:
+        """A value :func:`remember` kept, or an empty string."""
+        return str(await registry.get_agent_state(request_session_id(ctx) or "anonymous", key, ""))
+
+    @server.custom_route("/healthz", methods=["GET"])
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"event_store": event_store.mode, "pid": os.getpid()})
+
+    app = recoverable_http_app(server, registry=registry, event_store=event_store, retry_interval=retry_ms)
+    managers.append(cast(RecoverableSessionManager, server.session_manager))
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, build the app and serve it with uvicorn."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--storage-url", default=None, help="overrides STORAGE_URL")
+    parser.add_argument("--redis-url", default=None, help="overrides REDIS_URL")
+    parser.add_argument("--retry-ms", type=int, default=None, help="SSE retry hint sent to clients")
+    parser.add_argument("--event-log", choices=("auto", "redis", "store"), default="auto")
+    parser.add_argument("--via-queue", action="store_true",
+                        help="send heartbeats/disconnects as jobs (needs REDIS_URL and `sessionq worker`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SESSIONQ_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load(storage_url=args.storage_url, redis_url=args.redis_url)
+    app = build_app(settings, retry_ms=args.retry_ms, event_log=args.event_log, via_queue=args.via_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

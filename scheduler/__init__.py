@@ -1,0 +1,30 @@
+"""Periodic hygiene: the sweeps, the scheduler that enqueues them, and its leader lease.
+
+* :mod:`scheduler.sweeps` — what each sweep does and how often (:func:`run_sweep` runs one).
+* :mod:`scheduler.runner` — :class:`SweepScheduler`: APScheduler jobs that enqueue
+  ``run_sweep(kind)`` on the ``maintenance`` queue, exactly once per tick across replicas.
+* :mod:`scheduler.lease` — the Redis leader lease and :func:`sweep_guard`, the per-kind
+  run lock a worker holds while a sweep runs.
+* :mod:`scheduler.status` — :class:`SweepBook`, the record of each sweep's last run.
+"""
+
+from __future__ import annotations
+
+from .lease import LocalLease, RedisLease, sweep_guard
+from .runner import SweepScheduler, dramatiq_send
+from .status import SweepBook, SweepRun
+from .sweeps import SWEEP_KINDS, SWEEPS, run_sweep, schedule_for
+
+__all__ = [
+    "SWEEPS",
+    "SWEEP_KINDS",
+    "LocalLease",
+    "RedisLease",
+    "SweepBook",
+    "SweepRun",
+    "SweepScheduler",
+    "dramatiq_send",
+    "run_sweep",
+    "schedule_for",
+    "sweep_guard",
+]

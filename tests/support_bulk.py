@@ -1,0 +1,71 @@
+"""Fixtures for the MongoDB-backend and bulk-operation tests (imported explicitly)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from models import ChatMessage, ChatSession, Store
+from tests.conftest import T0, make_store, reset_store
+
+#: The repository root, the working directory of CLI subprocesses.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mongo_store(tmp_path: Path) -> Iterator[Store]:
+    """A clean MongoDB store (skips locally / fails in CI when the server is missing)."""
+    store = make_store("mongodb", tmp_path)
+    reset_store(store)
+    yield store
+    reset_store(store)
+    store.close()
+
+
+def fill(store: Store, sessions: int, per_session: int, *, prefix: str = "s") -> None:
+    """Save ``sessions`` sessions with ``per_session`` messages each, varied fields."""
+    writes = []
+    for i in range(sessions):
+        sid = f"{prefix}{i:04d}"
+        session = ChatSession(
+            session_id=sid,
+            model=f"model-{i % 3}",
+            status="active",
+            created_at=T0,
+            updated_at=T0 + timedelta(minutes=i),
+            metadata={"n": i, "tags": ["x", f"t{i % 4}"], "user": "zoë"},
+        )
+        msgs = [
+            ChatMessage(
+                message_id=f"m{j}",
+                session_id=sid,
+                role="user" if j % 2 == 0 else "assistant",
+                content=f"message {j} of {sid} 🎉",
+                created_at=T0 + timedelta(seconds=j),
+                metadata={"j": j},
+            )
+            for j in range(per_session)
+        ]
+        writes.append((session, msgs))
+    for start in range(0, len(writes), 50):
+        store.save_sessions(writes[start : start + 50])
+    for i in range(0, sessions, 7):
+        store.archive_session(f"{prefix}{i:04d}", T0 + timedelta(days=1))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m cli`` subprocess run from the repository root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    """``python -m cli ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "cli", *args]

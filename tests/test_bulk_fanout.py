@@ -1,0 +1,65 @@
+"""A migration fanned out as `migrate_batch` jobs on the bulk queue, run by a real worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from models import open_store
+from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, session
+from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "--redis-url", REDIS_URL, *args],
+        cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_fanned_out_migration_is_complete_and_verified(tmp_path: Path, redis_client: redis.Redis) -> None:
+    # Given a SQLite source of 25 sessions and an empty PostgreSQL destination named @dest
+    source = f"sqlite:///{tmp_path / 'src.db'}"
+    src = open_store(source)
+    src.upgrade()
+    for i in range(25):
+        src.save_session(session(f"fan-{i:02d}"), messages(f"fan-{i:02d}", 3))
+    src.close()
+    dst = open_store(POSTGRES_URL)
+    dst.upgrade()
+    reset_store(dst)
+    # When the migration is fanned out in batches of 7
+    planned = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "7", "--fan-out",
+                  SESSIONQ_STORE_DEST=POSTGRES_URL)
+    assert planned.returncode == 0, planned.stderr
+    assert "enqueued 4 migrate_batch job(s)" in planned.stdout
+    # ... and a worker that knows @dest runs the batches (one of them twice: redelivery is harmless)
+    worker = WorkerProcess(source, threads=2, log=tmp_path / "worker.log", SESSIONQ_STORE_DEST=POSTGRES_URL)
+    try:
+        wait_drained(redis_client, worker, timeout=120)
+        again = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "25", "--fan-out",
+                    SESSIONQ_STORE_DEST=POSTGRES_URL)
+        assert "enqueued 1 migrate_batch job(s)" in again.stdout
+        wait_drained(redis_client, worker, timeout=120)
+    finally:
+        assert worker.stop() == 0, worker.output()[-2000:]
+    # Then the destination equals the source, without duplicates
+    checked = cli("verify", "--from", source, "--to", POSTGRES_URL)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert dst.stats().total_sessions == 25
+    assert dst.stats().total_messages == 75
+    reset_store(dst)
+    dst.close()
+
+
+def test_fan_out_refuses_a_password_on_the_queue(tmp_path: Path) -> None:
+    source = f"sqlite:///{tmp_path / 'src.db'}"
+    result = cli("migrate", "--from", source, "--to", "postgresql://app:s3cret-pw@127.0.0.1/x", "--fan-out")
+    assert result.returncode == 1
+    assert "includes a password; refer to the store by name instead (@NAME" in result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    unknown = cli("migrate", "--from", source, "--to", "@nowhere", "--fan-out")
+    assert "set SESSIONQ_STORE_NOWHERE" in unknown.stderr

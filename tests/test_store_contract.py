@@ -1,0 +1,341 @@
+"""The Store contract, run against every backend (see conftest ``store``)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from models import AgentState, ChatMessage, Conflict, FileRecord, NotFound, Store, TransportSession, ValidationError
+from tests.conftest import T0, messages, session
+
+
+def test_schema_is_at_latest_version_and_upgrade_is_idempotent(store: Store) -> None:
+    version = store.schema_version()
+    assert version >= 1
+    assert store.upgrade() == []
+    assert store.schema_version() == version
+
+
+def test_save_and_load_round_trip(store: Store) -> None:
+    # Given a session with unicode metadata and three messages
+    s = session("s1", metadata={"user": "zoë", "tags": ["a", "b"], "nested": {"n": 1.5, "ok": True, "none": None}})
+    # When it is saved
+    result = store.save_session(s, messages("s1", 3))
+    # Then it loads back exactly, with a maintained message count and ordered seqs
+    assert result.messages_inserted == 3
+    loaded = store.load_session("s1")
+    assert loaded == s.replace(message_count=3, updated_at=T0 + timedelta(seconds=2))
+    stored = store.load_messages("s1")
+    assert [(m.seq, m.message_id, m.role, m.content) for m in stored] == [
+        (1, "m0", "user", "message 0"),
+        (2, "m1", "assistant", "message 1"),
+        (3, "m2", "user", "message 2"),
+    ]
+    assert stored[1].created_at == T0 + timedelta(seconds=1)
+
+
+def test_load_missing_session_raises_not_found(store: Store) -> None:
+    with pytest.raises(NotFound, match="nope"):
+        store.load_session("nope")
+
+
+def test_redelivered_save_and_append_insert_nothing(store: Store) -> None:
+    # Given a session saved with two messages
+    store.save_session(session("s1"), messages("s1", 2))
+    # When the same save and an append are each delivered twice
+    again = store.save_session(session("s1"), messages("s1", 2))
+    first = store.append_messages("s1", messages("s1", 2, start=2))
+    second = store.append_messages("s1", messages("s1", 2, start=2))
+    # Then each message is stored exactly once
+    assert again.messages_inserted == 0
+    assert (first, second) == (2, 0)
+    assert [m.message_id for m in store.load_messages("s1")] == ["m0", "m1", "m2", "m3"]
+    assert store.load_session("s1").message_count == 4
+
+
+def test_stale_save_never_regresses_but_its_messages_are_kept(store: Store) -> None:
+    # Given a session saved at T0+60s with model "new"
+    store.save_session(session("s1", at=T0 + timedelta(seconds=60), created_at=T0, model="new"), messages("s1", 1))
+    # When an older save (T0+10s, model "old") with another message arrives late
+    late = [ChatMessage("late", "s1", "user", "late one", created_at=T0 + timedelta(seconds=5))]
+    store.save_session(session("s1", at=T0 + timedelta(seconds=10), created_at=T0, model="old"), late)
+    # Then the newer state wins and messages are the union
+    loaded = store.load_session("s1")
+    assert loaded.model == "new"
+    assert loaded.updated_at == T0 + timedelta(seconds=60)
+    assert {m.message_id for m in store.load_messages("s1")} == {"m0", "late"}
+    assert loaded.message_count == 2
+
+
+def test_newer_save_updates_fields(store: Store) -> None:
+    store.save_session(session("s1", model="a", metadata={"v": 1}))
+    store.save_session(session("s1", at=T0 + timedelta(minutes=1), created_at=T0, model="b", metadata={"v": 2}))
+    loaded = store.load_session("s1")
+    assert (loaded.model, loaded.metadata, loaded.created_at) == ("b", {"v": 2}, T0)
+
+
+def test_append_to_missing_session_is_not_found_and_changes_nothing(store: Store) -> None:
+    store.save_session(session("other"), messages("other", 1))
+    with pytest.raises(NotFound):
+        store.append_messages("ghost", messages("ghost", 1))
+    assert store.stats().total_sessions == 1
+    assert store.stats().total_messages == 1
+
+
+def test_append_moves_updated_at_forward_only(store: Store) -> None:
+    store.save_session(session("s1", at=T0 + timedelta(hours=1), created_at=T0))
+    store.append_messages("s1", messages("s1", 1))  # message older than the session's updated_at
+    assert store.load_session("s1").updated_at == T0 + timedelta(hours=1)
+    store.append_messages("s1", messages("s1", 1, start=1, at=T0 + timedelta(hours=2)))
+    assert store.load_session("s1").updated_at == T0 + timedelta(hours=2, seconds=1)
+
+
+def test_message_of_another_session_is_rejected(store: Store) -> None:
+    store.save_session(session("s1"))
+    with pytest.raises(ValidationError, match="belongs to session"):
+        store.append_messages("s1", messages("s2", 1))
+    assert store.load_messages("s1") == []
+
+
+def test_batch_save_of_many_sessions_and_repeated_ids(store: Store) -> None:
+    writes = [(session(f"s{i}"), messages(f"s{i}", 2)) for i in range(20)]
+    writes.append((session("s3", at=T0 + timedelta(minutes=5), created_at=T0, model="later"), messages("s3", 3)))
+    result = store.save_sessions(writes)
+    assert result.messages_inserted == 41
+    assert store.load_session("s3").model == "later"
+    assert store.load_session("s3").message_count == 3
+    assert store.stats().total_sessions == 20
+
+
+def test_list_sessions_filters_and_keyset_pages(store: Store) -> None:
+    for i in range(7):
+        store.save_session(session(f"s{i}", at=T0 + timedelta(hours=i), created_at=T0))
+    store.archive_session("s6", T0)
+    page = store.list_sessions(limit=3)
+    assert [s.session_id for s in page.items] == ["s0", "s1", "s2"]
+    rest = list(store.iter_sessions(page_size=2))
+    assert [s.session_id for s in rest] == [f"s{i}" for i in range(7)]
+    assert [s.session_id for s in store.iter_sessions(status="archived")] == ["s6"]
+    before = store.list_sessions(updated_before=T0 + timedelta(hours=2))
+    assert [s.session_id for s in before.items] == ["s0", "s1"]
+    after = store.list_sessions(updated_after=T0 + timedelta(hours=4), status="active")
+    assert [s.session_id for s in after.items] == ["s5"]
+    assert after.next_cursor is None
+
+
+def test_load_messages_pages_by_seq(store: Store) -> None:
+    store.save_session(session("s1"), messages("s1", 10))
+    assert [m.seq for m in store.load_messages("s1", after_seq=4, limit=3)] == [5, 6, 7]
+    assert [m.seq for m in store.iter_messages("s1", page_size=4)] == list(range(1, 11))
+
+
+def test_delete_session_cascades_to_messages(store: Store) -> None:
+    store.save_session(session("s1"), messages("s1", 3))
+    store.save_session(session("s2"), messages("s2", 1))
+    assert store.delete_session("s1") is True
+    assert store.delete_session("s1") is False
+    assert store.load_messages("s1") == []
+    assert store.stats().total_messages == 1
+
+
+def test_archive_is_idempotent_and_never_moves_time_back(store: Store) -> None:
+    store.save_session(session("s1", at=T0 + timedelta(hours=1), created_at=T0))
+    archived = store.archive_session("s1", T0)
+    assert (archived.status, archived.updated_at) == ("archived", T0 + timedelta(hours=1))
+    assert store.archive_session("s1", T0 + timedelta(hours=2)).updated_at == T0 + timedelta(hours=2)
+    with pytest.raises(NotFound):
+        store.archive_session("ghost", T0)
+
+
+def test_file_records_and_expiry(store: Store) -> None:
+    keep = FileRecord("f-keep", "gemini", "files/keep", size=10, uploaded_at=T0, expires_at=T0 + timedelta(days=2))
+    gone = FileRecord("f-gone", "gemini", "files/gone", size=5, uploaded_at=T0, expires_at=T0 + timedelta(hours=1))
+    forever = FileRecord("f-forever", "local", "file:///x", uploaded_at=T0)
+    for record in (keep, gone, forever):
+        store.save_file(record)
+    store.save_file(keep.replace(display_name="renamed"))
+    assert store.load_file("f-keep").display_name == "renamed"
+    assert store.delete_expired_files(T0 + timedelta(hours=1), batch_size=1) == 1
+    assert store.stats().total_files == 2
+    with pytest.raises(NotFound):
+        store.load_file("f-gone")
+    assert store.delete_file("f-forever") is True
+    assert store.delete_file("f-forever") is False
+
+
+def test_transport_lifecycle_heartbeat_disconnect_recover(store: Store) -> None:
+    ts = TransportSession("mcp-1", created_at=T0, working_directory="/srv", transport_state={"k": 1})
+    store.register_transport(ts)
+    # Re-registering updates saved state only
+    again = store.register_transport(ts.replace(agent_context={"a": 2}, status="expired", recovery_attempts=9))
+    assert (again.status, again.recovery_attempts, again.agent_context) == ("active", 0, {"a": 2})
+    assert store.heartbeat("mcp-1", T0 + timedelta(seconds=30)) is True
+    assert store.heartbeat("mcp-1", T0 + timedelta(seconds=10)) is True  # stale beat: no regression
+    assert store.load_transport("mcp-1").last_heartbeat == T0 + timedelta(seconds=30)
+    # A disconnect older than the last heartbeat is stale
+    assert store.mark_disconnected("mcp-1", T0 + timedelta(seconds=20)) is False
+    assert store.mark_disconnected("mcp-1", T0 + timedelta(minutes=1)) is True
+    assert store.mark_disconnected("mcp-1", T0 + timedelta(minutes=2)) is True  # idempotent
+    loaded = store.load_transport("mcp-1")
+    assert loaded.status == "disconnected"
+    assert loaded.grace_expires_at == T0 + timedelta(minutes=11)
+    assert store.can_recover("mcp-1", T0 + timedelta(minutes=5)) is True
+    assert store.can_recover("mcp-1", T0 + timedelta(minutes=11)) is False
+    recovered = store.recover("mcp-1", T0 + timedelta(minutes=5))
+    assert (recovered.status, recovered.recovery_attempts, recovered.transport_state) == ("recovered", 1, {"k": 1})
+    assert recovered.working_directory == "/srv"
+    assert store.load_transport("mcp-1") == recovered
+    assert store.can_recover("unknown", T0) is False
+    with pytest.raises(NotFound):
+        store.recover("unknown", T0)
+
+
+def test_recovery_attempts_are_capped(store: Store) -> None:
+    store.register_transport(TransportSession("mcp-2", created_at=T0))
+    for attempt in range(3):
+        assert store.recover("mcp-2", T0 + timedelta(seconds=attempt)).recovery_attempts == attempt + 1
+    assert store.can_recover("mcp-2", T0 + timedelta(seconds=5)) is False
+    with pytest.raises(Conflict, match="3 of 3"):
+        store.recover("mcp-2", T0 + timedelta(seconds=5))
+
+
+def test_heartbeat_revives_disconnected_but_not_expired(store: Store) -> None:
+    store.register_transport(TransportSession("mcp-3", created_at=T0))
+    store.mark_disconnected("mcp-3", T0 + timedelta(minutes=1))
+    assert store.heartbeat("mcp-3", T0 + timedelta(minutes=2)) is True
+    assert store.load_transport("mcp-3").status == "active"
+    store.mark_disconnected("mcp-3", T0 + timedelta(minutes=3))
+    assert store.expire_transports(T0 + timedelta(minutes=13)) == 1
+    assert store.heartbeat("mcp-3", T0 + timedelta(minutes=14)) is False
+    assert store.load_transport("mcp-3").status == "expired"
+    assert store.heartbeat("ghost", T0) is False
+
+
+def test_transport_sweeps_respect_boundaries(store: Store) -> None:
+    for i, beat in enumerate([0, 60, 119, 120, 121]):
+        store.register_transport(TransportSession(f"t{i}", created_at=T0 + timedelta(seconds=beat)))
+    # Live sessions silent since before T0+120s are marked disconnected at T0+5min
+    now = T0 + timedelta(minutes=5)
+    assert store.disconnect_stale_transports(T0 + timedelta(seconds=120), now, batch_size=2) == 3
+    statuses = {t: store.load_transport(t).status for t in ("t0", "t1", "t2", "t3", "t4")}
+    assert statuses == {"t0": "disconnected", "t1": "disconnected", "t2": "disconnected", "t3": "active", "t4": "active"}
+    # Their grace ends at now + 10 min, inclusive
+    assert store.expire_transports(now + timedelta(minutes=10) - timedelta(microseconds=1)) == 0
+    assert store.expire_transports(now + timedelta(minutes=10)) == 3
+    assert store.stats().transports_by_status == {"expired": 3, "active": 2}
+
+
+def test_agent_state_put_get_expiry(store: Store) -> None:
+    state = AgentState("agent", "plan", {"steps": [1, 2]}, mcp_session_id="mcp-1", updated_at=T0)
+    assert store.put_agent_state(state) is True
+    assert store.get_agent_state("agent", "plan", T0) == state
+    # An older write loses; a newer one wins
+    assert store.put_agent_state(state.replace(value="old", updated_at=T0 - timedelta(seconds=1))) is False
+    newer = state.replace(value=42, updated_at=T0 + timedelta(seconds=1), expires_at=T0 + timedelta(hours=1))
+    assert store.put_agent_state(newer) is True
+    assert store.get_agent_state("agent", "plan", T0) == newer
+    assert store.get_agent_state("agent", "plan", T0 + timedelta(hours=1)) is None
+    store.put_agent_state(AgentState("agent", "keep", "x", updated_at=T0))
+    assert store.delete_expired_agent_state(T0 + timedelta(hours=1)) == 1
+    assert store.get_agent_state("agent", "keep", T0) is not None
+    assert store.stats().agent_states == 1
+
+
+def test_event_log_append_replay_and_trim(store: Store) -> None:
+    prime = store.append_event("mcp-1", "stream-a", None, T0)
+    first = store.append_event("mcp-1", "stream-a", {"jsonrpc": "2.0", "method": "n", "params": {"$schema": "x"}}, T0)
+    store.append_event("mcp-1", "stream-b", {"jsonrpc": "2.0", "id": 9}, T0)
+    second = store.append_event("mcp-1", "stream-a", {"jsonrpc": "2.0", "id": 1}, T0 + timedelta(seconds=1))
+    store.append_event("mcp-2", "stream-a", {"other": True}, T0)
+    assert int(prime.event_id) < int(first.event_id) < int(second.event_id)
+    replay = store.events_after("mcp-1", prime.event_id)
+    assert replay is not None
+    stream, events = replay
+    assert stream == "stream-a"
+    assert [e.message for e in events] == [first.message, second.message]
+    assert store.events_after("mcp-2", prime.event_id) is None  # scoped per MCP session
+    assert store.events_after("mcp-1", "not-an-id") is None
+    # Trim: keep the newest 2 events per session, and nothing before T0+1s
+    assert store.trim_events(max_per_session=2, created_before=T0 - timedelta(days=1)) == 2
+    assert store.stats().stream_events == 3
+    assert store.trim_events(max_per_session=10, created_before=T0 + timedelta(seconds=1)) == 2
+
+
+def test_expire_and_purge_sweeps_change_exactly_the_right_rows(store: Store) -> None:
+    cutoff = T0 + timedelta(hours=10)
+    store.save_session(session("idle", at=cutoff - timedelta(microseconds=1), created_at=T0), messages("idle", 2))
+    store.save_session(session("boundary", at=cutoff, created_at=T0))
+    store.save_session(session("fresh", at=cutoff + timedelta(hours=1), created_at=T0))
+    store.save_session(session("archived-old", at=T0))
+    store.archive_session("archived-old", T0)
+    assert store.expire_idle_sessions(cutoff, batch_size=1) == 1
+    statuses = {s.session_id: s.status for s in store.iter_sessions()}
+    assert statuses == {"idle": "expired", "boundary": "active", "fresh": "active", "archived-old": "archived"}
+    assert store.purge_expired_sessions(cutoff - timedelta(hours=1)) == 0
+    assert store.purge_expired_sessions(cutoff) == 1
+    assert store.load_messages("idle") == []
+    assert store.stats().to_json()["total_sessions"] == 3
+
+
+def test_sweeps_on_empty_store_return_zero(store: Store) -> None:
+    assert store.expire_idle_sessions(T0) == 0
+    assert store.purge_expired_sessions(T0) == 0
+    assert store.expire_transports(T0) == 0
+    assert store.delete_expired_files(T0) == 0
+    assert store.delete_expired_agent_state(T0) == 0
+    assert store.trim_events(max_per_session=1, created_before=T0) == 0
+
+
+def test_hostile_values_are_stored_exactly(store: Store) -> None:
+    # Given content with SQL metacharacters, unicode and 1 MB of text
+    tricky = [
+        "'; DROP TABLE sessionq_sessions; --",
+        "\\\" \\' %s %% {}",
+        "emoji 🎉 and rtl עברית and combining é",
+        "x" * (1024 * 1024),
+    ]
+    store.save_session(session("s1", metadata={"q": "' OR 1=1 --", "k🎉": "v"}))
+    store.append_messages(
+        "s1", [ChatMessage(f"m{i}", "s1", "user", text, created_at=T0) for i, text in enumerate(tricky)]
+    )
+    # Then every byte comes back, and nothing else changed
+    assert [m.content for m in store.load_messages("s1")] == tricky
+    assert store.load_session("s1").metadata == {"q": "' OR 1=1 --", "k🎉": "v"}
+    assert store.stats().total_sessions == 1
+
+
+def test_stats_counts(store: Store) -> None:
+    store.save_session(session("a"), messages("a", 2))
+    store.save_session(session("b"), messages("b", 3))
+    store.archive_session("b", T0)
+    store.save_file(FileRecord("f", "p", "u", uploaded_at=T0))
+    stats = store.stats().to_json()
+    assert stats["total_sessions"] == 2
+    assert stats["active_sessions"] == 1
+    assert stats["archived_sessions"] == 1
+    assert stats["expired_sessions"] == 0
+    assert stats["total_messages"] == 5
+    assert stats["total_files"] == 1
+
+
+def test_dry_run_sweeps_count_without_changing(store: Store) -> None:
+    # Given one idle session, one expired file, one expired agent key and 3 events over a cap of 1
+    store.save_session(session("idle"), messages("idle", 1))
+    store.save_file(FileRecord("f", "p", "u", uploaded_at=T0, expires_at=T0))
+    store.put_agent_state(AgentState("a", "k", 1, updated_at=T0, expires_at=T0))
+    store.register_transport(TransportSession("t", created_at=T0))
+    for i in range(3):
+        store.append_event("mcp", "s", {"i": i}, T0 + timedelta(seconds=i))
+    before = store.stats()
+    later = T0 + timedelta(days=1)
+    # When every sweep runs as a dry run, Then each counts what it would change...
+    assert store.expire_idle_sessions(later, dry_run=True) == 1
+    assert store.disconnect_stale_transports(later, later, dry_run=True) == 1
+    assert store.delete_expired_files(later, dry_run=True) == 1
+    assert store.delete_expired_agent_state(later, dry_run=True) == 1
+    assert store.trim_events(max_per_session=1, created_before=T0, dry_run=True) == 2
+    assert store.trim_events(max_per_session=5, created_before=T0 + timedelta(seconds=2), dry_run=True) == 2
+    # ... and nothing changed
+    assert store.stats() == before
+    assert store.load_session("idle").status == "active"

@@ -1,0 +1,50 @@
+"""Bulk jobs (queue ``bulk``): a migration fanned out in batches over many workers.
+
+``sessionq migrate --fan-out`` plans the batches (``models.transfer.plan_batches``:
+session-id ranges, read from the source a page at a time) and enqueues one
+``migrate_batch`` job per range; any worker runs any batch, each idempotent, so a
+redelivered or re-run batch changes nothing and no checkpoint is needed.
+
+Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker reads the
+URL from its environment variable ``SESSIONQ_STORE_NAME``, so passwords never travel
+through Redis. A URL without a password may be passed as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import dramatiq
+
+from models import Store, open_store
+from models.transfer import migrate_batch as _migrate_batch
+
+from .errors import InvalidPayload
+from .payloads import parse_migrate_batch, resolve_store_url
+
+logger = logging.getLogger(__name__)
+
+_stores: dict[str, Store] = {}
+_lock = threading.Lock()
+
+
+def _open(reference: str) -> Store:
+    url = resolve_store_url(reference)
+    with _lock:
+        store = _stores.get(url)
+        if store is None:
+            store = _stores[url] = open_store(url)
+        return store
+
+
+@dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
+def migrate_batch(payload: dict[str, Any]) -> None:
+    """Copy one planned range of sessions (with their messages) between two stores."""
+    source, destination, after, until, limit = parse_migrate_batch(payload)
+    result = _migrate_batch(_open(source), _open(destination), after, limit, until=until)
+    logger.info(
+        "migrated sessions after %r up to %r: %d sessions, %d messages",
+        after, until, result.sessions, result.messages,
+    )

@@ -1,0 +1,115 @@
+"""The dead-letter queues on Redis: list, requeue, purge (``sessionq dlq``).
+
+Dramatiq keeps each queue's dead letters in ``<ns>:<queue>.XQ`` (a sorted set of
+Redis message ids, scored by when they died) and ``<ns>:<queue>.XQ.msgs`` (id ->
+message JSON). :class:`~workers.broker.DeadLetterReasons` adds
+``options.dead_letter_reason`` to each. Dead letters expire after Dramatiq's
+dead-message TTL (7 days).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+
+from .broker import DEFAULT_NAMESPACE, QUEUES
+
+# Options a requeued message drops, so it starts afresh.
+_RESET_OPTIONS = ("retries", "traceback", "requeue_timestamp", "dead_letter_reason", "dead_lettered_at", "eta")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered job."""
+
+    id: str
+    queue: str
+    actor_name: str
+    message_id: str
+    dead_lettered_at: datetime
+    reason: str
+    args: list[Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-compatible dict (for ``sessionq dlq list --json``)."""
+        return {
+            "id": self.id,
+            "queue": self.queue,
+            "actor": self.actor_name,
+            "message_id": self.message_id,
+            "dead_lettered_at": self.dead_lettered_at.isoformat(),
+            "reason": self.reason,
+            "args": self.args,
+        }
+
+
+class DeadLetters:
+    """The dead letters of the sessionq queues on one Redis."""
+
+    def __init__(self, client: Any, *, namespace: str = DEFAULT_NAMESPACE, queues: Iterable[str] = QUEUES) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.queues = tuple(queues)
+
+    def _keys(self, queue: str) -> tuple[str, str]:
+        xq = f"{self.namespace}:{queue}.XQ"
+        return xq, f"{xq}.msgs"
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        """Every dead letter, oldest first per queue."""
+        for queue in self.queues:
+            xq, msgs = self._keys(queue)
+            for raw_id, score in self.client.zrange(xq, 0, -1, withscores=True):
+                rid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                raw = self.client.hget(msgs, rid)
+                if raw is None:
+                    continue
+                data = json.loads(raw)
+                options = data.get("options", {})
+                yield DeadLetter(
+                    id=rid,
+                    queue=queue,
+                    actor_name=str(data.get("actor_name", "?")),
+                    message_id=str(data.get("message_id", "?")),
+                    dead_lettered_at=datetime.fromtimestamp(score / 1000, timezone.utc),
+                    reason=str(options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"),
+                    args=list(data.get("args", [])),
+                )
+
+    def count(self) -> int:
+        """Dead letters across the queues."""
+        return sum(int(self.client.zcard(self._keys(q)[0])) for q in self.queues)
+
+    def requeue(self, ids: Iterable[str] | None = None) -> int:
+        """Put dead letters (these Redis or message ids; ``None`` = all) back on their
+        queues with a fresh retry count; return how many."""
+        wanted = None if ids is None else set(ids)
+        moved = 0
+        for letter in list(self):
+            if wanted is not None and letter.id not in wanted and letter.message_id not in wanted:
+                continue
+            xq, msgs = self._keys(letter.queue)
+            raw = self.client.hget(msgs, letter.id)
+            if raw is None:
+                continue
+            data = json.loads(raw)
+            options = {k: v for k, v in data.get("options", {}).items() if k not in _RESET_OPTIONS}
+            data["options"] = options
+            data["queue_name"] = letter.queue
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(f"{self.namespace}:{letter.queue}.msgs", letter.id, json.dumps(data, separators=(",", ":")))
+            pipe.rpush(f"{self.namespace}:{letter.queue}", letter.id)
+            pipe.zrem(xq, letter.id)
+            pipe.hdel(msgs, letter.id)
+            pipe.execute()
+            moved += 1
+        return moved
+
+    def purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+        count = self.count()
+        for queue in self.queues:
+            self.client.delete(*self._keys(queue))
+        return count

@@ -1,0 +1,72 @@
+"""sessionq for MCP servers built on the official ``mcp`` SDK (2.x).
+
+* :class:`RedisEventStore` / :class:`StoreEventStore` — the SDK's ``EventStore``
+  (resumability with ``Last-Event-ID``), scoped per MCP session.
+* :class:`SessionRegistry` — transport sessions: register, heartbeat, disconnect,
+  recover, agent state; writes go out as jobs through an injectable sender.
+* :class:`RecoverableSessionManager` / :func:`recoverable_http_app` — sessions that
+  survive a restart or a hop to another instance instead of answering 404.
+
+Imports only ``models``, ``redis``, ``mcp`` and the standard library (never the
+broker), so importing it has no side effects. See ``docs/mcp.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .event_store import MemoryEventLog, RedisEventStore
+from .registry import (
+    JOB_DISCONNECT,
+    JOB_HEARTBEAT,
+    JOB_REGISTER,
+    TRANSPORT_JOBS,
+    SessionRegistry,
+    ProducerSender,
+    StoreSender,
+    apply_transport_job,
+)
+from .store_events import StoreEventStore
+
+try:
+    from .recovery import (
+        RECOVERED_STATE_KEY,
+        RecoverableSessionManager,
+        install,
+        recoverable_http_app,
+        request_session_id,
+    )
+except ImportError as exc:  # the mcp 1.x line: event stores and registry only
+    _recovery_missing: ImportError | None = exc
+else:
+    _recovery_missing = None
+
+
+def __getattr__(name: str) -> Any:
+    if _recovery_missing is not None and name in _RECOVERY_NAMES:
+        raise ImportError(f"workers.mcp.{name} needs the mcp 2.x SDK ({_recovery_missing})")
+    raise AttributeError(name)
+
+
+_RECOVERY_NAMES = frozenset(
+    {"RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id"}
+)
+
+__all__ = [
+    "JOB_DISCONNECT",
+    "JOB_HEARTBEAT",
+    "JOB_REGISTER",
+    "RECOVERED_STATE_KEY",
+    "TRANSPORT_JOBS",
+    "MemoryEventLog",
+    "ProducerSender",
+    "RecoverableSessionManager",
+    "RedisEventStore",
+    "SessionRegistry",
+    "StoreEventStore",
+    "StoreSender",
+    "apply_transport_job",
+    "install",
+    "recoverable_http_app",
+    "request_session_id",
+]

@@ -1,0 +1,314 @@
+"""The transport-session registry: what an MCP server records about its sessions.
+
+Writes on the request path (register, heartbeat, disconnect) are *jobs*: the registry
+hands ``(job name, JSON payload)`` to an injectable ``send`` callable and returns. The
+default sender, :class:`StoreSender`, applies the job to the store in a worker thread
+(embedded mode); a deployment with a queue passes a sender that enqueues instead, and
+its worker runs :func:`apply_transport_job` (the same code). Reads that must answer
+now (``can_recover``, ``recover``, agent state) go to the store directly, in a thread.
+
+Job names and payloads (the wire contract for other-language servers):
+
+* ``register_transport`` — ``{"session": TransportSession.to_json()}``
+* ``heartbeat`` — ``{"mcp_session_id": str, "at": ISO 8601}``
+* ``mark_disconnected`` — ``{"mcp_session_id": str, "at": ISO 8601, "grace_seconds": float}``
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+
+from models.errors import Conflict, NotFound, StoreError, ValidationError
+from models.records import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_RECOVERY_ATTEMPTS,
+    AgentState,
+    TransportSession,
+    utcnow,
+)
+from models.store import Store
+
+logger = logging.getLogger(__name__)
+
+# Seconds between heartbeats of a live session.
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+# Seconds a disconnect may take when the server shuts down before it is given up.
+DEFAULT_SEND_TIMEOUT = 5.0
+
+JOB_REGISTER = "register_transport"
+JOB_HEARTBEAT = "heartbeat"
+JOB_DISCONNECT = "mark_disconnected"
+TRANSPORT_JOBS = frozenset({JOB_REGISTER, JOB_HEARTBEAT, JOB_DISCONNECT})
+
+#: ``send(job_name, payload)``; sync or async. It should return quickly (enqueue).
+Sender = Callable[[str, dict[str, Any]], "Awaitable[None] | None"]
+
+
+def _when(payload: Mapping[str, Any], name: str = "at") -> datetime:
+    value = payload.get(name)
+    if not isinstance(value, str):
+        raise ValidationError(f"{name}: an ISO 8601 string is required")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(f"{name}: not an ISO 8601 time: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        raise ValidationError(f"{name}: a timezone is required")
+    return parsed
+
+
+def apply_transport_job(store: Store, name: str, payload: Mapping[str, Any]) -> bool:
+    """Run one registry job against ``store`` (idempotent; what a worker actor calls).
+
+    Returns what the store answered (``False``: unknown, expired or stale).
+    Raises :class:`~models.errors.ValidationError` on a bad payload (never retry it).
+    """
+    if not isinstance(payload, Mapping):
+        raise ValidationError("payload must be a JSON object")
+    if name == JOB_REGISTER:
+        store.register_transport(TransportSession.from_json(payload.get("session") or {}))
+        return True
+    session_id = payload.get("mcp_session_id")
+    if not isinstance(session_id, str) or not session_id:
+        raise ValidationError("mcp_session_id: a non-empty string is required")
+    if name == JOB_HEARTBEAT:
+        return store.heartbeat(session_id, _when(payload))
+    if name == JOB_DISCONNECT:
+        grace = payload.get("grace_seconds", DEFAULT_GRACE_PERIOD.total_seconds())
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+            raise ValidationError("grace_seconds: a non-negative number is required")
+        return store.mark_disconnected(session_id, _when(payload), timedelta(seconds=grace))
+    raise ValidationError(f"unknown transport job {name!r}")
+
+
+class StoreSender:
+    """The default sender: apply each job to the store in a worker thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def __call__(self, name: str, payload: dict[str, Any]) -> None:
+        """Apply the job (see :func:`apply_transport_job`)."""
+        await anyio.to_thread.run_sync(apply_transport_job, self.store, name, payload)
+
+
+class ProducerSender:
+    """A sender that enqueues heartbeats and disconnects through a
+    :class:`~workers.producer.Producer` (the actors of the same names run them).
+
+    Registration is the exception: it is written to the store before the client sees
+    its session id (in a thread), because recovery after a crash depends on it. A
+    heartbeat takes the buffered path (microseconds on the request path; a background
+    flusher pipelines it to Redis); a disconnect is sent at once, as it usually
+    happens at shutdown.
+    """
+
+    def __init__(self, producer: Any, store: Store) -> None:
+        self.producer = producer
+        self.store = store
+
+    async def __call__(self, name: str, payload: dict[str, Any]) -> None:
+        """Apply a registration now; enqueue the other jobs."""
+        if name == JOB_REGISTER:
+            await anyio.to_thread.run_sync(apply_transport_job, self.store, name, payload)
+        elif name == JOB_HEARTBEAT:
+            self.producer.heartbeat(payload["mcp_session_id"], _when(payload), buffered=True)
+        elif name == JOB_DISCONNECT:
+            grace = timedelta(seconds=float(payload["grace_seconds"]))
+            self.producer.mark_disconnected(payload["mcp_session_id"], _when(payload), grace=grace)
+        else:
+            raise ValidationError(f"unknown registry job {name!r}")
+
+
+class SessionRegistry:
+    """Register, heartbeat, disconnect and recover MCP transport sessions."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        send: Sender | None = None,
+        grace: timedelta = DEFAULT_GRACE_PERIOD,
+        max_attempts: int = DEFAULT_MAX_RECOVERY_ATTEMPTS,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.send: Sender = send or StoreSender(store)
+        self.grace = grace
+        self.max_attempts = max_attempts
+        self.heartbeat_interval = heartbeat_interval
+        self.clock = clock
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, settings: Any, *, send: Sender | None = None, via_queue: bool = False
+    ) -> SessionRegistry:
+        """A registry with the grace, attempt cap and heartbeat interval of ``settings``.
+
+        ``via_queue=True`` sends heartbeats and disconnects as jobs through the
+        configured broker (:class:`ProducerSender`; run ``sessionq worker``s); the
+        default applies them to the store in a thread (:class:`StoreSender`).
+        """
+        if send is None and via_queue:
+            if not getattr(settings, "queue_url", None):
+                raise ValidationError("via_queue needs a broker: set REDIS_URL")
+            from workers.producer import Producer
+
+            send = ProducerSender(Producer(settings), store)
+        return cls(
+            store,
+            send=send,
+            grace=timedelta(minutes=settings.grace_minutes),
+            max_attempts=settings.max_recovery_attempts,
+            heartbeat_interval=float(settings.heartbeat_seconds),
+        )
+
+    async def _send(self, name: str, payload: dict[str, Any]) -> None:
+        result = self.send(name, payload)
+        if inspect.isawaitable(result):
+            await result
+
+    async def register(
+        self,
+        mcp_session_id: str,
+        *,
+        transport_state: dict[str, Any] | None = None,
+        working_directory: str = "",
+        agent_context: dict[str, Any] | None = None,
+        conversation_state: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a new session (on initialize) with what recovery needs later."""
+        now = self.clock()
+        record = TransportSession(
+            mcp_session_id=mcp_session_id,
+            created_at=now,
+            last_heartbeat=now,
+            working_directory=working_directory,
+            transport_state=transport_state,
+            agent_context=agent_context,
+            conversation_state=conversation_state,
+            metadata=metadata or {},
+        )
+        await self._send(JOB_REGISTER, {"session": record.to_json()})
+
+    async def heartbeat(self, mcp_session_id: str) -> None:
+        """Say the session is alive (a job)."""
+        await self._send(JOB_HEARTBEAT, {"mcp_session_id": mcp_session_id, "at": self.clock().isoformat()})
+
+    async def heartbeat_all(self, mcp_session_ids: Iterable[str]) -> int:
+        """Heartbeat each session; a failing send is logged, not raised. Returns how many were sent."""
+        sent = 0
+        for session_id in list(mcp_session_ids):
+            try:
+                await self.heartbeat(session_id)
+                sent += 1
+            except Exception as exc:  # noqa: BLE001 - one failed heartbeat must not stop the others
+                logger.warning("heartbeat of an MCP session not sent: %s", exc)
+        return sent
+
+    async def disconnect(self, mcp_session_id: str, *, grace: timedelta | None = None) -> None:
+        """Open the grace window of a session whose transport went away (a job).
+
+        ``grace=timedelta(0)`` closes it at once (the client ended the session).
+        """
+        window = self.grace if grace is None else grace
+        await self._send(
+            JOB_DISCONNECT,
+            {"mcp_session_id": mcp_session_id, "at": self.clock().isoformat(), "grace_seconds": window.total_seconds()},
+        )
+
+    async def load(self, mcp_session_id: str) -> TransportSession | None:
+        """The stored session, or ``None``."""
+        try:
+            return await anyio.to_thread.run_sync(self.store.load_transport, mcp_session_id)
+        except NotFound:
+            return None
+
+    async def can_recover(self, mcp_session_id: str) -> bool:
+        """True if the session exists, is within its grace window and has attempts left."""
+        return await anyio.to_thread.run_sync(
+            lambda: self.store.can_recover(mcp_session_id, self.clock(), max_attempts=self.max_attempts)
+        )
+
+    async def recover(self, mcp_session_id: str) -> TransportSession | None:
+        """Count one recovery and return the session with its saved transport state,
+        agent context, conversation state and working directory; ``None`` if it may
+        not be recovered (unknown, past grace, out of attempts)."""
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: self.store.recover(mcp_session_id, self.clock(), max_attempts=self.max_attempts)
+            )
+        except (NotFound, Conflict):
+            return None
+
+    async def save_state(
+        self,
+        mcp_session_id: str,
+        *,
+        working_directory: str | None = None,
+        agent_context: dict[str, Any] | None = None,
+        conversation_state: dict[str, Any] | None = None,
+    ) -> bool:
+        """Update what a later recovery returns (the fields given); False if the session is unknown."""
+
+        def update() -> bool:
+            try:
+                current = self.store.load_transport(mcp_session_id)
+            except NotFound:
+                return False
+            changes: dict[str, Any] = {}
+            if working_directory is not None:
+                changes["working_directory"] = working_directory
+            if agent_context is not None:
+                changes["agent_context"] = agent_context
+            if conversation_state is not None:
+                changes["conversation_state"] = conversation_state
+            self.store.register_transport(current.replace(**changes))
+            return True
+
+        return await anyio.to_thread.run_sync(update)
+
+    async def put_agent_state(
+        self,
+        agent_id: str,
+        key: str,
+        value: Any,
+        *,
+        mcp_session_id: str | None = None,
+        ttl: timedelta | None = None,
+    ) -> bool:
+        """Store one key of an agent's state, expiring after ``ttl`` if given."""
+        now = self.clock()
+        state = AgentState(
+            agent_id=agent_id,
+            key=key,
+            value=value,
+            mcp_session_id=mcp_session_id,
+            updated_at=now,
+            expires_at=now + ttl if ttl is not None else None,
+        )
+        return await anyio.to_thread.run_sync(self.store.put_agent_state, state)
+
+    async def get_agent_state(self, agent_id: str, key: str, default: Any = None) -> Any:
+        """The value of one key of an agent's state, or ``default`` if missing or expired."""
+        state = await anyio.to_thread.run_sync(self.store.get_agent_state, agent_id, key, self.clock())
+        return default if state is None else state.value
+
+
+async def send_quietly(coro: Awaitable[None], what: str, timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
+    """Await a registry call, logging (not raising) a failure or a timeout."""
+    try:
+        with anyio.fail_after(timeout):
+            await coro
+    except (StoreError, OSError, TimeoutError) as exc:
+        logger.warning("%s not recorded: %s", what, exc)
+    except Exception:
+        logger.exception("%s not recorded", what)

@@ -1,0 +1,122 @@
+"""MCP resumability logs in the sessionq store (SQL or MongoDB) through the Store contract.
+
+For deployments that want the log in the database rather than on Redis; same event
+ids, replay and memory fallback as :mod:`workers.mcp.event_store`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import anyio
+from mcp.server.streamable_http import (
+    EventCallback,
+    EventId,
+    EventMessage,
+    EventStore,
+    StreamId,
+)
+
+from models.store import Store
+
+from .event_store import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_REPLAY_PAGE,
+    DEFAULT_TTL,
+    GET_STREAM,
+    MESSAGE_ADAPTER,
+    MemoryEventLog,
+    encode_message,
+    format_event_id,
+    lost_request_error,
+    parse_event_id,
+    send_replayable,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class StoreEventStore(EventStore):
+    """MCP events in the database through the Store contract (``append_event`` /
+    ``events_after``); the scheduler's event-trim sweep bounds the log. Falls back to
+    memory, like :class:`RedisEventStore`, while the store fails."""
+
+    def __init__(self, store: Store, *, max_events: int = DEFAULT_MAX_EVENTS, ttl: int = DEFAULT_TTL) -> None:
+        self.store = store
+        self.memory = MemoryEventLog(max_events=max_events, ttl=ttl)
+        self.session_id: str | None = None
+        self._health = {"failing": False}
+
+    def for_session(self, session_id: str) -> StoreEventStore:
+        """A view of this store that keeps the events of one MCP session."""
+        view = object.__new__(StoreEventStore)
+        view.__dict__.update(self.__dict__)
+        view.session_id = session_id
+        return view
+
+    @property
+    def mode(self) -> str:
+        """``"store"``, or ``"memory"`` after the last write failed."""
+        return "memory" if self._health["failing"] else "store"
+
+    async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
+        """Append an event to this session's log (in a worker thread); never raises."""
+        session_id = self._session()
+        try:
+            payload = None if message is None else json.loads(encode_message(message, compress=False)[0])
+            event = await anyio.to_thread.run_sync(
+                self.store.append_event, session_id, stream_id, payload, datetime.now(UTC)
+            )
+            self._health["failing"] = False
+            return format_event_id(f"{event.event_id}-0", stream_id)
+        except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+            if not self._health["failing"]:
+                logger.warning("store event log unavailable (%s: %s); keeping MCP events in memory",
+                               type(exc).__name__, exc)
+            self._health["failing"] = True
+            return self.memory.append(session_id, stream_id, message)
+
+    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+        """Send this session's events that follow ``last_event_id`` on its stream, page by page."""
+        session_id = self._session()
+        ref = parse_event_id(last_event_id)
+        if ref is None:
+            return None
+        if ref.in_memory:
+            events = [(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
+                      for e in self.memory.after(session_id, ref.stream_id, ref.order)]
+            await send_replayable(events, send_callback)
+            return ref.stream_id
+        cursor, known = str(ref.order[0]), False
+        while True:
+            try:
+                found = await anyio.to_thread.run_sync(
+                    partial(self.store.events_after, session_id, cursor, limit=DEFAULT_REPLAY_PAGE)
+                )
+            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+                logger.warning("cannot replay MCP events: %s", exc)
+                return ref.stream_id
+            if found is None:
+                break
+            known = True
+            _, page = found
+            for event in page:
+                if event.message is not None:
+                    message = MESSAGE_ADAPTER.validate_python(event.message)
+                    await send_callback(EventMessage(message, format_event_id(f"{event.event_id}-0", ref.stream_id)))
+            if len(page) < DEFAULT_REPLAY_PAGE:
+                break
+            cursor = page[-1].event_id
+        if not known and ref.stream_id != GET_STREAM:
+            reason = "events of this request are no longer available"
+            await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
+        return ref.stream_id
+
+    def _session(self) -> str:
+        if self.session_id is None:
+            raise RuntimeError("use event_store.for_session(mcp_session_id): stream ids are only unique per session")
+        return self.session_id

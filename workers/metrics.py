@@ -1,0 +1,202 @@
+"""Prometheus metrics: every sessionq metric object lives here.
+
+Two kinds:
+
+* Event metrics, updated where things happen (actors, sweeps) through the helpers
+  :func:`observe_job`, :func:`observe_save`, :func:`observe_sweep` (and the
+  :func:`timed_job` context manager). They live in :data:`REGISTRY`.
+* State metrics, read at scrape time by :class:`StateCollector` from one health
+  check: sessions by status, queue depth, dead letters, component reachability,
+  the last run of each sweep.
+
+Workers run under Dramatiq's ``Prometheus`` middleware, which serves its own
+``dramatiq_*`` metrics on port 9191 from a multiprocess directory. Give worker
+processes ``PROMETHEUS_MULTIPROC_DIR`` and ``dramatiq_prom_db`` pointing at the same
+directory *before they start*, and the event metrics above are served there too.
+``sessionq serve`` serves both kinds for its own process at ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .health import OK, HealthChecker, HealthReport
+
+# Outcomes a job can be counted under; a fixed set keeps label cardinality bounded.
+OUTCOMES = ("ok", "retry", "dead", "skipped", "error")
+# Save-latency buckets in seconds: a save is one transaction of a few statements.
+DEFAULT_SAVE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Sweep-duration buckets in seconds: batched set-based statements over big tables.
+DEFAULT_SWEEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+# In multiprocess mode (worker processes) every metric writes a file under this
+# directory, which must exist before the first metric is built.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+#: The registry holding sessionq's event metrics.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+JOBS = Counter(
+    "sessionq_jobs", "Jobs run, by actor and outcome.", ["actor", "outcome"], registry=REGISTRY
+)
+JOB_SECONDS = Histogram(
+    "sessionq_job_duration_seconds", "Time spent running a job, by actor.", ["actor"],
+    buckets=DEFAULT_SAVE_BUCKETS, registry=REGISTRY,
+)
+SAVE_SECONDS = Histogram(
+    "sessionq_save_seconds", "Store latency of one session save (one transaction).",
+    buckets=DEFAULT_SAVE_BUCKETS, registry=REGISTRY,
+)
+SWEEP_ROWS = Counter(
+    "sessionq_sweep_rows", "Rows changed or deleted by sweeps, by kind.", ["kind"], registry=REGISTRY
+)
+SWEEP_SECONDS = Histogram(
+    "sessionq_sweep_duration_seconds", "Duration of sweep runs, by kind.", ["kind"],
+    buckets=DEFAULT_SWEEP_BUCKETS, registry=REGISTRY,
+)
+SWEEP_FAILURES = Counter(
+    "sessionq_sweep_failures", "Sweep runs that failed, by kind.", ["kind"], registry=REGISTRY
+)
+
+#: Metric names Dramatiq's Prometheus middleware exports from workers (port 9191).
+DRAMATIQ_METRICS = (
+    "dramatiq_messages_total",
+    "dramatiq_message_errors_total",
+    "dramatiq_message_retries_total",
+    "dramatiq_message_rejects_total",
+    "dramatiq_messages_inprogress",
+    "dramatiq_delayed_messages_inprogress",
+    "dramatiq_message_duration_milliseconds",
+)
+
+
+def observe_job(actor: str, outcome: str, seconds: float | None = None) -> None:
+    """Count one job run of ``actor`` under ``outcome`` (one of :data:`OUTCOMES`)
+    and, if given, record its duration."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    JOBS.labels(actor, outcome).inc()
+    if seconds is not None:
+        JOB_SECONDS.labels(actor).observe(seconds)
+
+
+@contextmanager
+def timed_job(actor: str) -> Iterator[None]:
+    """Time the block as one run of ``actor``: ``ok`` if it returns, ``error`` if it raises
+    (the exception propagates). For jobs run outside Dramatiq; Dramatiq messages are
+    counted by :class:`workers.middleware.JobObserver`."""
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        observe_job(actor, "error", time.perf_counter() - started)
+        raise
+    observe_job(actor, "ok", time.perf_counter() - started)
+
+
+def observe_save(seconds: float) -> None:
+    """Record the store latency of one session save."""
+    SAVE_SECONDS.observe(seconds)
+
+
+def observe_sweep(kind: str, *, ok: bool, seconds: float, rows: int = 0) -> None:
+    """Record one sweep run: its duration, the rows it touched, and a failure if not ``ok``."""
+    SWEEP_SECONDS.labels(kind).observe(seconds)
+    if rows:
+        SWEEP_ROWS.labels(kind).inc(rows)
+    if not ok:
+        SWEEP_FAILURES.labels(kind).inc()
+
+
+_STATUSES = ("active", "archived", "expired")
+_TRANSPORT_STATUSES = ("active", "disconnected", "recovered", "expired")
+
+
+def state_metrics(report: HealthReport | None) -> list[Metric]:
+    """The state gauges for one health report (``None``: the families without samples)."""
+    healthy = GaugeMetricFamily("sessionq_healthy", "1 when /session-health would answer 200.")
+    up = GaugeMetricFamily("sessionq_up", "1 when a component answers (database, broker, redis).", labels=["component"])
+    sessions = GaugeMetricFamily("sessionq_sessions", "Chat sessions by status.", labels=["status"])
+    transports = GaugeMetricFamily("sessionq_transport_sessions", "MCP transport sessions by status.", labels=["status"])
+    depth = GaugeMetricFamily("sessionq_queue_depth", "Messages per queue by state (ready, delayed, in_flight).",
+                              labels=["queue", "state"])
+    dead = GaugeMetricFamily("sessionq_dead_letters", "Dead-lettered messages per queue.", labels=["queue"])
+    sweep_ok = GaugeMetricFamily("sessionq_sweep_last_ok", "1 if the last run of a sweep succeeded.", labels=["kind"])
+    sweep_failures = GaugeMetricFamily("sessionq_sweep_consecutive_failures",
+                                       "Failures in a row of a sweep (0 after a success).", labels=["kind"])
+    sweep_rows = GaugeMetricFamily("sessionq_sweep_last_rows", "Rows touched by the last run of a sweep.", labels=["kind"])
+    sweep_seconds = GaugeMetricFamily("sessionq_sweep_last_duration_seconds", "Duration of the last run of a sweep.",
+                                      labels=["kind"])
+    sweep_time = GaugeMetricFamily("sessionq_sweep_last_run_timestamp_seconds", "Unix time the last run of a sweep ended.",
+                                   labels=["kind"])
+    families: list[Metric] = [healthy, up, sessions, transports, depth, dead,
+                              sweep_ok, sweep_failures, sweep_rows, sweep_seconds, sweep_time]
+    if report is None:
+        return families
+    healthy.add_metric([], 1.0 if report.healthy else 0.0)
+    up.add_metric(["database"], 1.0 if report.database == OK else 0.0)
+    if report.broker != "embedded":
+        up.add_metric(["broker"], 1.0 if report.broker == OK else 0.0)
+    if report.redis != "none":
+        up.add_metric(["redis"], 1.0 if report.redis == OK else 0.0)
+    if report.stats is not None:
+        for status in sorted(set(_STATUSES) | set(report.stats.sessions_by_status)):
+            sessions.add_metric([status], float(report.stats.sessions_by_status.get(status, 0)))
+        for status in sorted(set(_TRANSPORT_STATUSES) | set(report.stats.transports_by_status)):
+            transports.add_metric([status], float(report.stats.transports_by_status.get(status, 0)))
+    for name, queue in report.queues.items():
+        depth.add_metric([name, "ready"], float(queue.ready))
+        depth.add_metric([name, "delayed"], float(queue.delayed))
+        depth.add_metric([name, "in_flight"], float(queue.in_flight))
+        dead.add_metric([name], float(queue.dead))
+    for kind, run in report.sweeps.items():
+        sweep_ok.add_metric([kind], 1.0 if run.ok else 0.0)
+        sweep_failures.add_metric([kind], float(run.consecutive_failures))
+        sweep_rows.add_metric([kind], float(sum(run.counts.values())))
+        sweep_seconds.add_metric([kind], float(run.duration))
+        sweep_time.add_metric([kind], float(run.finished_at))
+    return families
+
+
+class StateCollector:
+    """Scrape-time gauges from one :meth:`HealthChecker.check` per scrape."""
+
+    def __init__(self, checker: HealthChecker) -> None:
+        self.checker = checker
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples (so names are known without touching a service)."""
+        return state_metrics(None)
+
+    def collect(self) -> Iterable[Metric]:
+        """Run a health check and turn it into gauges."""
+        return state_metrics(self.checker.check())
+
+
+def sample_names(metrics: Iterable[Metric]) -> set[str]:
+    """Every sample name the families expose (``_total``, ``_bucket``, ... included)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
+    names: set[str] = set()
+    for family in metrics:
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric name sessionq exports: event metrics, state gauges and Dramatiq's."""
+    names = sample_names(REGISTRY.collect())
+    names |= sample_names(state_metrics(None))
+    names |= set(DRAMATIQ_METRICS)
+    names |= {f"{n}_{s}" for n in DRAMATIQ_METRICS if n.endswith("_milliseconds") for s in ("bucket", "sum", "count")}
+    return names

@@ -1,0 +1,357 @@
+"""Job payloads: the ONE place where a job's JSON arguments become records.
+
+The producer calls :func:`validate` before a job is enqueued (a bad payload raises
+:class:`~workers.errors.InvalidPayload` at the caller and is never sent); each actor
+calls the same ``parse_*`` function on receipt, because a non-Python producer may
+have skipped the first check. Every actor takes one JSON object, except
+``run_sweep`` which takes the sweep kind (a string) — see docs/wire-contract.md.
+
+The save payload is exactly what ``sessionq export --format json`` writes, so an
+export can be enqueued again unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from models.errors import ValidationError
+from models.records import (
+    AgentState,
+    ChatMessage,
+    ChatSession,
+    FileRecord,
+    TransportSession,
+    utcnow,
+)
+from models.settings import redact_url
+from models.validation import check_choice, check_datetime, check_id
+
+from .errors import InvalidPayload
+
+# How far in the future a timestamp may lie (producer clock skew) before it is refused.
+DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
+# Most messages one save or append job may carry.
+DEFAULT_MAX_MESSAGES_PER_JOB = 10_000
+# Export formats and the file suffix each one writes.
+EXPORT_FORMATS = {"json": "json", "text": "txt", "markdown": "md"}
+
+#: The queue each actor consumes (producers without the actors imported need it).
+ACTOR_QUEUES: dict[str, str] = {
+    "save_session": "sessions",
+    "append_messages": "sessions",
+    "heartbeat": "sessions",
+    "mark_disconnected": "sessions",
+    "register_transport": "sessions",
+    "archive_session": "maintenance",
+    "run_sweep": "maintenance",
+    "save_file": "maintenance",
+    "put_agent_state": "maintenance",
+    "export_session": "bulk",
+    "migrate_batch": "bulk",
+}
+# Prefix of the environment variables that name stores for bulk jobs (``@NAME``).
+STORE_ENV_PREFIX = "SESSIONQ_STORE_"
+# Largest migration batch one job may ask for.
+DEFAULT_MAX_BATCH = 10_000
+
+_SESSION_FIELDS = {"session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
+_MESSAGE_FIELDS = {"message_id", "session_id", "role", "content", "created_at", "metadata"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRequest:
+    """A parsed export job: which session, which format, and the file to write."""
+
+    session_id: str
+    format: str
+    path: Path
+
+
+def _object(name: str, payload: Any, allowed: set[str], required: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"{name} payload must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(str(k) for k in payload if k not in allowed)
+    if unknown:
+        raise InvalidPayload(f"{name} payload has unknown field(s): {', '.join(unknown)[:200]}")
+    missing = [k for k in required if k not in payload]
+    if missing:
+        raise InvalidPayload(f"{name} payload is missing required field(s): {', '.join(missing)}")
+    return payload
+
+
+def _not_future(name: str, value: datetime | None, now: datetime) -> None:
+    if value is not None and value > now + DEFAULT_MAX_FUTURE_SKEW:
+        raise InvalidPayload(f"{name} {value.isoformat()} is more than a day in the future")
+
+
+def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a record's ValidationError into InvalidPayload (same message)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ValidationError as exc:
+            raise InvalidPayload(str(exc)) from None
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def _messages(session_id: str, items: Any, now: datetime) -> list[ChatMessage]:
+    if not isinstance(items, list):
+        raise InvalidPayload(f"messages must be a JSON array, got {type(items).__name__}")
+    if len(items) > DEFAULT_MAX_MESSAGES_PER_JOB:
+        raise InvalidPayload(f"{len(items)} messages in one job; the limit is {DEFAULT_MAX_MESSAGES_PER_JOB}")
+    out: list[ChatMessage] = []
+    for index, item in enumerate(items):
+        data = dict(_object(f"messages[{index}]", item, _MESSAGE_FIELDS, ("message_id", "role", "content")))
+        if data.setdefault("session_id", session_id) != session_id:
+            raise InvalidPayload(f"messages[{index}] belongs to session {data['session_id']!r:.80}, not {session_id!r}")
+        try:
+            message = ChatMessage(**data)
+        except ValidationError as exc:
+            raise InvalidPayload(f"messages[{index}]: {exc}") from None
+        _not_future(f"messages[{index}].created_at", message.created_at, now)
+        out.append(message)
+    return out
+
+
+@_guard
+def parse_save(payload: Any) -> tuple[ChatSession, list[ChatMessage]]:
+    """``save_session``: a session in the export shape with its messages (``messages`` optional)."""
+    data = dict(_object("save_session", payload, _SESSION_FIELDS, ("session_id",)))
+    items = data.pop("messages", [])
+    now = utcnow()
+    session = ChatSession(**data)
+    _not_future("created_at", session.created_at, now)
+    _not_future("updated_at", session.updated_at, now)
+    return session, _messages(session.session_id, items, now)
+
+
+@_guard
+def parse_append(payload: Any) -> tuple[str, list[ChatMessage]]:
+    """``append_messages``: ``{"session_id", "messages": [...]}``."""
+    data = _object("append_messages", payload, {"session_id", "messages"}, ("session_id", "messages"))
+    session_id = check_id("session_id", data["session_id"])
+    return session_id, _messages(session_id, data["messages"], utcnow())
+
+
+@_guard
+def parse_transport_event(payload: Any, name: str = "heartbeat") -> tuple[str, datetime]:
+    """``heartbeat``: ``{"mcp_session_id", "at"}``."""
+    data = _object(name, payload, {"mcp_session_id", "at"}, ("mcp_session_id", "at"))
+    at = check_datetime("at", data["at"])
+    _not_future("at", at, utcnow())
+    return check_id("mcp_session_id", data["mcp_session_id"]), at
+
+
+# Longest grace window a disconnect job may ask for.
+DEFAULT_MAX_GRACE_SECONDS = 7 * 24 * 3600.0
+
+
+@_guard
+def parse_disconnect(payload: Any) -> tuple[str, datetime, float | None]:
+    """``mark_disconnected``: ``{"mcp_session_id", "at"}`` and optionally ``"grace_seconds"``
+    (0 closes the window at once, e.g. the client ended the session)."""
+    data = _object("mark_disconnected", payload, {"mcp_session_id", "at", "grace_seconds"}, ("mcp_session_id", "at"))
+    at = check_datetime("at", data["at"])
+    _not_future("at", at, utcnow())
+    grace = data.get("grace_seconds")
+    if grace is not None:
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= DEFAULT_MAX_GRACE_SECONDS:
+            raise InvalidPayload(f"grace_seconds must be a number between 0 and {DEFAULT_MAX_GRACE_SECONDS:.0f}")
+        grace = float(grace)
+    return check_id("mcp_session_id", data["mcp_session_id"]), at, grace
+
+
+@_guard
+def parse_register_transport(payload: Any) -> TransportSession:
+    """``register_transport``: a transport session record (``TransportSession.to_json`` shape)."""
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"register_transport payload must be a JSON object, got {type(payload).__name__}")
+    record = TransportSession.from_json(payload)
+    _not_future("created_at", record.created_at, utcnow())
+    return record
+
+
+@_guard
+def parse_archive(payload: Any) -> tuple[str, datetime]:
+    """``archive_session``: ``{"session_id", "at"}``."""
+    data = _object("archive_session", payload, {"session_id", "at"}, ("session_id", "at"))
+    at = check_datetime("at", data["at"])
+    _not_future("at", at, utcnow())
+    return check_id("session_id", data["session_id"]), at
+
+
+@_guard
+def parse_file(payload: Any) -> FileRecord:
+    """``save_file``: a file record (``FileRecord.to_json`` shape)."""
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"save_file payload must be a JSON object, got {type(payload).__name__}")
+    record = FileRecord.from_json(payload)
+    _not_future("uploaded_at", record.uploaded_at, utcnow())
+    return record
+
+
+@_guard
+def parse_agent_state(payload: Any) -> AgentState:
+    """``put_agent_state``: an agent-state record (``AgentState.to_json`` shape)."""
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"put_agent_state payload must be a JSON object, got {type(payload).__name__}")
+    record = AgentState.from_json(payload)
+    _not_future("updated_at", record.updated_at, utcnow())
+    return record
+
+
+def parse_sweep(kind: Any) -> str:
+    """``run_sweep``: one of ``scheduler.sweeps.SWEEP_KINDS``."""
+    from scheduler.sweeps import SWEEP_KINDS
+
+    try:
+        return check_choice("kind", kind, frozenset(SWEEP_KINDS))
+    except ValidationError as exc:
+        raise InvalidPayload(f"run_sweep: {exc}") from None
+
+
+def export_filename(session_id: str, fmt: str) -> str:
+    """The default file name for an export: the id with unsafe characters replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in session_id)[:200] or "session"
+    return f"{safe}.{EXPORT_FORMATS[fmt]}"
+
+
+@_guard
+def parse_export(payload: Any, export_dir: str | Path) -> ExportRequest:
+    """``export_session``: ``{"session_id", "format", "path"?}``; ``path`` is relative
+    to the export dir and may not leave it (``..``, absolute paths and symlinks out are refused)."""
+    data = _object("export_session", payload, {"session_id", "format", "path"}, ("session_id",))
+    session_id = check_id("session_id", data["session_id"])
+    fmt = check_choice("format", data.get("format", "json"), frozenset(EXPORT_FORMATS))
+    name = data.get("path") or export_filename(session_id, fmt)
+    if not isinstance(name, str) or "\x00" in name:
+        raise InvalidPayload("path must be a string without NUL characters")
+    root = Path(export_dir).resolve()
+    target = (root / name).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise InvalidPayload(f"export path {name!r:.200} is outside the export directory")
+    return ExportRequest(session_id, fmt, target)
+
+
+def save_payload(session: ChatSession, messages: Sequence[ChatMessage] = ()) -> dict[str, Any]:
+    """The save payload (= the JSON export shape) of a session and its messages."""
+    return {
+        "session_id": session.session_id,
+        "model": session.model,
+        "created_at": session.created_at.isoformat(),
+        "updated_at": session.last_activity.isoformat(),
+        "status": session.status,
+        "metadata": session.metadata,
+        "messages": [message_payload(m) for m in messages],
+    }
+
+
+def message_payload(message: ChatMessage) -> dict[str, Any]:
+    """One message of a save/append payload (``metadata`` only when not empty)."""
+    out: dict[str, Any] = {
+        "message_id": message.message_id,
+        "role": message.role,
+        "content": message.content,
+        "created_at": message.created_at.isoformat(),
+    }
+    if message.metadata:
+        out["metadata"] = message.metadata
+    return out
+
+
+def normalize(actor_name: str, args: Sequence[Any], export_dir: str | Path = ".") -> Any:
+    """Check a job's arguments exactly as its actor will and return its one argument in
+    canonical JSON form (datetimes as ISO strings); raise InvalidPayload if bad."""
+    if actor_name not in ACTOR_QUEUES:
+        raise InvalidPayload(f"unknown job {actor_name!r:.80}; known: {', '.join(sorted(ACTOR_QUEUES))}")
+    if len(args) != 1:
+        raise InvalidPayload(f"{actor_name} takes exactly one argument, got {len(args)}")
+    arg = args[0]
+    if actor_name == "save_session":
+        return save_payload(*parse_save(arg))
+    if actor_name == "append_messages":
+        session_id, messages = parse_append(arg)
+        return {"session_id": session_id, "messages": [message_payload(m) for m in messages]}
+    if actor_name == "heartbeat":
+        mcp_session_id, at = parse_transport_event(arg, actor_name)
+        return {"mcp_session_id": mcp_session_id, "at": at.isoformat()}
+    if actor_name == "mark_disconnected":
+        mcp_session_id, at, grace = parse_disconnect(arg)
+        out: dict[str, Any] = {"mcp_session_id": mcp_session_id, "at": at.isoformat()}
+        if grace is not None:
+            out["grace_seconds"] = grace
+        return out
+    if actor_name == "register_transport":
+        return parse_register_transport(arg).to_json()
+    if actor_name == "archive_session":
+        session_id, at = parse_archive(arg)
+        return {"session_id": session_id, "at": at.isoformat()}
+    if actor_name == "run_sweep":
+        return parse_sweep(arg)
+    if actor_name == "migrate_batch":
+        source, destination, after, until, limit = parse_migrate_batch(arg)
+        return {"source": source, "destination": destination, "after": after, "until": until, "limit": limit}
+    if actor_name == "save_file":
+        return parse_file(arg).to_json()
+    if actor_name == "put_agent_state":
+        return parse_agent_state(arg).to_json()
+    parse_export(arg, export_dir)
+    return dict(arg)
+
+
+def store_reference(target: str) -> str:
+    """What a job may carry for ``target``: ``@NAME`` as is, or a URL without a password.
+
+    Raises :class:`InvalidPayload` for a URL with a password (name it instead).
+    """
+    if target.startswith("@"):
+        resolve_store_url(target)
+        return target
+    if redact_url(target) != target:
+        raise InvalidPayload(
+            f"{redact_url(target)} includes a password; refer to the store by name instead (@NAME, with "
+            f"{STORE_ENV_PREFIX}NAME set on the workers) so that the password stays off the queue"
+        )
+    return target
+
+
+def resolve_store_url(reference: str) -> str:
+    """The URL behind ``@NAME`` (from ``SESSIONQ_STORE_NAME``) or ``reference`` itself."""
+    if not reference.startswith("@"):
+        return reference
+    name = reference[1:]
+    if not name or not name.replace("_", "").isalnum():
+        raise InvalidPayload(f"store name {reference!r:.80} must be @ followed by letters, digits or _")
+    url = os.environ.get(f"{STORE_ENV_PREFIX}{name.upper()}")
+    if not url:
+        raise InvalidPayload(f"store {reference} is not configured here: set {STORE_ENV_PREFIX}{name.upper()}")
+    return url
+
+
+def parse_migrate_batch(payload: Any) -> tuple[str, str, str | None, str | None, int]:
+    """``migrate_batch``: ``{"source", "destination", "after", "until", "limit"}``."""
+    if not isinstance(payload, dict):
+        raise InvalidPayload(f"migrate_batch payload must be a JSON object, got {type(payload).__name__}")
+    allowed = {"source", "destination", "after", "until", "limit"}
+    unknown = sorted(str(k) for k in payload if k not in allowed)
+    if unknown:
+        raise InvalidPayload(f"migrate_batch payload has unknown field(s): {', '.join(unknown)[:200]}")
+    source, destination = payload.get("source"), payload.get("destination")
+    if not isinstance(source, str) or not isinstance(destination, str):
+        raise InvalidPayload("migrate_batch needs source and destination store references (strings)")
+    after, until = payload.get("after"), payload.get("until")
+    for name, value in (("after", after), ("until", until)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidPayload(f"{name} must be a session id or null")
+    limit = payload.get("limit", 500)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= DEFAULT_MAX_BATCH:
+        raise InvalidPayload(f"limit must be an integer between 1 and {DEFAULT_MAX_BATCH}")
+    return store_reference(source), store_reference(destination), after, until, limit

@@ -1,0 +1,425 @@
+"""The producer API: how an MCP server fires jobs without waiting for the database.
+
+>>> from workers.producer import Producer
+>>> producer = Producer()                      # REDIS_URL etc. from the environment
+>>> producer.save_session({"session_id": "s1", "model": "m", "messages": [...]})
+'5d1c...'                                       # the Dramatiq message id
+>>> producer.heartbeat("mcp-session-id", buffered=True)   # microseconds, pipelined
+>>> producer.close()                            # flush the buffer on shutdown
+
+* Every payload is validated before it is enqueued (``workers.payloads``): a bad one
+  raises :class:`~workers.errors.InvalidPayload` here and is never sent.
+* ``send`` pushes the job to Redis and returns its message id.
+* ``send_nowait`` (``buffered=True`` on the helpers) appends to an in-memory buffer and
+  returns; a background thread pipelines the buffer to Redis. ``flush``/``close`` wait
+  for it (``close`` is also registered with ``atexit``).
+* The outbox: when Redis is unreachable, jobs are spooled to a SQLite file
+  (``settings.outbox_path``) and forwarded, oldest first, once Redis answers again —
+  also by the next producer started on the same file after a restart.
+* With no queue URL (embedded mode) jobs go to the in-process broker.
+
+Jobs are written to Redis exactly as docs/wire-contract.md describes (HSET + RPUSH,
+atomically), the same keys a non-Python producer writes; the Python producer does the
+two writes in one Lua script call per queue (one command, one reply: cheaper than a
+MULTI round trip in redis-py), also for a whole buffered batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import redis
+
+from models import AgentState, ChatMessage, ChatSession, FileRecord, Settings, TransportSession, utcnow
+
+from . import payloads
+from .errors import InvalidPayload, ProducerError
+from .outbox import Outbox
+
+logger = logging.getLogger(__name__)
+
+# Seconds to wait for a Redis connection before spooling to the outbox instead.
+DEFAULT_CONNECT_TIMEOUT = 1.0
+# Seconds to wait for a Redis reply.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+# Jobs per pipelined round trip of the background flusher.
+DEFAULT_PIPELINE_BATCH = 1000
+# Seconds between attempts to forward the outbox while Redis is down (doubling, capped).
+DEFAULT_RETRY_INTERVAL = 0.5
+DEFAULT_MAX_RETRY_INTERVAL = 5.0
+# Key prefix of Dramatiq's keys (the broker's namespace).
+DEFAULT_NAMESPACE = "dramatiq"
+# Largest encoded job accepted (bigger sessions: send the messages in several appends).
+DEFAULT_MAX_JOB_BYTES = 16 * 1024 * 1024
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+# Encoded messages end with their (empty) options, so that the Redis id can be
+# appended to the bytes at push time instead of decoding and re-encoding the JSON.
+_OPTIONS_TAIL = b'"options":{}}'
+# Atomic HSET + RPUSH of (redis id, message) pairs: KEYS = hash, list; ARGV = id, body, ...
+# (the same writes as the MULTI of docs/wire-contract.md, in one command and one reply).
+_ENQUEUE_LUA = """
+for i = 1, #ARGV, 2 do
+  redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('rpush', KEYS[2], ARGV[i])
+end
+return #ARGV / 2
+"""
+
+
+class _Job(NamedTuple):
+    """A validated job, encoded once: its queue, message id and message JSON (no Redis id)."""
+
+    queue_name: str
+    message_id: str
+    body: bytes
+
+
+def _message(actor_name: str, arg: Any) -> dict[str, Any]:
+    return {
+        "queue_name": payloads.ACTOR_QUEUES[actor_name],
+        "actor_name": actor_name,
+        "args": [arg],
+        "kwargs": {},
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": int(time.time() * 1000),
+        "options": {},
+    }
+
+
+def _with_redis_id(data: bytes, redis_id: str) -> bytes:
+    """The message JSON with ``options.redis_message_id`` set (fast path for our own encoding)."""
+    if data.endswith(_OPTIONS_TAIL):
+        return data[:-3] + b'{"redis_message_id":"' + redis_id.encode() + b'"}}'
+    message = json.loads(data)  # spooled by an older version: any key order
+    message.setdefault("options", {})["redis_message_id"] = redis_id
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+class Producer:
+    """Validate and enqueue jobs; see the module docs. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        url: str | None = None,
+        outbox_path: str | Path | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> None:
+        self.settings = settings or Settings.load()
+        self.url = url or self.settings.queue_url
+        self.namespace = namespace
+        self.outbox_path = Path(outbox_path or self.settings.outbox_path)
+        self._outbox: Outbox | None = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._buffer: collections.deque[_Job] = collections.deque()
+        self._inflight = 0
+        self._flusher: threading.Thread | None = None
+        self._forwarder: threading.Thread | None = None
+        self._closed = False
+        self._down = False
+        # Why the last buffered batch could be neither pushed nor spooled (cleared on success).
+        self._failure: BaseException | None = None
+        self._broker: Any = None
+        self._client: redis.Redis | None = None
+        if self.url is None or not self.url.startswith(("redis://", "rediss://", "unix://")):
+            from .broker import build_broker, get_broker, get_settings
+
+            self._broker = get_broker() if self.url == get_settings().queue_url else build_broker(self.settings)
+        else:
+            self._client = redis.Redis.from_url(
+                self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT
+            )
+            self._enqueue = self._client.register_script(_ENQUEUE_LUA)
+        if self.outbox_path.exists() and self._get_outbox().count():
+            self._down = True
+            self._start_forwarder()
+        atexit.register(self.close)
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, actor_name: str, *args: Any) -> str:
+        """Validate and enqueue one job now; return its message id.
+
+        If Redis is unreachable the job is spooled to the outbox (still accepted).
+        Raises :class:`InvalidPayload` for a bad payload.
+        """
+        job = self._build(actor_name, args)
+        self._deliver([job])
+        return job.message_id
+
+    def send_nowait(self, actor_name: str, *args: Any) -> str:
+        """Validate a job and buffer it for the background flusher; return its message id.
+
+        Raises :class:`ProducerError` while buffered jobs can be neither pushed nor
+        spooled (the buffer would only grow): the job is not accepted.
+        """
+        job = self._build(actor_name, args)
+        with self._cond:
+            if self._closed:
+                raise ProducerError("producer is closed")
+            if self._failure is not None:
+                raise ProducerError(
+                    f"job not accepted: {len(self._buffer)} buffered job(s) cannot be delivered: {self._failure}"
+                )
+            self._buffer.append(job)
+            if len(self._buffer) == 1:  # only an empty buffer can have the flusher waiting
+                self._cond.notify_all()
+        if self._flusher is None:
+            self._start_flusher()
+        return job.message_id
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every buffered job is in Redis or the outbox; False on timeout.
+
+        Raises :class:`ProducerError` if buffered jobs can be neither pushed nor spooled
+        (they stay buffered; :meth:`close` tries to spool them once more).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._buffer or self._inflight:
+                if self._failure is not None and not self._inflight:
+                    raise ProducerError(f"{len(self._buffer)} buffered job(s) not delivered: {self._failure}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def pending(self) -> int:
+        """Jobs accepted but not yet in the broker (buffered plus spooled)."""
+        spooled = self._get_outbox().count() if self.outbox_path.exists() else 0
+        with self._lock:
+            return len(self._buffer) + self._inflight + spooled
+
+    def forward_outbox(self) -> int:
+        """Forward spooled jobs now; return how many (raises if Redis is still down)."""
+        if not self.outbox_path.exists():
+            return 0
+        count = self._get_outbox().forward(self._push)
+        self._down = False
+        return count
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush the buffer (spooling what Redis does not take) and stop background threads.
+
+        Raises :class:`ProducerError` if accepted jobs can be neither pushed nor spooled.
+        """
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        except ProducerError:
+            pass  # the leftover is spooled below, which says why if it still cannot be
+        with self._cond:
+            self._closed = True
+            leftover = list(self._buffer)
+            self._buffer.clear()
+            self._cond.notify_all()
+        try:
+            if leftover:
+                try:
+                    self._spool(leftover)
+                except ProducerError as exc:
+                    raise ProducerError(f"{len(leftover)} accepted job(s) not delivered: {exc}") from exc
+        finally:
+            if self._client is not None:
+                self._client.close()
+
+    # -- job helpers -------------------------------------------------------------
+
+    def _send(self, buffered: bool, actor_name: str, arg: Any) -> str:
+        return self.send_nowait(actor_name, arg) if buffered else self.send(actor_name, arg)
+
+    def save_session(
+        self,
+        session: ChatSession | Mapping[str, Any],
+        messages: Sequence[ChatMessage | Mapping[str, Any]] = (),
+        *,
+        buffered: bool = False,
+    ) -> str:
+        """Save a session (record or export-shaped dict) with messages to insert if new."""
+        payload = payloads.save_payload(session) if isinstance(session, ChatSession) else dict(session)
+        if messages:
+            payload["messages"] = [payloads.message_payload(m) if isinstance(m, ChatMessage) else m for m in messages]
+        return self._send(buffered, "save_session", payload)
+
+    def append_messages(
+        self, session_id: str, messages: Sequence[ChatMessage | Mapping[str, Any]], *, buffered: bool = False
+    ) -> str:
+        """Append messages (skipping ids already stored) to a session."""
+        items = [payloads.message_payload(m) if isinstance(m, ChatMessage) else m for m in messages]
+        return self._send(buffered, "append_messages", {"session_id": session_id, "messages": items})
+
+    def heartbeat(self, mcp_session_id: str, at: datetime | None = None, *, buffered: bool = False) -> str:
+        """Record a transport session's heartbeat at ``at`` (default: now)."""
+        return self._send(buffered, "heartbeat", {"mcp_session_id": mcp_session_id, "at": at or utcnow()})
+
+    def mark_disconnected(
+        self,
+        mcp_session_id: str,
+        at: datetime | None = None,
+        *,
+        grace: timedelta | None = None,
+        buffered: bool = False,
+    ) -> str:
+        """Mark a transport session disconnected at ``at`` (default: now) with a recovery
+        window of ``grace`` (default: the worker's ``grace_minutes``; 0 closes it)."""
+        payload: dict[str, Any] = {"mcp_session_id": mcp_session_id, "at": at or utcnow()}
+        if grace is not None:
+            payload["grace_seconds"] = grace.total_seconds()
+        return self._send(buffered, "mark_disconnected", payload)
+
+    def register_transport(self, session: TransportSession | Mapping[str, Any], *, buffered: bool = False) -> str:
+        """Insert a transport session or update its saved state."""
+        return self._send(buffered, "register_transport", session.to_json() if isinstance(session, TransportSession) else session)
+
+    def archive(self, session_id: str, at: datetime | None = None, *, buffered: bool = False) -> str:
+        """Archive a session."""
+        return self._send(buffered, "archive_session", {"session_id": session_id, "at": at or utcnow()})
+
+    def put_agent_state(self, state: AgentState | Mapping[str, Any], *, buffered: bool = False) -> str:
+        """Upsert one agent-state key."""
+        return self._send(buffered, "put_agent_state", state.to_json() if isinstance(state, AgentState) else state)
+
+    def save_file(self, record: FileRecord | Mapping[str, Any], *, buffered: bool = False) -> str:
+        """Insert or replace a file record."""
+        return self._send(buffered, "save_file", record.to_json() if isinstance(record, FileRecord) else record)
+
+    def export(self, session_id: str, format: str = "json", path: str | None = None) -> str:
+        """Export a session to a file under the workers' export dir (``path`` relative to it)."""
+        payload: dict[str, Any] = {"session_id": session_id, "format": format}
+        if path is not None:
+            payload["path"] = path
+        return self.send("export_session", payload)
+
+    def run_sweep(self, kind: str) -> str:
+        """Run one sweep (a kind from ``scheduler.sweeps.SWEEP_KINDS``) now."""
+        return self.send("run_sweep", kind)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _build(self, actor_name: str, args: Sequence[Any]) -> _Job:
+        arg = payloads.normalize(actor_name, args, self.settings.export_dir)
+        message = _message(actor_name, arg)
+        try:
+            # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
+            body = json.dumps(message, separators=(",", ":")).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
+        if len(body) > DEFAULT_MAX_JOB_BYTES:
+            raise InvalidPayload(
+                f"{actor_name} job is {len(body)} bytes; the limit is {DEFAULT_MAX_JOB_BYTES} (split it into appends)"
+            )
+        return _Job(message["queue_name"], message["message_id"], body)
+
+    def _deliver(self, jobs: list[_Job]) -> None:
+        if self._down:
+            self._spool(jobs)
+            return
+        try:
+            self._push([(job.queue_name, job.body) for job in jobs])
+        except _REDIS_DOWN as exc:
+            logger.warning("broker unreachable (%s); spooling %d job(s) to %s", exc, len(jobs), self.outbox_path)
+            self._down = True
+            self._spool(jobs)
+
+    def _push(self, items: list[tuple[str, bytes]]) -> None:
+        """Enqueue encoded messages (without a Redis id yet) on their queues: per queue,
+        one atomic script call (HSET + RPUSH of every job, as the wire contract says)."""
+        if self._broker is not None:
+            from dramatiq import Message
+
+            for _, data in items:
+                self._broker.enqueue(Message(**json.loads(data)))
+            return
+        by_queue: dict[str, list[bytes | str]] = {}
+        for queue, data in items:
+            redis_id = str(uuid.uuid4())
+            by_queue.setdefault(queue, []).extend((redis_id, _with_redis_id(data, redis_id)))
+        for queue, args in by_queue.items():
+            self._enqueue(keys=[f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}"], args=args)
+
+    def _get_outbox(self) -> Outbox:
+        with self._lock:
+            if self._outbox is None:
+                self._outbox = Outbox(self.outbox_path)
+            return self._outbox
+
+    def _spool(self, jobs: list[_Job]) -> None:
+        try:
+            self._get_outbox().put((job.queue_name, job.body) for job in jobs)
+        except Exception as exc:
+            raise ProducerError(f"broker unreachable and outbox {self.outbox_path} not writable: {exc}") from exc
+        self._start_forwarder()
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="sessionq-producer-flush", daemon=True)
+                self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._buffer:
+                    return
+                batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), DEFAULT_PIPELINE_BATCH))]
+                self._inflight = len(batch)
+            try:
+                self._deliver(batch)
+            except Exception as exc:
+                # Keep the jobs (in order) and tell flush/close/send_nowait, never drop them.
+                logger.error("could not deliver %d buffered job(s): %s", len(batch), exc)
+                with self._cond:
+                    self._buffer.extendleft(reversed(batch))
+                    self._failure = exc
+                    self._inflight = 0
+                    self._cond.notify_all()
+                    if not self._closed:
+                        self._cond.wait(DEFAULT_MAX_RETRY_INTERVAL)
+                continue
+            with self._cond:
+                self._failure = None
+                self._inflight = 0
+                self._cond.notify_all()
+
+    def _start_forwarder(self) -> None:
+        with self._lock:
+            if self._forwarder is not None:
+                return
+            self._forwarder = threading.Thread(target=self._forward_loop, name="sessionq-outbox", daemon=True)
+            self._forwarder.start()
+
+    def _forward_loop(self) -> None:
+        interval = DEFAULT_RETRY_INTERVAL
+        while not self._closed:
+            try:
+                self.forward_outbox()
+            except _REDIS_DOWN:
+                time.sleep(interval)
+                interval = min(interval * 2, DEFAULT_MAX_RETRY_INTERVAL)
+                continue
+            except Exception:
+                logger.exception("forwarding the outbox failed")
+                time.sleep(DEFAULT_MAX_RETRY_INTERVAL)
+                continue
+            with self._lock:
+                if self._outbox is None or self._outbox.count() == 0:
+                    self._forwarder = None
+                    return

@@ -1,0 +1,133 @@
+"""``sessionq up``: worker, scheduler and HTTP server in one process.
+
+On the embedded default (no broker URL) the worker is the in-process runtime
+(:class:`~workers.embedded.EmbeddedRuntime`); with a broker it is a Dramatiq worker
+on it. The scheduler fires sweeps onto the same broker; the HTTP server serves
+``/session-health`` and ``/metrics`` from a background thread. Stopping reverses
+the order, so the worker drains whatever the scheduler enqueued last.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from models import Settings
+
+logger = logging.getLogger(__name__)
+
+# Seconds to wait for the HTTP server to start listening.
+DEFAULT_HTTP_START_TIMEOUT = 10.0
+
+
+class AllInOne:
+    """The three long-running parts of sessionq in one process.
+
+    ``http=False`` / ``scheduler=False`` leave a part out; ``port`` overrides
+    ``settings.http_port`` (``0`` picks a free port, see :attr:`http_port`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        threads: int | None = None,
+        http: bool = True,
+        scheduler: bool = True,
+        port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.threads = threads or settings.worker_threads
+        self.with_http, self.with_scheduler = http, scheduler
+        self.port = settings.http_port if port is None else port
+        self.http_port: int | None = None
+        self._stoppers: list[Callable[[], Any]] = []
+
+    def start(self) -> AllInOne:
+        """Bring the schema up to date, then start the worker, the scheduler and the HTTP server."""
+        from models import open_store
+
+        store = open_store(self.settings)
+        try:
+            store.upgrade()
+        finally:
+            store.close()
+        self._stoppers.append(self._start_worker())
+        if self.with_scheduler:
+            self._stoppers.append(self._start_scheduler())
+        if self.with_http:
+            self._stoppers.append(self._start_http())
+        return self
+
+    def stop(self) -> None:
+        """Stop in reverse order; the worker drains queued jobs last."""
+        while self._stoppers:
+            stopper = self._stoppers.pop()
+            try:
+                stopper()
+            except Exception:
+                logger.exception("stopping %r failed", stopper)
+
+    def __enter__(self) -> AllInOne:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _start_worker(self) -> Callable[[], Any]:
+        if self.settings.queue_url is None:
+            from .embedded import EmbeddedRuntime
+
+            runtime = EmbeddedRuntime(self.settings, threads=self.threads).start()
+            return runtime.stop
+        import dramatiq
+
+        from . import actors  # noqa: F401  (declare every actor before the worker consumes)
+        from .broker import configure
+
+        worker = dramatiq.Worker(configure(self.settings), worker_threads=self.threads)
+        worker.start()
+        return worker.stop
+
+    def _start_scheduler(self) -> Callable[[], Any]:
+        from scheduler.runner import SweepScheduler, dramatiq_send
+
+        client = None
+        if self.settings.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(self.settings.redis_url)
+        runner = SweepScheduler(dramatiq_send(), settings=self.settings, redis=client)
+        runner.start()
+        return runner.stop
+
+    def _start_http(self) -> Callable[[], Any]:
+        import uvicorn
+
+        from .http import check_bind, create_app
+
+        host = self.settings.http_host
+        check_bind(self.settings, host)
+        config = uvicorn.Config(
+            create_app(self.settings), host=host, port=self.port, log_config=None, access_log=False, lifespan="on"
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="sessionq-http", daemon=True)
+        thread.start()
+        deadline = threading.Event()
+        for _ in range(int(DEFAULT_HTTP_START_TIMEOUT * 20)):
+            if server.started or not thread.is_alive():
+                break
+            deadline.wait(0.05)
+        if not server.started:
+            raise RuntimeError(f"the HTTP server did not start on {host}:{self.port}")
+        sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.port
+        logger.info("serving /session-health and /metrics on http://%s:%s", host, self.http_port)
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+        return stop
