@@ -132,7 +132,11 @@ class _FlakyStore:
 
 
 def _concurrent_saves(committer: GroupCommitter, flaky: _FlakyStore, ids: list[str]) -> dict[str, BaseException]:
-    """Save ``ids`` from one thread each while the store is held shut, then open it."""
+    """Save ``ids[0]`` and hold its commit open, queue the rest behind it, then open the store.
+
+    The first save starts alone so that its batch cannot gather the others (the
+    committer's gather delay would otherwise let one batch take all of them).
+    """
     errors: dict[str, BaseException] = {}
 
     def save(sid: str) -> None:
@@ -143,9 +147,12 @@ def _concurrent_saves(committer: GroupCommitter, flaky: _FlakyStore, ids: list[s
 
     flaky.gate.clear()
     threads = [threading.Thread(target=save, args=(sid,)) for sid in ids]
-    for t in threads:
+    threads[0].start()
+    while flaky.held < 1:  # the first save alone is being committed, held at the gate
+        threading.Event().wait(0.01)
+    for t in threads[1:]:
         t.start()
-    while committer._queue.qsize() + flaky.held < len(ids):  # all handed over, the first batch held
+    while committer._queue.qsize() + flaky.held < len(ids):  # all the others queued behind it
         threading.Event().wait(0.01)
     flaky.gate.set()
     for t in threads:
