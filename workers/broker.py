@@ -131,60 +131,6 @@ class TransientTracebacks(logging.Filter):
 _WORKER_LOGGER = "dramatiq.worker.WorkerThread"
 
 
-def _redis_broker_class() -> type:
-    """Dramatiq's RedisBroker whose consumer dead-letters a message it cannot decode.
-
-    Dramatiq's own consumer raises on such a message (invalid JSON, bytes that are not
-    UTF-8, a missing envelope field): the consumer thread restarts, the messages it had
-    prefetched stay unacked until the worker dies, and the bad message comes back after
-    every restart. A foreign producer must not be able to do that, so the message is
-    buried in the queue's dead-letter set with its reason instead.
-    """
-    from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-    from dramatiq.errors import DecodeError
-
-    class BuryingConsumer(_RedisConsumer):
-        def __next__(self) -> Any:
-            try:
-                return super().__next__()
-            except DecodeError as exc:
-                data = exc.args[1] if len(exc.args) > 1 else b""
-                cause = exc.args[2] if len(exc.args) > 2 else exc.__cause__
-                self._bury(data, f"DecodeError: undecodable message ({type(cause).__name__}: {cause})"[:2000])
-                return None
-
-        def _bury(self, data: bytes, reason: str) -> None:
-            broker = self.broker
-            client, ns, queue = broker.client, broker.namespace, self.queue_name
-            acks = f"{ns}:__acks__.{broker.broker_id}.{queue}"
-            messages = f"{ns}:{queue}.msgs"
-            for raw_id in client.smembers(acks):
-                if client.hget(messages, raw_id) != data:
-                    continue
-                rid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                logger.error("message %s on queue %s dead-lettered: %s", rid, queue, reason)
-                envelope = {
-                    "queue_name": queue.removesuffix(".DQ"), "actor_name": "undecodable", "args": [], "kwargs": {},
-                    "options": {"redis_message_id": rid, "dead_letter_reason": reason,
-                                "dead_lettered_at": int(time.time() * 1000),
-                                "raw": bytes(data[:500]).decode("utf-8", "backslashreplace")},
-                    "message_id": rid, "message_timestamp": int(time.time() * 1000),
-                }
-                import json
-
-                client.hset(messages, rid, json.dumps(envelope))
-                broker.do_nack(queue, rid)
-                return
-            logger.error("an undecodable message on queue %s could not be found to dead-letter: %s", queue, reason)
-
-    class SessionqRedisBroker(RedisBroker):
-        @property
-        def consumer_class(self) -> type:
-            return BuryingConsumer
-
-    return SessionqRedisBroker
-
-
 def _middleware(settings: Settings) -> list[Middleware]:
     stack: list[Middleware] = [
         AgeLimit(),
@@ -211,7 +157,9 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     if url is None:
         return StubBroker(middleware=_middleware(settings), fail_fast_default=False)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return _redis_broker_class()(
+        from .redis_broker import SessionqRedisBroker
+
+        return SessionqRedisBroker(
             url=url,
             middleware=_middleware(settings),
             namespace=DEFAULT_NAMESPACE,

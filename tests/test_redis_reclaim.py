@@ -1,0 +1,120 @@
+"""The Redis broker's orphan reclaim, on a real Redis (see :mod:`workers.redis_broker`).
+
+When a consumer fails (a dropped connection), Dramatiq starts a new one and forgets
+what the old one had fetched but not handed over, a fetch whose reply was lost, and
+its delay queue. The worker stays alive, so Redis never gives those messages back.
+Each consumer after a queue's first must requeue exactly those, and nothing that the
+worker still holds or has already acked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import dramatiq
+import pytest
+
+from tests.conftest import REDIS_URL
+from workers.redis_broker import SessionqRedisBroker
+
+
+@pytest.fixture
+def broker(redis_client: Any) -> Iterator[SessionqRedisBroker]:
+    """A broker on the flushed test database, with one queue ``q``."""
+    broker = SessionqRedisBroker(url=REDIS_URL, middleware=[])
+    broker.declare_queue("q")
+    yield broker
+    broker.close()
+
+
+def _send(broker: SessionqRedisBroker, n: int, delay: int | None = None) -> None:
+    for i in range(n):
+        broker.enqueue(dramatiq.Message(queue_name="q", actor_name="job", args=(i,), kwargs={}, options={}),
+                       delay=delay)
+
+
+def _take(consumer: Any, n: int) -> list[Any]:
+    """The next ``n`` messages from ``consumer`` (skipping idle polls)."""
+    got: list[Any] = []
+    for _ in range(50):
+        if len(got) == n:
+            break
+        message = next(consumer)
+        if message is not None:
+            got.append(message)
+    assert len(got) == n
+    return got
+
+
+def _unacked(broker: SessionqRedisBroker, queue: str = "q") -> int:
+    return int(broker.client.scard(broker.acks_key(queue)))
+
+
+def test_a_prefetch_batch_dropped_with_its_consumer_is_requeued(broker: SessionqRedisBroker) -> None:
+    _send(broker, 5)
+    # Given a consumer that fetched 5 and handed one to the worker, then failed
+    first = broker.consume("q", prefetch=5, timeout=100)
+    [held] = _take(first, 1)
+    assert _unacked(broker) == 5
+    # When the consumer thread starts a new consumer
+    second = broker.consume("q", prefetch=5, timeout=100)
+    # Then the 4 it never handed over are back on the queue, and the held one is not
+    assert broker.reclaimed == 4
+    rest = _take(second, 4)
+    assert sorted(m.args[0] for m in rest) == [1, 2, 3, 4] and held.args[0] == 0
+    # And every message, the held one included, acks through the new consumer
+    for message in [held, *rest]:
+        second.ack(message)
+    assert _unacked(broker) == 0 and broker.client.llen("dramatiq:q") == 0
+
+
+def test_a_fetch_whose_reply_was_lost_is_requeued(broker: SessionqRedisBroker) -> None:
+    _send(broker, 3)
+    broker.consume("q", prefetch=1, timeout=100)
+    # Given a fetch that ran in Redis but whose reply never arrived
+    broker.do_fetch("q", 3)
+    assert _unacked(broker) == 3 and broker.client.llen("dramatiq:q") == 0
+    # When the next consumer starts, then all three are queued again
+    consumer = broker.consume("q", prefetch=3, timeout=100)
+    assert broker.reclaimed == 3
+    assert sorted(m.args[0] for m in _take(consumer, 3)) == [0, 1, 2]
+
+
+def test_delayed_messages_dropped_with_the_delay_queue_are_requeued(broker: SessionqRedisBroker) -> None:
+    _send(broker, 2, delay=60_000)
+    # Given a delay-queue consumer whose two messages sat in Dramatiq's delay queue when it failed
+    first = broker.consume("q.DQ", prefetch=2, timeout=100)
+    _take(first, 2)
+    assert _unacked(broker, "q.DQ") == 2
+    # When its thread starts a new consumer, then both are back on the delay queue
+    second = broker.consume("q.DQ", prefetch=2, timeout=100)
+    assert broker.reclaimed == 2 and _unacked(broker, "q.DQ") == 0
+    assert len(_take(second, 2)) == 2
+
+
+def test_nothing_acked_or_still_held_is_requeued(broker: SessionqRedisBroker) -> None:
+    _send(broker, 2)
+    first = broker.consume("q", prefetch=2, timeout=100)
+    done, working = _take(first, 2)
+    # Given one message acked and one still with a worker thread
+    first.ack(done)
+    # When the consumer is replaced, then neither comes back
+    second = broker.consume("q", prefetch=2, timeout=100)
+    assert broker.reclaimed == 0
+    assert next(second) is None and broker.client.llen("dramatiq:q") == 0
+    second.ack(working)
+    assert _unacked(broker) == 0
+
+
+def test_the_first_consumer_of_a_queue_reclaims_nothing(broker: SessionqRedisBroker) -> None:
+    _send(broker, 1)
+    other = SessionqRedisBroker(url=REDIS_URL, middleware=[])
+    try:
+        other.broker_id = broker.broker_id  # a sibling process must never steal live work
+        consumer = broker.consume("q", prefetch=1, timeout=100)
+        [message] = _take(consumer, 1)
+        other.consume("q", prefetch=1, timeout=100)
+        assert other.reclaimed == 0 and _unacked(broker) == 1
+        consumer.ack(message)
+    finally:
+        other.close()
