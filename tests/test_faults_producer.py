@@ -109,18 +109,12 @@ def test_r3_redis_goes_away_mid_stream_and_comes_back(
         assert producer.flush(60)
         wait_until(lambda: producer.pending() == 0, timeout=60, what="outbox forwarded")
         producer.close()
-        # Then the worker stores every accepted job, each exactly once. Known Dramatiq
-        # behaviour: jobs a live worker had in flight when Redis went away can stay in
-        # its unacked set until that worker stops; a second worker then reclaims them
-        # after the heartbeat timeout. The test measures how often that happens.
-        stuck = _wait_drained(server.url, worker, timeout=60)
+        # Then the one worker stores every accepted job, each exactly once, with no
+        # restart: what it had fetched when Redis went away is requeued by its broker
+        # when its consumer reconnects (workers/redis_broker.py), not left unacked.
+        stuck = _wait_drained(server.url, worker, timeout=120)
         assert worker.alive(), worker.output()[-3000:]
-        if stuck:
-            worker.stop()
-            worker = SessionqWorker(with_password(POSTGRES_URL), server.url, log=tmp_path / "worker-2.log",
-                                    env={"SESSIONQ_WORKER_HEARTBEAT_TIMEOUT": "3000",
-                                         "SESSIONQ_WORKER_MAINTENANCE_CHANCE": "50000"})
-            assert _wait_drained(server.url, worker, timeout=120) == 0, "jobs left after a second worker"
+        assert stuck == 0, f"{stuck} jobs left unacked with a live worker"
     finally:
         producer.close()
         worker.stop()
@@ -129,7 +123,7 @@ def test_r3_redis_goes_away_mid_stream_and_comes_back(
     scanned = assert_no_secrets([(p.name, p.read_text(errors="replace")) for p in tmp_path.glob("worker*.log")]
                                 + [("caplog", caplog.text)])
     record_figures(request, "R3", jobs_sent=total, accepted_ids=len(set(ids)), sent_while_down=up_at - down_at,
-                   spooled_peak=spooled_peak, stuck_in_flight_until_worker_restart=stuck, persisted=len(ledger.per_message), duplicated=ledger.duplicated,
+                   spooled_peak=spooled_peak, left_unacked=stuck, persisted=len(ledger.per_message), duplicated=ledger.duplicated,
                    lost=total - len(ledger.per_message), log_lines_scanned=scanned)
     assert len(set(ids)) == total
     assert spooled_peak >= up_at - down_at
