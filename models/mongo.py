@@ -299,7 +299,25 @@ class MongoStore(MongoRecordsMixin, Store):
                 ],
                 ordered=False,
             )
+        if inserted:
+            self._drop_orphans({doc["session_id"] for doc in inserted})
         return len(inserted)
+
+    def _drop_orphans(self, session_ids: set[str]) -> None:
+        """Delete the messages just written for sessions a racing delete removed meanwhile.
+
+        MongoDB gives no transaction around a write and :meth:`delete_session`: that
+        removes the session, then its messages, while a write checks the session, then
+        inserts messages, then (here) checks it again. Whichever of the two runs last
+        removes the messages, so the outcome is that of the write coming first, never
+        messages left without their session.
+        """
+        live = {d["_id"] for d in self._sessions.find({"_id": {"$in": sorted(session_ids)}}, {"_id": 1})}
+        gone = sorted(session_ids - live)
+        if gone:
+            logger.info("session(s) %s deleted while messages were written to them; removing those messages",
+                        ", ".join(gone[:5]))
+            self._messages.delete_many({"session_id": {"$in": gone}})
 
     def _insert_ordered(self, docs: list[Doc]) -> list[Doc]:
         """Insert messages in order; on a conflict, re-base the rest and go on. Returns those inserted."""

@@ -8,7 +8,7 @@ from datetime import timedelta
 from models import ChatMessage, Store
 from models.mongo import MongoStore
 from models.mongo_schema import MESSAGES, SCHEMA, SESSIONS, to_us
-from tests.conftest import T0, messages, session
+from tests.conftest import MONGO_URL, T0, messages, session
 from tests.support_bulk import mongo_store  # noqa: F401  (fixture)
 
 
@@ -163,3 +163,31 @@ def test_stale_save_in_the_middle_of_a_batch_does_not_stop_the_rest(mongo_store:
     assert mongo_store.load_session("s2").model == "kept"
     assert [s.session_id for s in mongo_store.iter_sessions()] == ["s1", "s2", "s3"]
     assert mongo_store.load_session("s3").message_count == 2
+
+
+def test_a_delete_racing_a_write_leaves_no_orphan_messages(mongo_store: MongoStore) -> None:
+    # Given an append and a save whose session is deleted (by another client) after the
+    # write checked the session and before its messages land
+    deleter = MongoStore(MONGO_URL)
+    try:
+        for write in ("append", "save"):
+            mongo_store.save_session(session("s1"), messages("s1", 1))
+            insert = mongo_store._insert_ordered
+
+            def delete_first(docs: list, _insert=insert) -> list:  # type: ignore[type-arg]
+                deleter.delete_session("s1")
+                return _insert(docs)
+
+            mongo_store._insert_ordered = delete_first  # type: ignore[method-assign]
+            try:
+                if write == "append":
+                    mongo_store.append_messages("s1", [_message("s1", "late")])
+                else:
+                    mongo_store.save_session(session("s1", at=T0 + timedelta(minutes=1)), [_message("s1", "late")])
+            finally:
+                del mongo_store._insert_ordered
+            # Then the session and every message of it are gone, as if the write came first
+            assert mongo_store.stats().total_sessions == 0
+            assert mongo_store._messages.count_documents({"session_id": "s1"}) == 0
+    finally:
+        deleter.close()
