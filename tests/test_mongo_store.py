@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from typing import Any
 
 from models import ChatMessage, Store
 from models.mongo import MongoStore
@@ -174,7 +175,7 @@ def test_a_delete_racing_a_write_leaves_no_orphan_messages(mongo_store: MongoSto
             mongo_store.save_session(session("s1"), messages("s1", 1))
             insert = mongo_store._insert_ordered
 
-            def delete_first(docs: list, _insert=insert) -> list:  # type: ignore[type-arg]
+            def delete_first(docs: list[Any], _insert: Any = insert) -> list[Any]:
                 deleter.delete_session("s1")
                 return _insert(docs)
 
