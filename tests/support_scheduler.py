@@ -1,4 +1,4 @@
-"""Test support for the scheduler: Redis fixtures and a replica process entry point.
+"""Test support for the scheduler: recording sends and a replica process entry point.
 
 ``python -m tests.support_scheduler`` runs one scheduler replica against
 ``SESSIONQ_TEST_REDIS_URL`` whose ``send`` records ``kind:unix_time:pid:message_id``
@@ -17,36 +17,12 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 
-from tests.conftest import REDIS_URL, service_missing
 
 # Redis list the replica processes record their sends onto.
 SENDS_KEY = "sessionq-test:sends"
-
-
-def redis_client() -> Any:
-    """A client for the test Redis db, or skip/fail when Redis is down."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        service_missing("redis", exc)
-    return client
-
-
-@pytest.fixture
-def redis_db() -> Iterator[Any]:
-    """The test's own Redis db, flushed before and after (FLUSHDB, never FLUSHALL)."""
-    client = redis_client()
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def recording_send(client: Any) -> Any:

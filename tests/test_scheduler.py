@@ -18,7 +18,7 @@ from models import Settings
 from scheduler.lease import DEFAULT_LEASE_KEY, LocalLease, RedisLease, sweep_guard
 from scheduler.runner import DEFAULT_TICK_PREFIX, SweepScheduler, dramatiq_send
 from tests.conftest import REDIS_URL
-from tests.support_scheduler import read_sends, recording_send, redis_db  # noqa: F401  (fixture)
+from tests.support_scheduler import read_sends, recording_send
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_800_000_000.0  # a tick boundary for intervals 1, 10, 60 and 3600
@@ -30,9 +30,9 @@ def _leader(client: Any, ttl: float = 5.0) -> RedisLease:
     return lease
 
 
-def test_only_one_replica_holds_the_lease_and_a_release_hands_it_over(redis_db: Any) -> None:
+def test_only_one_replica_holds_the_lease_and_a_release_hands_it_over(redis_client: Any) -> None:
     # Given two replicas' leases on one key
-    first, second = RedisLease(redis_db, ttl=5), RedisLease(redis_db, ttl=5)
+    first, second = RedisLease(redis_client, ttl=5), RedisLease(redis_client, ttl=5)
     # When both try to acquire, and the holder renews
     assert first.maintain() is True
     assert second.maintain() is False
@@ -50,9 +50,9 @@ def test_only_one_replica_holds_the_lease_and_a_release_hands_it_over(redis_db: 
     assert second.holder() == second.token
 
 
-def test_a_dead_holders_lease_lapses_and_a_renewed_one_does_not(redis_db: Any) -> None:
+def test_a_dead_holders_lease_lapses_and_a_renewed_one_does_not(redis_client: Any) -> None:
     # Given a holder with a 0.4 s lease and a follower
-    holder, follower = RedisLease(redis_db, ttl=0.4), RedisLease(redis_db, ttl=0.4)
+    holder, follower = RedisLease(redis_client, ttl=0.4), RedisLease(redis_client, ttl=0.4)
     assert holder.maintain()
     # When the holder keeps renewing for three lease periods
     for _ in range(9):
@@ -69,11 +69,11 @@ def test_a_dead_holders_lease_lapses_and_a_renewed_one_does_not(redis_db: Any) -
     assert holder.held() is False
 
 
-def test_only_the_leader_fires_and_each_tick_fires_once(redis_db: Any) -> None:
+def test_only_the_leader_fires_and_each_tick_fires_once(redis_client: Any) -> None:
     # Given a leader and a follower scheduling "files" every 60 s
-    leader = SweepScheduler(recording_send(redis_db), schedule={"files": 60}, redis=redis_db, lease=_leader(redis_db))
-    follower = SweepScheduler(recording_send(redis_db), schedule={"files": 60}, redis=redis_db,
-                              lease=RedisLease(redis_db, ttl=5))
+    leader = SweepScheduler(recording_send(redis_client), schedule={"files": 60}, redis=redis_client, lease=_leader(redis_client))
+    follower = SweepScheduler(recording_send(redis_client), schedule={"files": 60}, redis=redis_client,
+                              lease=RedisLease(redis_client, ttl=5))
     assert not follower.lease.maintain()
     # When both fire at the same tick, twice, and the leader fires late in that tick
     assert follower.fire("files", now=NOW) is None
@@ -81,47 +81,47 @@ def test_only_the_leader_fires_and_each_tick_fires_once(redis_db: Any) -> None:
     assert leader.fire("files", now=NOW + 59.9) is None
     assert follower.fire("files", now=NOW + 2) is None
     # Then exactly one message was sent, and the tick's key names it
-    sends = read_sends(redis_db)
+    sends = read_sends(redis_client)
     assert [(kind, mid) for kind, _, _, mid in sends] == [("files", message_id)]
     tick = int(NOW // 60)
-    assert redis_db.get(f"{DEFAULT_TICK_PREFIX}files:{tick}").decode().endswith(f":{message_id}")
+    assert redis_client.get(f"{DEFAULT_TICK_PREFIX}files:{tick}").decode().endswith(f":{message_id}")
     # When the next tick comes, it fires once more
     assert leader.fire("files", now=NOW + 60) is not None
-    assert len(read_sends(redis_db)) == 2
+    assert len(read_sends(redis_client)) == 2
 
 
-def test_a_paused_old_leader_cannot_fire_a_tick_the_new_leader_fired(redis_db: Any) -> None:
+def test_a_paused_old_leader_cannot_fire_a_tick_the_new_leader_fired(redis_client: Any) -> None:
     # Given two schedulers that both believe they lead (a paused leader whose lease
     # passed to another while it slept)
-    old = SweepScheduler(recording_send(redis_db), schedule={"transports": 10}, redis=redis_db, lease=LocalLease())
-    new = SweepScheduler(recording_send(redis_db), schedule={"transports": 10}, redis=redis_db, lease=_leader(redis_db))
+    old = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client, lease=LocalLease())
+    new = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client, lease=_leader(redis_client))
     # When both fire the same tick
     fired = [new.fire("transports", now=NOW + 0.1), old.fire("transports", now=NOW + 0.2)]
     # Then only one message went out
     assert fired[0] is not None and fired[1] is None
-    assert len(read_sends(redis_db)) == 1
+    assert len(read_sends(redis_client)) == 1
 
 
-def test_missed_ticks_are_covered_once_by_the_next_firing(redis_db: Any) -> None:
+def test_missed_ticks_are_covered_once_by_the_next_firing(redis_client: Any) -> None:
     # Given a scheduler that fired tick n, catching up 30 s of missed ticks of 10 s
-    s = SweepScheduler(recording_send(redis_db), schedule={"transports": 10}, redis=redis_db,
-                       lease=_leader(redis_db), catch_up=30)
+    s = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client,
+                       lease=_leader(redis_client), catch_up=30)
     n = int(NOW // 10)
     assert s.fire("transports", now=NOW)
     # When the next firing happens 5 ticks later (a leader change left a gap)
     assert s.fire("transports", now=NOW + 50)
     # Then one message covers ticks n+2..n+5 (the 30 s catch-up window), and tick
     # n+1, beyond the window, stays unclaimed
-    assert len(read_sends(redis_db)) == 2
-    states = [(redis_db.get(f"{DEFAULT_TICK_PREFIX}transports:{t}") or b"-").decode().split(":")[0] for t in range(n, n + 6)]
+    assert len(read_sends(redis_client)) == 2
+    states = [(redis_client.get(f"{DEFAULT_TICK_PREFIX}transports:{t}") or b"-").decode().split(":")[0] for t in range(n, n + 6)]
     assert states == ["sent", "-", "coalesced", "coalesced", "coalesced", "sent"]
     # ... and none of the covered ticks can fire again
     for t in range(n + 2, n + 6):
         assert s.fire("transports", now=t * 10.0) is None
-    assert len(read_sends(redis_db)) == 2
+    assert len(read_sends(redis_client)) == 2
 
 
-def test_a_failed_send_gives_its_ticks_back_for_the_next_firing(redis_db: Any) -> None:
+def test_a_failed_send_gives_its_ticks_back_for_the_next_firing(redis_client: Any) -> None:
     # Given a leader whose broker is down for one firing
     calls: list[str] = []
 
@@ -131,14 +131,14 @@ def test_a_failed_send_gives_its_ticks_back_for_the_next_firing(redis_db: Any) -
             raise ConnectionError("broker down")
         return f"m{len(calls)}"
 
-    s = SweepScheduler(flaky, schedule={"files": 10}, redis=redis_db, lease=_leader(redis_db), catch_up=30)
+    s = SweepScheduler(flaky, schedule={"files": 10}, redis=redis_client, lease=_leader(redis_client), catch_up=30)
     n = int(NOW // 10)
     # When tick n fails to enqueue and tick n+1 succeeds
     assert s.fire("files", now=NOW) is None
-    assert redis_db.get(f"{DEFAULT_TICK_PREFIX}files:{n}") is None
+    assert redis_client.get(f"{DEFAULT_TICK_PREFIX}files:{n}") is None
     assert s.fire("files", now=NOW + 10) == "m2"
     # Then tick n is covered by tick n+1's message (not lost, not sent twice)
-    assert redis_db.get(f"{DEFAULT_TICK_PREFIX}files:{n}").decode().startswith("coalesced:")
+    assert redis_client.get(f"{DEFAULT_TICK_PREFIX}files:{n}").decode().startswith("coalesced:")
     assert calls == ["files", "files"]
 
 
@@ -169,43 +169,43 @@ def test_schedule_comes_from_settings() -> None:
     assert s.lease.ttl == 4
 
 
-def test_dramatiq_send_lands_on_the_maintenance_queue(redis_db: Any) -> None:
+def test_dramatiq_send_lands_on_the_maintenance_queue(redis_client: Any) -> None:
     from dramatiq.brokers.redis import RedisBroker
 
     # Given a real Dramatiq Redis broker with the maintenance queue declared
     broker = RedisBroker(url=REDIS_URL)
     broker.declare_queue("maintenance")
     try:
-        s = SweepScheduler(dramatiq_send(broker), schedule={"events": 600}, redis=redis_db, lease=_leader(redis_db))
+        s = SweepScheduler(dramatiq_send(broker), schedule={"events": 600}, redis=redis_client, lease=_leader(redis_client))
         # When the scheduler fires a tick of the events sweep
         message_id = s.fire("events", now=NOW)
         # Then one run_sweep("events") message waits on Dramatiq's maintenance queue
-        queued = redis_db.lrange("dramatiq:maintenance", 0, -1)
+        queued = redis_client.lrange("dramatiq:maintenance", 0, -1)
         assert len(queued) == 1
-        body = json.loads(redis_db.hget("dramatiq:maintenance.msgs", queued[0]))
+        body = json.loads(redis_client.hget("dramatiq:maintenance.msgs", queued[0]))
         assert (body["actor_name"], body["args"], body["queue_name"]) == ("run_sweep", ["events"], "maintenance")
         assert body["message_id"] == message_id
     finally:
         broker.close()
 
 
-def test_sweep_guard_lets_one_run_at_a_time_and_outlives_its_ttl(redis_db: Any) -> None:
+def test_sweep_guard_lets_one_run_at_a_time_and_outlives_its_ttl(redis_client: Any) -> None:
     # Given a sweep holding its lock with a 0.3 s ttl for three ttls
     seen: list[bool] = []
-    with sweep_guard(redis_db, "events", ttl=0.3) as first:
+    with sweep_guard(redis_client, "events", ttl=0.3) as first:
         assert first is True
         for _ in range(3):
             time.sleep(0.3)
             # Then no other run gets it meanwhile (the lock is renewed while it runs)
-            with sweep_guard(redis_db, "events", ttl=0.3) as other:
+            with sweep_guard(redis_client, "events", ttl=0.3) as other:
                 seen.append(other)
         # ... while another kind is not blocked
-        with sweep_guard(redis_db, "files", ttl=0.3) as unrelated:
+        with sweep_guard(redis_client, "files", ttl=0.3) as unrelated:
             assert unrelated is True
     assert seen == [False, False, False]
     # When the run ends, the lock is free again
-    assert redis_db.get("sessionq:sweep-lock:events") is None
-    with sweep_guard(redis_db, "events", ttl=0.3) as again:
+    assert redis_client.get("sessionq:sweep-lock:events") is None
+    with sweep_guard(redis_client, "events", ttl=0.3) as again:
         assert again is True
 
 
@@ -233,7 +233,7 @@ def test_sweep_guard_without_redis_is_a_process_lock() -> None:
     assert results == [True, False, True]
 
 
-def test_cli_scheduler_enqueues_and_stops_cleanly_on_sigterm(redis_db: Any, tmp_path: Path) -> None:
+def test_cli_scheduler_enqueues_and_stops_cleanly_on_sigterm(redis_client: Any, tmp_path: Path) -> None:
     # Given `sessionq scheduler` with a 1 s transport sweep
     env = dict(os.environ, REDIS_URL=REDIS_URL, STORAGE_URL=f"sqlite:///{tmp_path / 'q.db'}",
                SESSIONQ_TRANSPORT_INTERVAL="1", SESSIONQ_SCHEDULER_LEASE_SECONDS="2")
@@ -244,10 +244,10 @@ def test_cli_scheduler_enqueues_and_stops_cleanly_on_sigterm(redis_db: Any, tmp_
         # When it has run until a sweep is on the maintenance queue
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
-            redis_db.llen(key) for key in redis_db.scan_iter(match="*maintenance") if redis_db.type(key) == b"list"
+            redis_client.llen(key) for key in redis_client.scan_iter(match="*maintenance") if redis_client.type(key) == b"list"
         ):
             time.sleep(0.1)
-        assert redis_db.get(DEFAULT_LEASE_KEY) is not None
+        assert redis_client.get(DEFAULT_LEASE_KEY) is not None
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
     finally:
@@ -257,7 +257,7 @@ def test_cli_scheduler_enqueues_and_stops_cleanly_on_sigterm(redis_db: Any, tmp_
     # Then it logged what it enqueued, exited 0 and released the lease
     assert proc.returncode == 0, output.decode()
     assert b"enqueued run_sweep('transports')" in output
-    assert redis_db.get(DEFAULT_LEASE_KEY) is None
+    assert redis_client.get(DEFAULT_LEASE_KEY) is None
 
 
 
@@ -289,7 +289,7 @@ def test_unreachable_redis_sends_nothing_and_crashes_nothing() -> None:
     assert results == [None, None] and sent == []
 
 
-def test_cleanup_skips_a_sweep_running_elsewhere_and_books_the_ones_it_runs(redis_db: Any, tmp_path: Path) -> None:
+def test_cleanup_skips_a_sweep_running_elsewhere_and_books_the_ones_it_runs(redis_client: Any, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from cli import main
@@ -299,7 +299,7 @@ def test_cleanup_skips_a_sweep_running_elsewhere_and_books_the_ones_it_runs(redi
     env = {"STORAGE_URL": f"sqlite:///{tmp_path / 'c.db'}", "REDIS_URL": REDIS_URL}
     runner = CliRunner()
     assert runner.invoke(main, ["db", "upgrade"], env=env).exit_code == 0
-    with sweep_guard(redis_db, "files") as held:
+    with sweep_guard(redis_client, "files") as held:
         assert held
         # When `sessionq cleanup` runs the files and agent-state sweeps
         busy = runner.invoke(main, ["cleanup", "--kind", "files"], env=env)
@@ -307,7 +307,7 @@ def test_cleanup_skips_a_sweep_running_elsewhere_and_books_the_ones_it_runs(redi
     # Then it skips the busy one, runs the other, and books only the run it did
     assert busy.exit_code == 0 and busy.stdout == "files: skipped (already running elsewhere)\n"
     assert free.exit_code == 0 and free.stdout.startswith("agent_state: deleted=0 (")
-    book = SweepBook(redis_db)
+    book = SweepBook(redis_client)
     assert book.last("files") is None
     last = book.last("agent_state")
     assert last is not None and last.ok and last.counts == {"deleted": 0}

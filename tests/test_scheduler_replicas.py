@@ -20,7 +20,7 @@ import pytest
 from scheduler.lease import DEFAULT_LEASE_KEY
 from scheduler.runner import DEFAULT_TICK_PREFIX
 from tests.conftest import REDIS_URL
-from tests.support_scheduler import read_sends, redis_db  # noqa: F401  (fixture)
+from tests.support_scheduler import read_sends
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULE = {"transports": 1, "files": 2}
@@ -84,28 +84,28 @@ class _TickWatcher(threading.Thread):
 
 
 @pytest.mark.slow
-def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis_db: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis_client: Any, tmp_path: Path) -> None:  # noqa: F811
     # Given three scheduler replicas on one Redis, ticking every 1 s and 2 s, lease 2 s
-    watcher = _TickWatcher(redis_db)
+    watcher = _TickWatcher(redis_client)
     watcher.start()
     procs = [_replica(tmp_path / f"replica-{i}.log") for i in range(3)]
     try:
         deadline = time.monotonic() + 15
-        while _holder_pid(redis_db) is None and time.monotonic() < deadline:
+        while _holder_pid(redis_client) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        leader = _holder_pid(redis_db)
+        leader = _holder_pid(redis_client)
         assert leader in {p.pid for p in procs}
         # When they run for ~11 s and then the leader is killed with SIGKILL
         time.sleep(BEFORE_KILL)
-        leader = _holder_pid(redis_db)
+        leader = _holder_pid(redis_client)
         victim = next(p for p in procs if p.pid == leader)
         killed_at = time.time()
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        while _holder_pid(redis_db) in (leader, None) and time.time() - killed_at < 4 * LEASE_SECONDS:
+        while _holder_pid(redis_client) in (leader, None) and time.time() - killed_at < 4 * LEASE_SECONDS:
             time.sleep(0.02)
         takeover = time.time() - killed_at
-        new_leader = _holder_pid(redis_db)
+        new_leader = _holder_pid(redis_client)
         # ... and the survivors run ~9 s more, then stop on SIGTERM
         time.sleep(AFTER_KILL)
         stopped_at = time.time()
@@ -126,13 +126,13 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
     assert takeover <= LEASE_SECONDS * (1 + 1 / 3) + 0.5, f"takeover took {takeover:.2f}s"
     # ... the survivors stopped cleanly and released the lease
     assert codes == [0, 0]
-    assert redis_db.get(DEFAULT_LEASE_KEY) is None
+    assert redis_client.get(DEFAULT_LEASE_KEY) is None
 
     # ... and every tick from the first send to the stop was enqueued exactly once:
     # each send is accounted for by one tick's claim (a send no claim accounts for
     # would be a duplicate), no tick has two, and a tick with no send of its own
     # (the takeover gap) is covered by the new leader's first message
-    sends = read_sends(redis_db)
+    sends = read_sends(redis_client)
     figures = {}
     for kind, interval in SCHEDULE.items():
         sent_for, covered_by, unsent = watcher.ledger(kind)
