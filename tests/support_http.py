@@ -29,7 +29,7 @@ from tests.conftest import POSTGRES_URL, reset_store, service_missing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Seconds to wait for a server or proxy to come up or go down.
-STARTUP_TIMEOUT = 15.0
+STARTUP_TIMEOUT = 60.0  # a subprocess importing and connecting on a loaded 2-core box
 
 
 def free_port() -> int:

@@ -42,7 +42,7 @@ class WorkerProcess:
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=child_env(REDIS_URL=REDIS_URL, STORAGE_URL=storage_url, **env),
-            stdout=self._out, stderr=subprocess.STDOUT,
+            stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def alive(self) -> bool:
@@ -56,7 +56,8 @@ class WorkerProcess:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                # Dramatiq's worker processes too, or they keep consuming during later tests
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._out.close()
         return self.proc.returncode

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,10 +30,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, *, up: bool = True, timeout: float = 30.0) -> None:
-    """Wait until 127.0.0.1:port accepts (``up``) or refuses connections."""
+def wait_port(port: int, *, up: bool = True, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Wait until 127.0.0.1:port accepts (``up``) or refuses connections.
+
+    With ``proc`` (the server meant to listen there), fail at once if it exited: the
+    port may otherwise be answered by whoever else took it.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if up and proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for port {port} exited with status {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 if up:
@@ -74,7 +81,7 @@ class PrivateRedis:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
         """SIGTERM the server (it writes its append-only file first, if any) and wait."""

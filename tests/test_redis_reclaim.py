@@ -122,7 +122,9 @@ def test_the_first_consumer_of_a_queue_reclaims_nothing(broker: SessionqRedisBro
 
 
 @pytest.mark.slow
-def test_a_worker_whose_connections_keep_dropping_still_drains_everything(redis_client: Any) -> None:
+def test_a_worker_whose_connections_keep_dropping_still_drains_everything(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real Dramatiq worker, its Redis connections killed every 30 ms while it drains.
 
     Without the reclaim, some runs (how many depends on the machine's load) leave a
@@ -132,6 +134,8 @@ def test_a_worker_whose_connections_keep_dropping_still_drains_everything(redis_
     import threading
     import time
 
+    # Dramatiq waits 3 s before each consumer restart; each killed connection costs one
+    monkeypatch.setattr(dramatiq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
     name = f"sqtest-{uuid.uuid4().hex[:8]}"
     broker = SessionqRedisBroker(url=f"{REDIS_URL}?client_name={name}", middleware=[])
     done: set[int] = set()

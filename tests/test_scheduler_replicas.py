@@ -90,7 +90,7 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
     watcher.start()
     procs = [_replica(tmp_path / f"replica-{i}.log") for i in range(3)]
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # three Python processes starting at once on a loaded box
         while _holder_pid(redis_client) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         leader = _holder_pid(redis_client)
@@ -98,7 +98,11 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
         # When they run for ~11 s and then the leader is killed with SIGKILL
         time.sleep(BEFORE_KILL)
         leader = _holder_pid(redis_client)
+        while leader is None:  # between two holders: wait for the next one
+            time.sleep(0.02)
+            leader = _holder_pid(redis_client)
         victim = next(p for p in procs if p.pid == leader)
+        lease_left = max(0, int(redis_client.pttl(DEFAULT_LEASE_KEY))) / 1000
         killed_at = time.time()
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
@@ -121,9 +125,10 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
         watcher.stop.set()
         watcher.join()
 
-    # Then a survivor took over within one lease period (plus one renewal check)
+    # Then a survivor took over once the dead leader's lease ran out, within one renewal
+    # check (a third of the lease) plus a second of scheduling slack on a loaded box
     assert new_leader in {p.pid for p in survivors}
-    assert takeover <= LEASE_SECONDS * (1 + 1 / 3) + 0.5, f"takeover took {takeover:.2f}s"
+    assert takeover <= lease_left + LEASE_SECONDS / 3 + 1.0, f"takeover took {takeover:.2f}s ({lease_left:.2f}s left)"
     # ... the survivors stopped cleanly and released the lease
     assert codes == [0, 0]
     assert redis_client.get(DEFAULT_LEASE_KEY) is None
@@ -156,6 +161,6 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
         # ... no tick fired before its time (the wall clock agrees with the claims)
         assert all(ts >= sent_for[mid] * interval for ts, mid in kind_sends)
         # ... and the ticks after the takeover were fired by the new leader
-        after = [pid for k, ts, pid, _ in sends if k == kind and ts > killed_at + takeover]
+        after = [pid for k, ts, pid, _ in sends if k == kind and killed_at + takeover < ts < stopped_at]
         assert after and set(after) == {new_leader}
     print(f"\nR5 scheduler replicas: takeover {takeover:.2f}s (lease {LEASE_SECONDS}s); {json.dumps(figures)}")

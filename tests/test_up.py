@@ -36,7 +36,7 @@ def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client
         producer.close()
         # Then the worker in that process persists it
         store = open_store(url)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if store.load_session("up-1").message_count == 3:
@@ -49,6 +49,7 @@ def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client
         # ... the scheduler fires the transport sweep, which the worker runs and health reports
         headers = {"Authorization": "Bearer up-token-123"}
         body: dict[str, object] = {}
+        deadline = time.monotonic() + 60  # its own budget: the save may have used most of the first
         while time.monotonic() < deadline:
             body = httpx.get(f"http://127.0.0.1:{port}/session-health", headers=headers, timeout=5).json()
             if "transports" in body.get("sweeps", {}):  # type: ignore[operator]
