@@ -84,6 +84,16 @@ class RecordKind(Generic[R]):
             raise ValidationError(f"{self.name} cursor must be a JSON list of {len(self.key_fields)} strings")
         return tuple(key)
 
+    def ranges_after(self, key: Key) -> list[tuple[tuple[tuple[str, str], ...], tuple[str, str]]]:
+        """The keys strictly after ``key`` as disjoint ranges, in key order: each is
+        ``(equal fields, (field, lower bound))``, meaning "these fields equal these
+        values and the next field is greater than the bound". A listing reads them one
+        after another until its page is full, so that every query is a single index
+        range on any backend (an ``OR`` of column comparisons would make the database
+        scan every key of the current agent again on each page)."""
+        pairs = list(zip(self.key_fields, key))
+        return [(tuple(pairs[:depth]), pairs[depth]) for depth in range(len(pairs) - 1, -1, -1)]
+
     def check_key(self, key: Any) -> Key:
         """``key`` as a tuple of strings of this kind's arity; :class:`ValidationError` otherwise."""
         key = tuple(key) if isinstance(key, tuple | list) else None

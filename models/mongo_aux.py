@@ -2,8 +2,10 @@
 the MongoDB backend (see :mod:`models.kinds`), a mixin of :class:`~models.mongo.MongoStore`.
 
 Listings are keyset pages over the key (``_id``, or the unique ``(agent_id, key)``
-index). An import reads the stored documents of a chunk's keys in one query,
-decides per record with :meth:`RecordKind.replaces`, and sends one unordered
+index; for the composite key one range query per key prefix:
+:meth:`RecordKind.ranges_after`). An import reads the stored documents of a
+chunk's keys in one query, decides per record with :meth:`RecordKind.replaces`,
+and sends one unordered
 ``bulk_write``: ``InsertOne`` for a new key, and for a newer copy a ``ReplaceOne``
 whose filter also names the version fields as read (compare-and-set). A write that
 matched nothing (the document changed meanwhile) or hit the unique index (another
@@ -59,13 +61,6 @@ _LAYOUTS = {
 }
 
 
-def _after(paths: Sequence[str], key: Key) -> Doc:
-    """Documents whose key is strictly after ``key`` (the first field bounds an index range)."""
-    if len(paths) == 1:
-        return {paths[0]: {"$gt": key[0]}}
-    return {paths[0]: {"$gte": key[0]}, "$or": [{paths[0]: {"$gt": key[0]}}, _after(paths[1:], key[1:])]}
-
-
 class MongoKindMixin:
     """:meth:`Store.list_kind`, :meth:`Store.find_kind` and :meth:`Store.import_kind` on MongoDB."""
 
@@ -83,9 +78,17 @@ class MongoKindMixin:
         if limit < 1:
             raise ValidationError("limit must be at least 1")
         layout, collection = self._layout(kind)
-        query = {} if cursor is None else _after(layout.key_paths, kind.parse_cursor(cursor))
         order = [(path, ASCENDING) for path in layout.key_paths]
-        docs = list(collection.find(query).sort(order).limit(limit + 1))
+        paths = dict(zip(kind.key_fields, layout.key_paths))
+        if cursor is None:
+            docs = list(collection.find({}).sort(order).limit(limit + 1))
+        else:
+            docs = []
+            for equal, (name, bound) in kind.ranges_after(kind.parse_cursor(cursor)):
+                query = {paths[field]: value for field, value in equal} | {paths[name]: {"$gt": bound}}
+                docs.extend(collection.find(query).sort(order).limit(limit + 1 - len(docs)))
+                if len(docs) > limit:
+                    break
         items: list[R] = [layout.from_doc(doc) for doc in docs[:limit]]
         return Page(items, kind.cursor(items[-1]) if len(docs) > limit else None)
 

@@ -1,8 +1,9 @@
 """Bulk listing and import of file records, transport sessions and agent state for
 the SQL backend (see :mod:`models.kinds`), a mixin of :class:`~models.sql.SqlStore`.
 
-Listings are keyset pages over the primary key. An import handles a chunk of
-records in one transaction: it locks the stored rows of the chunk's keys
+Listings are keyset pages over the primary key (for a composite key, one index
+range query per key prefix: :meth:`RecordKind.ranges_after`). An import handles a
+chunk of records in one transaction: it locks the stored rows of the chunk's keys
 (``SELECT ... FOR UPDATE``, or ``BEGIN IMMEDIATE`` on SQLite), decides per record
 with :meth:`RecordKind.replaces`, then writes the new rows with one multi-row
 ``INSERT ... ON CONFLICT DO NOTHING`` and the newer ones with one multi-row upsert.
@@ -26,15 +27,6 @@ from .store import DEFAULT_PAGE_SIZE, Page
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 V = TypeVar("V")
-
-
-def _after(columns: Sequence[pw.Field], key: Key) -> pw.Expression:
-    """Rows whose key is strictly after ``key``: ``c0 >= k0 AND (c0 > k0 OR <rest after>)``,
-    so that the first key column bounds an index range on every dialect."""
-    first, value = columns[0], key[0]
-    if len(columns) == 1:
-        return first > value
-    return (first >= value) & ((first > value) | _after(columns[1:], key[1:]))
 
 
 def _key_in(columns: Sequence[pw.Field], keys: Sequence[Key]) -> pw.Expression:
@@ -64,10 +56,18 @@ class SqlKindOps(SqlBase):
             raise ValidationError("limit must be at least 1")
         model = self._kind_model(kind)
         columns = self._key_columns(model, kind)
-        query = model.select()
-        if cursor is not None:
-            query = query.where(_after(columns, kind.parse_cursor(cursor)))
-        rows = list(query.order_by(*columns).limit(limit + 1).dicts())
+        fields = model._meta.fields
+        if cursor is None:
+            rows = list(model.select().order_by(*columns).limit(limit + 1).dicts())
+        else:
+            rows = []
+            for equal, (name, bound) in kind.ranges_after(kind.parse_cursor(cursor)):
+                where = fields[name] > bound
+                for field_name, value in equal:
+                    where &= fields[field_name] == value
+                rows.extend(model.select().where(where).order_by(*columns).limit(limit + 1 - len(rows)).dicts())
+                if len(rows) > limit:
+                    break
         items = [kind.record(**row) for row in rows[:limit]]
         return Page(items, kind.cursor(items[-1]) if len(rows) > limit else None)
 
