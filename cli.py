@@ -282,11 +282,17 @@ def _open_url(url: str, role: str) -> Store:
     return store
 
 
+def _per_kind(counts: dict[str, int], suffix: str = "") -> str:
+    """``", 3 files, 2 transports, 0 agent states"`` (with ``suffix`` after each count)."""
+    return "".join(f", {n} {name.replace('_', ' ')}{suffix}" for name, n in counts.items())
+
+
 def _echo_import(report: Any, what: str) -> None:
     click.echo(
-        f"{what}: read {report.sessions_read} sessions / {report.messages_read} messages; "
-        f"wrote {report.sessions_written} sessions, inserted {report.messages_inserted} messages; "
-        f"{report.error_count} rejected"
+        f"{what}: read {report.sessions_read} sessions / {report.messages_read} messages"
+        f"{_per_kind(report.kinds_read)}; "
+        f"wrote {report.sessions_written} sessions, inserted {report.messages_inserted} messages"
+        f"{_per_kind(report.kinds_written, ' written')}; {report.error_count} rejected"
     )
     for line in report.errors:
         click.echo(f"  rejected {line}", err=True)
@@ -298,7 +304,8 @@ def _echo_import(report: Any, what: str) -> None:
 @click.option("--from", "source", required=True, help="Source store URL.")
 @click.option("--to", "destination", required=True, help="Destination store URL (its schema is brought up to date).")
 @click.option("--verify", "check", is_flag=True, help="Verify counts and per-session checksums afterwards.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True, help="Sessions per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Sessions per batch (records per batch for files, transports and agent state).")
 @click.option("--resume", is_flag=True, help="Continue after the last finished batch of the checkpoint.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=DEFAULT_CHECKPOINT, show_default=True,
               help="Checkpoint file, rewritten after every batch.")
@@ -310,7 +317,8 @@ def _echo_import(report: Any, what: str) -> None:
 @user_errors
 def migrate_command(app: App, source: str, destination: str, check: bool, batch_size: int, resume: bool,
                     checkpoint: str, pause: float, progress: bool | None, fan_out: bool) -> None:
-    """Copy every session and message from one store to another (resumable, idempotent)."""
+    """Copy every session and message, file record, transport session and agent-state
+    entry from one store to another (resumable, idempotent; the MCP event log stays)."""
     from pathlib import Path
 
     from models.settings import redact_url
@@ -337,9 +345,9 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
                          pause=pause, labels=labels)
         start = f" (resumed after {report.resumed_from!r})" if report.resumed_from else ""
         click.echo(
-            f"migrated {report.sessions} sessions, {report.messages} messages{start} in {report.seconds:.1f}s "
-            f"({report.rows_per_second:.0f} rows/s); {report.sessions_written} sessions written, "
-            f"{report.messages_inserted} messages inserted"
+            f"migrated {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}{start} "
+            f"in {report.seconds:.1f}s ({report.rows_per_second:.0f} rows/s); {report.sessions_written} sessions "
+            f"written, {report.messages_inserted} messages inserted{_per_kind(report.kinds_written, ' written')}"
         )
         if check:
             result = verify(src, dst, show_progress=progress)
@@ -353,8 +361,11 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 
 
 def _fan_out_migration(app: App, source: str, destination: str, batch_size: int) -> None:
-    """Plan the batches of a migration and enqueue one ``migrate_batch`` job each."""
+    """Plan the batches of a migration (sessions, then every other kind) and enqueue
+    one ``migrate_batch`` job each."""
+    from models.kinds import KINDS
     from models.transfer import plan_batches
+    from models.transfer_kinds import plan_kind_batches
     from workers.payloads import resolve_store_url, store_reference
     from workers.producer import Producer
 
@@ -372,6 +383,12 @@ def _fan_out_migration(app: App, source: str, destination: str, batch_size: int)
             payload = {"source": refs[0], "destination": refs[1], "after": after, "until": until, "limit": batch_size}
             producer.send("migrate_batch", payload)
             jobs += 1
+        for kind in KINDS:
+            for after, until in plan_kind_batches(src, kind, batch_size):
+                payload = {"source": refs[0], "destination": refs[1], "kind": kind.plural, "after": after,
+                           "until": until, "limit": batch_size}
+                producer.send("migrate_batch", payload)
+                jobs += 1
     finally:
         producer.close()
         src.close()
@@ -384,7 +401,8 @@ def _fan_out_migration(app: App, source: str, destination: str, batch_size: int)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @user_errors
 def verify_command(source: str, destination: str, progress: bool | None) -> None:
-    """Compare two stores (counts, fields, messages, checksums); exit 1 on any difference."""
+    """Compare two stores (counts, fields, messages, checksums; files, transports and
+    agent state record by record and by digest); exit 1 on any difference."""
     from models.transfer import describe, verify
 
     src, dst = _open_url(source, "source"), _open_url(destination, "destination")
@@ -406,13 +424,14 @@ def verify_command(source: str, destination: str, progress: bool | None) -> None
 @pass_app
 @user_errors
 def export_all_command(app: App, output: str, fmt: str | None) -> None:
-    """Export every session and its messages from the configured store."""
+    """Export every session with its messages, file record, transport session and
+    agent-state entry from the configured store."""
     from pathlib import Path
 
     from models.archive_io import export_file
 
     report = export_file(app.store, Path(output), fmt)
-    click.echo(f"exported {report.sessions} sessions, {report.messages} messages to {output}")
+    click.echo(f"exported {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)} to {output}")
 
 
 @main.command("import")
@@ -445,7 +464,7 @@ def backup_command(app: App, directory: str, keep: int) -> None:
     from models.archive_io import backup
 
     report = backup(app.store, Path(directory), keep=keep)
-    click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages")
+    click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}")
     for old in report.removed:
         click.echo(f"removed {old}")
 

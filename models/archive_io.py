@@ -1,20 +1,28 @@
-"""Export, import, backup and restore, streamed so memory stays flat.
+"""Export, import, backup and restore of every durable record kind, streamed so
+memory stays flat.
 
-Two formats:
+Two formats, both carrying sessions with their messages, then file records,
+transport sessions and agent state (:mod:`models.kinds`; the short-lived MCP event
+log is not exported):
 
-* **JSON Lines** (``sessionq-jsonl`` version 1): the first line is a header
-  ``{"format": "sessionq-jsonl", "version": 1, ...}``, then one record per line,
-  each session (``"type": "session"``) followed by its messages (``"type": "message"``).
-  Every field of the records is kept, ``seq`` and ``message_count`` included.
-* **Plain JSON**: ``{"format": "sessionq-json", "version": 1, "sessions": [...]}``
-  where each session has the single-session export shape (``session_id``, ``model``,
-  ``created_at``, ``updated_at``, ``status``, ``metadata``, ``messages`` with
-  ``message_id``, ``role``, ``content``, ``created_at``). It is written and read
-  one session at a time; a file holding one bare session object imports too.
+* **JSON Lines** (``sessionq-jsonl`` version 2): the first line is a header
+  ``{"format": "sessionq-jsonl", "version": 2, ...}``, then one record per line,
+  each session (``"type": "session"``) followed by its messages (``"type": "message"``),
+  then the ``"file"``, ``"transport"`` and ``"agent_state"`` records. Every field of
+  the records is kept, ``seq`` and ``message_count`` included.
+* **Plain JSON**: ``{"format": "sessionq-json", "version": 2, "sessions": [...],
+  "files": [...], "transports": [...], "agent_states": [...]}`` where each session
+  has the single-session export shape (``session_id``, ``model``, ``created_at``,
+  ``updated_at``, ``status``, ``metadata``, ``messages`` with ``message_id``,
+  ``role``, ``content``, ``created_at``) and the other arrays hold records as
+  :meth:`Record.to_json` writes them. It is written and read one element at a time;
+  a file holding one bare session object imports too.
 
-Imports are idempotent (:meth:`Store.import_records`) and validate every record:
-a bad record is reported with its line number (JSON Lines) or its position (JSON)
-and the rest is imported. Files ending in ``.gz`` are gzip-compressed.
+Version 1 files (sessions and messages only) import unchanged. Imports are
+idempotent (:meth:`Store.import_records`, :meth:`Store.import_kind`: an older copy
+never overwrites newer data) and validate every record: a bad record is reported
+with its line number (JSON Lines) or its position (JSON) and the rest is imported.
+Files ending in ``.gz`` are gzip-compressed.
 """
 
 from __future__ import annotations
@@ -31,14 +39,17 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from .errors import StoreError, StoreUnavailable, ValidationError
-from .records import ChatMessage, ChatSession, utcnow
+from .json_stream import iter_members
+from .kinds import KINDS, RecordKind
+from .records import ChatMessage, ChatSession, Record, utcnow
 from .store import Store
 
 logger = logging.getLogger(__name__)
 
 FORMAT_JSONL = "sessionq-jsonl"
 FORMAT_JSON = "sessionq-json"
-FORMAT_VERSION = 1
+# Version 2 added the file, transport and agent_state records; version 1 files still import.
+FORMAT_VERSION = 2
 # Records per import_records call during an import.
 DEFAULT_IMPORT_BATCH = 500
 # Messages read per page while exporting.
@@ -47,10 +58,15 @@ DEFAULT_EXPORT_PAGE = 1000
 DEFAULT_KEEP = 7
 # Errors kept in an ImportReport (the count keeps going past it).
 DEFAULT_MAX_ERRORS = 1000
-# Characters read at a time by the streaming JSON reader.
-DEFAULT_READ_CHUNK = 1 << 16
 BACKUP_PREFIX = "sessionq-backup-"
 _BACKUP_RE = re.compile(r"^sessionq-backup-(\d{8}T\d{6}Z)(?:-(\d+))?\.jsonl\.gz$")
+#: The kinds by their JSON Lines record type and by their plain-JSON section.
+_BY_TYPE: dict[str, RecordKind[Any]] = {kind.name: kind for kind in KINDS}
+_BY_SECTION: dict[str, RecordKind[Any]] = {kind.plural: kind for kind in KINDS}
+
+
+def _per_kind() -> dict[str, int]:
+    return {kind.plural: 0 for kind in KINDS}
 
 
 def _dumps(data: Any) -> str:
@@ -79,13 +95,16 @@ class ExportReport:
 
     sessions: int = 0
     messages: int = 0
+    #: Records written per other kind (``files``, ``transports``, ``agent_states``).
+    kinds: dict[str, int] = field(default_factory=_per_kind)
 
 
 def export_jsonl(store: Store, out: IO[str]) -> ExportReport:
-    """Write every session, each followed by its messages, as JSON Lines."""
+    """Write every session, each followed by its messages, then every record of the
+    other kinds, as JSON Lines."""
     report = ExportReport()
     header = {"format": FORMAT_JSONL, "version": FORMAT_VERSION, "exported_at": utcnow().isoformat(),
-              "backend": store.backend, "records": ["session", "message"]}
+              "backend": store.backend, "records": ["session", "message", *_BY_TYPE]}
     out.write(_dumps(header) + "\n")
     for session in store.iter_sessions():
         out.write(_dumps({"type": "session", **session.to_json()}) + "\n")
@@ -93,11 +112,16 @@ def export_jsonl(store: Store, out: IO[str]) -> ExportReport:
         for message in store.iter_messages(session.session_id, page_size=DEFAULT_EXPORT_PAGE):
             out.write(_dumps({"type": "message", **message.to_json()}) + "\n")
             report.messages += 1
+    for kind in KINDS:
+        for record in store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE):
+            out.write(_dumps({"type": kind.name, **record.to_json()}) + "\n")
+            report.kinds[kind.plural] += 1
     return report
 
 
 def export_json(store: Store, out: IO[str]) -> ExportReport:
-    """Write every session with its messages as one JSON document, a session at a time."""
+    """Write every session with its messages, then every record of the other kinds,
+    as one JSON document, an element at a time."""
     report = ExportReport()
     out.write(f'{{"format": "{FORMAT_JSON}", "version": {FORMAT_VERSION}, ')
     out.write(f'"exported_at": {_dumps(utcnow().isoformat())}, "sessions": [')
@@ -112,7 +136,14 @@ def export_json(store: Store, out: IO[str]) -> ExportReport:
             report.messages += 1
         out.write("]}")
         report.sessions += 1
-    out.write("\n]}\n")
+    out.write("\n]")
+    for kind in KINDS:
+        out.write(f', "{kind.plural}": [')
+        for index, record in enumerate(store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE)):
+            out.write((",\n" if index else "\n") + _dumps(record.to_json()))
+            report.kinds[kind.plural] += 1
+        out.write("\n]")
+    out.write("}\n")
     return report
 
 
@@ -138,6 +169,10 @@ class ImportReport:
     messages_read: int = 0
     sessions_written: int = 0
     messages_inserted: int = 0
+    #: Records read per other kind (``files``, ``transports``, ``agent_states``).
+    kinds_read: dict[str, int] = field(default_factory=_per_kind)
+    #: Records inserted or replaced per other kind.
+    kinds_written: dict[str, int] = field(default_factory=_per_kind)
     error_count: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -154,17 +189,19 @@ class _Importer:
 
     def __init__(self, store: Store, report: ImportReport, batch: int = DEFAULT_IMPORT_BATCH) -> None:
         self.store, self.report, self.batch = store, report, batch
-        self.pending: list[tuple[str, ChatSession | ChatMessage]] = []
+        self.pending: list[tuple[str, Record]] = []
         self.failed_sessions: dict[str, str] = {}
 
-    def add(self, where: str, record: ChatSession | ChatMessage) -> None:
+    def add(self, where: str, record: Record) -> None:
         if isinstance(record, ChatSession):
             self.report.sessions_read += 1
-        else:
+        elif isinstance(record, ChatMessage):
             self.report.messages_read += 1
             if record.session_id in self.failed_sessions:
                 self.report.error(where, f"skipped: its session was rejected ({self.failed_sessions[record.session_id]})")
                 return
+        else:
+            self.report.kinds_read[_kind_of(record).plural] += 1
         self.pending.append((where, record))
         if len(self.pending) >= self.batch:
             self.flush()
@@ -172,29 +209,31 @@ class _Importer:
     def flush(self) -> None:
         if not self.pending:
             return
-        sessions = [r for _, r in self.pending if isinstance(r, ChatSession)]
-        messages = [r for _, r in self.pending if isinstance(r, ChatMessage)]
         try:
-            self._write(sessions, messages)
+            self._write([record for _, record in self.pending])
         except StoreUnavailable:
             raise
         except StoreError:
             for where, record in self.pending:
                 try:
-                    if isinstance(record, ChatSession):
-                        self._write([record], [])
-                    else:
-                        self._write([], [record])
+                    self._write([record])
                 except StoreUnavailable:
                     raise
                 except StoreError as exc:
                     self.report.error(where, str(exc))
         self.pending.clear()
 
-    def _write(self, sessions: list[ChatSession], messages: list[ChatMessage]) -> None:
-        result = self.store.import_records(sessions, messages)
-        self.report.sessions_written += result.sessions_written
-        self.report.messages_inserted += result.messages_inserted
+    def _write(self, records: list[Record]) -> None:
+        sessions = [r for r in records if isinstance(r, ChatSession)]
+        messages = [r for r in records if isinstance(r, ChatMessage)]
+        if sessions or messages:
+            result = self.store.import_records(sessions, messages)
+            self.report.sessions_written += result.sessions_written
+            self.report.messages_inserted += result.messages_inserted
+        for kind in KINDS:
+            batch = [r for r in records if isinstance(r, kind.record)]
+            if batch:
+                self.report.kinds_written[kind.plural] += self.store.import_kind(kind, batch)
 
     def reject(self, where: str, why: str, session_id: str | None = None) -> None:
         self.report.error(where, why)
@@ -202,8 +241,17 @@ class _Importer:
             self.failed_sessions[session_id] = where
 
 
+def _kind_of(record: Record) -> RecordKind[Any]:
+    return next(kind for kind in KINDS if isinstance(record, kind.record))
+
+
+def _record_types() -> str:
+    return ", ".join(["session", "message", *_BY_TYPE])
+
+
 def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import a ``sessionq-jsonl`` stream; bad lines are reported by line number."""
+    """Import a ``sessionq-jsonl`` stream (version 1 or 2); bad lines are reported by
+    line number."""
     report = ImportReport()
     importer = _Importer(store, report, batch)
     header_seen = False
@@ -229,8 +277,10 @@ def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMP
                 importer.add(where, ChatSession.from_json(data))
             elif kind == "message":
                 importer.add(where, ChatMessage.from_json(data))
+            elif isinstance(kind, str) and kind in _BY_TYPE:
+                importer.add(where, _BY_TYPE[kind].record.from_json(data))
             else:
-                raise ValidationError(f"unknown record type {kind!r:.40} (expected session or message)")
+                raise ValidationError(f"unknown record type {kind!r:.40} (expected {_record_types()})")
         except ValidationError as exc:
             importer.reject(where, str(exc), session_id if kind == "session" else None)
     if not header_seen:
@@ -243,27 +293,54 @@ def _check_header(data: Any, where: str) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT_JSONL:
         raise ValidationError(f"{where}: not a {FORMAT_JSONL} file (the first line must be its header)")
     version = data.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ValidationError(f"{where}: unsupported {FORMAT_JSONL} version {version!r} (this build reads 1)")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise ValidationError(
+            f"{where}: unsupported {FORMAT_JSONL} version {version!r} (this build reads 1 to {FORMAT_VERSION})"
+        )
 
 
 def import_json(store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import a plain JSON export (or one bare session object), a session at a time."""
+    """Import a plain JSON export (or one bare session object), an element at a time."""
     report = ImportReport()
     importer = _Importer(store, report, batch)
-    for number, data in enumerate(iter_json_sessions(fp), start=1):
-        sid = data.get("session_id") if isinstance(data, dict) else None
-        where = f"session #{number}" + (f" ({sid!r:.80})" if isinstance(sid, str) else "")
-        try:
-            session, messages = _session_from_json(data)
-        except ValidationError as exc:
-            importer.reject(where, str(exc), sid if isinstance(sid, str) else None)
+    top: dict[str, Any] = {}
+    found = False
+    numbers = {name: 0 for name in ("sessions", *_BY_SECTION)}
+    for section, data in iter_members(fp, numbers):
+        if section not in numbers:
+            top[section] = data
             continue
-        importer.add(where, session)
-        for message in messages:
-            importer.add(f"{where} message seq {message.seq}", message)
+        found = True
+        numbers[section] += 1
+        if section == "sessions":
+            _import_json_session(importer, numbers[section], data)
+            continue
+        kind = _BY_SECTION[section]
+        key = data.get(kind.key_fields[0]) if isinstance(data, dict) else None
+        where = f"{kind.name} #{numbers[section]}" + (f" ({key!r:.80})" if isinstance(key, str) else "")
+        try:
+            importer.add(where, kind.record.from_json(data))
+        except ValidationError as exc:
+            importer.reject(where, str(exc))
+    if not found and "session_id" in top:
+        _import_json_session(importer, 1, top)
+    elif not found:
+        raise ValidationError("not a sessionq JSON export: no \"sessions\" array and no session_id")
     importer.flush()
     return report
+
+
+def _import_json_session(importer: _Importer, number: int, data: Any) -> None:
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    where = f"session #{number}" + (f" ({sid!r:.80})" if isinstance(sid, str) else "")
+    try:
+        session, messages = _session_from_json(data)
+    except ValidationError as exc:
+        importer.reject(where, str(exc), sid if isinstance(sid, str) else None)
+        return
+    importer.add(where, session)
+    for message in messages:
+        importer.add(f"{where} message seq {message.seq}", message)
 
 
 def _session_from_json(data: Any) -> tuple[ChatSession, list[ChatMessage]]:
@@ -287,93 +364,6 @@ def _session_from_json(data: Any) -> tuple[ChatSession, list[ChatMessage]]:
         except ValidationError as exc:
             raise ValidationError(f"message {position}: {exc}") from None
     return session, messages
-
-
-def iter_json_sessions(fp: IO[str], *, chunk: int = DEFAULT_READ_CHUNK) -> Iterator[Any]:
-    """Yield the objects of the top-level ``"sessions"`` array one by one, holding
-    only one of them in memory; a top-level object without it is one session."""
-    reader = _JsonReader(fp, chunk)
-    reader.expect("{")
-    top: dict[str, Any] = {}
-    found = False
-    if not reader.take("}"):
-        while True:
-            key = reader.value()
-            reader.expect(":")
-            if key == "sessions":
-                found = True
-                reader.expect("[")
-                if not reader.take("]"):
-                    while True:
-                        yield reader.value()
-                        if reader.take("]"):
-                            break
-                        reader.expect(",")
-            else:
-                top[str(key)] = reader.value()
-            if reader.take("}"):
-                break
-            reader.expect(",")
-    if not found and "session_id" in top:
-        yield top
-    elif not found:
-        raise ValidationError("not a sessionq JSON export: no \"sessions\" array and no session_id")
-
-
-class _JsonReader:
-    """Just enough of a streaming JSON tokenizer for :func:`iter_json_sessions`."""
-
-    def __init__(self, fp: IO[str], chunk: int) -> None:
-        self.fp, self.chunk = fp, chunk
-        self.buf, self.pos, self.eof = "", 0, False
-        self.decoder = json.JSONDecoder()
-
-    def _fill(self, size: int) -> bool:
-        if self.eof:
-            return False
-        data = self.fp.read(size)
-        if not data:
-            self.eof = True
-            return False
-        self.buf = self.buf[self.pos :] + data
-        self.pos = 0
-        return True
-
-    def _skip(self) -> None:
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < len(self.buf) or not self._fill(self.chunk):
-                return
-
-    def take(self, char: str) -> bool:
-        self._skip()
-        if self.pos < len(self.buf) and self.buf[self.pos] == char:
-            self.pos += 1
-            return True
-        return False
-
-    def expect(self, char: str) -> None:
-        if not self.take(char):
-            found = self.buf[self.pos : self.pos + 20] if self.pos < len(self.buf) else "end of file"
-            raise ValidationError(f"malformed JSON: expected {char!r}, found {found!r}")
-
-    def value(self) -> Any:
-        self._skip()
-        size = self.chunk
-        while True:
-            try:
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof:
-                    self.pos = end
-                    return value
-            except json.JSONDecodeError as exc:
-                if self.eof:
-                    raise ValidationError(f"malformed JSON: {exc.msg}") from None
-            # The value may continue past the buffer (a number cut in two, a long object).
-            if not self._fill(size):
-                continue
-            size *= 2
 
 
 def import_file(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
@@ -401,6 +391,8 @@ class BackupReport:
     sessions: int
     messages: int
     removed: list[Path]
+    #: Records written per other kind (``files``, ``transports``, ``agent_states``).
+    kinds: dict[str, int] = field(default_factory=_per_kind)
 
 
 def list_backups(directory: Path) -> list[Path]:
@@ -431,8 +423,11 @@ def backup(store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: date
     for old in backups[: max(0, len(backups) - keep)]:
         old.unlink()
         removed.append(old)
-    logger.info("backup %s: %d sessions, %d messages; removed %d old", path.name, report.sessions, report.messages, len(removed))
-    return BackupReport(path, report.sessions, report.messages, removed)
+    logger.info(
+        "backup %s: %d sessions, %d messages, %s; removed %d old",
+        path.name, report.sessions, report.messages, report.kinds, len(removed),
+    )
+    return BackupReport(path, report.sessions, report.messages, removed, report.kinds)
 
 
 def restore(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:

@@ -29,6 +29,7 @@ from pymongo.errors import BulkWriteError
 
 from . import mongo_schema as ms
 from .errors import NotFound, StoreUnavailable, ValidationError
+from .mongo_aux import MongoKindMixin
 from .mongo_ops import Doc, MongoRecordsMixin
 from .mongo_ops import only_duplicates as _only_duplicates
 from .mongo_ops import translate_errors as _translate_errors
@@ -60,7 +61,7 @@ def _chunks(items: Sequence[Any], size: int = 1000) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-class MongoStore(MongoRecordsMixin, Store):
+class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
     """A :class:`~models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and

@@ -27,6 +27,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
+from . import mongo_schema as ms
 from .errors import Conflict, NotFound, StoreError, StoreUnavailable, ValidationError
 from .mongo_schema import from_us, opt_us, to_us
 from .records import (
@@ -50,8 +51,6 @@ DEFAULT_CAS_ATTEMPTS = 50
 DUPLICATE_KEY = 11000
 # The counter document that hands out event ids.
 EVENT_COUNTER = "event_id"
-
-_TRANSPORT_TIMES = ("created_at", "last_heartbeat", "disconnected_at", "grace_expires_at")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -106,9 +105,7 @@ class MongoRecordsMixin:
     @translate_errors
     def save_file(self, record: FileRecord) -> None:
         """See :meth:`Store.save_file`."""
-        doc = record.to_json() | {"uploaded_at": to_us(record.uploaded_at), "expires_at": opt_us(record.expires_at)}
-        doc["_id"] = doc.pop("file_id")
-        self._files.replace_one({"_id": record.file_id}, doc, upsert=True)
+        self._files.replace_one({"_id": record.file_id}, ms.file_doc(record), upsert=True)
 
     @translate_errors
     def load_file(self, file_id: str) -> FileRecord:
@@ -116,10 +113,7 @@ class MongoRecordsMixin:
         doc = self._files.find_one({"_id": file_id})
         if doc is None:
             raise NotFound(f"file {file_id!r} does not exist")
-        doc["file_id"] = doc.pop("_id")
-        doc["uploaded_at"] = from_us(doc["uploaded_at"])
-        doc["expires_at"] = from_us(doc.get("expires_at"))
-        return FileRecord(**doc)
+        return ms.doc_to_file(doc)
 
     @translate_errors
     def delete_file(self, file_id: str) -> bool:
@@ -127,13 +121,6 @@ class MongoRecordsMixin:
         return bool(self._files.delete_one({"_id": file_id}).deleted_count)
 
     # -- transport sessions ---------------------------------------------------
-
-    @staticmethod
-    def _to_transport(doc: Doc) -> TransportSession:
-        fields = {k: v for k, v in doc.items() if k != "_id"}
-        for name in _TRANSPORT_TIMES:
-            fields[name] = from_us(fields.get(name))
-        return TransportSession(mcp_session_id=doc["_id"], **fields)
 
     @translate_errors
     def register_transport(self, session: TransportSession) -> TransportSession:
@@ -166,7 +153,7 @@ class MongoRecordsMixin:
         doc = self._transports.find_one({"_id": mcp_session_id})
         if doc is None:
             raise NotFound(f"transport session {mcp_session_id!r} does not exist")
-        return self._to_transport(doc)
+        return ms.doc_to_transport(doc)
 
     def _change_transport(
         self, mcp_session_id: str, decide: Callable[[TransportSession | None], tuple[Any, dict[str, Any]]]
@@ -175,11 +162,11 @@ class MongoRecordsMixin:
         if the document is still as read, else it is read again."""
         for _ in range(DEFAULT_CAS_ATTEMPTS):
             doc = self._transports.find_one({"_id": mcp_session_id})
-            result, changes = decide(None if doc is None else self._to_transport(doc))
+            result, changes = decide(None if doc is None else ms.doc_to_transport(doc))
             if not changes or doc is None:
                 return result
             guard = {k: doc.get(k) for k in ("status", "last_heartbeat", "disconnected_at", "recovery_attempts")}
-            values = {k: opt_us(v) if k in _TRANSPORT_TIMES else v for k, v in changes.items()}
+            values = {k: opt_us(v) if k in ms.TRANSPORT_TIMES else v for k, v in changes.items()}
             if self._transports.update_one({"_id": mcp_session_id, **guard}, {"$set": values}).matched_count:
                 return result
         raise StoreUnavailable(f"transport session {mcp_session_id!r} is changing too fast; try again")
@@ -235,12 +222,7 @@ class MongoRecordsMixin:
     def put_agent_state(self, state: AgentState) -> bool:
         """See :meth:`Store.put_agent_state`."""
         key = {"agent_id": state.agent_id, "key": state.key}
-        values = {
-            "value": state.value,
-            "mcp_session_id": state.mcp_session_id,
-            "updated_at": to_us(state.updated_at),
-            "expires_at": opt_us(state.expires_at),
-        }
+        values = {k: v for k, v in ms.agent_state_doc(state).items() if k not in key}
         newer_or_equal = {**key, "updated_at": {"$lte": values["updated_at"]}}
         try:
             self._agent.update_one(newer_or_equal, {"$set": values}, upsert=True)
@@ -254,14 +236,7 @@ class MongoRecordsMixin:
         doc = self._agent.find_one({"agent_id": agent_id, "key": key})
         if doc is None or (doc.get("expires_at") is not None and doc["expires_at"] <= to_us(now)):
             return None
-        return AgentState(
-            agent_id=doc["agent_id"],
-            key=doc["key"],
-            value=doc.get("value"),
-            mcp_session_id=doc.get("mcp_session_id"),
-            updated_at=cast(datetime, from_us(doc["updated_at"])),
-            expires_at=from_us(doc.get("expires_at")),
-        )
+        return ms.doc_to_agent_state(doc)
 
     # -- MCP event log ---------------------------------------------------------------
 

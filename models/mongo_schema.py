@@ -7,7 +7,9 @@ interrupted half-way is simply applied again.
 
 Timestamps are stored as integer microseconds since the Unix epoch: BSON dates
 only keep milliseconds, and a store must return exactly the instant it was given
-(``updated_at`` comparisons decide which save wins).
+(``updated_at`` comparisons decide which save wins). The document shapes of file
+records, transport sessions and agent state are defined here, once, for the
+single-record operations and the bulk ones alike.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
+
+from .records import AgentState, FileRecord, TransportSession
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,63 @@ def opt_us(value: datetime | None) -> int | None:
 def from_us(value: int | None) -> datetime | None:
     """The inverse of :func:`to_us` (``None`` stays ``None``)."""
     return None if value is None else _EPOCH + timedelta(microseconds=int(value))
+
+
+TRANSPORT_TIMES = ("created_at", "last_heartbeat", "disconnected_at", "grace_expires_at")
+
+
+def file_doc(record: FileRecord) -> dict[str, Any]:
+    """A file record as its document (``_id`` = ``file_id``)."""
+    doc = record.to_json() | {"uploaded_at": to_us(record.uploaded_at), "expires_at": opt_us(record.expires_at)}
+    doc["_id"] = doc.pop("file_id")
+    return doc
+
+
+def doc_to_file(doc: dict[str, Any]) -> FileRecord:
+    """The inverse of :func:`file_doc`."""
+    fields = {k: v for k, v in doc.items() if k != "_id"}
+    fields["uploaded_at"] = from_us(fields["uploaded_at"])
+    fields["expires_at"] = from_us(fields.get("expires_at"))
+    return FileRecord(file_id=doc["_id"], **fields)
+
+
+def transport_doc(session: TransportSession) -> dict[str, Any]:
+    """A transport session as its document (``_id`` = ``mcp_session_id``)."""
+    doc = session.to_json() | {name: opt_us(getattr(session, name)) for name in TRANSPORT_TIMES}
+    doc["_id"] = doc.pop("mcp_session_id")
+    return doc
+
+
+def doc_to_transport(doc: dict[str, Any]) -> TransportSession:
+    """The inverse of :func:`transport_doc`."""
+    fields = {k: v for k, v in doc.items() if k != "_id"}
+    for name in TRANSPORT_TIMES:
+        fields[name] = from_us(fields.get(name))
+    return TransportSession(mcp_session_id=doc["_id"], **fields)
+
+
+def agent_state_doc(state: AgentState) -> dict[str, Any]:
+    """An agent-state entry as its document (keyed by the unique ``(agent_id, key)`` index)."""
+    return {
+        "agent_id": state.agent_id,
+        "key": state.key,
+        "value": state.value,
+        "mcp_session_id": state.mcp_session_id,
+        "updated_at": to_us(state.updated_at),
+        "expires_at": opt_us(state.expires_at),
+    }
+
+
+def doc_to_agent_state(doc: dict[str, Any]) -> AgentState:
+    """The inverse of :func:`agent_state_doc`."""
+    return AgentState(
+        agent_id=doc["agent_id"],
+        key=doc["key"],
+        value=doc.get("value"),
+        mcp_session_id=doc.get("mcp_session_id"),
+        updated_at=cast(datetime, from_us(doc["updated_at"])),
+        expires_at=from_us(doc.get("expires_at")),
+    )
 
 
 @dataclass(frozen=True)

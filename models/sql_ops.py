@@ -19,19 +19,19 @@ from .records import (
     StreamEvent,
     TransportSession,
 )
+from .sql_aux import SqlKindOps
+from .sql_base import translate_errors
 from .store import (
     DEFAULT_SWEEP_BATCH_SIZE,
     StoreStats,
 )
 
 logger = logging.getLogger(__name__)
-from .sql_base import SqlBase, translate_errors
-
-logger = logging.getLogger(__name__)
 
 
-class SqlRecordOps(SqlBase):
-    """The non-session parts of the SQL store."""
+class SqlRecordOps(SqlKindOps):
+    """The non-session parts of the SQL store (bulk listing and import of files,
+    transports and agent state come from :class:`~models.sql_aux.SqlKindOps`)."""
 
     # -- files -----------------------------------------------------------------------
 

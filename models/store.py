@@ -9,6 +9,11 @@ Rules that make at-least-once delivery safe, shared by every backend:
 * Appending N messages costs O(N) statements and rows, never O(session length).
 * Bulk reads are keyset pages; sweeps run inside the database in bounded batches and
   return counts; rows are never pulled into Python to be deleted one by one.
+* Every durable record kind can be listed in keyset pages and bulk-imported without
+  regressing newer data (sessions and messages through :meth:`Store.import_records`,
+  files, transport sessions and agent state through :meth:`Store.import_kind`; see
+  :mod:`models.kinds` for what "newer" means per kind), so migrations, exports and
+  backups carry all of them.
 
 The contract suite in ``tests/test_store_contract.py`` runs against every backend.
 """
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Iterator, Sequence, TypeVar
 
+from .kinds import AGENT_STATES, FILES, TRANSPORTS, Key, RecordKind
 from .records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -27,11 +33,13 @@ from .records import (
     ChatMessage,
     ChatSession,
     FileRecord,
+    Record,
     StreamEvent,
     TransportSession,
 )
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Record)
 
 # Rows a sweep deletes or updates per statement.
 DEFAULT_SWEEP_BATCH_SIZE = 1000
@@ -308,6 +316,53 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_agent_state(self, agent_id: str, key: str, now: datetime) -> AgentState | None:
         """The value, or ``None`` if missing or expired at ``now``."""
+
+    # -- every other record kind, in bulk (migrate, verify, export, import) --
+
+    @abc.abstractmethod
+    def list_kind(self, kind: RecordKind[R], *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> Page[R]:
+        """A keyset page of ``kind``'s records (files, transport sessions, agent state)
+        in primary-key order, after ``cursor`` (a :meth:`RecordKind.cursor`, as
+        returned in ``next_cursor``). Expired records are listed too."""
+
+    def iter_kind(self, kind: RecordKind[R], *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[R]:
+        """Every record of ``kind``, streamed page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.list_kind(kind, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def iter_files(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[FileRecord]:
+        """Every file record in ``file_id`` order, streamed page by page."""
+        return self.iter_kind(FILES, page_size=page_size)
+
+    def iter_transports(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[TransportSession]:
+        """Every transport session in ``mcp_session_id`` order, streamed page by page."""
+        return self.iter_kind(TRANSPORTS, page_size=page_size)
+
+    def iter_agent_states(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[AgentState]:
+        """Every agent-state entry in ``(agent_id, key)`` order, streamed page by page."""
+        return self.iter_kind(AGENT_STATES, page_size=page_size)
+
+    @abc.abstractmethod
+    def find_kind(self, kind: RecordKind[R], keys: Sequence[Key]) -> list[R]:
+        """The stored records of ``kind`` among ``keys`` (primary keys as tuples), in
+        any order; unknown keys are left out. Read in bounded batches."""
+
+    @abc.abstractmethod
+    def import_kind(self, kind: RecordKind[R], records: Sequence[R]) -> int:
+        """Raw, idempotent bulk upsert (migration, restore) that never regresses.
+
+        Every field is kept as given. A record whose key is not stored is inserted;
+        a stored one is replaced only when the incoming copy differs and is not older
+        by ``kind.version`` (:meth:`RecordKind.replaces`); of two copies of one key
+        in ``records`` the newer counts. Re-importing the same records changes
+        nothing. Writes are batched (multi-row statements / ``bulk_write``), safe
+        against concurrent writers. Returns how many records were inserted or replaced.
+        """
 
     # -- MCP event log -------------------------------------------------------
 

@@ -1,19 +1,28 @@
 """Streaming migration between any two stores, and verification of the result.
 
-A migration walks the source's sessions in keyset pages (``batch_size`` sessions per
+A migration carries every durable record kind: sessions with their messages, then
+file records, transport sessions and agent state (:mod:`models.transfer_kinds`).
+The MCP event log stays behind: it is a short-lived replay buffer.
+
+It walks the source's sessions in keyset pages (``batch_size`` sessions per
 batch). Each batch is independent (:func:`migrate_batch`): it writes the page's
 sessions into the destination with :meth:`Store.import_records` (fields, ``seq`` and
 ``message_count`` kept exactly), then streams each session's messages across in
 chunks. Memory holds one page of sessions and one chunk of messages, whatever the
 size of the store.
 
-Re-running a batch is harmless (imports are idempotent), so a checkpoint only needs
-the last session id of the last *finished* batch: after a kill, ``resume`` starts
-from there and the half-done batch is simply imported again. The same property lets
+Each other kind is then copied ``batch_size`` records at a time
+(:func:`~models.transfer_kinds.migrate_kind_batch`).
+
+Re-running a batch is harmless (imports are idempotent and never regress newer
+data), so a checkpoint only needs the last session id (and per other kind the
+cursor) of the last *finished* batch: after a kill, ``resume`` starts from there
+and the half-done batch is simply imported again. The same property lets
 a queue fan the batches out to several workers (see :func:`plan_batches`).
 
 :func:`verify` compares two stores session by session: fields, every message and a
-sha256 checksum over the canonical JSON of each session, reporting every difference.
+sha256 checksum over the canonical JSON of each session; then each other kind by
+count, record by record and by content digest, reporting every difference.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import NotFound, ValidationError
+from .kinds import KINDS
 from .records import ChatMessage, ChatSession
 from .store import Store
+from .transfer_kinds import KindCheck, canonical, count_in, migrate_kind_batch, verify_kind
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +157,10 @@ class Checkpoint:
     done: bool = False
     source: str = ""
     destination: str = ""
+    #: Per other kind (``files``, ...): the cursor after its last finished batch.
+    cursors: dict[str, str | None] = field(default_factory=dict)
+    #: Per other kind: records moved so far.
+    counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
@@ -176,11 +191,16 @@ class MigrationReport:
     resumed_from: str | None = None
     sessions_written: int = 0
     messages_inserted: int = 0
+    #: Per other kind (``files``, ``transports``, ``agent_states``): records read.
+    kinds: dict[str, int] = field(default_factory=dict)
+    #: Per other kind: records inserted or replaced in the destination.
+    kinds_written: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
-        """Sessions plus messages written per second."""
-        return (self.sessions + self.messages) / self.seconds if self.seconds > 0 else 0.0
+        """Records of every kind (sessions, messages, the rest) moved per second."""
+        rows = self.sessions + self.messages + sum(self.kinds.values())
+        return rows / self.seconds if self.seconds > 0 else 0.0
 
 
 def migrate(
@@ -195,13 +215,14 @@ def migrate(
     pause: float = 0.0,
     labels: tuple[str, str] = ("", ""),
 ) -> MigrationReport:
-    """Copy every session and message of ``src`` into ``dst``, batch by batch.
+    """Copy every session and message of ``src`` into ``dst``, batch by batch, then
+    every file record, transport session and agent-state entry.
 
     With ``checkpoint`` the position is saved after each batch; with ``resume`` the
-    migration continues after the checkpoint's last session. ``show_progress`` draws
-    a tqdm bar on stderr (``None``: only when stderr is a terminal). ``pause`` sleeps
-    between batches to spare a busy source. ``labels`` (redacted URLs) are recorded
-    in the checkpoint.
+    migration continues after the checkpoint's last session (and each other kind
+    after its cursor). ``show_progress`` draws a tqdm bar on stderr (``None``: only
+    when stderr is a terminal). ``pause`` sleeps between batches to spare a busy
+    source. ``labels`` (redacted URLs) are recorded in the checkpoint.
     """
     from tqdm import tqdm
 
@@ -252,22 +273,47 @@ def migrate(
                 break
             if pause > 0:
                 time.sleep(pause)
+        kinds, kinds_written = _migrate_kinds(src, dst, batch_size, state, checkpoint, pause, bar)
         state.done = True
         if checkpoint:
             state.save(checkpoint)
     finally:
         bar.close()
     return MigrationReport(
-        moved[0], moved[1], time.monotonic() - started, state.last_session_id, resumed_from, written[0], written[1]
+        moved[0], moved[1], time.monotonic() - started, state.last_session_id, resumed_from, written[0], written[1],
+        kinds, kinds_written,
     )
 
 
+def _migrate_kinds(
+    src: Store, dst: Store, batch_size: int, state: Checkpoint, checkpoint: Path | None, pause: float, bar: Any
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The part of :func:`migrate` after the sessions: every other kind, each from
+    its checkpointed cursor. Returns records read and written per kind."""
+    moved: dict[str, int] = {}
+    written: dict[str, int] = {}
+    for kind in KINDS:
+        moved[kind.plural] = written[kind.plural] = 0
+        cursor = state.cursors.get(kind.plural)
+        while True:
+            result = migrate_kind_batch(src, dst, kind, cursor, batch_size)
+            if result.last_cursor is None:
+                break
+            moved[kind.plural] += result.records
+            written[kind.plural] += result.written
+            cursor = state.cursors[kind.plural] = result.last_cursor
+            state.counts[kind.plural] = state.counts.get(kind.plural, 0) + result.records
+            if checkpoint:
+                state.save(checkpoint)
+            bar.set_postfix({name: str(n) for name, n in moved.items()}, refresh=True)
+            if result.records < batch_size:
+                break
+            if pause > 0:
+                time.sleep(pause)
+    return moved, written
+
+
 # -- verification -------------------------------------------------------------------
-
-
-def canonical(record: ChatSession | ChatMessage) -> bytes:
-    """The canonical JSON of a record (sorted keys, compact, UTF-8) used by checksums."""
-    return json.dumps(record.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 @dataclass
@@ -282,10 +328,12 @@ class VerifyReport:
     messages_checked: int = 0
     difference_count: int = 0
     differences: list[str] = field(default_factory=list)
+    #: Per other kind (``files``, ``transports``, ``agent_states``): counts, records checked, digests.
+    kinds: dict[str, KindCheck] = field(default_factory=dict)
 
     @property
     def equal(self) -> bool:
-        """True when both stores hold the same sessions and messages."""
+        """True when both stores hold the same records of every kind."""
         return self.difference_count == 0
 
     def add(self, text: str) -> None:
@@ -307,7 +355,8 @@ def verify(
     src: Store, dst: Store, *, page_size: int = DEFAULT_MESSAGE_CHUNK, show_progress: bool | None = False
 ) -> VerifyReport:
     """Compare ``dst`` against ``src``: counts, and per session the fields, every
-    message and a checksum. Sessions only in ``dst`` are reported too."""
+    message and a checksum; then every other kind (counts, each record, a content
+    digest). Records only in ``dst`` are reported too."""
     from tqdm import tqdm
 
     report = VerifyReport()
@@ -337,6 +386,9 @@ def verify(
                 src.load_session(session.session_id)
             except NotFound:
                 report.add(f"session {session.session_id!r}: only in destination")
+    for kind in KINDS:
+        counts = (count_in(src_stats, kind), count_in(dst_stats, kind))
+        report.kinds[kind.plural] = verify_kind(src, dst, kind, counts, report.add, page_size=page_size)
     return report
 
 
@@ -382,10 +434,12 @@ def _describe_message_difference(a: ChatMessage | None, b: ChatMessage | None) -
 def describe(report: VerifyReport) -> Iterator[str]:
     """Human-readable lines for a report (summary first)."""
     verdict = "EQUAL" if report.equal else f"{report.difference_count} DIFFERENCE(S)"
+    others = "".join(f", {name} source={c.source} destination={c.destination}" for name, c in report.kinds.items())
+    checked = "".join(f" / {c.checked} {name}" for name, c in report.kinds.items())
     yield (
         f"{verdict}: sessions source={report.source_sessions} destination={report.destination_sessions}, "
-        f"messages source={report.source_messages} destination={report.destination_messages}, "
-        f"checked {report.sessions_checked} sessions / {report.messages_checked} messages"
+        f"messages source={report.source_messages} destination={report.destination_messages}{others}, "
+        f"checked {report.sessions_checked} sessions / {report.messages_checked} messages{checked}"
     )
     yield from (f"  - {line}" for line in report.differences)
     if report.difference_count > len(report.differences):

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from models import ChatMessage, ChatSession, Store
+from models import AgentState, ChatMessage, ChatSession, FileRecord, Store, TransportSession
 from tests.conftest import T0, make_store, reset_store
 
 #: The repository root, the working directory of CLI subprocesses.
@@ -56,6 +56,46 @@ def fill(store: Store, sessions: int, per_session: int, *, prefix: str = "s") ->
         store.save_sessions(writes[start : start + 50])
     for i in range(0, sessions, 7):
         store.archive_session(f"{prefix}{i:04d}", T0 + timedelta(days=1))
+
+
+#: Agent-state values of every JSON shape, used in turn by :func:`fill_kinds`.
+AGENT_VALUES: list[object] = [{"plan": [1, 2], "done": False}, "text ✓", 42, None, [1, "x", {"y": 1.5}], 2.5, True]
+
+
+def fill_kinds(store: Store, count: int, *, prefix: str = "") -> None:
+    """``count`` file records, transport sessions and agent-state entries, written
+    through the store's ordinary write paths, with varied fields and every transport
+    status: live, disconnected, recovered and expired."""
+    for i in range(count):
+        store.save_file(
+            FileRecord(
+                f"{prefix}f{i:04d}", "gemini", f"files/{i}", display_name=f"doc {i} 🎉", size=i * 100,
+                mime_type="text/plain", uploaded_at=T0 + timedelta(seconds=i),
+                expires_at=T0 + timedelta(days=30) if i % 3 == 0 else None, metadata={"n": i, "tags": ["a", f"t{i % 2}"]},
+            )
+        )
+        tid = f"{prefix}t{i:04d}"
+        store.register_transport(
+            TransportSession(
+                tid, created_at=T0, working_directory=f"/srv/{i}", transport_state={"i": i} if i % 2 else None,
+                agent_context={"who": "zoë"}, conversation_state={"turns": [i, i + 1]}, metadata={"client": f"c{i % 3}"},
+            )
+        )
+        store.heartbeat(tid, T0 + timedelta(seconds=i))
+        if i % 4 == 1:
+            store.mark_disconnected(tid, T0 + timedelta(days=1))
+        elif i % 4 == 2:
+            store.recover(tid, T0 + timedelta(minutes=1))
+        elif i % 4 == 3:
+            store.mark_disconnected(tid, T0 + timedelta(minutes=1))
+        store.put_agent_state(
+            AgentState(
+                f"{prefix}a{i % 5}", f"k{i:04d}", AGENT_VALUES[i % len(AGENT_VALUES)],
+                mcp_session_id=tid if i % 2 else None, updated_at=T0 + timedelta(seconds=i),
+                expires_at=T0 + timedelta(days=7) if i % 4 == 0 else None,
+            )
+        )
+    store.expire_transports(T0 + timedelta(hours=1))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import redis
 
+import pytest
+
 from models import open_store
+from models.kinds import KINDS
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, session
+from tests.support_bulk import fill_kinds
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
+from workers.errors import InvalidPayload
+from workers.payloads import normalize
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -21,38 +27,55 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_fanned_out_migration_is_complete_and_verified(tmp_path: Path, redis_client: redis.Redis) -> None:
-    # Given a SQLite source of 25 sessions and an empty PostgreSQL destination named @dest
+    # Given a SQLite source of 25 sessions and 9 records of every other kind, and an empty
+    # PostgreSQL destination named @dest
     source = f"sqlite:///{tmp_path / 'src.db'}"
     src = open_store(source)
     src.upgrade()
     for i in range(25):
         src.save_session(session(f"fan-{i:02d}"), messages(f"fan-{i:02d}", 3))
+    fill_kinds(src, 9)
     src.close()
     dst = open_store(POSTGRES_URL)
     dst.upgrade()
     reset_store(dst)
-    # When the migration is fanned out in batches of 7
+    # When the migration is fanned out in batches of 7 (4 of sessions, 2 of each other kind)
     planned = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "7", "--fan-out",
                   SESSIONQ_STORE_DEST=POSTGRES_URL)
     assert planned.returncode == 0, planned.stderr
-    assert "enqueued 4 migrate_batch job(s)" in planned.stdout
+    assert "enqueued 10 migrate_batch job(s)" in planned.stdout
     # ... and a worker that knows @dest runs the batches (one of them twice: redelivery is harmless)
     worker = WorkerProcess(source, threads=2, log=tmp_path / "worker.log", SESSIONQ_STORE_DEST=POSTGRES_URL)
     try:
         wait_drained(redis_client, worker, timeout=120)
         again = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "25", "--fan-out",
                     SESSIONQ_STORE_DEST=POSTGRES_URL)
-        assert "enqueued 1 migrate_batch job(s)" in again.stdout
+        assert "enqueued 4 migrate_batch job(s)" in again.stdout
         wait_drained(redis_client, worker, timeout=120)
     finally:
         assert worker.stop() == 0, worker.output()[-2000:]
     # Then the destination equals the source, without duplicates
     checked = cli("verify", "--from", source, "--to", POSTGRES_URL)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert dst.stats().total_sessions == 25
-    assert dst.stats().total_messages == 75
+    stats = dst.stats()
+    assert (stats.total_sessions, stats.total_messages, stats.total_files, stats.agent_states) == (25, 75, 9, 9)
+    assert sum(stats.transports_by_status.values()) == 9
     reset_store(dst)
     dst.close()
+
+
+def test_migrate_batch_payloads_name_their_kind_and_cursors() -> None:
+    base = {"source": "sqlite:///a.db", "destination": "sqlite:///b.db", "after": None, "until": "x", "limit": 7}
+    # A session batch keeps the payload that workers without the kind field read
+    assert normalize("migrate_batch", [base]) == base
+    for kind in KINDS:
+        cursor = '["a", "k"]' if len(kind.key_fields) > 1 else "x"
+        assert normalize("migrate_batch", [base | {"kind": kind.plural, "until": cursor}])["kind"] == kind.plural
+    assert normalize("migrate_batch", [base | {"kind": "agent_states", "until": '["a", "k"]'}])["until"] == '["a", "k"]'
+    with pytest.raises(InvalidPayload, match="kind must be one of sessions, files, transports, agent_states"):
+        normalize("migrate_batch", [base | {"kind": "events"}])
+    with pytest.raises(InvalidPayload, match="until: agent_state cursor"):
+        normalize("migrate_batch", [base | {"kind": "agent_states"}])
 
 
 def test_fan_out_refuses_a_password_on_the_queue(tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ IMPORT_CLASSES: dict[str, tuple[st.SearchStrategy[bytes], str]] = {
     "import_truncated_json": (st.integers(5, 40).map(
         lambda n: (HEADER + _session_line("imp-a")[:n] + "\n" + _session_line("imp-b")).encode()),
         r"not JSON|unknown record type|malformed"),
-    "import_unknown_version": (st.integers(2, 10**6).map(
+    "import_unknown_version": (st.integers(3, 10**6).map(
         lambda v: ('{"format":"sessionq-jsonl","version":%d}\n' % v + _session_line("imp-a")).encode()),
         r"unsupported sessionq-jsonl version"),
     "import_duplicate_ids": (st.just((HEADER + _session_line("imp-a") + _session_line("imp-a")
@@ -204,6 +204,9 @@ IMPORT_CLASSES: dict[str, tuple[st.SearchStrategy[bytes], str]] = {
         _session_line("imp-a", metadata={"a.b": 1}),
         _message_line(BYSTANDERS[0], "m0", -1),
         _message_line(BYSTANDERS[0], "m0", 1, content="replaced?", role="robot"),
+        json.dumps({"type": "agent_state", "agent_id": "imp-a", "key": "k", "value": {"$set": 1}}) + "\n",
+        json.dumps({"type": "transport", "mcp_session_id": "imp-t", "status": "zombie"}) + "\n",
+        json.dumps({"type": "file", "file_id": "imp-f", "provider_name": "p", "uri": "u", "size": -1}) + "\n",
     ]).map(lambda line: (HEADER + line).encode()),
         r"\$|NUL|timezone-aware|between|must be|contain '\.'|role"),
 }

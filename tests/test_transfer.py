@@ -10,12 +10,18 @@ from typing import Any, Iterator
 
 import pytest
 
-from models import ChatMessage, NotFound, Store, ValidationError, open_store
+from models import AgentState, ChatMessage, FileRecord, NotFound, Store, TransportSession, ValidationError, open_store
 from models.archive_io import backup, export_file, import_file, list_backups, restore
+from models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS
 from models.sql import SqlStore
 from models.transfer import migrate, migrate_batch, plan_batches, session_checksum, verify
+from models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 from tests.conftest import T0, make_store, messages, reset_store, session
-from tests.support_bulk import fill
+from tests.support_bulk import fill, fill_kinds
+
+#: Records of each other kind in the ``src`` fixture.
+KIND_COUNT = 9
+NO_WRITES = {kind.plural: 0 for kind in KINDS}
 
 
 def sqlite_store(path: Path) -> Store:
@@ -27,9 +33,11 @@ def sqlite_store(path: Path) -> Store:
 
 @pytest.fixture
 def src(tmp_path: Path) -> Iterator[Store]:
-    """A SQLite store holding 30 sessions x 5 messages."""
+    """A SQLite store holding 30 sessions x 5 messages and 9 records of every other
+    kind (files, transport sessions in every status, agent state)."""
     store = sqlite_store(tmp_path / "src.db")
     fill(store, 30, 5)
+    fill_kinds(store, KIND_COUNT)
     yield store
     store.close()
 
@@ -52,17 +60,27 @@ def test_migrate_chain_sqlite_postgresql_mongodb_mysql_sqlite(src: Store, tmp_pa
             reset_store(store)
         # When each store is migrated into the next, in small batches
         for a, b in zip(chain, chain[1:]):
-            report = migrate(a, b, batch_size=7, message_chunk=4)
-            # Then every hop copies everything and verifies equal (fields, seq, counts, checksums)
-            assert (report.sessions, report.messages) == (30, 150), f"{a.backend} -> {b.backend}"
+            hop = f"{a.backend} -> {b.backend}"
+            report = migrate(a, b, batch_size=4, message_chunk=4)
+            # Then every hop copies every kind and verifies equal (fields, seq, counts, checksums, digests)
+            assert (report.sessions, report.messages) == (30, 150), hop
+            assert report.kinds == report.kinds_written == {kind.plural: KIND_COUNT for kind in KINDS}, hop
             result = verify(a, b)
-            assert result.equal, (a.backend, b.backend, result.differences)
+            assert result.equal, (hop, result.differences)
             assert (result.sessions_checked, result.messages_checked) == (30, 150)
-        # And the far end matches the start, checksum for checksum
+            assert {name: c.checked for name, c in result.kinds.items()} == report.kinds
+            assert all(c.source_digest == c.destination_digest for c in result.kinds.values()), hop
+            # And migrating the same hop again writes nothing
+            again = migrate(a, b, batch_size=4)
+            assert (again.sessions_written, again.messages_inserted, again.kinds_written) == (0, 0, NO_WRITES), hop
+        # And the far end matches the start, checksum for checksum and record for record
         start, end = src.load_session("s0007"), last.load_session("s0007")
         assert end == start
         assert session_checksum(src, start) == session_checksum(last, end)
         assert [m.seq for m in last.load_messages("s0007")] == [1, 2, 3, 4, 5]
+        for kind in KINDS:
+            assert list(last.iter_kind(kind)) == list(src.iter_kind(kind)), kind.name
+        assert {t.status for t in last.iter_transports()} == {"active", "disconnected", "recovered", "expired"}
     finally:
         for store in servers:
             reset_store(store)
@@ -80,7 +98,7 @@ def test_rerun_and_half_done_batch_insert_no_duplicates(src: Store, dst: Store) 
     again = migrate(src, dst, batch_size=4)
     # Then the missing messages were filled in exactly once and the re-run inserted nothing
     assert report.messages_inserted == 148
-    assert (again.sessions_written, again.messages_inserted) == (0, 0)
+    assert (again.sessions_written, again.messages_inserted, again.kinds_written) == (0, 0, NO_WRITES)
     assert dst.stats().total_messages == 150
     assert verify(src, dst).equal
 
@@ -94,14 +112,25 @@ def test_batches_planned_up_front_can_run_in_any_order(src: Store, dst: Store) -
     src.save_session(session("s0005a"), messages("s0005a", 1))
     # When each batch runs independently, last first (as fanned-out jobs might)
     results = [migrate_batch(src, dst, after, 4, until=until) for after, until in reversed(plan)]
-    # Then every batch ends where planned and the destination equals the source
+    # Then every batch ends where planned
     assert [r.last_session_id for r in results] == [until for _, until in reversed(plan)]
     assert sum(r.sessions for r in results) == 32
-    assert verify(src, dst).equal
+    # And so do the batches of the other kinds, run last first too, with records added after planning
+    for kind in KINDS:
+        kind_plan = list(plan_kind_batches(src, kind, 4))
+        assert len(kind_plan) == 3 and kind_plan[0][0] is None, kind.name
+        if kind is FILES:
+            src.save_file(FileRecord("f0000a", "local", "file:///late", uploaded_at=T0))
+        done = [migrate_kind_batch(src, dst, kind, after, 4, until=until) for after, until in reversed(kind_plan)]
+        assert [d.last_cursor for d in done] == [until for _, until in reversed(kind_plan)]
+    # And the destination equals the source
+    result = verify(src, dst)
+    assert result.equal, result.differences
+    assert result.kinds["files"].checked == KIND_COUNT + 1
 
 
 def test_verify_reports_every_difference(src: Store, dst: Store) -> None:
-    # Given a faithful copy that is then damaged in four ways
+    # Given a faithful copy that is then damaged in four ways, and its other kinds in four more
     migrate(src, dst)
     assert isinstance(dst, SqlStore)
     dst.delete_session("s0001")
@@ -109,6 +138,11 @@ def test_verify_reports_every_difference(src: Store, dst: Store) -> None:
     M: Any = dst.m.Message
     M.update(content="tampered").where((M.session == "s0003") & (M.seq == 2)).execute()
     dst.save_session(session("zz-extra"), messages("zz-extra", 1))
+    dst.delete_file("f0001")
+    dst.put_agent_state(AgentState("a3", "k0003", "changed", mcp_session_id="t0003", updated_at=T0 + timedelta(days=9)))
+    dst.register_transport(TransportSession("zz-transport", created_at=T0))
+    T_: Any = dst.m.Transport
+    T_.update(working_directory="/elsewhere").where(T_.mcp_session_id == "t0005").execute()
     # When the stores are verified
     report = verify(src, dst)
     # Then each difference is reported
@@ -119,6 +153,45 @@ def test_verify_reports_every_difference(src: Store, dst: Store) -> None:
     assert "'s0003': 1 message(s) differ; first: seq 2 ('m1') differs in content" in text
     assert "'zz-extra': only in destination" in text
     assert "message count differs" in text
+    assert "files count differs: source 9, destination 8" in text
+    assert "file 'f0001': missing in destination" in text
+    assert "agent_state ('a3', 'k0003'): differs in value, updated_at (first: source None, destination 'changed')" in text
+    assert "transport 'zz-transport': only in destination" in text
+    assert "transport 't0005': differs in working_directory (first: source '/srv/5', destination '/elsewhere')" in text
+    assert "transports count differs: source 9, destination 10" in text
+    assert report.difference_count == 13
+    # And the digests of the damaged kinds differ while the checked counts cover the source
+    assert {name: c.source_digest == c.destination_digest for name, c in report.kinds.items()} == {
+        "files": False, "transports": False, "agent_states": False}
+    assert {name: c.checked for name, c in report.kinds.items()} == {kind.plural: KIND_COUNT for kind in KINDS}
+
+
+def test_an_older_copy_migrated_or_restored_again_never_regresses_newer_records(
+    src: Store, dst: Store, tmp_path: Path
+) -> None:
+    # Given a destination migrated from the source, an archive of the source, and a destination that moved on
+    migrate(src, dst)
+    archive = tmp_path / "old.jsonl"
+    export_file(src, archive)
+    dst.heartbeat("t0000", T0 + timedelta(days=2))
+    dst.mark_disconnected("t0004", T0 + timedelta(days=2))
+    dst.save_file(src.load_file("f0002").replace(uploaded_at=T0 + timedelta(days=2), uri="files/v2"))
+    dst.put_agent_state(AgentState("a1", "k0001", "newer", updated_at=T0 + timedelta(days=2)))
+    dst.save_session(session("s0004", at=T0 + timedelta(days=2), created_at=T0, model="newer"))
+    moved_on = {kind.plural: list(dst.iter_kind(kind)) for kind in KINDS}
+    # When the older source is migrated again and the older archive restored
+    report = migrate(src, dst)
+    restored = import_file(dst, archive)
+    # Then nothing was written and the newer records stand
+    assert (report.sessions_written, report.kinds_written) == (0, NO_WRITES)
+    assert (restored.sessions_written, restored.kinds_written, restored.error_count) == (0, NO_WRITES, 0)
+    assert {kind.plural: list(dst.iter_kind(kind)) for kind in KINDS} == moved_on
+    assert dst.load_transport("t0004").status == "disconnected"
+    assert dst.load_session("s0004").model == "newer"
+    # And verify shows exactly the records that moved on (a session's fields one by one)
+    moved = [line.split(":")[0] for line in verify(src, dst).differences]
+    assert moved == ["session 's0004'"] * 3 + ["file 'f0002'", "transport 't0000'", "transport 't0004'",
+                                                "agent_state ('a1', 'k0001')"]
 
 
 def test_import_records_keeps_fields_and_is_idempotent(store: Store) -> None:
@@ -153,13 +226,15 @@ def test_export_import_round_trip_in_both_formats(src: Store, tmp_path: Path) ->
         path = tmp_path / name
         exported = export_file(src, path)
         assert (exported.sessions, exported.messages) == (30, 150)
+        assert exported.kinds == {kind.plural: KIND_COUNT for kind in KINDS}
         # When it is imported into an empty store, twice
         target = sqlite_store(tmp_path / f"{name}.db")
         report = import_file(target, path)
         again = import_file(target, path)
         # Then the stores are equal and the second import changed nothing
         assert (report.sessions_written, report.messages_inserted, report.error_count) == (30, 150, 0)
-        assert (again.sessions_written, again.messages_inserted) == (0, 0)
+        assert report.kinds_read == report.kinds_written == exported.kinds
+        assert (again.sessions_written, again.messages_inserted, again.kinds_written) == (0, 0, NO_WRITES)
         assert verify(src, target).equal, name
         target.close()
 
@@ -169,9 +244,39 @@ def test_jsonl_header_and_record_shape(src: Store, tmp_path: Path) -> None:
     export_file(src, path)
     lines = path.read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0])
-    assert (header["format"], header["version"]) == ("sessionq-jsonl", 1)
+    assert (header["format"], header["version"]) == ("sessionq-jsonl", 2)
+    assert header["records"] == ["session", "message", "file", "transport", "agent_state"]
     assert [json.loads(line)["type"] for line in lines[1:7]] == ["session"] + ["message"] * 5
-    assert len(lines) == 1 + 30 + 150
+    assert len(lines) == 1 + 30 + 150 + 3 * KIND_COUNT
+    tail = [json.loads(line)["type"] for line in lines[181:]]
+    assert tail == ["file"] * KIND_COUNT + ["transport"] * KIND_COUNT + ["agent_state"] * KIND_COUNT
+
+
+def test_version_1_archives_without_the_other_kinds_still_import(src: Store, tmp_path: Path) -> None:
+    # Given archives as version 1 wrote them: sessions and messages only
+    export_file(src, tmp_path / "all.jsonl")
+    lines = (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0]) | {"version": 1, "records": ["session", "message"]}
+    body = [line for line in lines[1:] if json.loads(line)["type"] in ("session", "message")]
+    (tmp_path / "v1.jsonl").write_text("\n".join([json.dumps(header), *body]) + "\n", encoding="utf-8")
+    export_file(src, tmp_path / "all.json")
+    document = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))
+    for kind in KINDS:
+        del document[kind.plural]
+    (tmp_path / "v1.json").write_text(json.dumps(document | {"version": 1}), encoding="utf-8")
+    for name in ("v1.jsonl", "v1.json"):
+        # When each is imported into an empty store
+        target = sqlite_store(tmp_path / f"{name}.db")
+        report = import_file(target, tmp_path / name)
+        # Then every session and message lands, and the only differences are the kinds it never held
+        assert (report.sessions_written, report.messages_inserted, report.error_count) == (30, 150, 0), name
+        assert report.kinds_read == NO_WRITES
+        result = verify(src, target)
+        assert (result.sessions_checked, result.messages_checked) == (30, 150)
+        assert {c.destination for c in result.kinds.values()} == {0}
+        kinds_only = ("files ", "transports ", "agent_states ", "file ", "transport ", "agent_state ")
+        assert all(line.startswith(kinds_only) for line in result.differences), result.differences[:3]
+        target.close()
 
 
 def test_import_reports_bad_lines_by_number_and_imports_the_rest(src: Store, dst: Store, tmp_path: Path) -> None:
@@ -187,6 +292,12 @@ def test_import_reports_bad_lines_by_number_and_imports_the_rest(src: Store, dst
     session_line = next(i for i in range(60, 80) if json.loads(lines[i])["type"] == "session")
     bad_session = json.loads(lines[session_line]) | {"status": "zombie"}
     lines[session_line] = json.dumps(bad_session)
+    # And a bad transport and a broken agent-state line among the other kinds
+    transport_line = 1 + 30 + 150 + KIND_COUNT + 2
+    bad_transport = json.loads(lines[transport_line])
+    assert bad_transport["type"] == "transport"
+    lines[transport_line] = json.dumps(bad_transport | {"status": "zombie"})
+    lines[transport_line + KIND_COUNT] = '{"type": "agent_state", "agent_id": '
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     # When it is imported
     report = import_file(dst, path)
@@ -194,7 +305,10 @@ def test_import_reports_bad_lines_by_number_and_imports_the_rest(src: Store, dst
     assert report.errors[0].startswith("line 41: ") and "role" in report.errors[0]
     assert report.errors[1].startswith("line 51: not JSON")
     assert report.errors[2].startswith(f"line {session_line + 1}: ") and "status" in report.errors[2]
-    assert all("skipped" in e for e in report.errors[3:]) and report.error_count == 8
+    assert all("skipped" in e for e in report.errors[3:8]) and report.error_count == 10
+    assert report.errors[8].startswith(f"line {transport_line + 1}: ") and "status" in report.errors[8]
+    assert report.errors[9].startswith(f"line {transport_line + KIND_COUNT + 1}: not JSON")
+    assert report.kinds_written == {"files": KIND_COUNT, "transports": KIND_COUNT - 1, "agent_states": KIND_COUNT - 1}
     assert dst.stats().total_sessions == 29
     stored = sum(len(dst.load_messages(s.session_id)) for s in dst.iter_sessions())
     assert stored == report.messages_inserted == 150 - 2 - 5  # two bad message lines, five skipped
@@ -248,8 +362,9 @@ def test_backup_rotation_and_restore_into_another_backend(src: Store, tmp_path: 
     reset_store(mongo)
     try:
         result = restore(mongo, same_second.path)
-        # Then it holds exactly the source
+        # Then it holds exactly the source, every kind included
         assert (result.sessions_written, result.messages_inserted, result.error_count) == (30, 150, 0)
+        assert result.kinds_written == same_second.kinds == {kind.plural: KIND_COUNT for kind in KINDS}
         assert verify(src, mongo).equal
     finally:
         reset_store(mongo)

@@ -1,9 +1,11 @@
 """Bulk jobs (queue ``bulk``): a migration fanned out in batches over many workers.
 
 ``sessionq migrate --fan-out`` plans the batches (``models.transfer.plan_batches``:
-session-id ranges, read from the source a page at a time) and enqueues one
-``migrate_batch`` job per range; any worker runs any batch, each idempotent, so a
-redelivered or re-run batch changes nothing and no checkpoint is needed.
+session-id ranges, and ``models.transfer_kinds.plan_kind_batches``: key ranges of
+files, transport sessions and agent state, read from the source a page at a time)
+and enqueues one ``migrate_batch`` job per range; any worker runs any batch, each
+idempotent, so a redelivered or re-run batch changes nothing and no checkpoint is
+needed.
 
 Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker reads the
 URL from its environment variable ``SESSIONQ_STORE_NAME``, so passwords never travel
@@ -19,7 +21,9 @@ from typing import Any
 import dramatiq
 
 from models import Store, open_store
+from models.kinds import kind_named
 from models.transfer import migrate_batch as _migrate_batch
+from models.transfer_kinds import migrate_kind_batch
 
 from .errors import InvalidPayload
 from .payloads import parse_migrate_batch, resolve_store_url
@@ -41,10 +45,19 @@ def _open(reference: str) -> Store:
 
 @dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
 def migrate_batch(payload: dict[str, Any]) -> None:
-    """Copy one planned range of sessions (with their messages) between two stores."""
-    source, destination, after, until, limit = parse_migrate_batch(payload)
-    result = _migrate_batch(_open(source), _open(destination), after, limit, until=until)
+    """Copy one planned range of sessions (with their messages), or of another
+    record kind, between two stores."""
+    batch = parse_migrate_batch(payload)
+    src, dst = _open(batch.source), _open(batch.destination)
+    if batch.kind != "sessions":
+        done = migrate_kind_batch(src, dst, kind_named(batch.kind), batch.after, batch.limit, until=batch.until)
+        logger.info(
+            "migrated %s after %r up to %r: %d read, %d written",
+            batch.kind, batch.after, batch.until, done.records, done.written,
+        )
+        return
+    result = _migrate_batch(src, dst, batch.after, batch.limit, until=batch.until)
     logger.info(
         "migrated sessions after %r up to %r: %d sessions, %d messages",
-        after, until, result.sessions, result.messages,
+        batch.after, batch.until, result.sessions, result.messages,
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from models.errors import ValidationError
+from models.kinds import KINDS, kind_named
 from models.records import (
     AgentState,
     ChatMessage,
@@ -297,8 +298,7 @@ def normalize(actor_name: str, args: Sequence[Any], export_dir: str | Path = "."
     if actor_name == "run_sweep":
         return parse_sweep(arg)
     if actor_name == "migrate_batch":
-        source, destination, after, until, limit = parse_migrate_batch(arg)
-        return {"source": source, "destination": destination, "after": after, "until": until, "limit": limit}
+        return parse_migrate_batch(arg).to_json()
     if actor_name == "save_file":
         return parse_file(arg).to_json()
     if actor_name == "put_agent_state":
@@ -336,22 +336,54 @@ def resolve_store_url(reference: str) -> str:
     return url
 
 
-def parse_migrate_batch(payload: Any) -> tuple[str, str, str | None, str | None, int]:
-    """``migrate_batch``: ``{"source", "destination", "after", "until", "limit"}``."""
+@dataclass(frozen=True, slots=True)
+class MigrateBatch:
+    """A parsed ``migrate_batch`` job: one planned range of one record kind."""
+
+    source: str
+    destination: str
+    #: ``sessions`` (with their messages) or a kind of :mod:`models.kinds` (``files``, ...).
+    kind: str
+    after: str | None
+    until: str | None
+    limit: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical payload (``kind`` only when it is not ``sessions``, so that a
+        session batch stays readable by workers that predate the field)."""
+        out: dict[str, Any] = {"source": self.source, "destination": self.destination}
+        if self.kind != "sessions":
+            out["kind"] = self.kind
+        return out | {"after": self.after, "until": self.until, "limit": self.limit}
+
+
+def parse_migrate_batch(payload: Any) -> MigrateBatch:
+    """``migrate_batch``: ``{"source", "destination", "after", "until", "limit"}`` and
+    optionally ``"kind"`` (``sessions`` by default, or ``files``, ``transports``,
+    ``agent_states``; ``after``/``until`` are then that kind's cursors)."""
     if not isinstance(payload, dict):
         raise InvalidPayload(f"migrate_batch payload must be a JSON object, got {type(payload).__name__}")
-    allowed = {"source", "destination", "after", "until", "limit"}
+    allowed = {"source", "destination", "kind", "after", "until", "limit"}
     unknown = sorted(str(k) for k in payload if k not in allowed)
     if unknown:
         raise InvalidPayload(f"migrate_batch payload has unknown field(s): {', '.join(unknown)[:200]}")
     source, destination = payload.get("source"), payload.get("destination")
     if not isinstance(source, str) or not isinstance(destination, str):
         raise InvalidPayload("migrate_batch needs source and destination store references (strings)")
+    kinds = ["sessions", *(k.plural for k in KINDS)]
+    kind = payload.get("kind", "sessions")
+    if kind not in kinds:
+        raise InvalidPayload(f"kind must be one of {', '.join(kinds)}, got {kind!r:.40}")
     after, until = payload.get("after"), payload.get("until")
     for name, value in (("after", after), ("until", until)):
         if value is not None and not isinstance(value, str):
-            raise InvalidPayload(f"{name} must be a session id or null")
+            raise InvalidPayload(f"{name} must be a session id (or a cursor of the kind) or null")
+        if value is not None and kind != "sessions":
+            try:
+                kind_named(kind).parse_cursor(value)
+            except ValidationError as exc:
+                raise InvalidPayload(f"{name}: {exc}") from None
     limit = payload.get("limit", 500)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= DEFAULT_MAX_BATCH:
         raise InvalidPayload(f"limit must be an integer between 1 and {DEFAULT_MAX_BATCH}")
-    return store_reference(source), store_reference(destination), after, until, limit
+    return MigrateBatch(store_reference(source), store_reference(destination), kind, after, until, limit)
