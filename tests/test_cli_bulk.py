@@ -45,9 +45,10 @@ def test_killed_migration_resumes_without_duplicates(tmp_path: Path) -> None:
     reset_store(pg)
     dest = POSTGRES_URL
     checkpoint = tmp_path / "ck.json"
-    # When a slow migration (3 sessions per batch, a pause between batches) is killed midway
+    # When a slow migration (3 sessions per batch, a 1.5 s pause between batches, so a
+    # starved polling thread still kills it midway) is killed midway
     proc = subprocess.Popen(
-        cli_command("migrate", "--from", source, "--to", dest, "--batch-size", "3", "--pause", "0.4",
+        cli_command("migrate", "--from", source, "--to", dest, "--batch-size", "3", "--pause", "1.5",
                     "--checkpoint", str(checkpoint), "--no-progress"),
         cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -94,7 +95,7 @@ def test_killed_migration_of_the_other_kinds_resumes_after_the_finished_ones(tmp
     checkpoint = tmp_path / "ck.json"
     # When a slow migration (3 records per batch, a pause between batches) is killed among the transports
     proc = subprocess.Popen(
-        cli_command("migrate", "--from", source, "--to", dest, "--batch-size", "3", "--pause", "0.4",
+        cli_command("migrate", "--from", source, "--to", dest, "--batch-size", "3", "--pause", "1.5",
                     "--checkpoint", str(checkpoint), "--no-progress"),
         cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
