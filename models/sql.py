@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import peewee as pw
 
@@ -322,6 +322,31 @@ class SqlStore(SqlRecordOps, Store):
                 metadata=row["metadata"] or {},
             )
             for row in query.dicts()
+        ]
+
+    def iter_messages_of(self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[ChatMessage]:
+        """See :meth:`Store.iter_messages_of`: one keyset-paged query over ``(session_id, seq)``."""
+        ids = list(dict.fromkeys(session_ids))
+        after: tuple[str, int] | None = None
+        while ids:
+            page = self._messages_of(ids, after, page_size)
+            yield from page
+            if len(page) < page_size:
+                return
+            after = (page[-1].session_id, page[-1].seq)
+
+    @translate_errors
+    def _messages_of(self, session_ids: list[str], after: tuple[str, int] | None, limit: int) -> list[ChatMessage]:
+        M = self.m.Message
+        where = M.session.in_(session_ids)
+        if after is not None:
+            where &= pw.Tuple(M.session, M.seq) > pw.Tuple(*after)
+        query = (M.select(M.message_id, M.session, M.seq, M.role, M.content, M.created_at, M.metadata)
+                 .where(where).order_by(M.session, M.seq).limit(limit).tuples())
+        return [
+            ChatMessage(message_id=mid, session_id=sid, seq=seq, role=role, content=content, created_at=at,
+                        metadata=metadata or {})
+            for mid, sid, seq, role, content, at, metadata in query
         ]
 
     @translate_errors

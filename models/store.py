@@ -234,6 +234,16 @@ class Store(abc.ABC):
                 return
             after = page[-1].seq
 
+    def iter_messages_of(self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[ChatMessage]:
+        """Every message of several sessions, streamed page by page: grouped by
+        session, each session's in ``seq`` order (the sessions' order may differ).
+
+        Bulk transfer reads a batch of sessions this way. Backends override it to read
+        many sessions per query; this default reads one session at a time.
+        """
+        for session_id in dict.fromkeys(session_ids):
+            yield from self.iter_messages(session_id, page_size=page_size)
+
     @abc.abstractmethod
     def delete_session(self, session_id: str) -> bool:
         """Delete a session and its messages; False if it did not exist."""

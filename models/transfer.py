@@ -121,11 +121,10 @@ def _copy_sessions(
             progress(0, len(chunk))
         chunk.clear()
 
-    for session in sessions:
-        for message in src.iter_messages(session.session_id, page_size=message_chunk):
-            chunk.append(message)
-            if len(chunk) >= message_chunk:
-                flush()
+    for message in src.iter_messages_of([s.session_id for s in sessions], page_size=message_chunk):
+        chunk.append(message)
+        if len(chunk) >= message_chunk:
+            flush()
     if chunk:
         flush()
 

@@ -130,6 +130,21 @@ def test_load_messages_pages_by_seq(store: Store) -> None:
     assert [m.seq for m in store.iter_messages("s1", page_size=4)] == list(range(1, 11))
 
 
+def test_messages_of_many_sessions_stream_grouped_in_seq_order(store: Store) -> None:
+    # Given three sessions with 5, 0 and 7 messages (ids chosen to sort differently from saves)
+    store.save_sessions([(session("b"), messages("b", 5)), (session("a"), []), (session("Z"), messages("Z", 7))])
+    # When their messages are streamed in pages smaller than a session, ids repeated and unknown
+    got = list(store.iter_messages_of(["b", "a", "Z", "b", "missing"], page_size=3))
+    # Then each message comes once, each session's together and in seq order
+    assert sorted((m.session_id, m.seq) for m in got) == [("Z", i) for i in range(1, 8)] + [("b", i) for i in range(1, 6)]
+    groups = [m.session_id for i, m in enumerate(got) if i == 0 or got[i - 1].session_id != m.session_id]
+    assert sorted(groups) == ["Z", "b"]
+    for sid in ("Z", "b"):
+        assert [m.seq for m in got if m.session_id == sid] == list(range(1, 6 if sid == "b" else 8))
+    assert [m.content for m in got if m.session_id == "b"] == [m.content for m in store.load_messages("b")]
+    assert list(store.iter_messages_of([])) == []
+
+
 def test_delete_session_cascades_to_messages(store: Store) -> None:
     store.save_session(session("s1"), messages("s1", 3))
     store.save_session(session("s2"), messages("s2", 1))
