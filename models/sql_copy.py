@@ -1,11 +1,16 @@
-"""PostgreSQL bulk loading: ``COPY`` into a staging table, then one
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING``.
+"""PostgreSQL bulk loading of messages with ``COPY``.
 
 Used by :meth:`models.sql.SqlStore.import_records` for message batches on
 PostgreSQL, where it skips building a multi-row INSERT statement in Python (the
 cost that dominates a migration into PostgreSQL; see ops/bench/transfer_bench.py, P4).
-The staging table is a temporary table of the session, emptied after each load, so
-it never holds more than one batch.
+
+A batch is first copied straight into the messages table under a savepoint: on a
+fresh destination (the common case: a first migration) that is the whole cost. If
+any row already exists (a resumed or repeated import), the copy fails with a unique
+violation, the savepoint is rolled back and the batch goes through a staging table
+and one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` instead, so re-running stays
+idempotent. The staging table is a temporary table of the session, emptied after
+each load, so it never holds more than one batch.
 """
 
 from __future__ import annotations
@@ -16,23 +21,26 @@ from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import peewee as pw
+from psycopg2 import errors as pg_errors
 
 # Messages below this count go through a plain multi-row INSERT (COPY has a fixed cost).
 DEFAULT_COPY_THRESHOLD = 200
 STAGING_TABLE = "sessionq_import_messages"
 MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
 
+NULL = "\\N"
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def _text(value: Any) -> str:
     """One field in COPY text format."""
     if value is None:
-        return "\\N"
+        return NULL
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict | list):
-        value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        value = _json(value)
     return str(value).translate(_ESCAPES)
 
 
@@ -52,15 +60,38 @@ def copy_messages(db: pw.Database, table: str, rows: list[dict[str, Any]]) -> in
     caller's transaction."""
     columns = ", ".join(MESSAGE_COLUMNS)
     cursor = db.cursor()
+    cursor.execute("SAVEPOINT sessionq_copy")
+    try:
+        cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", _message_buffer(rows))
+    except pg_errors.UniqueViolation:
+        cursor.execute("ROLLBACK TO SAVEPOINT sessionq_copy")
+    else:
+        cursor.execute("RELEASE SAVEPOINT sessionq_copy")
+        return len(rows)
     cursor.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} "
         f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    buf = copy_rows(
-        (r["session"], r["message_id"], r["seq"], r["role"], r["content"], r["created_at"], r["metadata"]) for r in rows
-    )
-    cursor.copy_expert(f"COPY {STAGING_TABLE} ({columns}) FROM STDIN", buf)
+    cursor.copy_expert(f"COPY {STAGING_TABLE} ({columns}) FROM STDIN", _message_buffer(rows))
     cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {STAGING_TABLE} ON CONFLICT DO NOTHING")
     inserted = int(cursor.rowcount)
     cursor.execute(f"TRUNCATE {STAGING_TABLE}")
     return inserted
+
+
+def _message_buffer(rows: list[dict[str, Any]]) -> io.StringIO:
+    """Message rows in COPY text format, one specialised line per row (the generic
+    :func:`copy_rows` costs as much as the COPY itself on a migration)."""
+    buf = io.StringIO()
+    write = buf.write
+    for r in rows:
+        metadata = r["metadata"]
+        created = r["created_at"]
+        write(
+            f"{r['session'].translate(_ESCAPES)}\t{r['message_id'].translate(_ESCAPES)}\t{int(r['seq'])}\t"
+            f"{r['role'].translate(_ESCAPES)}\t{r['content'].translate(_ESCAPES)}\t"
+            f"{created.isoformat() if created is not None else NULL}\t"
+            f"{_json(metadata).translate(_ESCAPES) if metadata is not None else NULL}\n"
+        )
+    buf.seek(0)
+    return buf

@@ -385,12 +385,18 @@ def test_postgresql_copy_import_keeps_hostile_text_exactly(tmp_path: Path) -> No
         for i in range(DEFAULT_COPY_THRESHOLD + 10)
     ]
     try:
-        # When it is imported twice
+        extra = [
+            ChatMessage(f"n{i}", "copy", "user", tricky[i % len(tricky)], created_at=T0 + timedelta(seconds=1, microseconds=i),
+                        metadata={"j": i}, seq=len(batch) + i + 1)
+            for i in range(DEFAULT_COPY_THRESHOLD)
+        ]
+        # When it is imported twice, then once more overlapping with new messages
         first = pg.import_records([s], batch)
         second = pg.import_records([], batch)
-        # Then every message comes back exactly, once
-        assert (first.messages_inserted, second.messages_inserted) == (len(batch), 0)
-        assert pg.load_messages("copy") == batch
+        third = pg.import_records([], batch[-20:] + extra)
+        # Then every message comes back exactly, once: the direct COPY and its fallback agree
+        assert (first.messages_inserted, second.messages_inserted, third.messages_inserted) == (len(batch), 0, len(extra))
+        assert pg.load_messages("copy") == batch + extra
     finally:
         reset_store(pg)
         pg.close()
