@@ -123,7 +123,7 @@ class _FlakyStore:
 
     def save_sessions(self, writes: Sequence[SessionWrite]) -> WriteResult:
         self.held = len(writes)
-        self.gate.wait(10)
+        assert self.gate.wait(60), "the test never opened the gate"
         self.held = 0
         self.calls += 1
         if any(s.session_id == self.poisoned for s, _ in writes):
