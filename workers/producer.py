@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import atexit
 import collections
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -76,6 +77,27 @@ for i = 1, #ARGV, 2 do
 end
 return #ARGV / 2
 """
+_ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_LUA.encode()).hexdigest()
+
+
+# The message encoder (``json.dumps(message, separators=(",", ":"))``, built once).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# Bodies up to this size are copied into the packed command; bigger ones are sent as is.
+_PACK_COPY_LIMIT = 16 * 1024
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())``, without building a :class:`uuid.UUID` (same randomness source)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 class _Job(NamedTuple):
@@ -92,7 +114,7 @@ def _message(actor_name: str, arg: Any) -> dict[str, Any]:
         "actor_name": actor_name,
         "args": [arg],
         "kwargs": {},
-        "message_id": str(uuid.uuid4()),
+        "message_id": _uuid4(),
         "message_timestamp": int(time.time() * 1000),
         "options": {},
     }
@@ -143,7 +165,8 @@ class Producer:
             self._client = redis.Redis.from_url(
                 self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT
             )
-            self._enqueue = self._client.register_script(_ENQUEUE_LUA)
+            # Per queue: the packed EVALSHA command up to its first job (see _enqueue_on).
+            self._heads: dict[str, bytes] = {}
         if self.outbox_path.exists() and self._get_outbox().count():
             self._down = True
             self._start_forwarder()
@@ -317,7 +340,7 @@ class Producer:
         message = _message(actor_name, arg)
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
-            body = json.dumps(message, separators=(",", ":")).encode("ascii")
+            body = _ENCODER.encode(message).encode("ascii")
         except (TypeError, ValueError) as exc:
             raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
         if len(body) > DEFAULT_MAX_JOB_BYTES:
@@ -339,19 +362,76 @@ class Producer:
 
     def _push(self, items: list[tuple[str, bytes]]) -> None:
         """Enqueue encoded messages (without a Redis id yet) on their queues: per queue,
-        one atomic script call (HSET + RPUSH of every job, as the wire contract says)."""
+        one atomic script call (HSET + RPUSH of every job, as the wire contract says).
+
+        The script calls of all queues are written in one send and their replies read
+        back on one pooled connection (no MULTI, no client-side command machinery).
+        Connection errors are retried as the client's ``retry`` policy says, every
+        attempt with fresh Redis ids (a push whose reply was lost may have landed: its
+        retry must not push the same id twice).
+        """
         if self._broker is not None:
             from dramatiq import Message
 
             for _, data in items:
                 self._broker.enqueue(Message(**json.loads(data)))
             return
-        by_queue: dict[str, list[bytes | str]] = {}
+        by_queue: dict[str, list[bytes]] = {}
         for queue, data in items:
-            redis_id = str(uuid.uuid4())
-            by_queue.setdefault(queue, []).extend((redis_id, _with_redis_id(data, redis_id)))
-        for queue, args in by_queue.items():
-            self._enqueue(keys=[f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}"], args=args)
+            by_queue.setdefault(queue, []).append(data)
+        assert self._client is not None
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.retry.call_with_retry(lambda: self._enqueue_on(conn, by_queue), lambda _error: conn.disconnect())
+        finally:
+            pool.release(conn)
+
+    def _head(self, queue: str) -> bytes:
+        head = self._heads.get(queue)
+        if head is None:
+            keys = (f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}")
+            head = b"".join(_bulk(a.encode()) for a in ("EVALSHA", _ENQUEUE_SHA, "2", *keys))
+            self._heads[queue] = head
+        return head
+
+    def _enqueue_on(self, conn: Any, by_queue: dict[str, list[bytes]], *, reloaded: bool = False) -> None:
+        """One attempt: EVALSHA of :data:`_ENQUEUE_LUA` per queue, written at once."""
+        chunks: list[bytes] = []
+        buf = bytearray()
+        for queue, bodies in by_queue.items():
+            buf += b"*%d\r\n" % (5 + 2 * len(bodies))
+            buf += self._head(queue)
+            for data in bodies:
+                redis_id = _uuid4()
+                body = _with_redis_id(data, redis_id)
+                buf += b"$36\r\n%b\r\n$%d\r\n" % (redis_id.encode(), len(body))
+                if len(body) > _PACK_COPY_LIMIT:
+                    chunks += (bytes(buf), body)
+                    buf = bytearray(b"\r\n")
+                else:
+                    buf += body
+                    buf += b"\r\n"
+        chunks.append(bytes(buf))
+        conn.send_packed_command(chunks)
+        # Read every reply (the connection stays in step), then report the first error.
+        unloaded: list[str] = []
+        error: redis.ResponseError | None = None
+        for queue in by_queue:
+            try:
+                conn.read_response()
+            except redis.exceptions.NoScriptError:
+                unloaded.append(queue)  # nothing of that call ran
+            except redis.ResponseError as exc:
+                error = error or exc
+        if unloaded and error is None:
+            if reloaded:
+                raise redis.ResponseError("the enqueue script is still not loaded after SCRIPT LOAD")
+            conn.send_command("SCRIPT", "LOAD", _ENQUEUE_LUA)
+            conn.read_response()
+            self._enqueue_on(conn, {queue: by_queue[queue] for queue in unloaded}, reloaded=True)
+        if error is not None:
+            raise error
 
     def _get_outbox(self) -> Outbox:
         with self._lock:
