@@ -41,6 +41,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import redis
 
 from models import AgentState, ChatMessage, ChatSession, FileRecord, Settings, TransportSession, utcnow
+from models.errors import ValidationError
+from models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
+from models.validation import DEFAULT_MAX_CONTENT_BYTES, DEFAULT_MAX_ID_LENGTH, check_datetime, check_json_object
 
 from . import payloads
 from .errors import InvalidPayload, ProducerError
@@ -98,6 +101,114 @@ def _uuid4() -> str:
 def _bulk(data: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+# -- the plain path: common, plainly valid payloads canonicalised without records ----------
+#
+# ``payloads.normalize`` builds the records (which validate) and turns them back into
+# JSON; for the hot jobs the producer first tries the functions below, which accept
+# only payloads made of exact built-in types that pass every check with room to spare,
+# and return exactly what ``normalize`` returns for them (tests/test_producer_plain.py
+# compares both). Anything else -- a bad payload included -- returns None and goes
+# through ``normalize``, which raises the specific error. Only fields ``payloads``
+# still accepts are handled here.
+_MISSING: Any = object()
+_PLAIN_SAVE_FIELDS = payloads._SESSION_FIELDS & {
+    "session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
+_PLAIN_MESSAGE_FIELDS = payloads._MESSAGE_FIELDS & {
+    "message_id", "session_id", "role", "content", "created_at", "metadata"}
+_PLAIN_APPEND_FIELDS = {"session_id", "messages"}
+_PLAIN_EVENT_FIELDS = {"mcp_session_id", "at"}
+
+
+def _plain_id(value: Any) -> bool:
+    return (type(value) is str and 0 < len(value) <= DEFAULT_MAX_ID_LENGTH and value.isascii()
+            and value.isprintable() and " " not in value)
+
+
+def _plain_text(value: Any, max_bytes: int) -> bool:
+    return type(value) is str and len(value) <= max_bytes and value.isascii() and "\x00" not in value
+
+
+def _plain_time(value: Any, now: datetime) -> datetime | None:
+    try:
+        at = check_datetime("at", value)
+    except ValidationError:
+        return None
+    return None if at > now + payloads.DEFAULT_MAX_FUTURE_SKEW else at
+
+
+def _plain_metadata(value: Any) -> dict[str, Any] | None:
+    try:
+        return check_json_object("metadata", value)
+    except ValidationError:
+        return None
+
+
+def _plain_messages(session_id: str, items: Any, now: datetime) -> list[dict[str, Any]] | None:
+    if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
+        return None
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if type(item) is not dict or not item.keys() <= _PLAIN_MESSAGE_FIELDS:
+            return None
+        message_id, role, content = item.get("message_id"), item.get("role"), item.get("content")
+        if (not _plain_id(message_id) or type(role) is not str or role not in MESSAGE_ROLES
+                or not _plain_text(content, DEFAULT_MAX_CONTENT_BYTES)
+                or item.get("session_id", session_id) != session_id):
+            return None
+        created = item.get("created_at", _MISSING)
+        created = utcnow() if created is _MISSING else _plain_time(created, now)
+        metadata = _plain_metadata(item.get("metadata"))
+        if created is None or metadata is None:
+            return None
+        message = {"message_id": message_id, "role": role, "content": content, "created_at": created.isoformat()}
+        if metadata:
+            message["metadata"] = metadata
+        out.append(message)
+    return out
+
+
+def _plain_save(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or not payload.keys() <= _PLAIN_SAVE_FIELDS:
+        return None
+    session_id: str = payload.get("session_id")  # type: ignore[assignment]  # checked next
+    model, status = payload.get("model", ""), payload.get("status", "active")
+    if (not _plain_id(session_id) or not _plain_text(model, MAX_MODEL_LENGTH)
+            or type(status) is not str or status not in SESSION_STATUSES):
+        return None
+    now = utcnow()
+    created = payload.get("created_at", _MISSING)
+    created = utcnow() if created is _MISSING else _plain_time(created, now)
+    if created is None:
+        return None
+    updated = payload.get("updated_at")
+    updated = created if updated is None else _plain_time(updated, now)
+    if updated is None or updated < created:
+        return None
+    metadata = _plain_metadata(payload.get("metadata"))
+    messages = _plain_messages(session_id, payload.get("messages", []), now)
+    if metadata is None or messages is None:
+        return None
+    return {"session_id": session_id, "model": model, "created_at": created.isoformat(),
+            "updated_at": updated.isoformat(), "status": status, "metadata": metadata, "messages": messages}
+
+
+def _plain_append(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
+        return None
+    messages = _plain_messages(payload["session_id"], payload["messages"], utcnow())
+    return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
+
+
+def _plain_heartbeat(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or payload.keys() != _PLAIN_EVENT_FIELDS or not _plain_id(payload["mcp_session_id"]):
+        return None
+    at = _plain_time(payload["at"], utcnow())
+    return None if at is None else {"mcp_session_id": payload["mcp_session_id"], "at": at.isoformat()}
+
+
+_PLAIN = {"save_session": _plain_save, "append_messages": _plain_append, "heartbeat": _plain_heartbeat}
 
 
 class _Job(NamedTuple):
@@ -167,6 +278,10 @@ class Producer:
             )
             # Per queue: the packed EVALSHA command up to its first job (see _enqueue_on).
             self._heads: dict[str, bytes] = {}
+        # The producer's own connection (pushes take the pool's only while it is busy).
+        self._conn: Any = None
+        self._conn_pid = 0
+        self._conn_lock = threading.Lock()
         if self.outbox_path.exists() and self._get_outbox().count():
             self._down = True
             self._start_forwarder()
@@ -260,6 +375,10 @@ class Producer:
                     raise ProducerError(f"{len(leftover)} accepted job(s) not delivered: {exc}") from exc
         finally:
             if self._client is not None:
+                with self._conn_lock:
+                    if self._conn is not None and self._conn_pid == os.getpid():
+                        self._conn.disconnect()
+                    self._conn = None
                 self._client.close()
 
     # -- job helpers -------------------------------------------------------------
@@ -336,7 +455,10 @@ class Producer:
     # -- internals -----------------------------------------------------------------
 
     def _build(self, actor_name: str, args: Sequence[Any]) -> _Job:
-        arg = payloads.normalize(actor_name, args, self.settings.export_dir)
+        plain = _PLAIN.get(actor_name)
+        arg = plain(args[0]) if plain is not None and len(args) == 1 else None
+        if arg is None:
+            arg = payloads.normalize(actor_name, args, self.settings.export_dir)
         message = _message(actor_name, arg)
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
@@ -381,11 +503,29 @@ class Producer:
             by_queue.setdefault(queue, []).append(data)
         assert self._client is not None
         pool = self._client.connection_pool
+        if self._conn_lock.acquire(blocking=False):
+            try:
+                if self._conn is None or self._conn_pid != os.getpid():  # none yet, or inherited by a fork
+                    self._conn, self._conn_pid = pool.connection_class(**pool.connection_kwargs), os.getpid()
+                self._enqueue_with_retry(self._conn, by_queue)
+            finally:
+                self._conn_lock.release()
+            return
         conn = pool.get_connection()
         try:
-            conn.retry.call_with_retry(lambda: self._enqueue_on(conn, by_queue), lambda _error: conn.disconnect())
+            self._enqueue_with_retry(conn, by_queue)
         finally:
             pool.release(conn)
+
+    def _enqueue_with_retry(self, conn: Any, by_queue: dict[str, list[bytes]]) -> None:
+        """:meth:`_enqueue_on` under the client's retry policy (reconnecting between attempts).
+
+        The producer's own connection is only ever used under its lock and for whole
+        request/reply exchanges (redis-py disconnects it on any error mid-reply), so
+        unlike a pooled one it never holds stale replies; a connection the server
+        closed fails the attempt, which is retried on a new one.
+        """
+        conn.retry.call_with_retry(lambda: self._enqueue_on(conn, by_queue), lambda _error: conn.disconnect())
 
     def _head(self, queue: str) -> bytes:
         head = self._heads.get(queue)
