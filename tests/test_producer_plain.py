@@ -9,6 +9,7 @@ returns None and the producer calls ``normalize``, which raises the specific err
 from __future__ import annotations
 
 import copy
+import json
 import random
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -137,3 +138,33 @@ def test_plain_path_agrees_with_normalize_on_random_mutations(actor: str, base: 
 ])
 def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
     assert _PLAIN["save_session"](payload) is None
+
+
+def test_message_encoding_is_json_dumps_compact() -> None:
+    from workers.producer import _encode
+
+    for value in [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
+                  {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]:
+        assert _encode(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
+    import os
+    import uuid
+
+    from workers.producer import _uuid4
+
+    ids = [_uuid4() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the next ids it draws, while the parent draws its own
+        os.write(write, ",".join(_uuid4() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    mine = {_uuid4() for _ in range(50)}
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split(","))
+    os.waitpid(pid, 0)
+    assert len(theirs) == 50 and not mine & theirs

@@ -57,6 +57,10 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_SOCKET_TIMEOUT = 5.0
 # Jobs per pipelined round trip of the background flusher.
 DEFAULT_PIPELINE_BATCH = 1000
+# Seconds the flusher lets buffered jobs gather before a round trip (cut short by flush
+# and close): one wake-up and one push per burst, not per job, so that a busy caller
+# neither pays for waking the flusher nor waits for the GIL behind it on every call.
+DEFAULT_LINGER = 0.002
 # Seconds between attempts to forward the outbox while Redis is down (doubling, capped).
 DEFAULT_RETRY_INTERVAL = 0.5
 DEFAULT_MAX_RETRY_INTERVAL = 5.0
@@ -83,15 +87,50 @@ return #ARGV / 2
 _ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_LUA.encode()).hexdigest()
 
 
-# The message encoder (``json.dumps(message, separators=(",", ":"))``, built once).
+# The message encoder: ``json.dumps(message, separators=(",", ":"))``, with the C
+# encoder built once (no circular-reference markers: a validated payload is a tree).
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_MAKE_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODER = (
+    None if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+)
+
+
+def _encode(message: dict[str, Any]) -> str:
+    return _ENCODER.encode(message) if _C_ENCODER is None else "".join(_C_ENCODER(message, 0))
+
+
+# Random bytes for UUIDs, drawn from os.urandom a block at a time (one system call per
+# 256 ids); reset in a forked child so that parent and child never share ids.
+_RANDOM_BLOCK = 16 * 256
+
+
+class _RandomBlock:
+    lock = threading.Lock()
+    block = b""
+    at = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.lock, cls.block, cls.at = threading.Lock(), b"", 0
+
+
+os.register_at_fork(after_in_child=_RandomBlock.reset)
+
 # Bodies up to this size are copied into the packed command; bigger ones are sent as is.
 _PACK_COPY_LIMIT = 16 * 1024
 
 
 def _uuid4() -> str:
-    """``str(uuid.uuid4())``, without building a :class:`uuid.UUID` (same randomness source)."""
-    raw = bytearray(os.urandom(16))
+    """Like ``str(uuid.uuid4())`` (os.urandom bytes, version and variant bits set),
+    without building a :class:`uuid.UUID` or a system call per id."""
+    with _RandomBlock.lock:
+        at = _RandomBlock.at
+        if at >= len(_RandomBlock.block):
+            _RandomBlock.block, at = os.urandom(_RANDOM_BLOCK), 0
+        _RandomBlock.at = at + 16
+        raw = bytearray(_RandomBlock.block[at:at + 16])
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = raw.hex()
@@ -260,6 +299,10 @@ class Producer:
         self._cond = threading.Condition(self._lock)
         self._buffer: collections.deque[_Job] = collections.deque()
         self._inflight = 0
+        # True while the flusher waits for an empty buffer to fill (it needs a notify);
+        # flushers_waiting counts flush() calls waiting (the flusher then does not linger).
+        self._flusher_idle = False
+        self._flush_waiters = 0
         self._flusher: threading.Thread | None = None
         self._forwarder: threading.Thread | None = None
         self._closed = False
@@ -314,7 +357,8 @@ class Producer:
                     f"job not accepted: {len(self._buffer)} buffered job(s) cannot be delivered: {self._failure}"
                 )
             self._buffer.append(job)
-            if len(self._buffer) == 1:  # only an empty buffer can have the flusher waiting
+            if self._flusher_idle:  # otherwise the flusher comes back for the buffer by itself
+                self._flusher_idle = False
                 self._cond.notify_all()
         if self._flusher is None:
             self._start_flusher()
@@ -328,13 +372,18 @@ class Producer:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._buffer or self._inflight:
-                if self._failure is not None and not self._inflight:
-                    raise ProducerError(f"{len(self._buffer)} buffered job(s) not delivered: {self._failure}")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
+            self._flush_waiters += 1
+            self._cond.notify_all()  # a lingering flusher goes at once
+            try:
+                while self._buffer or self._inflight:
+                    if self._failure is not None and not self._inflight:
+                        raise ProducerError(f"{len(self._buffer)} buffered job(s) not delivered: {self._failure}")
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+            finally:
+                self._flush_waiters -= 1
         return True
 
     def pending(self) -> int:
@@ -462,8 +511,8 @@ class Producer:
         message = _message(actor_name, arg)
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
-            body = _ENCODER.encode(message).encode("ascii")
-        except (TypeError, ValueError) as exc:
+            body = _encode(message).encode("ascii")
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
         if len(body) > DEFAULT_MAX_JOB_BYTES:
             raise InvalidPayload(
@@ -596,9 +645,13 @@ class Producer:
         while True:
             with self._cond:
                 while not self._buffer and not self._closed:
+                    self._flusher_idle = True
                     self._cond.wait()
+                self._flusher_idle = False
                 if self._closed and not self._buffer:
                     return
+                if not self._closed and not self._flush_waiters and len(self._buffer) < DEFAULT_PIPELINE_BATCH:
+                    self._cond.wait(DEFAULT_LINGER)  # let the burst gather (flush/close cut it short)
                 batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), DEFAULT_PIPELINE_BATCH))]
                 self._inflight = len(batch)
             try:
