@@ -143,8 +143,9 @@ def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
 def test_message_encoding_is_json_dumps_compact() -> None:
     from workers.producer import _encode
 
-    for value in [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
-                  {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]:
+    values: list[dict[str, Any]] = [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
+                                    {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]
+    for value in values:
         assert _encode(value) == json.dumps(value, separators=(",", ":"))
 
 
