@@ -169,3 +169,16 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
         theirs = set(pipe.read().split(","))
     os.waitpid(pid, 0)
     assert len(theirs) == 50 and not mine & theirs
+
+
+@pytest.mark.parametrize("actor", sorted(payloads.ACTOR_QUEUES))
+def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
+    from workers.producer import _encode, _encoded_message
+
+    for arg in ({"session_id": "s", "messages": [{"content": "é\n"}]}, "expire_sessions", {}):
+        message_id, text = _encoded_message(actor, arg)
+        decoded = json.loads(text)
+        expected = {"queue_name": payloads.ACTOR_QUEUES[actor], "actor_name": actor, "args": [arg], "kwargs": {},
+                    "message_id": message_id, "message_timestamp": decoded["message_timestamp"], "options": {}}
+        assert text == _encode(expected)
+        assert text.endswith('"options":{}}')

@@ -97,7 +97,7 @@ _C_ENCODER = (
 )
 
 
-def _encode(message: dict[str, Any]) -> str:
+def _encode(message: Any) -> str:
     return _ENCODER.encode(message) if _C_ENCODER is None else "".join(_C_ENCODER(message, 0))
 
 
@@ -150,7 +150,8 @@ def _bulk(data: bytes) -> bytes:
 # and return exactly what ``normalize`` returns for them (tests/test_producer_plain.py
 # compares both). Anything else -- a bad payload included -- returns None and goes
 # through ``normalize``, which raises the specific error. Only fields ``payloads``
-# still accepts are handled here.
+# still accepts are handled here. One difference, on purpose: a job's defaulted
+# timestamps ("now") are one clock reading, not one per record microseconds apart.
 _MISSING: Any = object()
 _PLAIN_SAVE_FIELDS = payloads._SESSION_FIELDS & {
     "session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
@@ -184,7 +185,7 @@ def _plain_metadata(value: Any) -> dict[str, Any] | None:
         return None
 
 
-def _plain_messages(session_id: str, items: Any, now: datetime) -> list[dict[str, Any]] | None:
+def _plain_messages(session_id: str, items: Any, now: datetime, now_iso: str) -> list[dict[str, Any]] | None:
     if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
         return None
     out: list[dict[str, Any]] = []
@@ -197,11 +198,17 @@ def _plain_messages(session_id: str, items: Any, now: datetime) -> list[dict[str
                 or item.get("session_id", session_id) != session_id):
             return None
         created = item.get("created_at", _MISSING)
-        created = utcnow() if created is _MISSING else _plain_time(created, now)
+        if created is _MISSING:
+            created_iso = now_iso
+        else:
+            created = _plain_time(created, now)
+            if created is None:
+                return None
+            created_iso = created.isoformat()
         metadata = _plain_metadata(item.get("metadata"))
-        if created is None or metadata is None:
+        if metadata is None:
             return None
-        message = {"message_id": message_id, "role": role, "content": content, "created_at": created.isoformat()}
+        message = {"message_id": message_id, "role": role, "content": content, "created_at": created_iso}
         if metadata:
             message["metadata"] = metadata
         out.append(message)
@@ -217,26 +224,33 @@ def _plain_save(payload: Any) -> dict[str, Any] | None:
             or type(status) is not str or status not in SESSION_STATUSES):
         return None
     now = utcnow()
+    now_iso = now.isoformat()
     created = payload.get("created_at", _MISSING)
-    created = utcnow() if created is _MISSING else _plain_time(created, now)
+    created = now if created is _MISSING else _plain_time(created, now)
     if created is None:
         return None
+    created_iso = now_iso if created is now else created.isoformat()
     updated = payload.get("updated_at")
-    updated = created if updated is None else _plain_time(updated, now)
-    if updated is None or updated < created:
-        return None
+    if updated is None:
+        updated_iso = created_iso
+    else:
+        updated = _plain_time(updated, now)
+        if updated is None or updated < created:
+            return None
+        updated_iso = updated.isoformat()
     metadata = _plain_metadata(payload.get("metadata"))
-    messages = _plain_messages(session_id, payload.get("messages", []), now)
+    messages = _plain_messages(session_id, payload.get("messages", []), now, now_iso)
     if metadata is None or messages is None:
         return None
-    return {"session_id": session_id, "model": model, "created_at": created.isoformat(),
-            "updated_at": updated.isoformat(), "status": status, "metadata": metadata, "messages": messages}
+    return {"session_id": session_id, "model": model, "created_at": created_iso,
+            "updated_at": updated_iso, "status": status, "metadata": metadata, "messages": messages}
 
 
 def _plain_append(payload: Any) -> dict[str, Any] | None:
     if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
         return None
-    messages = _plain_messages(payload["session_id"], payload["messages"], utcnow())
+    now = utcnow()
+    messages = _plain_messages(payload["session_id"], payload["messages"], now, now.isoformat())
     return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
 
 
@@ -258,16 +272,21 @@ class _Job(NamedTuple):
     body: bytes
 
 
-def _message(actor_name: str, arg: Any) -> dict[str, Any]:
-    return {
-        "queue_name": payloads.ACTOR_QUEUES[actor_name],
-        "actor_name": actor_name,
-        "args": [arg],
-        "kwargs": {},
-        "message_id": _uuid4(),
-        "message_timestamp": int(time.time() * 1000),
-        "options": {},
-    }
+# Per actor: the encoded message up to its argument. Messages are encoded in the key
+# order queue_name, actor_name, args, kwargs, message_id, message_timestamp, options.
+_ENVELOPE_HEADS = {
+    actor: _encode({"queue_name": queue, "actor_name": actor})[:-1] + ',"args":['
+    for actor, queue in payloads.ACTOR_QUEUES.items()
+}
+
+
+def _encoded_message(actor_name: str, arg: Any) -> tuple[str, str]:
+    """The message id and the encoded message (only the argument goes through the
+    encoder: the envelope is the same for every job but its id and timestamp)."""
+    message_id = _uuid4()
+    text = (f'{_ENVELOPE_HEADS[actor_name]}{_encode(arg)}],"kwargs":{{}},"message_id":"{message_id}",'
+            f'"message_timestamp":{int(time.time() * 1000)},"options":{{}}}}')
+    return message_id, text
 
 
 def _with_redis_id(data: bytes, redis_id: str) -> bytes:
@@ -508,17 +527,17 @@ class Producer:
         arg = plain(args[0]) if plain is not None and len(args) == 1 else None
         if arg is None:
             arg = payloads.normalize(actor_name, args, self.settings.export_dir)
-        message = _message(actor_name, arg)
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
-            body = _encode(message).encode("ascii")
+            message_id, text = _encoded_message(actor_name, arg)
+            body = text.encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
         if len(body) > DEFAULT_MAX_JOB_BYTES:
             raise InvalidPayload(
                 f"{actor_name} job is {len(body)} bytes; the limit is {DEFAULT_MAX_JOB_BYTES} (split it into appends)"
             )
-        return _Job(message["queue_name"], message["message_id"], body)
+        return _Job(payloads.ACTOR_QUEUES[actor_name], message_id, body)
 
     def _deliver(self, jobs: list[_Job]) -> None:
         if self._down:
