@@ -182,3 +182,36 @@ def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
                     "message_id": message_id, "message_timestamp": decoded["message_timestamp"], "options": {}}
         assert text == _encode(expected)
         assert text.endswith('"options":{}}')
+
+
+def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_path: Any) -> None:
+    from workers.producer import Producer
+
+    producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
+    try:
+        meta = {"client": "x", "n": 1, "f": 0.5, "ok": True, "none": None}
+        payload = {"session_id": "s", "model": "m", "created_at": T, "metadata": meta,
+                   "messages": [_message(1, created_at=T, metadata=dict(meta)), _message(2, created_at=T)]}
+        now = producer._build("save_session", [payload])
+        later = producer._build("save_session", [payload], buffered=True)
+        assert now.deferred is None and later.deferred is not None and later.body == b""
+        expected = json.loads(now.encoded())
+        # The caller changes its payload after the call: the buffered job does not see it.
+        meta["client"] = "changed"
+        payload["messages"][0]["content"] = "changed"  # type: ignore[index]
+        payload["messages"].append(_message(3))  # type: ignore[attr-defined]
+        got = json.loads(later.encoded())
+        for message in (expected, got):
+            message.pop("message_id"), message.pop("message_timestamp")
+        assert got == expected
+        text = later.encoded().decode()
+        assert text == json.dumps(json.loads(text), separators=(",", ":"))  # key order kept, compact
+        # Nested containers in metadata could still change: such a job is encoded at once.
+        nested = producer._build("save_session", [{"session_id": "s", "metadata": {"tags": ["a"]}}], buffered=True)
+        assert nested.deferred is None
+        # So is anything off the plain path, and a job near the size limit.
+        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).deferred is None
+        big = {"session_id": "s", "messages": [_message(1, content="x" * (2 * 1024 * 1024))]}
+        assert producer._build("save_session", [big], buffered=True).deferred is None
+    finally:
+        producer.close()

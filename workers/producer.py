@@ -265,11 +265,62 @@ _PLAIN = {"save_session": _plain_save, "append_messages": _plain_append, "heartb
 
 
 class _Job(NamedTuple):
-    """A validated job, encoded once: its queue, message id and message JSON (no Redis id)."""
+    """A validated job: its queue, message id and message JSON (no Redis id), encoded
+    once -- by the caller, or for a buffered plain job by the flusher (``deferred``)."""
 
     queue_name: str
     message_id: str
     body: bytes
+    #: (actor name, canonical argument, timestamp in ms) of a job not encoded yet.
+    deferred: tuple[str, Any, int] | None = None
+
+    def encoded(self) -> bytes:
+        """The message JSON."""
+        if self.deferred is None:
+            return self.body
+        actor_name, arg, timestamp = self.deferred
+        return _message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
+
+
+_NOT_CONTAINERS = frozenset({str, int, float, bool, type(None)})
+# Bytes of JSON per character of a string at most (an astral character: two \uXXXX).
+_JSON_BYTES_PER_CHAR = 12
+
+
+def _flat_bound(document: dict[str, Any]) -> int:
+    """An upper bound of the JSON size of a checked document whose values are all
+    scalars (-1 if one is a container, which the caller could still change)."""
+    size = 2
+    for key, value in document.items():
+        kind = type(value)
+        if kind not in _NOT_CONTAINERS:
+            return -1
+        size += _JSON_BYTES_PER_CHAR * (len(key) + (len(value) if kind is str else 3)) + 8
+    return size
+
+
+def _deferred_bound(actor_name: str, arg: dict[str, Any]) -> int:
+    """An upper bound of the encoded size of a plain path's argument, or -1 if encoding
+    it later could see the caller's changes (nested containers in metadata).
+
+    Every container of a plain argument is the plain path's own, except the values of
+    the metadata copies: with scalar values only, the argument is a snapshot.
+    """
+    size = 256
+    for message in arg.get("messages", ()):
+        meta = _flat_bound(message["metadata"]) if "metadata" in message else 0
+        if meta < 0:
+            return -1
+        size += meta + _JSON_BYTES_PER_CHAR * (len(message["message_id"]) + len(message["content"])) + 128
+    if "metadata" in arg:
+        meta = _flat_bound(arg["metadata"])
+        if meta < 0:
+            return -1
+        size += meta
+    for key in ("session_id", "model", "mcp_session_id"):
+        if key in arg:
+            size += _JSON_BYTES_PER_CHAR * len(arg[key])
+    return size
 
 
 # Per actor: the encoded message up to its argument. Messages are encoded in the key
@@ -280,13 +331,17 @@ _ENVELOPE_HEADS = {
 }
 
 
+def _message_text(actor_name: str, arg: Any, message_id: str, timestamp: int) -> str:
+    """The encoded message (only the argument goes through the encoder: the envelope is
+    the same for every job but its id and timestamp)."""
+    return (f'{_ENVELOPE_HEADS[actor_name]}{_encode(arg)}],"kwargs":{{}},"message_id":"{message_id}",'
+            f'"message_timestamp":{timestamp},"options":{{}}}}')
+
+
 def _encoded_message(actor_name: str, arg: Any) -> tuple[str, str]:
-    """The message id and the encoded message (only the argument goes through the
-    encoder: the envelope is the same for every job but its id and timestamp)."""
+    """A new message id and the encoded message."""
     message_id = _uuid4()
-    text = (f'{_ENVELOPE_HEADS[actor_name]}{_encode(arg)}],"kwargs":{{}},"message_id":"{message_id}",'
-            f'"message_timestamp":{int(time.time() * 1000)},"options":{{}}}}')
-    return message_id, text
+    return message_id, _message_text(actor_name, arg, message_id, int(time.time() * 1000))
 
 
 def _with_redis_id(data: bytes, redis_id: str) -> bytes:
@@ -367,7 +422,7 @@ class Producer:
         Raises :class:`ProducerError` while buffered jobs can be neither pushed nor
         spooled (the buffer would only grow): the job is not accepted.
         """
-        job = self._build(actor_name, args)
+        job = self._build(actor_name, args, buffered=True)
         with self._cond:
             if self._closed:
                 raise ProducerError("producer is closed")
@@ -522,9 +577,17 @@ class Producer:
 
     # -- internals -----------------------------------------------------------------
 
-    def _build(self, actor_name: str, args: Sequence[Any]) -> _Job:
+    def _build(self, actor_name: str, args: Sequence[Any], *, buffered: bool = False) -> _Job:
+        """Validate and canonicalise a job and encode it (raises InvalidPayload).
+
+        A buffered job that took the plain path and is a snapshot of the caller's
+        payload (see :func:`_deferred_bound`), well under the size limit, is encoded
+        by the flusher instead: its encoding cannot fail, and the caller returns sooner.
+        """
         plain = _PLAIN.get(actor_name)
         arg = plain(args[0]) if plain is not None and len(args) == 1 else None
+        if arg is not None and buffered and 0 <= _deferred_bound(actor_name, arg) <= DEFAULT_MAX_JOB_BYTES:
+            return _Job(payloads.ACTOR_QUEUES[actor_name], _uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
         if arg is None:
             arg = payloads.normalize(actor_name, args, self.settings.export_dir)
         try:
@@ -544,7 +607,7 @@ class Producer:
             self._spool(jobs)
             return
         try:
-            self._push([(job.queue_name, job.body) for job in jobs])
+            self._push([(job.queue_name, job.encoded()) for job in jobs])
         except _REDIS_DOWN as exc:
             logger.warning("broker unreachable (%s); spooling %d job(s) to %s", exc, len(jobs), self.outbox_path)
             self._down = True
@@ -649,7 +712,7 @@ class Producer:
 
     def _spool(self, jobs: list[_Job]) -> None:
         try:
-            self._get_outbox().put((job.queue_name, job.body) for job in jobs)
+            self._get_outbox().put((job.queue_name, job.encoded()) for job in jobs)
         except Exception as exc:
             raise ProducerError(f"broker unreachable and outbox {self.outbox_path} not writable: {exc}") from exc
         self._start_forwarder()
