@@ -179,9 +179,13 @@ def _plain_bound(value: Any, depth: int, field_names: bool) -> int:
                 or (field_names and (key[0] == "$" or "." in key))
             ):
                 return -1
-            size = _plain_bound(item, depth + 1, field_names)
-            if size < 0:
-                return -1
+            if (type(item) is str and depth < DEFAULT_MAX_JSON_DEPTH and len(item) <= 4096 and item.isascii()
+                    and "\x00" not in item):
+                size = 6 * len(item) + 2  # the common short string, without the call below
+            else:
+                size = _plain_bound(item, depth + 1, field_names)
+                if size < 0:
+                    return -1
             total += 6 * len(key) + 4 + size  # "key":value,
         return total
     if kind is list or kind is tuple:

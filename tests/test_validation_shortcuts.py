@@ -39,8 +39,8 @@ def _outcome(func: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
         return "error", str(exc)
 
 
-def _nested(depth: int) -> dict[str, Any]:
-    value: dict[str, Any] = {"leaf": 1}
+def _nested(depth: int, leaf: Any = 1) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": leaf}
     for _ in range(depth):
         value = {"k": value}
     return value
@@ -55,6 +55,8 @@ EDGE_DOCUMENTS: list[Any] = [
     OrderedDict(a=1), MappingProxyType({"a": 1}), [1], "x", 3, {"k" * 1024: 1}, {"k" * 1025: 1},
     {"a": "\n\"\\\x01" * 10}, _nested(DEFAULT_MAX_JSON_DEPTH - 1), _nested(DEFAULT_MAX_JSON_DEPTH),
     _nested(DEFAULT_MAX_JSON_DEPTH + 1), {"a": [[[[]]]]}, {"a": True, "b": False},
+    _nested(DEFAULT_MAX_JSON_DEPTH - 1, "s"), _nested(DEFAULT_MAX_JSON_DEPTH, "s"), _nested(DEFAULT_MAX_JSON_DEPTH + 1, "s"),
+    {"a": "x" * 5000}, {"a": "é" * 10},
 ]
 
 
