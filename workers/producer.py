@@ -399,6 +399,8 @@ class Producer:
         self._conn: Any = None
         self._conn_pid = 0
         self._conn_lock = threading.Lock()
+        # True once the connection's current socket carried a push.
+        self._conn_proven = False
         if self.outbox_path.exists() and self._get_outbox().count():
             self._down = True
             self._start_forwarder()
@@ -498,10 +500,12 @@ class Producer:
                     raise ProducerError(f"{len(leftover)} accepted job(s) not delivered: {exc}") from exc
         finally:
             if self._client is not None:
-                with self._conn_lock:
-                    if self._conn is not None and self._conn_pid == os.getpid():
-                        self._conn.disconnect()
-                    self._conn = None
+                # A push in progress (the outbox forwarder retrying) drops it when done.
+                if self._conn_lock.acquire(blocking=False):
+                    try:
+                        self._drop_connection()
+                    finally:
+                        self._conn_lock.release()
                 self._client.close()
 
     # -- job helpers -------------------------------------------------------------
@@ -638,8 +642,23 @@ class Producer:
             try:
                 if self._conn is None or self._conn_pid != os.getpid():  # none yet, or inherited by a fork
                     self._conn, self._conn_pid = pool.connection_class(**pool.connection_kwargs), os.getpid()
-                self._enqueue_with_retry(self._conn, by_queue)
+                    self._conn_proven = False
+                conn = self._conn
+                try:
+                    self._enqueue_with_retry(conn, by_queue)
+                except redis.ConnectionError:
+                    if not self._conn_proven:
+                        raise
+                    # The server may have closed the idle connection (its timeout, a restart),
+                    # which the pool would have noticed before lending it: once more on a new
+                    # one, with new Redis ids (at worst a duplicate job, which is safe).
+                    self._conn_proven = False
+                    conn.disconnect()
+                    self._enqueue_with_retry(conn, by_queue)
+                self._conn_proven = True
             finally:
+                if self._closed:
+                    self._drop_connection()
                 self._conn_lock.release()
             return
         conn = pool.get_connection()
@@ -647,6 +666,12 @@ class Producer:
             self._enqueue_with_retry(conn, by_queue)
         finally:
             pool.release(conn)
+
+    def _drop_connection(self) -> None:
+        """Close the producer's own connection (under its lock; not one inherited by a fork)."""
+        if self._conn is not None and self._conn_pid == os.getpid():
+            self._conn.disconnect()
+        self._conn, self._conn_proven = None, False
 
     def _enqueue_with_retry(self, conn: Any, by_queue: dict[str, list[bytes]]) -> None:
         """:meth:`_enqueue_on` under the client's retry policy (reconnecting between attempts).
