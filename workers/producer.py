@@ -11,8 +11,9 @@
   raises :class:`~workers.errors.InvalidPayload` here and is never sent.
 * ``send`` pushes the job to Redis and returns its message id.
 * ``send_nowait`` (``buffered=True`` on the helpers) appends to an in-memory buffer and
-  returns; a background thread pipelines the buffer to Redis. ``flush``/``close`` wait
-  for it (``close`` is also registered with ``atexit``).
+  returns; a background thread pipelines the buffer to Redis, a burst at a time (it
+  lets jobs gather for ``DEFAULT_LINGER``, 2 ms). ``flush``/``close`` wait for it
+  (``close`` is also registered with ``atexit``).
 * The outbox: when Redis is unreachable, jobs are spooled to a SQLite file
   (``settings.outbox_path``) and forwarded, oldest first, once Redis answers again —
   also by the next producer started on the same file after a restart.
@@ -20,8 +21,12 @@
 
 Jobs are written to Redis exactly as docs/wire-contract.md describes (HSET + RPUSH,
 atomically), the same keys a non-Python producer writes; the Python producer does the
-two writes in one Lua script call per queue (one command, one reply: cheaper than a
-MULTI round trip in redis-py), also for a whole buffered batch.
+two writes in one Lua script call per queue (one command, one reply), also for a whole
+buffered batch, packed by hand and sent on a connection of its own (see ``_push``).
+
+The hot jobs (save, append, heartbeat) are validated by a plain path that accepts only
+plainly valid payloads and returns what ``payloads.normalize`` would; everything else
+goes through ``normalize`` (see ``_plain_save``).
 """
 
 from __future__ import annotations
