@@ -153,9 +153,11 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
     import os
     import uuid
 
-    from workers.producer import _uuid4
+    from workers.producer import _make_ids_ahead, _uuid4
 
+    _make_ids_ahead()  # ids made ahead by a flusher are the parent's only
     ids = [_uuid4() for _ in range(1000)]
+    _make_ids_ahead()
     assert len(set(ids)) == 1000
     assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
     read, write = os.pipe()

@@ -116,9 +116,13 @@ class _RandomBlock:
     block = b""
     at = 0
 
+    #: Ids made ahead by the flusher between its round trips (taken by any thread).
+    ready: collections.deque[str] = collections.deque()
+
     @classmethod
     def reset(cls) -> None:
         cls.lock, cls.block, cls.at = threading.Lock(), b"", 0
+        cls.ready.clear()
 
 
 os.register_at_fork(after_in_child=_RandomBlock.reset)
@@ -127,7 +131,26 @@ os.register_at_fork(after_in_child=_RandomBlock.reset)
 _PACK_COPY_LIMIT = 16 * 1024
 
 
+# Ids the flusher keeps made ahead, and makes at most per round.
+_READY_IDS, _READY_IDS_STEP = 256, 32
+
+
 def _uuid4() -> str:
+    """A fresh UUID 4 string: one made ahead by the flusher, else a new one."""
+    try:
+        return _RandomBlock.ready.popleft()
+    except IndexError:
+        return _new_uuid4()
+
+
+def _make_ids_ahead() -> None:
+    """Top up the ids made ahead (a few at a time: the flusher holds the GIL meanwhile)."""
+    ready = _RandomBlock.ready
+    for _ in range(min(_READY_IDS - len(ready), _READY_IDS_STEP)):
+        ready.append(_new_uuid4())
+
+
+def _new_uuid4() -> str:
     """Like ``str(uuid.uuid4())`` (os.urandom bytes, version and variant bits set),
     without building a :class:`uuid.UUID` or a system call per id."""
     with _RandomBlock.lock:
@@ -526,7 +549,10 @@ class Producer:
         buffered: bool = False,
     ) -> str:
         """Save a session (record or export-shaped dict) with messages to insert if new."""
-        payload = payloads.save_payload(session) if isinstance(session, ChatSession) else dict(session)
+        if isinstance(session, ChatSession):
+            payload: Any = payloads.save_payload(session)
+        else:
+            payload = dict(session) if messages else session  # validation never changes the caller's dict
         if messages:
             payload["messages"] = [payloads.message_payload(m) if isinstance(m, ChatMessage) else m for m in messages]
         return self._send(buffered, "save_session", payload)
@@ -783,6 +809,7 @@ class Producer:
                 self._failure = None
                 self._inflight = 0
                 self._cond.notify_all()
+            _make_ids_ahead()
 
     def _start_forwarder(self) -> None:
         with self._lock:
