@@ -217,3 +217,18 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
         assert producer._build("save_session", [big], buffered=True).deferred is None
     finally:
         producer.close()
+
+
+def test_now_iso_is_utcnow_isoformat(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_module
+
+    from workers import producer
+
+    for ns in (0, 1_767_268_800_000_000_000, 1_767_268_800_123_456_789, 1_767_268_799_999_999_999,
+               1_767_268_800_000_000_999, 1_767_268_800_000_001_000, 4_102_444_799_999_999_000):
+        monkeypatch.setattr(time_module, "time_ns", lambda ns=ns: ns)
+        expected = datetime.fromtimestamp(ns // 10**9, timezone.utc).replace(microsecond=ns // 1000 % 10**6)
+        assert producer._now_iso() == expected.isoformat()
+    monkeypatch.undo()
+    before = datetime.now(timezone.utc)
+    assert before <= datetime.fromisoformat(producer._now_iso()) <= datetime.now(timezone.utc)

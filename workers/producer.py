@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -198,12 +198,28 @@ def _plain_text(value: Any, max_bytes: int) -> bool:
     return type(value) is str and len(value) <= max_bytes and value.isascii() and "\x00" not in value
 
 
-def _plain_time(value: Any, now: datetime) -> datetime | None:
+class _Clock:
+    #: (a whole second since the epoch, its ISO 8601 text up to the seconds).
+    second: tuple[int, str] = (-1, "")
+
+
+def _now_iso() -> str:
+    """``utcnow().isoformat()``, the date and time formatted once a second."""
+    ns = time.time_ns()
+    second, micro = ns // 1_000_000_000, ns // 1000 % 1_000_000  # datetime.now floors too
+    cached, text = _Clock.second
+    if cached != second:
+        text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:-6]  # without +00:00
+        _Clock.second = (second, text)
+    return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"  # isoformat drops .000000
+
+
+def _plain_time(value: Any, now_iso: str) -> datetime | None:
     try:
         at = check_datetime("at", value)
     except ValidationError:
         return None
-    return None if at > now + payloads.DEFAULT_MAX_FUTURE_SKEW else at
+    return None if at > datetime.fromisoformat(now_iso) + payloads.DEFAULT_MAX_FUTURE_SKEW else at
 
 
 def _plain_metadata(value: Any) -> dict[str, Any] | None:
@@ -213,7 +229,7 @@ def _plain_metadata(value: Any) -> dict[str, Any] | None:
         return None
 
 
-def _plain_messages(session_id: str, items: Any, now: datetime, now_iso: str) -> list[dict[str, Any]] | None:
+def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str, Any]] | None:
     if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
         return None
     out: list[dict[str, Any]] = []
@@ -229,7 +245,7 @@ def _plain_messages(session_id: str, items: Any, now: datetime, now_iso: str) ->
         if created is _MISSING:
             created_iso = now_iso
         else:
-            created = _plain_time(created, now)
+            created = _plain_time(created, now_iso)
             if created is None:
                 return None
             created_iso = created.isoformat()
@@ -251,23 +267,25 @@ def _plain_save(payload: Any) -> dict[str, Any] | None:
     if (not _plain_id(session_id) or not _plain_text(model, MAX_MODEL_LENGTH)
             or type(status) is not str or status not in SESSION_STATUSES):
         return None
-    now = utcnow()
-    now_iso = now.isoformat()
+    now_iso = _now_iso()
     created = payload.get("created_at", _MISSING)
-    created = now if created is _MISSING else _plain_time(created, now)
-    if created is None:
-        return None
-    created_iso = now_iso if created is now else created.isoformat()
+    if created is _MISSING:
+        created_iso = now_iso
+    else:
+        created = _plain_time(created, now_iso)
+        if created is None:
+            return None
+        created_iso = created.isoformat()
     updated = payload.get("updated_at")
     if updated is None:
         updated_iso = created_iso
     else:
-        updated = _plain_time(updated, now)
-        if updated is None or updated < created:
+        updated = _plain_time(updated, now_iso)
+        if updated is None or updated < datetime.fromisoformat(created_iso):
             return None
         updated_iso = updated.isoformat()
     metadata = _plain_metadata(payload.get("metadata"))
-    messages = _plain_messages(session_id, payload.get("messages", []), now, now_iso)
+    messages = _plain_messages(session_id, payload.get("messages", []), now_iso)
     if metadata is None or messages is None:
         return None
     return {"session_id": session_id, "model": model, "created_at": created_iso,
@@ -277,15 +295,14 @@ def _plain_save(payload: Any) -> dict[str, Any] | None:
 def _plain_append(payload: Any) -> dict[str, Any] | None:
     if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
         return None
-    now = utcnow()
-    messages = _plain_messages(payload["session_id"], payload["messages"], now, now.isoformat())
+    messages = _plain_messages(payload["session_id"], payload["messages"], _now_iso())
     return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
 
 
 def _plain_heartbeat(payload: Any) -> dict[str, Any] | None:
     if type(payload) is not dict or payload.keys() != _PLAIN_EVENT_FIELDS or not _plain_id(payload["mcp_session_id"]):
         return None
-    at = _plain_time(payload["at"], utcnow())
+    at = _plain_time(payload["at"], _now_iso())
     return None if at is None else {"mcp_session_id": payload["mcp_session_id"], "at": at.isoformat()}
 
 
