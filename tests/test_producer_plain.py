@@ -130,10 +130,24 @@ def test_plain_path_agrees_with_normalize_on_random_mutations(actor: str, base: 
     assert handled > 300 and refused > 300
 
 
+class _Same:
+    """Equal to a string without being one."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
 @pytest.mark.parametrize("payload", [
     "not a dict", ["x"], {"session_id": "s", "messages": ({"message_id": "m", "role": "user", "content": "x"},)},
     {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x", "session_id": "other"}]},
     {"session_id": "s", "created_at": T, "updated_at": "2025-01-01T00:00:00+00:00"},
+    {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x", "session_id": _Same("s")}]},
     {"session_id": "s", "messages": [_message(i) for i in range(payloads.DEFAULT_MAX_MESSAGES_PER_JOB + 1)]},
 ])
 def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:

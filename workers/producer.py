@@ -239,7 +239,8 @@ def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str,
         message_id, role, content = item.get("message_id"), item.get("role"), item.get("content")
         if (not _plain_id(message_id) or type(role) is not str or role not in MESSAGE_ROLES
                 or not _plain_text(content, DEFAULT_MAX_CONTENT_BYTES)
-                or item.get("session_id", session_id) != session_id):
+                or (item.get("session_id", session_id) is not session_id
+                    and (type(item["session_id"]) is not str or item["session_id"] != session_id))):
             return None
         created = item.get("created_at", _MISSING)
         if created is _MISSING:
@@ -670,10 +671,11 @@ class Producer:
         one atomic script call (HSET + RPUSH of every job, as the wire contract says).
 
         The script calls of all queues are written in one send and their replies read
-        back on one pooled connection (no MULTI, no client-side command machinery).
-        Connection errors are retried as the client's ``retry`` policy says, every
-        attempt with fresh Redis ids (a push whose reply was lost may have landed: its
-        retry must not push the same id twice).
+        back on the producer's own connection (a pooled one while another thread holds
+        it), without redis-py's command machinery. Connection errors are retried as the
+        client's ``retry`` policy says (and once more when the server dropped a proven
+        connection), every attempt with fresh Redis ids (a push whose reply was lost
+        may have landed: its retry must not push the same id twice).
         """
         if self._broker is not None:
             from dramatiq import Message
@@ -726,8 +728,7 @@ class Producer:
 
         The producer's own connection is only ever used under its lock and for whole
         request/reply exchanges (redis-py disconnects it on any error mid-reply), so
-        unlike a pooled one it never holds stale replies; a connection the server
-        closed fails the attempt, which is retried on a new one.
+        unlike a pooled one it never holds stale replies.
         """
         conn.retry.call_with_retry(lambda: self._enqueue_on(conn, by_queue), lambda _error: conn.disconnect())
 
