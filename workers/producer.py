@@ -420,7 +420,7 @@ class Producer:
         self._buffer: collections.deque[_Job] = collections.deque()
         self._inflight = 0
         # True while the flusher waits for an empty buffer to fill (it needs a notify);
-        # flushers_waiting counts flush() calls waiting (the flusher then does not linger).
+        # _flush_waiters counts flush() calls waiting (the flusher then does not linger).
         self._flusher_idle = False
         self._flush_waiters = 0
         self._flusher: threading.Thread | None = None
