@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ValidationError
 
@@ -28,9 +28,6 @@ DEFAULT_MAX_JSON_DEPTH = 32
 MIN_DATETIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_DATETIME = datetime(2200, 1, 1, tzinfo=timezone.utc)
 
-# Ids are visible ASCII (0x21-0x7E), the alphabet MCP allows for Mcp-Session-Id.
-_ID_RE = re.compile(r"[\x21-\x7e]+")
-
 
 def check_id(name: str, value: Any) -> str:
     """An identifier: a non-empty string of visible ASCII, at most 255 characters."""
@@ -40,7 +37,8 @@ def check_id(name: str, value: Any) -> str:
         raise ValidationError(f"{name} must not be empty")
     if len(value) > DEFAULT_MAX_ID_LENGTH:
         raise ValidationError(f"{name} is {len(value)} characters long; the limit is {DEFAULT_MAX_ID_LENGTH}")
-    if not _ID_RE.fullmatch(value):
+    # Visible ASCII (0x21-0x7E, the alphabet MCP allows for Mcp-Session-Id): printable ASCII but space.
+    if not (value.isascii() and value.isprintable() and " " not in value):
         raise ValidationError(f"{name} must contain only visible ASCII characters (0x21-0x7E)")
     return value
 
@@ -51,10 +49,13 @@ def check_text(name: str, value: Any, *, max_bytes: int = DEFAULT_MAX_CONTENT_BY
         raise ValidationError(f"{name} must be a string, got {type(value).__name__}")
     if not allow_empty and not value:
         raise ValidationError(f"{name} must not be empty")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} is not valid UTF-8 (it contains a lone surrogate)") from None
+    if value.isascii():  # one byte per character, no surrogates: no need to encode
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValidationError(f"{name} is not valid UTF-8 (it contains a lone surrogate)") from None
     if size > max_bytes:
         raise ValidationError(f"{name} is {size} bytes; the limit is {max_bytes}")
     if "\x00" in value:
@@ -117,6 +118,15 @@ def check_json_object(
     """
     if value is None or (type(value) is dict and not value):  # the common empty case, cheaply
         return {}
+    if type(value) is dict and 0 <= _plain_bound(value, 0, field_names) <= max_bytes:
+        return dict(value)  # plainly valid: the full check would pass it unchanged
+    return _check_json_object_full(name, value, max_bytes, field_names)
+
+
+def _check_json_object_full(name: str, value: Any, max_bytes: int, field_names: bool) -> dict[str, Any]:
+    """:func:`check_json_object` without its shortcuts: walks every value and encodes it."""
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
         raise ValidationError(f"{name} must be a JSON object, got {type(value).__name__}")
     _check_json_value(name, value, 0, field_names)
@@ -132,6 +142,60 @@ def check_json_object(
 def check_optional_json_object(name: str, value: Any, *, field_names: bool = True) -> dict[str, Any] | None:
     """Like :func:`check_json_object`, but ``None`` stays ``None``."""
     return None if value is None else check_json_object(name, value, field_names=field_names)
+
+
+# Longest compact JSON of an int in the 64-bit range, of a finite float (repr), of true/false/null.
+_INT_JSON_MAX, _FLOAT_JSON_MAX, _CONST_JSON_MAX = 20, 24, 5
+
+
+def _plain_bound(value: Any, depth: int, field_names: bool) -> int:
+    """An upper bound of the compact JSON size of ``value`` when it is made of exact
+    built-in JSON types (dict, list, tuple, str, int, float, bool, None) and passes
+    every check of :func:`_check_json_value`; -1 otherwise (the full check decides,
+    and words the error). A string takes at most 6 bytes a character (``\\u00XX``).
+    """
+    if depth > DEFAULT_MAX_JSON_DEPTH:
+        return -1
+    kind = type(value)
+    if kind is str:
+        if len(value) > DEFAULT_MAX_CONTENT_BYTES or "\x00" in value or not value.isascii():
+            return -1
+        return 6 * len(value) + 2
+    if kind is int:
+        return _INT_JSON_MAX if -(2**63) < value < 2**63 else -1
+    if value is None or kind is bool:
+        return _CONST_JSON_MAX
+    if kind is float:
+        return _FLOAT_JSON_MAX if math.isfinite(value) else -1
+    total = 2
+    if kind is dict:
+        for key, item in value.items():
+            if (
+                type(key) is not str
+                or not key
+                or len(key) > 1024
+                or "\x00" in key
+                or not key.isascii()
+                or (field_names and (key[0] == "$" or "." in key))
+            ):
+                return -1
+            if (type(item) is str and depth < DEFAULT_MAX_JSON_DEPTH and len(item) <= 4096 and item.isascii()
+                    and "\x00" not in item):
+                size = 6 * len(item) + 2  # the common short string, without the call below
+            else:
+                size = _plain_bound(item, depth + 1, field_names)
+                if size < 0:
+                    return -1
+            total += 6 * len(key) + 4 + size  # "key":value,
+        return total
+    if kind is list or kind is tuple:
+        for item in value:
+            size = _plain_bound(item, depth + 1, field_names)
+            if size < 0:
+                return -1
+            total += size + 1
+        return total
+    return -1
 
 
 def _check_json_value(path: str, value: Any, depth: int, field_names: bool) -> None:

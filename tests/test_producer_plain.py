@@ -1,0 +1,248 @@
+"""The producer's plain path returns exactly what ``payloads.normalize`` returns, or
+steps aside (pure logic, no services).
+
+``workers.producer`` canonicalises common, plainly valid save / append / heartbeat
+payloads without building records; for anything else (a bad payload included) it
+returns None and the producer calls ``normalize``, which raises the specific error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from workers import payloads
+from workers.errors import InvalidPayload
+from workers.producer import _PLAIN
+
+NOW_KEYS = ("created_at", "updated_at", "at")
+
+
+def _normalize(actor: str, payload: Any) -> tuple[str, Any]:
+    try:
+        return "ok", payloads.normalize(actor, [payload])
+    except InvalidPayload as exc:
+        return "error", str(exc)
+
+
+def _mask_now(value: Any) -> Any:
+    """Timestamps within a minute of now (defaults) replaced by "NOW"."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key in NOW_KEYS and isinstance(item, str):
+                at = datetime.fromisoformat(item)
+                if abs(at - datetime.now(timezone.utc)) < timedelta(minutes=1):
+                    item = "NOW"
+            out[key] = _mask_now(item)
+        return out
+    if isinstance(value, list):
+        return [_mask_now(item) for item in value]
+    return value
+
+
+def _check(actor: str, payload: Any) -> bool:
+    """Plain path and normalize agree; True when the plain path handled it."""
+    before = copy.deepcopy(payload)
+    plain = _PLAIN[actor](payload)
+    assert payload == before  # the caller's payload is not touched
+    outcome, expected = _normalize(actor, payload)
+    if plain is None:
+        return False
+    assert outcome == "ok", f"plain path accepted what normalize refuses: {expected}"
+    assert _mask_now(plain) == _mask_now(expected)
+    assert list(plain) == list(expected)  # same key order, so the same JSON bytes
+    for got, want in zip(plain.get("messages", []), expected.get("messages", [])):
+        assert list(got) == list(want)
+    return True
+
+
+def _message(i: int, **extra: Any) -> dict[str, Any]:
+    return {"message_id": f"m{i}", "role": "user" if i % 2 else "assistant", "content": f"text {i}", **extra}
+
+
+T = "2026-01-01T12:00:00+00:00"
+VALID_SAVES: list[dict[str, Any]] = [
+    {"session_id": "s"},
+    {"session_id": "s", "model": "m", "metadata": {"client": "x", "i": 1}, "messages": [_message(1), _message(2)]},
+    {"session_id": "s", "created_at": T, "updated_at": "2026-01-01T12:05:00Z", "status": "archived"},
+    {"session_id": "s", "created_at": datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=2)))},
+    {"session_id": "s", "updated_at": None, "metadata": None, "messages": []},
+    {"session_id": "s", "messages": [_message(1, created_at=T, metadata={"tokens": 3}, session_id="s")]},
+    {"session_id": "s", "messages": [_message(1, metadata={})]},
+    {"session_id": "s", "model": "é", "messages": [_message(1, content="héllo")]},
+]
+
+
+@pytest.mark.parametrize("payload", VALID_SAVES, ids=range(len(VALID_SAVES)))
+def test_plain_save_matches_normalize(payload: dict[str, Any]) -> None:
+    _check("save_session", payload)
+
+
+def test_the_plain_path_takes_the_common_shapes() -> None:
+    assert _check("save_session", VALID_SAVES[1])
+    assert _check("save_session", VALID_SAVES[2])
+    assert _check("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]})
+    assert _check("heartbeat", {"mcp_session_id": "mcp-1", "at": datetime.now(timezone.utc)})
+
+
+def _mutations(rng: random.Random, base: Any) -> Any:
+    """A copy of ``base`` with one random field set to an odd or bad value."""
+    value = copy.deepcopy(base)
+    odd: list[Any] = [None, "", " ", "a b", "x" * 256, "x\x00", "é", 3, 2.5, True, [], {}, ["x"], T,
+                      "2999-01-01T00:00:00+00:00", "2026-01-01T00:00:00", "yesterday", "\ud800",
+                      datetime(2026, 1, 1), datetime(2026, 1, 1, tzinfo=timezone.utc), "robot", "user",
+                      "active", {"a.b": 1}, {"$x": 1}, {"ok": [1, {"n": None}]}, "1969-12-31T23:59:59+00:00",
+                      (datetime.now(timezone.utc) + timedelta(days=2)).isoformat(),
+                      datetime.now(timezone.utc) + timedelta(hours=12), "2025-06-01T00:00:00-05:00"]
+    targets: list[dict[str, Any]] = [value]
+    for m in value.get("messages", []) if isinstance(value.get("messages"), list) else []:
+        if isinstance(m, dict):
+            targets.append(m)
+    target = rng.choice(targets)
+    keys = list(target) + ["created_at", "updated_at", "metadata", "status", "model", "session_id", "extra", "seq"]
+    key = rng.choice(keys)
+    if rng.random() < 0.1:
+        target.pop(key, None)
+    else:
+        target[key] = rng.choice(odd)
+    return value
+
+
+@pytest.mark.parametrize("actor,base", [
+    ("save_session", VALID_SAVES[1]),
+    ("save_session", VALID_SAVES[5]),
+    ("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]}),
+    ("heartbeat", {"mcp_session_id": "mcp-1", "at": T}),
+])
+def test_plain_path_agrees_with_normalize_on_random_mutations(actor: str, base: Any) -> None:
+    rng = random.Random(f"{actor}{len(str(base))}")
+    handled = refused = 0
+    for _ in range(3000):
+        payload = _mutations(rng, base)
+        handled += _check(actor, payload)
+        refused += _normalize(actor, payload)[0] == "error"
+    assert handled > 300 and refused > 300
+
+
+class _Same:
+    """Equal to a string without being one."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+@pytest.mark.parametrize("payload", [
+    "not a dict", ["x"], {"session_id": "s", "messages": ({"message_id": "m", "role": "user", "content": "x"},)},
+    {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x", "session_id": "other"}]},
+    {"session_id": "s", "created_at": T, "updated_at": "2025-01-01T00:00:00+00:00"},
+    {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x", "session_id": _Same("s")}]},
+    {"session_id": "s", "messages": [_message(i) for i in range(payloads.DEFAULT_MAX_MESSAGES_PER_JOB + 1)]},
+])
+def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
+    assert _PLAIN["save_session"](payload) is None
+
+
+def test_message_encoding_is_json_dumps_compact() -> None:
+    from workers.producer import _encode
+
+    values: list[dict[str, Any]] = [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
+                                    {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]
+    for value in values:
+        assert _encode(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
+    import os
+    import uuid
+
+    from workers.producer import _make_ids_ahead, _uuid4
+
+    _make_ids_ahead()  # ids made ahead by a flusher are the parent's only
+    ids = [_uuid4() for _ in range(1000)]
+    _make_ids_ahead()
+    assert len(set(ids)) == 1000
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the next ids it draws, while the parent draws its own
+        os.write(write, ",".join(_uuid4() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    mine = {_uuid4() for _ in range(50)}
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split(","))
+    os.waitpid(pid, 0)
+    assert len(theirs) == 50 and not mine & theirs
+
+
+@pytest.mark.parametrize("actor", sorted(payloads.ACTOR_QUEUES))
+def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
+    from workers.producer import _encode, _encoded_message
+
+    for arg in ({"session_id": "s", "messages": [{"content": "é\n"}]}, "expire_sessions", {}):
+        message_id, text = _encoded_message(actor, arg)
+        decoded = json.loads(text)
+        expected = {"queue_name": payloads.ACTOR_QUEUES[actor], "actor_name": actor, "args": [arg], "kwargs": {},
+                    "message_id": message_id, "message_timestamp": decoded["message_timestamp"], "options": {}}
+        assert text == _encode(expected)
+        assert text.endswith('"options":{}}')
+
+
+def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_path: Any) -> None:
+    from workers.producer import Producer
+
+    producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
+    try:
+        meta = {"client": "x", "n": 1, "f": 0.5, "ok": True, "none": None}
+        payload = {"session_id": "s", "model": "m", "created_at": T, "metadata": meta,
+                   "messages": [_message(1, created_at=T, metadata=dict(meta)), _message(2, created_at=T)]}
+        now = producer._build("save_session", [payload])
+        later = producer._build("save_session", [payload], buffered=True)
+        assert now.deferred is None and later.deferred is not None and later.body == b""
+        expected = json.loads(now.encoded())
+        # The caller changes its payload after the call: the buffered job does not see it.
+        meta["client"] = "changed"
+        payload["messages"][0]["content"] = "changed"  # type: ignore[index]
+        payload["messages"].append(_message(3))  # type: ignore[attr-defined]
+        got = json.loads(later.encoded())
+        for message in (expected, got):
+            message.pop("message_id"), message.pop("message_timestamp")
+        assert got == expected
+        text = later.encoded().decode()
+        assert text == json.dumps(json.loads(text), separators=(",", ":"))  # key order kept, compact
+        # Nested containers in metadata could still change: such a job is encoded at once.
+        nested = producer._build("save_session", [{"session_id": "s", "metadata": {"tags": ["a"]}}], buffered=True)
+        assert nested.deferred is None
+        # So is anything off the plain path, and a job near the size limit.
+        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).deferred is None
+        big = {"session_id": "s", "messages": [_message(1, content="x" * (2 * 1024 * 1024))]}
+        assert producer._build("save_session", [big], buffered=True).deferred is None
+    finally:
+        producer.close()
+
+
+def test_now_iso_is_utcnow_isoformat(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as time_module
+
+    from workers import producer
+
+    for ns in (0, 1_767_268_800_000_000_000, 1_767_268_800_123_456_789, 1_767_268_799_999_999_999,
+               1_767_268_800_000_000_999, 1_767_268_800_000_001_000, 4_102_444_799_999_999_000):
+        monkeypatch.setattr(time_module, "time_ns", lambda ns=ns: ns)
+        expected = datetime.fromtimestamp(ns // 10**9, timezone.utc).replace(microsecond=ns // 1000 % 10**6)
+        assert producer._now_iso() == expected.isoformat()
+    monkeypatch.undo()
+    before = datetime.now(timezone.utc)
+    assert before <= datetime.fromisoformat(producer._now_iso()) <= datetime.now(timezone.utc)
