@@ -18,7 +18,7 @@ import pytest
 
 from workers import payloads
 from workers.errors import InvalidPayload
-from workers.producer import _PLAIN
+from workers.producer_plain import PLAIN
 
 NOW_KEYS = ("created_at", "updated_at", "at")
 
@@ -49,7 +49,7 @@ def _mask_now(value: Any) -> Any:
 def _check(actor: str, payload: Any) -> bool:
     """Plain path and normalize agree; True when the plain path handled it."""
     before = copy.deepcopy(payload)
-    plain = _PLAIN[actor](payload)
+    plain = PLAIN[actor](payload)
     assert payload == before  # the caller's payload is not touched
     outcome, expected = _normalize(actor, payload)
     if plain is None:
@@ -151,36 +151,36 @@ class _Same:
     {"session_id": "s", "messages": [_message(i) for i in range(payloads.DEFAULT_MAX_MESSAGES_PER_JOB + 1)]},
 ])
 def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
-    assert _PLAIN["save_session"](payload) is None
+    assert PLAIN["save_session"](payload) is None
 
 
 def test_message_encoding_is_json_dumps_compact() -> None:
-    from workers.producer import _encode
+    from workers.wire_codec import encode
 
     values: list[dict[str, Any]] = [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
                                     {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]
     for value in values:
-        assert _encode(value) == json.dumps(value, separators=(",", ":"))
+        assert encode(value) == json.dumps(value, separators=(",", ":"))
 
 
 def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
     import os
     import uuid
 
-    from workers.producer import _make_ids_ahead, _uuid4
+    from workers.wire_codec import make_ids_ahead, uuid4
 
-    _make_ids_ahead()  # ids made ahead by a flusher are the parent's only
-    ids = [_uuid4() for _ in range(1000)]
-    _make_ids_ahead()
+    make_ids_ahead()  # ids made ahead by a flusher are the parent's only
+    ids = [uuid4() for _ in range(1000)]
+    make_ids_ahead()
     assert len(set(ids)) == 1000
     assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: the next ids it draws, while the parent draws its own
-        os.write(write, ",".join(_uuid4() for _ in range(50)).encode())
+        os.write(write, ",".join(uuid4() for _ in range(50)).encode())
         os._exit(0)
     os.close(write)
-    mine = {_uuid4() for _ in range(50)}
+    mine = {uuid4() for _ in range(50)}
     with os.fdopen(read) as pipe:
         theirs = set(pipe.read().split(","))
     os.waitpid(pid, 0)
@@ -189,14 +189,14 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
 
 @pytest.mark.parametrize("actor", sorted(payloads.ACTOR_QUEUES))
 def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
-    from workers.producer import _encode, _encoded_message
+    from workers.wire_codec import encode, encoded_message
 
     for arg in ({"session_id": "s", "messages": [{"content": "é\n"}]}, "expire_sessions", {}):
-        message_id, text = _encoded_message(actor, arg)
+        message_id, text = encoded_message(actor, arg)
         decoded = json.loads(text)
         expected = {"queue_name": payloads.ACTOR_QUEUES[actor], "actor_name": actor, "args": [arg], "kwargs": {},
                     "message_id": message_id, "message_timestamp": decoded["message_timestamp"], "options": {}}
-        assert text == _encode(expected)
+        assert text == encode(expected)
         assert text.endswith('"options":{}}')
 
 
@@ -236,13 +236,13 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
 def test_now_iso_is_utcnow_isoformat(monkeypatch: pytest.MonkeyPatch) -> None:
     import time as time_module
 
-    from workers import producer
+    from workers import producer_plain
 
     for ns in (0, 1_767_268_800_000_000_000, 1_767_268_800_123_456_789, 1_767_268_799_999_999_999,
                1_767_268_800_000_000_999, 1_767_268_800_000_001_000, 4_102_444_799_999_999_000):
         monkeypatch.setattr(time_module, "time_ns", lambda ns=ns: ns)
         expected = datetime.fromtimestamp(ns // 10**9, timezone.utc).replace(microsecond=ns // 1000 % 10**6)
-        assert producer._now_iso() == expected.isoformat()
+        assert producer_plain.utc_now_iso() == expected.isoformat()
     monkeypatch.undo()
     before = datetime.now(timezone.utc)
-    assert before <= datetime.fromisoformat(producer._now_iso()) <= datetime.now(timezone.utc)
+    assert before <= datetime.fromisoformat(producer_plain.utc_now_iso()) <= datetime.now(timezone.utc)

@@ -22,37 +22,49 @@
 Jobs are written to Redis exactly as docs/wire-contract.md describes (HSET + RPUSH,
 atomically), the same keys a non-Python producer writes; the Python producer does the
 two writes in one Lua script call per queue (one command, one reply), also for a whole
-buffered batch, packed by hand and sent on a connection of its own (see ``_push``).
+buffered batch, packed by hand (``workers.wire_codec``) and sent on a connection of its own (``_push``).
 
 The hot jobs (save, append, heartbeat) are validated by a plain path that accepts only
 plainly valid payloads and returns what ``payloads.normalize`` would; everything else
-goes through ``normalize`` (see ``_plain_save``).
+goes through ``normalize`` (``workers.producer_plain``).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import redis
 
-from models import AgentState, ChatMessage, ChatSession, FileRecord, Settings, TransportSession, utcnow
-from models.errors import ValidationError
-from models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
-from models.validation import DEFAULT_MAX_CONTENT_BYTES, DEFAULT_MAX_ID_LENGTH, check_datetime, check_json_object
+from models import (
+    AgentState,
+    ChatMessage,
+    ChatSession,
+    FileRecord,
+    Settings,
+    TransportSession,
+    utcnow,
+)
 
 from . import payloads
 from .errors import InvalidPayload, ProducerError
 from .outbox import Outbox
+from .producer_plain import PLAIN, deferred_bound
+from .wire_codec import (
+    PackedEnqueue,
+    encoded_message,
+    make_ids_ahead,
+    message_text,
+    uuid4,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,239 +89,6 @@ DEFAULT_MAX_JOB_BYTES = 16 * 1024 * 1024
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-# Encoded messages end with their (empty) options, so that the Redis id can be
-# appended to the bytes at push time instead of decoding and re-encoding the JSON.
-_OPTIONS_TAIL = b'"options":{}}'
-# Atomic HSET + RPUSH of (redis id, message) pairs: KEYS = hash, list; ARGV = id, body, ...
-# (the same writes as the MULTI of docs/wire-contract.md, in one command and one reply).
-_ENQUEUE_LUA = """
-for i = 1, #ARGV, 2 do
-  redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('rpush', KEYS[2], ARGV[i])
-end
-return #ARGV / 2
-"""
-_ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_LUA.encode()).hexdigest()
-
-
-# The message encoder: ``json.dumps(message, separators=(",", ":"))``, with the C
-# encoder built once (no circular-reference markers: a validated payload is a tree).
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-_MAKE_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
-_C_ENCODER = (
-    None if _MAKE_C_ENCODER is None
-    else _MAKE_C_ENCODER(None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-)
-
-
-def _encode(message: Any) -> str:
-    return _ENCODER.encode(message) if _C_ENCODER is None else "".join(_C_ENCODER(message, 0))
-
-
-# Random bytes for UUIDs, drawn from os.urandom a block at a time (one system call per
-# 256 ids); reset in a forked child so that parent and child never share ids.
-_RANDOM_BLOCK = 16 * 256
-
-
-class _RandomBlock:
-    lock = threading.Lock()
-    block = b""
-    at = 0
-
-    #: Ids made ahead by the flusher between its round trips (taken by any thread).
-    ready: collections.deque[str] = collections.deque()
-
-    @classmethod
-    def reset(cls) -> None:
-        cls.lock, cls.block, cls.at = threading.Lock(), b"", 0
-        cls.ready.clear()
-
-
-os.register_at_fork(after_in_child=_RandomBlock.reset)
-
-# Bodies up to this size are copied into the packed command; bigger ones are sent as is.
-_PACK_COPY_LIMIT = 16 * 1024
-
-
-# Ids the flusher keeps made ahead, and makes at most per round.
-_READY_IDS, _READY_IDS_STEP = 256, 32
-
-
-def _uuid4() -> str:
-    """A fresh UUID 4 string: one made ahead by the flusher, else a new one."""
-    try:
-        return _RandomBlock.ready.popleft()
-    except IndexError:
-        return _new_uuid4()
-
-
-def _make_ids_ahead() -> None:
-    """Top up the ids made ahead (a few at a time: the flusher holds the GIL meanwhile)."""
-    ready = _RandomBlock.ready
-    for _ in range(min(_READY_IDS - len(ready), _READY_IDS_STEP)):
-        ready.append(_new_uuid4())
-
-
-def _new_uuid4() -> str:
-    """Like ``str(uuid.uuid4())`` (os.urandom bytes, version and variant bits set),
-    without building a :class:`uuid.UUID` or a system call per id."""
-    with _RandomBlock.lock:
-        at = _RandomBlock.at
-        if at >= len(_RandomBlock.block):
-            _RandomBlock.block, at = os.urandom(_RANDOM_BLOCK), 0
-        _RandomBlock.at = at + 16
-        raw = bytearray(_RandomBlock.block[at:at + 16])
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _bulk(data: bytes) -> bytes:
-    """One RESP bulk string."""
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-# -- the plain path: common, plainly valid payloads canonicalised without records ----------
-#
-# ``payloads.normalize`` builds the records (which validate) and turns them back into
-# JSON; for the hot jobs the producer first tries the functions below, which accept
-# only payloads made of exact built-in types that pass every check with room to spare,
-# and return exactly what ``normalize`` returns for them (tests/test_producer_plain.py
-# compares both). Anything else -- a bad payload included -- returns None and goes
-# through ``normalize``, which raises the specific error. Only fields ``payloads``
-# still accepts are handled here. One difference, on purpose: a job's defaulted
-# timestamps ("now") are one clock reading, not one per record microseconds apart.
-_MISSING: Any = object()
-_PLAIN_SAVE_FIELDS = payloads._SESSION_FIELDS & {
-    "session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
-_PLAIN_MESSAGE_FIELDS = payloads._MESSAGE_FIELDS & {
-    "message_id", "session_id", "role", "content", "created_at", "metadata"}
-_PLAIN_APPEND_FIELDS = {"session_id", "messages"}
-_PLAIN_EVENT_FIELDS = {"mcp_session_id", "at"}
-
-
-def _plain_id(value: Any) -> bool:
-    return (type(value) is str and 0 < len(value) <= DEFAULT_MAX_ID_LENGTH and value.isascii()
-            and value.isprintable() and " " not in value)
-
-
-def _plain_text(value: Any, max_bytes: int) -> bool:
-    return type(value) is str and len(value) <= max_bytes and value.isascii() and "\x00" not in value
-
-
-class _Clock:
-    #: (a whole second since the epoch, its ISO 8601 text up to the seconds).
-    second: tuple[int, str] = (-1, "")
-
-
-def _now_iso() -> str:
-    """``utcnow().isoformat()``, the date and time formatted once a second."""
-    ns = time.time_ns()
-    second, micro = ns // 1_000_000_000, ns // 1000 % 1_000_000  # datetime.now floors too
-    cached, text = _Clock.second
-    if cached != second:
-        text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:-6]  # without +00:00
-        _Clock.second = (second, text)
-    return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"  # isoformat drops .000000
-
-
-def _plain_time(value: Any, now_iso: str) -> datetime | None:
-    try:
-        at = check_datetime("at", value)
-    except ValidationError:
-        return None
-    return None if at > datetime.fromisoformat(now_iso) + payloads.DEFAULT_MAX_FUTURE_SKEW else at
-
-
-def _plain_metadata(value: Any) -> dict[str, Any] | None:
-    try:
-        return check_json_object("metadata", value)
-    except ValidationError:
-        return None
-
-
-def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str, Any]] | None:
-    if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
-        return None
-    out: list[dict[str, Any]] = []
-    for item in items:
-        if type(item) is not dict or not item.keys() <= _PLAIN_MESSAGE_FIELDS:
-            return None
-        message_id, role, content = item.get("message_id"), item.get("role"), item.get("content")
-        if (not _plain_id(message_id) or type(role) is not str or role not in MESSAGE_ROLES
-                or not _plain_text(content, DEFAULT_MAX_CONTENT_BYTES)
-                or (item.get("session_id", session_id) is not session_id
-                    and (type(item["session_id"]) is not str or item["session_id"] != session_id))):
-            return None
-        created = item.get("created_at", _MISSING)
-        if created is _MISSING:
-            created_iso = now_iso
-        else:
-            created = _plain_time(created, now_iso)
-            if created is None:
-                return None
-            created_iso = created.isoformat()
-        metadata = _plain_metadata(item.get("metadata"))
-        if metadata is None:
-            return None
-        message = {"message_id": message_id, "role": role, "content": content, "created_at": created_iso}
-        if metadata:
-            message["metadata"] = metadata
-        out.append(message)
-    return out
-
-
-def _plain_save(payload: Any) -> dict[str, Any] | None:
-    if type(payload) is not dict or not payload.keys() <= _PLAIN_SAVE_FIELDS:
-        return None
-    session_id: str = payload.get("session_id")  # type: ignore[assignment]  # checked next
-    model, status = payload.get("model", ""), payload.get("status", "active")
-    if (not _plain_id(session_id) or not _plain_text(model, MAX_MODEL_LENGTH)
-            or type(status) is not str or status not in SESSION_STATUSES):
-        return None
-    now_iso = _now_iso()
-    created = payload.get("created_at", _MISSING)
-    if created is _MISSING:
-        created_iso = now_iso
-    else:
-        created = _plain_time(created, now_iso)
-        if created is None:
-            return None
-        created_iso = created.isoformat()
-    updated = payload.get("updated_at")
-    if updated is None:
-        updated_iso = created_iso
-    else:
-        updated = _plain_time(updated, now_iso)
-        if updated is None or updated < datetime.fromisoformat(created_iso):
-            return None
-        updated_iso = updated.isoformat()
-    metadata = _plain_metadata(payload.get("metadata"))
-    messages = _plain_messages(session_id, payload.get("messages", []), now_iso)
-    if metadata is None or messages is None:
-        return None
-    return {"session_id": session_id, "model": model, "created_at": created_iso,
-            "updated_at": updated_iso, "status": status, "metadata": metadata, "messages": messages}
-
-
-def _plain_append(payload: Any) -> dict[str, Any] | None:
-    if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
-        return None
-    messages = _plain_messages(payload["session_id"], payload["messages"], _now_iso())
-    return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
-
-
-def _plain_heartbeat(payload: Any) -> dict[str, Any] | None:
-    if type(payload) is not dict or payload.keys() != _PLAIN_EVENT_FIELDS or not _plain_id(payload["mcp_session_id"]):
-        return None
-    at = _plain_time(payload["at"], _now_iso())
-    return None if at is None else {"mcp_session_id": payload["mcp_session_id"], "at": at.isoformat()}
-
-
-_PLAIN = {"save_session": _plain_save, "append_messages": _plain_append, "heartbeat": _plain_heartbeat}
-
-
 class _Job(NamedTuple):
     """A validated job: its queue, message id and message JSON (no Redis id), encoded
     once -- by the caller, or for a buffered plain job by the flusher (``deferred``)."""
@@ -325,78 +104,7 @@ class _Job(NamedTuple):
         if self.deferred is None:
             return self.body
         actor_name, arg, timestamp = self.deferred
-        return _message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
-
-
-_NOT_CONTAINERS = frozenset({str, int, float, bool, type(None)})
-# Bytes of JSON per character of a string at most (an astral character: two \uXXXX).
-_JSON_BYTES_PER_CHAR = 12
-
-
-def _flat_bound(document: dict[str, Any]) -> int:
-    """An upper bound of the JSON size of a checked document whose values are all
-    scalars (-1 if one is a container, which the caller could still change)."""
-    size = 2
-    for key, value in document.items():
-        kind = type(value)
-        if kind not in _NOT_CONTAINERS:
-            return -1
-        size += _JSON_BYTES_PER_CHAR * (len(key) + (len(value) if kind is str else 3)) + 8
-    return size
-
-
-def _deferred_bound(actor_name: str, arg: dict[str, Any]) -> int:
-    """An upper bound of the encoded size of a plain path's argument, or -1 if encoding
-    it later could see the caller's changes (nested containers in metadata).
-
-    Every container of a plain argument is the plain path's own, except the values of
-    the metadata copies: with scalar values only, the argument is a snapshot.
-    """
-    size = 256
-    for message in arg.get("messages", ()):
-        meta = _flat_bound(message["metadata"]) if "metadata" in message else 0
-        if meta < 0:
-            return -1
-        size += meta + _JSON_BYTES_PER_CHAR * (len(message["message_id"]) + len(message["content"])) + 128
-    if "metadata" in arg:
-        meta = _flat_bound(arg["metadata"])
-        if meta < 0:
-            return -1
-        size += meta
-    for key in ("session_id", "model", "mcp_session_id"):
-        if key in arg:
-            size += _JSON_BYTES_PER_CHAR * len(arg[key])
-    return size
-
-
-# Per actor: the encoded message up to its argument. Messages are encoded in the key
-# order queue_name, actor_name, args, kwargs, message_id, message_timestamp, options.
-_ENVELOPE_HEADS = {
-    actor: _encode({"queue_name": queue, "actor_name": actor})[:-1] + ',"args":['
-    for actor, queue in payloads.ACTOR_QUEUES.items()
-}
-
-
-def _message_text(actor_name: str, arg: Any, message_id: str, timestamp: int) -> str:
-    """The encoded message (only the argument goes through the encoder: the envelope is
-    the same for every job but its id and timestamp)."""
-    return (f'{_ENVELOPE_HEADS[actor_name]}{_encode(arg)}],"kwargs":{{}},"message_id":"{message_id}",'
-            f'"message_timestamp":{timestamp},"options":{{}}}}')
-
-
-def _encoded_message(actor_name: str, arg: Any) -> tuple[str, str]:
-    """A new message id and the encoded message."""
-    message_id = _uuid4()
-    return message_id, _message_text(actor_name, arg, message_id, int(time.time() * 1000))
-
-
-def _with_redis_id(data: bytes, redis_id: str) -> bytes:
-    """The message JSON with ``options.redis_message_id`` set (fast path for our own encoding)."""
-    if data.endswith(_OPTIONS_TAIL):
-        return data[:-3] + b'{"redis_message_id":"' + redis_id.encode() + b'"}}'
-    message = json.loads(data)  # spooled by an older version: any key order
-    message.setdefault("options", {})["redis_message_id"] = redis_id
-    return json.dumps(message, separators=(",", ":")).encode()
+        return message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
 
 
 class Producer:
@@ -439,8 +147,7 @@ class Producer:
             self._client = redis.Redis.from_url(
                 self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT
             )
-            # Per queue: the packed EVALSHA command up to its first job (see _enqueue_on).
-            self._heads: dict[str, bytes] = {}
+            self._enqueue = PackedEnqueue(namespace)
         # The producer's own connection (pushes take the pool's only while it is busy).
         self._conn: Any = None
         self._conn_pid = 0
@@ -634,18 +341,18 @@ class Producer:
         """Validate and canonicalise a job and encode it (raises InvalidPayload).
 
         A buffered job that took the plain path and is a snapshot of the caller's
-        payload (see :func:`_deferred_bound`), well under the size limit, is encoded
+        payload (see :func:`deferred_bound`), well under the size limit, is encoded
         by the flusher instead: its encoding cannot fail, and the caller returns sooner.
         """
-        plain = _PLAIN.get(actor_name)
+        plain = PLAIN.get(actor_name)
         arg = plain(args[0]) if plain is not None and len(args) == 1 else None
-        if arg is not None and buffered and 0 <= _deferred_bound(actor_name, arg) <= DEFAULT_MAX_JOB_BYTES:
-            return _Job(payloads.ACTOR_QUEUES[actor_name], _uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
+        if arg is not None and buffered and 0 <= deferred_bound(actor_name, arg) <= DEFAULT_MAX_JOB_BYTES:
+            return _Job(payloads.ACTOR_QUEUES[actor_name], uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
         if arg is None:
             arg = payloads.normalize(actor_name, args, self.settings.export_dir)
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
-            message_id, text = _encoded_message(actor_name, arg)
+            message_id, text = encoded_message(actor_name, arg)
             body = text.encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
@@ -724,59 +431,13 @@ class Producer:
         self._conn, self._conn_proven = None, False
 
     def _enqueue_with_retry(self, conn: Any, by_queue: dict[str, list[bytes]]) -> None:
-        """:meth:`_enqueue_on` under the client's retry policy (reconnecting between attempts).
+        """:class:`PackedEnqueue` under the client's retry policy (reconnecting between attempts).
 
         The producer's own connection is only ever used under its lock and for whole
         request/reply exchanges (redis-py disconnects it on any error mid-reply), so
         unlike a pooled one it never holds stale replies.
         """
-        conn.retry.call_with_retry(lambda: self._enqueue_on(conn, by_queue), lambda _error: conn.disconnect())
-
-    def _head(self, queue: str) -> bytes:
-        head = self._heads.get(queue)
-        if head is None:
-            keys = (f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}")
-            head = b"".join(_bulk(a.encode()) for a in ("EVALSHA", _ENQUEUE_SHA, "2", *keys))
-            self._heads[queue] = head
-        return head
-
-    def _enqueue_on(self, conn: Any, by_queue: dict[str, list[bytes]], *, reloaded: bool = False) -> None:
-        """One attempt: EVALSHA of :data:`_ENQUEUE_LUA` per queue, written at once."""
-        chunks: list[bytes] = []
-        buf = bytearray()
-        for queue, bodies in by_queue.items():
-            buf += b"*%d\r\n" % (5 + 2 * len(bodies))
-            buf += self._head(queue)
-            for data in bodies:
-                redis_id = _uuid4()
-                body = _with_redis_id(data, redis_id)
-                buf += b"$36\r\n%b\r\n$%d\r\n" % (redis_id.encode(), len(body))
-                if len(body) > _PACK_COPY_LIMIT:
-                    chunks += (bytes(buf), body)
-                    buf = bytearray(b"\r\n")
-                else:
-                    buf += body
-                    buf += b"\r\n"
-        chunks.append(bytes(buf))
-        conn.send_packed_command(chunks)
-        # Read every reply (the connection stays in step), then report the first error.
-        unloaded: list[str] = []
-        error: redis.ResponseError | None = None
-        for queue in by_queue:
-            try:
-                conn.read_response()
-            except redis.exceptions.NoScriptError:
-                unloaded.append(queue)  # nothing of that call ran
-            except redis.ResponseError as exc:
-                error = error or exc
-        if unloaded and error is None:
-            if reloaded:
-                raise redis.ResponseError("the enqueue script is still not loaded after SCRIPT LOAD")
-            conn.send_command("SCRIPT", "LOAD", _ENQUEUE_LUA)
-            conn.read_response()
-            self._enqueue_on(conn, {queue: by_queue[queue] for queue in unloaded}, reloaded=True)
-        if error is not None:
-            raise error
+        conn.retry.call_with_retry(lambda: self._enqueue(conn, by_queue), lambda _error: conn.disconnect())
 
     def _get_outbox(self) -> Outbox:
         with self._lock:
@@ -827,7 +488,7 @@ class Producer:
                 self._failure = None
                 self._inflight = 0
                 self._cond.notify_all()
-            _make_ids_ahead()
+            make_ids_ahead()
 
     def _start_forwarder(self) -> None:
         with self._lock:

@@ -1,0 +1,201 @@
+"""The producer's plain path: common, plainly valid save / append / heartbeat payloads
+canonicalised without building records.
+
+``payloads.normalize`` builds the records (which validate) and turns them back into
+JSON; for the hot jobs :class:`~workers.producer.Producer` first tries :data:`PLAIN`,
+whose functions accept only payloads made of exact built-in types that pass every
+check with room to spare, and return exactly what ``normalize`` returns for them
+(tests/test_producer_plain.py compares both). Anything else -- a bad payload included
+-- returns None and goes through ``normalize``, which raises the specific error. Only
+fields ``payloads`` still accepts are handled here: a rule added to the records must
+be added here too, or the plain path must step aside for the field.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from models.errors import ValidationError
+from models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
+from models.validation import (
+    DEFAULT_MAX_CONTENT_BYTES,
+    DEFAULT_MAX_ID_LENGTH,
+    check_datetime,
+    check_json_object,
+)
+
+from . import payloads
+
+# One difference from ``normalize``, on purpose: a job's defaulted timestamps ("now")
+# are one clock reading, not one per record microseconds apart.
+_MISSING: Any = object()
+_PLAIN_SAVE_FIELDS = payloads._SESSION_FIELDS & {
+    "session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
+_PLAIN_MESSAGE_FIELDS = payloads._MESSAGE_FIELDS & {
+    "message_id", "session_id", "role", "content", "created_at", "metadata"}
+_PLAIN_APPEND_FIELDS = {"session_id", "messages"}
+_PLAIN_EVENT_FIELDS = {"mcp_session_id", "at"}
+
+
+def _plain_id(value: Any) -> bool:
+    return (type(value) is str and 0 < len(value) <= DEFAULT_MAX_ID_LENGTH and value.isascii()
+            and value.isprintable() and " " not in value)
+
+
+def _plain_text(value: Any, max_bytes: int) -> bool:
+    return type(value) is str and len(value) <= max_bytes and value.isascii() and "\x00" not in value
+
+
+class _Clock:
+    #: (a whole second since the epoch, its ISO 8601 text up to the seconds).
+    second: tuple[int, str] = (-1, "")
+
+
+def utc_now_iso() -> str:
+    """``utcnow().isoformat()``, the date and time formatted once a second."""
+    ns = time.time_ns()
+    second, micro = ns // 1_000_000_000, ns // 1000 % 1_000_000  # datetime.now floors too
+    cached, text = _Clock.second
+    if cached != second:
+        text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:-6]  # without +00:00
+        _Clock.second = (second, text)
+    return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"  # isoformat drops .000000
+
+
+def _plain_time(value: Any, now_iso: str) -> datetime | None:
+    try:
+        at = check_datetime("at", value)
+    except ValidationError:
+        return None
+    return None if at > datetime.fromisoformat(now_iso) + payloads.DEFAULT_MAX_FUTURE_SKEW else at
+
+
+def _plain_metadata(value: Any) -> dict[str, Any] | None:
+    try:
+        return check_json_object("metadata", value)
+    except ValidationError:
+        return None
+
+
+def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str, Any]] | None:
+    if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
+        return None
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if type(item) is not dict or not item.keys() <= _PLAIN_MESSAGE_FIELDS:
+            return None
+        message_id, role, content = item.get("message_id"), item.get("role"), item.get("content")
+        if (not _plain_id(message_id) or type(role) is not str or role not in MESSAGE_ROLES
+                or not _plain_text(content, DEFAULT_MAX_CONTENT_BYTES)
+                or (item.get("session_id", session_id) is not session_id
+                    and (type(item["session_id"]) is not str or item["session_id"] != session_id))):
+            return None
+        created = item.get("created_at", _MISSING)
+        if created is _MISSING:
+            created_iso = now_iso
+        else:
+            created = _plain_time(created, now_iso)
+            if created is None:
+                return None
+            created_iso = created.isoformat()
+        metadata = _plain_metadata(item.get("metadata"))
+        if metadata is None:
+            return None
+        message = {"message_id": message_id, "role": role, "content": content, "created_at": created_iso}
+        if metadata:
+            message["metadata"] = metadata
+        out.append(message)
+    return out
+
+
+def _plain_save(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or not payload.keys() <= _PLAIN_SAVE_FIELDS:
+        return None
+    session_id: str = payload.get("session_id")  # type: ignore[assignment]  # checked next
+    model, status = payload.get("model", ""), payload.get("status", "active")
+    if (not _plain_id(session_id) or not _plain_text(model, MAX_MODEL_LENGTH)
+            or type(status) is not str or status not in SESSION_STATUSES):
+        return None
+    now_iso = utc_now_iso()
+    created = payload.get("created_at", _MISSING)
+    if created is _MISSING:
+        created_iso = now_iso
+    else:
+        created = _plain_time(created, now_iso)
+        if created is None:
+            return None
+        created_iso = created.isoformat()
+    updated = payload.get("updated_at")
+    if updated is None:
+        updated_iso = created_iso
+    else:
+        updated = _plain_time(updated, now_iso)
+        if updated is None or updated < datetime.fromisoformat(created_iso):
+            return None
+        updated_iso = updated.isoformat()
+    metadata = _plain_metadata(payload.get("metadata"))
+    messages = _plain_messages(session_id, payload.get("messages", []), now_iso)
+    if metadata is None or messages is None:
+        return None
+    return {"session_id": session_id, "model": model, "created_at": created_iso,
+            "updated_at": updated_iso, "status": status, "metadata": metadata, "messages": messages}
+
+
+def _plain_append(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
+        return None
+    messages = _plain_messages(payload["session_id"], payload["messages"], utc_now_iso())
+    return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
+
+
+def _plain_heartbeat(payload: Any) -> dict[str, Any] | None:
+    if type(payload) is not dict or payload.keys() != _PLAIN_EVENT_FIELDS or not _plain_id(payload["mcp_session_id"]):
+        return None
+    at = _plain_time(payload["at"], utc_now_iso())
+    return None if at is None else {"mcp_session_id": payload["mcp_session_id"], "at": at.isoformat()}
+
+
+PLAIN = {"save_session": _plain_save, "append_messages": _plain_append, "heartbeat": _plain_heartbeat}
+
+
+_NOT_CONTAINERS = frozenset({str, int, float, bool, type(None)})
+# Bytes of JSON per character of a string at most (an astral character: two \uXXXX).
+_JSON_BYTES_PER_CHAR = 12
+
+
+def _flat_bound(document: dict[str, Any]) -> int:
+    """An upper bound of the JSON size of a checked document whose values are all
+    scalars (-1 if one is a container, which the caller could still change)."""
+    size = 2
+    for key, value in document.items():
+        kind = type(value)
+        if kind not in _NOT_CONTAINERS:
+            return -1
+        size += _JSON_BYTES_PER_CHAR * (len(key) + (len(value) if kind is str else 3)) + 8
+    return size
+
+
+def deferred_bound(actor_name: str, arg: dict[str, Any]) -> int:
+    """An upper bound of the encoded size of a plain path's argument, or -1 if encoding
+    it later could see the caller's changes (nested containers in metadata).
+
+    Every container of a plain argument is the plain path's own, except the values of
+    the metadata copies: with scalar values only, the argument is a snapshot.
+    """
+    size = 256
+    for message in arg.get("messages", ()):
+        meta = _flat_bound(message["metadata"]) if "metadata" in message else 0
+        if meta < 0:
+            return -1
+        size += meta + _JSON_BYTES_PER_CHAR * (len(message["message_id"]) + len(message["content"])) + 128
+    if "metadata" in arg:
+        meta = _flat_bound(arg["metadata"])
+        if meta < 0:
+            return -1
+        size += meta
+    for key in ("session_id", "model", "mcp_session_id"):
+        if key in arg:
+            size += _JSON_BYTES_PER_CHAR * len(arg[key])
+    return size
