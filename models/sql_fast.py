@@ -1,7 +1,8 @@
 """PostgreSQL fast path of a session save batch: every session of the batch that is
-not stored yet, with all its messages, written by ONE statement sent together with
-the transaction's ``BEGIN`` (one round trip instead of a lock query, a session
-INSERT and a message INSERT, each a round trip with its parameters quoted one by one).
+not stored yet, with all its messages, written by ONE prepared statement sent
+together with the transaction's ``BEGIN`` (one round trip instead of a lock query,
+a session INSERT and a message INSERT, each a round trip with its parameters quoted
+one by one, and no parse/plan per batch on the server).
 
 :meth:`models.sql.SqlStore.save_sessions` plans every session of the batch as if it
 were new (the plan of a new session depends only on the batch), sends the rows as
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from typing import Any, Sequence
 
 import peewee as pw
@@ -33,17 +35,18 @@ def _statement(session_table: str, message_table: str) -> str:
     # Sessions are inserted in id order, as the general path locks them, so two
     # batches never wait on each other's new rows in opposite orders.
     return (
-        f'BEGIN; WITH s AS (INSERT INTO "{session_table}" ({sessions}) '
-        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", %s) ORDER BY session_id '
+        f'WITH s AS (INSERT INTO "{session_table}" ({sessions}) '
+        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", $1) ORDER BY session_id '
         f"ON CONFLICT (session_id) DO NOTHING RETURNING session_id), "
         f'm AS (INSERT INTO "{message_table}" ({", ".join(MESSAGE_COLUMNS)}) '
-        f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", %s) r '
+        f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", $2) r '
         f"WHERE r.session_id IN (SELECT session_id FROM s)) "
         f"SELECT session_id FROM s"
     )
 
 
-_STATEMENTS: dict[tuple[str, str], str] = {}
+# The names each connection has prepared (a prepared statement lives as long as its connection).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def session_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -84,15 +87,19 @@ def begin_and_insert_new(
 
     The caller must be in ``db.manual_commit()`` and must COMMIT or :func:`rollback`.
     """
-    key = (session_table, message_table)
-    sql = _STATEMENTS.get(key)
-    if sql is None:
-        sql = _STATEMENTS[key] = _statement(session_table, message_table)
+    name = f'"sq_save:{session_table}:{message_table}"'
     params = (
         json.dumps(sessions, separators=(",", ":"), ensure_ascii=False),
         json.dumps(messages, separators=(",", ":"), ensure_ascii=False),
     )
-    return {sid for (sid,) in db.execute_sql(sql, params).fetchall()}
+    conn = db.connection()
+    prepared = _PREPARED.get(conn)
+    if prepared is None:
+        prepared = _PREPARED[conn] = set()
+    if name not in prepared:
+        db.execute_sql(f"PREPARE {name}(json, json) AS {_statement(session_table, message_table)}")
+        prepared.add(name)
+    return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
 
 
 def rollback(db: pw.Database) -> None:
