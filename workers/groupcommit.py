@@ -16,6 +16,8 @@ its write: no other write is on its way then, so waiting would only add latency
 
 The flusher keeps its database connection between batches when the store offers
 ``hold_connection`` (the SQL store: no pool checkout and liveness ping per batch).
+After ``HOLD_IDLE`` seconds without a batch it gives the connection back first, so
+that a connection the server dropped while idle is caught by the pool's check.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ DEFAULT_GATHER_DELAY = float(os.environ.get("SESSIONQ_GROUP_COMMIT_DELAY_MS", "2
 # A thread that saved within this many seconds counts as a saver whose next write
 # a batch may wait for (see the module docs).
 SAVER_WINDOW = 0.5
+# Seconds without a batch after which the flusher's held connection is returned and
+# checked out again (with the pool's liveness check) before the next batch.
+HOLD_IDLE = 1.0
 
 _STOP = object()
 
@@ -116,20 +121,26 @@ class GroupCommitter:
 
     def _run(self) -> None:
         hold: Callable[[], None] | None = getattr(self.store, "hold_connection", None)
+        release: Callable[[], None] | None = getattr(self.store, "release_connection", None)
+        if hold is None or release is None:
+            hold = release = None
+        last = time.monotonic()
         try:
             stopping = False
             while not stopping:
                 batch, stopping = self._gather()
                 if batch:
-                    if hold is not None:
+                    if hold is not None and release is not None:
                         try:
+                            if time.monotonic() - last > HOLD_IDLE:
+                                release()
                             hold()
                         except Exception as exc:  # noqa: BLE001 - the save itself then reports the outage
                             logger.debug("could not hold a connection for the flusher: %s", exc)
                     self._commit(batch)
+                    last = time.monotonic()
         finally:
-            release: Callable[[], None] | None = getattr(self.store, "release_connection", None)
-            if hold is not None and release is not None:
+            if release is not None:
                 try:
                     release()
                 except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
