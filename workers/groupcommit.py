@@ -14,6 +14,11 @@ thread that saved recently (within ``SAVER_WINDOW`` seconds) has already handed 
 its write: no other write is on its way then, so waiting would only add latency
 (each worker thread blocks on its save, so under load the whole pool is in one batch).
 
+Once a batch has committed, and before its threads are released, the flusher hands
+the writes' tokens to ``after_commit``: on Redis the worker acks the batch's jobs
+there with one round trip (instead of one per job from each thread), still only
+after the commit.
+
 The flusher keeps its database connection between batches when the store offers
 ``hold_connection`` (the SQL store: no pool checkout and liveness ping per batch).
 After ``HOLD_IDLE`` seconds without a batch it gives the connection back first, so
@@ -52,11 +57,12 @@ _STOP = object()
 class _Write:
     """One handed-in write and the lock its thread blocks on until the batch is done."""
 
-    __slots__ = ("done", "error", "messages", "session", "thread")
+    __slots__ = ("done", "error", "messages", "session", "thread", "token")
 
-    def __init__(self, session: ChatSession, messages: list[ChatMessage]) -> None:
+    def __init__(self, session: ChatSession, messages: list[ChatMessage], token: object) -> None:
         self.session = session
         self.messages = messages
+        self.token = token
         self.thread = threading.get_ident()
         self.done = threading.Lock()
         self.done.acquire()
@@ -72,9 +78,17 @@ class GroupCommitter:
     """Batch concurrent session saves into shared transactions (see the module docs)."""
 
     def __init__(
-        self, store: Store, *, max_batch: int = DEFAULT_MAX_BATCH, gather_delay: float = DEFAULT_GATHER_DELAY
+        self,
+        store: Store,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        gather_delay: float = DEFAULT_GATHER_DELAY,
+        after_commit: Callable[[list[object]], None] | None = None,
     ) -> None:
         self.store = store
+        #: Called by the flusher with the tokens of the writes just committed, before
+        #: their threads are released (the worker acks their jobs in one round trip).
+        self.after_commit = after_commit
         self.max_batch = max_batch
         self.gather_delay = gather_delay
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -87,13 +101,22 @@ class GroupCommitter:
         self.batches = 0
         self.writes = 0
 
-    def save(self, session: ChatSession, messages: Sequence[ChatMessage] = (), *, timeout: float | None = None) -> None:
+    def save(
+        self,
+        session: ChatSession,
+        messages: Sequence[ChatMessage] = (),
+        *,
+        timeout: float | None = None,
+        token: object = None,
+    ) -> None:
         """Write one session and its messages; return once the batch holding it has committed.
 
-        Raises whatever the store raised for this write, or :class:`TimeoutError` if
-        ``timeout`` seconds pass first (the write may still be committed later).
+        ``token`` (e.g. the job's message) is handed to ``after_commit`` once the write
+        has committed. Raises whatever the store raised for this write, or
+        :class:`TimeoutError` if ``timeout`` seconds pass first (the write may still be
+        committed later).
         """
-        write = _Write(session, list(messages))
+        write = _Write(session, list(messages), token)
         if self._thread is None:
             self._ensure_thread()
         self._queue.put(write)
@@ -191,15 +214,28 @@ class GroupCommitter:
                 batch[0].finish(exc)
                 return
             logger.info("batch of %d saves failed (%s); retrying them one by one", len(batch), exc)
+            done: list[_Write] = []
             for write in batch:
                 try:
                     self.store.save_sessions([(write.session, write.messages)])
                 except Exception as item_exc:
                     write.finish(item_exc)
                 else:
-                    write.finish()
+                    done.append(write)
+            self._after_commit(done)
+            for write in done:
+                write.finish()
             return
         self.batches += 1
         self.writes += len(batch)
+        self._after_commit(batch)
         for write in batch:
             write.finish()
+
+    def _after_commit(self, writes: list[_Write]) -> None:
+        tokens = [w.token for w in writes if w.token is not None]
+        if tokens and self.after_commit is not None:
+            try:
+                self.after_commit(tokens)
+            except Exception as exc:  # noqa: BLE001 - the threads then ack their jobs themselves
+                logger.warning("early ack of %d committed saves failed: %s", len(tokens), exc)
