@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import peewee as pw
 
-from . import sql_copy
+from . import sql_copy, sql_fast
 from .errors import NotFound, ValidationError
 from .records import ChatMessage, ChatSession
 from .sql_base import (
@@ -62,6 +62,8 @@ class SqlStore(SqlRecordOps, Store):
         check_message_owners(writes)
         for attempt in range(1, DEFAULT_WRITE_ATTEMPTS + 1):
             try:
+                if self.backend == "postgresql" and any(session is not None for session, _, _ in writes):
+                    return self._write_postgresql(writes)
                 with self._txn():
                     return self._write_once(writes)
             except pw.IntegrityError:
@@ -76,13 +78,46 @@ class SqlStore(SqlRecordOps, Store):
                 logger.debug("write transaction deadlocked; retrying (attempt %d)", attempt)
         raise AssertionError("unreachable")
 
-    def _write_once(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
-        S, M = self.m.Session, self.m.Message
-        ids = sorted({session_id for _, session_id, _ in writes})
-        stored: dict[str, dict[str, Any]] = {}
-        for chunk in chunks(ids):
-            for found in self._lock_sessions(list(chunk)):
-                stored[found["session_id"]] = found
+    def _write_postgresql(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+        """One transaction: the sessions not stored yet go through :mod:`models.sql_fast`
+        (planned as new, one statement that also begins the transaction), the rest
+        (stored sessions, appends) through :meth:`_write_once`."""
+        appended = {session_id for session, session_id, _ in writes if session is None}
+        saves = [w for w in writes if w[1] not in appended]
+        state, _, pending = self._merge(saves, {})
+        new_rows: list[dict[str, Any]] = []
+        messages: list[dict[str, Any]] = []
+        for session_id, batch in pending.items():
+            current = state[session_id]
+            for message in batch.values():
+                current["message_count"] += 1
+                current["updated_at"] = max(current["updated_at"], message.created_at)
+                messages.append(sql_fast.message_json(message, current["message_count"]))
+        for session_id in sorted(state):
+            new_rows.append(sql_fast.session_json(state[session_id]))
+        db = self._db
+        db.connect(reuse_if_open=True)  # (opening a connection resets Peewee's transaction stack)
+        with db.manual_commit():
+            try:
+                inserted = sql_fast.begin_and_insert_new(
+                    db, self.m.Session._meta.table_name, self.m.Message._meta.table_name, new_rows, messages
+                )
+                rest = [w for w in writes if w[1] not in inserted]
+                result = self._write_once(rest) if rest else WriteResult(0, 0)
+                db.commit()
+            except BaseException:
+                sql_fast.rollback(db)
+                raise
+        fast_messages = sum(state[sid]["message_count"] for sid in inserted)
+        return WriteResult(result.sessions_written + len(inserted), result.messages_inserted + fast_messages)
+
+    def _merge(
+        self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]], stored: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, dict[str, ChatMessage]]]:
+        """Apply the session fields of ``writes`` to the ``stored`` rows (not changed):
+        the new state of every session, the ids changed, and each session's incoming
+        messages by id (first occurrence wins). Raises NotFound for an append to a
+        session that is not stored."""
         state = {sid: dict(row) for sid, row in stored.items()}
         dirty: set[str] = set()
         pending: dict[str, dict[str, ChatMessage]] = {}
@@ -107,6 +142,16 @@ class SqlStore(SqlRecordOps, Store):
             batch = pending.setdefault(session_id, {})
             for message in messages:
                 batch.setdefault(message.message_id, message)
+        return state, dirty, pending
+
+    def _write_once(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+        S, M = self.m.Session, self.m.Message
+        ids = sorted({session_id for _, session_id, _ in writes})
+        stored: dict[str, dict[str, Any]] = {}
+        for chunk in chunks(ids):
+            for found in self._lock_sessions(list(chunk)):
+                stored[found["session_id"]] = found
+        state, dirty, pending = self._merge(writes, stored)
         known = self._existing_message_ids([sid for sid in pending if sid in stored and pending[sid]], pending)
         rows: list[dict[str, Any]] = []
         for session_id, batch in pending.items():

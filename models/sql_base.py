@@ -181,6 +181,22 @@ class SqlBase:
         except Exception:  # the connection is already unusable; forgetting it is the point
             logger.debug("discarding a broken %s connection failed", self.backend, exc_info=True)
 
+    def hold_connection(self) -> None:
+        """Keep the calling thread's connection open between calls (a long-lived writer
+        such as the group-commit flusher): otherwise every call checks a pooled
+        connection out, pings it and returns it. A connection dropped after an error
+        is replaced on the next call; :meth:`release_connection` gives it back."""
+        if self._db.is_closed():
+            self._db.connect()
+
+    def release_connection(self) -> None:
+        """Return the connection :meth:`hold_connection` kept (to the pool, if pooled)."""
+        try:
+            if not self._db.is_closed():
+                self._db.close()
+        except pw.DatabaseError as exc:
+            logger.debug("releasing a %s connection failed: %s", self.backend, exc)
+
     def _txn(self) -> AbstractContextManager[Any]:
         if self.backend == "sqlite":
             return cast(AbstractContextManager[Any], self._db.atomic("IMMEDIATE"))

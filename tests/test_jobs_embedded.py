@@ -179,6 +179,21 @@ def test_group_commit_batches_concurrent_saves(tmp_path: Path) -> None:
     real.close()
 
 
+def test_group_commit_does_not_wait_once_every_recent_saver_handed_in(tmp_path: Path) -> None:
+    real = open_store(f"sqlite:///{tmp_path / 'w.db'}")
+    real.upgrade()
+    # Given a committer that would wait a minute for more writes once its queue is empty
+    committer = GroupCommitter(real, gather_delay=60)
+    # When one thread saves three times in a row (it is the only recent saver)
+    for i in range(3):
+        committer.save(ChatSession(session_id=f"w{i}", created_at=T0), [], timeout=30)
+    # Then each save was committed at once, in its own batch (no wait for the delay)
+    assert committer.batches == 3
+    assert real.stats().total_sessions == 3
+    committer.close()
+    real.close()
+
+
 def test_stop_spools_what_it_could_not_finish_and_start_replays_it(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     # Given jobs accepted while no worker thread runs (the runtime was never started)

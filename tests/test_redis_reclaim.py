@@ -180,3 +180,25 @@ def test_a_worker_whose_connections_keep_dropping_still_drains_everything(
         killer.join(5)
         worker.stop(timeout=2000)
         broker.close()
+
+
+def test_ack_many_acks_a_batch_and_the_threads_own_acks_only_do_the_bookkeeping(
+    broker: SessionqRedisBroker,
+) -> None:
+    _send(broker, 4)
+    consumer = broker.consume("q", prefetch=4, timeout=100)
+    messages = _take(consumer, 4)
+    assert _unacked(broker) == 4 and consumer.outstanding_message_count == 4
+    # When three of them are acked at once (a committed batch of saves)
+    early = [m.options["redis_message_id"] for m in messages[:3]]
+    broker.ack_many("q", early)
+    # Then they are gone from Redis, the fourth is untouched
+    assert _unacked(broker) == 1
+    assert broker.client.hkeys("dramatiq:q.msgs") == [messages[3].options["redis_message_id"].encode()]
+    # And the worker threads' acks settle the consumer's count, the fourth acks in Redis
+    for message in messages:
+        consumer.ack(message)
+    assert consumer.outstanding_message_count == 0
+    assert _unacked(broker) == 0 and broker.client.hlen("dramatiq:q.msgs") == 0
+    # And nothing is left marked: a later ack of one of those ids goes to Redis again
+    assert not any(broker.take_early_ack(i) for i in early)

@@ -108,6 +108,41 @@ def test_batch_save_of_many_sessions_and_repeated_ids(store: Store) -> None:
     assert store.stats().total_sessions == 20
 
 
+
+def test_batch_mixing_new_and_stored_sessions_is_idempotent(store: Store) -> None:
+    # Given two stored sessions, one last active ten minutes after T0
+    store.save_session(session("old"), messages("old", 2))
+    store.save_session(session("newer", at=T0 + timedelta(minutes=10), created_at=T0), messages("newer", 1))
+    hostile = "'; DROP TABLE sessionq_sessions; -- \\\" %s %% {} 🎉 \n\t"
+    meta = {"q": "' OR 1=1 --", "k🎉": [1, None, 2.5, {"n": True}]}
+    writes = [
+        # a new session, with a repeated message id (the first one wins)
+        (session("fresh", metadata=meta), [ChatMessage("h", "fresh", "user", hostile, created_at=T0),
+                                           ChatMessage("h", "fresh", "user", "ignored", created_at=T0)]),
+        # a newer save of a stored session: its fields win, one message is new
+        (session("old", at=T0 + timedelta(minutes=1), created_at=T0, model="m2"), messages("old", 3)),
+        # a stale save: its fields lose, its new message is kept
+        (session("newer", model="stale"), messages("newer", 2)),
+        # a second, later save of the new session in the same batch
+        (session("fresh", at=T0 + timedelta(minutes=2), created_at=T0, model="later", metadata=meta),
+         messages("fresh", 1)),
+    ]
+    # When the batch is saved, and then delivered again
+    assert store.save_sessions(writes).messages_inserted == 4
+    assert store.save_sessions(writes).messages_inserted == 0
+    # Then each session holds exactly the merged state, nothing twice
+    fresh = store.load_session("fresh")
+    assert (fresh.model, fresh.metadata, fresh.message_count) == ("later", meta, 2)
+    assert fresh.updated_at == T0 + timedelta(minutes=2)
+    assert [(m.message_id, m.seq, m.content) for m in store.load_messages("fresh")] == [
+        ("h", 1, hostile), ("m0", 2, "message 0")]
+    old = store.load_session("old")
+    assert (old.model, old.message_count, old.updated_at) == ("m2", 3, T0 + timedelta(minutes=1))
+    newer = store.load_session("newer")
+    assert (newer.model, newer.message_count, newer.updated_at) == ("gpt-test", 2, T0 + timedelta(minutes=10))
+    assert [m.seq for m in store.load_messages("newer")] == [1, 2]
+    assert store.stats().total_messages == 7
+
 def test_list_sessions_filters_and_keyset_pages(store: Store) -> None:
     for i in range(7):
         store.save_session(session(f"s{i}", at=T0 + timedelta(hours=i), created_at=T0))

@@ -8,7 +8,9 @@
 
 Middleware: Retries (transient errors only, exponential backoff), TimeLimit, AgeLimit,
 Callbacks, dead-letter reasons, job metrics and log context
-(:class:`workers.middleware.JobObserver`), and Dramatiq's Prometheus exporter when
+(:class:`workers.middleware.JobObserver`), CurrentMessage (the save actor hands its
+message to the group committer, which acks a committed batch's jobs at once), and
+Dramatiq's Prometheus exporter when
 ``SESSIONQ_WORKER_PROMETHEUS`` is true. The module-level broker comes from :meth:`Settings.load` at import;
 :func:`configure` rebinds every declared actor to a broker for other settings (the
 CLI's ``--redis-url`` / ``--config``).
@@ -32,7 +34,7 @@ from typing import Any, Callable
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import AgeLimit, Callbacks, Middleware, Retries, TimeLimit
+from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Middleware, Retries, TimeLimit
 
 from models import Settings, Store, open_store
 
@@ -137,6 +139,7 @@ def _middleware(settings: Settings) -> list[Middleware]:
         TimeLimit(time_limit=settings.job_time_limit_ms),
         Callbacks(),
         JobObserver(),
+        CurrentMessage(),
         DeadLetterReasons(),
         Retries(
             min_backoff=settings.job_min_backoff_ms,
@@ -253,8 +256,27 @@ def get_committer() -> Any:
             if runtime.committer is None:
                 from .groupcommit import GroupCommitter
 
-                runtime.committer = GroupCommitter(store)
+                runtime.committer = GroupCommitter(store, after_commit=_early_acker(get_broker()))
     return runtime.committer
+
+
+def _early_acker(broker: dramatiq.Broker) -> Callable[[list[Any]], None] | None:
+    """For a broker that can ack many messages at once (Redis): ack the jobs (messages)
+    of a committed batch of saves with one round trip per queue; ``None`` otherwise."""
+    ack_many = getattr(broker, "ack_many", None)
+    if ack_many is None:
+        return None
+
+    def ack(messages: list[Any]) -> None:
+        by_queue: dict[str, list[str]] = {}
+        for message in messages:
+            redis_id = message.options.get("redis_message_id")
+            if redis_id is not None and not message.queue_name.endswith(".DQ"):
+                by_queue.setdefault(message.queue_name, []).append(redis_id)
+        for queue_name, ids in by_queue.items():
+            ack_many(queue_name, ids)
+
+    return ack
 
 
 def get_redis() -> Any | None:

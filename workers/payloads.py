@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from models.errors import ValidationError
 from models.kinds import KINDS, kind_named
@@ -73,14 +74,17 @@ class ExportRequest:
 
 
 def _object(name: str, payload: Any, allowed: set[str], required: Sequence[str]) -> Mapping[str, Any]:
-    if not isinstance(payload, Mapping):
+    # Exact dicts (every JSON payload) skip the abstract Mapping check, and the key
+    # checks run as set operations; the error messages are built only on failure.
+    if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidPayload(f"{name} payload must be a JSON object, got {type(payload).__name__}")
-    unknown = sorted(str(k) for k in payload if k not in allowed)
-    if unknown:
+    if not allowed.issuperset(payload):
+        unknown = sorted(str(k) for k in payload if k not in allowed)
         raise InvalidPayload(f"{name} payload has unknown field(s): {', '.join(unknown)[:200]}")
-    missing = [k for k in required if k not in payload]
-    if missing:
-        raise InvalidPayload(f"{name} payload is missing required field(s): {', '.join(missing)}")
+    for key in required:
+        if key not in payload:
+            missing = [k for k in required if k not in payload]
+            raise InvalidPayload(f"{name} payload is missing required field(s): {', '.join(missing)}")
     return payload
 
 

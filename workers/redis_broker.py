@@ -55,8 +55,12 @@ class SessionqConsumer(_RedisConsumer):
         return message
 
     def ack(self, message: Any) -> None:
-        super().ack(message)
-        self.broker.released(self.queue_name, [message.options["redis_message_id"]])
+        redis_id = message.options["redis_message_id"]
+        if self.broker.take_early_ack(redis_id):
+            self.queued_message_ids.discard(message.message_id)  # what Dramatiq's ack does besides Redis
+        else:
+            super().ack(message)
+        self.broker.released(self.queue_name, [redis_id])
 
     def nack(self, message: Any) -> None:
         super().nack(message)
@@ -93,13 +97,23 @@ class SessionqConsumer(_RedisConsumer):
 
 
 class SessionqRedisBroker(RedisBroker):
-    """Dramatiq's :class:`RedisBroker` with :class:`SessionqConsumer` and orphan reclaim."""
+    """Dramatiq's :class:`RedisBroker` with :class:`SessionqConsumer`, orphan reclaim and
+    batched early acks (:meth:`ack_many`)."""
+
+    # Dramatiq's ack (dispatch.lua, "ack") for many ids of one queue in one call.
+    _ACK_MANY = (
+        "for i = 1, #ARGV do "
+        "if redis.call('srem', KEYS[1], ARGV[i]) > 0 then redis.call('hdel', KEYS[2], ARGV[i]) end "
+        "end return #ARGV"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lock = threading.Lock()
         self._held: defaultdict[str, set[str]] = defaultdict(set)
         self._consumed: set[str] = set()
+        self._early_acked: set[str] = set()
+        self._ack_many = self.client.register_script(self._ACK_MANY)
         #: Messages requeued by :meth:`reclaim_orphans` since start (for tests and logs).
         self.reclaimed = 0
 
@@ -120,6 +134,27 @@ class SessionqRedisBroker(RedisBroker):
         """Forget ids whose ack, nack or requeue went through."""
         with self._lock:
             self._held[queue_name].difference_update(message_ids)
+            self._early_acked.difference_update(message_ids)
+
+    def ack_many(self, queue_name: str, message_ids: list[str]) -> None:
+        """Ack messages of ``queue_name`` with one round trip, ahead of their worker threads.
+
+        The group committer calls this once a batch of saves has committed, before it
+        releases the threads; each thread's own ack then only does the consumer's
+        bookkeeping (see :meth:`take_early_ack`). If this raises, nothing is marked
+        and the threads ack as usual.
+        """
+        self._ack_many(keys=[self.acks_key(queue_name), f"{self.namespace}:{queue_name}.msgs"], args=message_ids)
+        with self._lock:
+            self._early_acked.update(message_ids)
+
+    def take_early_ack(self, message_id: str) -> bool:
+        """True (once) if :meth:`ack_many` already acked ``message_id``."""
+        with self._lock:
+            if message_id in self._early_acked:
+                self._early_acked.discard(message_id)
+                return True
+            return False
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         """A new consumer; every one after the queue's first reclaims orphans first.

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import dramatiq
+from dramatiq.middleware import CurrentMessage
 
 from models.errors import NotFound
 
@@ -24,9 +25,13 @@ logger = logging.getLogger(__name__)
 
 @dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
 def save_session(payload: dict[str, Any]) -> None:
-    """Upsert a session (export JSON shape) and insert its messages not stored yet."""
+    """Upsert a session (export JSON shape) and insert its messages not stored yet.
+
+    Returns once the write has committed; on Redis the committer has then acked the
+    job already, together with the rest of its batch (see ``SessionqRedisBroker.ack_many``).
+    """
     session, messages = payloads.parse_save(payload)
-    get_committer().save(session, messages)
+    get_committer().save(session, messages, token=CurrentMessage.get_current_message())
 
 
 @dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))

@@ -1,0 +1,110 @@
+"""PostgreSQL fast path of a session save batch: every session of the batch that is
+not stored yet, with all its messages, written by ONE prepared statement sent
+together with the transaction's ``BEGIN`` (one round trip instead of a lock query,
+a session INSERT and a message INSERT, each a round trip with its parameters quoted
+one by one, and no parse/plan per batch on the server).
+
+:meth:`models.sql.SqlStore.save_sessions` plans every session of the batch as if it
+were new (the plan of a new session depends only on the batch), sends the rows as
+two JSON documents, and the statement inserts the sessions with ``ON CONFLICT DO
+NOTHING`` and the messages of the sessions it did insert. The ids it returns are
+done; the other writes (sessions already stored, or inserted concurrently by another
+worker) then go through the general path in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from typing import Any, Sequence
+
+import peewee as pw
+
+from .records import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+SESSION_COLUMNS = ("session_id", "model", "status", "created_at", "updated_at", "metadata", "message_count")
+MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
+
+
+def _statement(session_table: str, message_table: str) -> str:
+    sessions = ", ".join(SESSION_COLUMNS)
+    messages = ", ".join(f"r.{c}" for c in MESSAGE_COLUMNS)
+    # Sessions are inserted in id order, as the general path locks them, so two
+    # batches never wait on each other's new rows in opposite orders.
+    return (
+        f'WITH s AS (INSERT INTO "{session_table}" ({sessions}) '
+        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", $1) ORDER BY session_id '
+        f"ON CONFLICT (session_id) DO NOTHING RETURNING session_id), "
+        f'm AS (INSERT INTO "{message_table}" ({", ".join(MESSAGE_COLUMNS)}) '
+        f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", $2) r '
+        f"WHERE r.session_id IN (SELECT session_id FROM s)) "
+        f"SELECT session_id FROM s"
+    )
+
+
+# The names each connection has prepared (a prepared statement lives as long as its connection).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def session_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A planned session row (field names as in ``SqlStore._session_row``) as a JSON object."""
+    return {
+        "session_id": row["session_id"],
+        "model": row["model"],
+        "status": row["status"],
+        "created_at": row["created_at"].isoformat(),
+        "updated_at": row["updated_at"].isoformat(),
+        "metadata": row["metadata"],
+        "message_count": row["message_count"],
+    }
+
+
+def message_json(message: ChatMessage, seq: int) -> dict[str, Any]:
+    """A message with its ``seq`` as a JSON object of the messages table."""
+    return {
+        "session_id": message.session_id,
+        "message_id": message.message_id,
+        "seq": seq,
+        "role": message.role,
+        "content": message.content,
+        "created_at": message.created_at.isoformat(),
+        "metadata": message.metadata,
+    }
+
+
+def begin_and_insert_new(
+    db: pw.Database,
+    session_table: str,
+    message_table: str,
+    sessions: Sequence[dict[str, Any]],
+    messages: Sequence[dict[str, Any]],
+) -> set[str]:
+    """Open a transaction and insert the ``sessions`` not stored yet with their ``messages``
+    (JSON objects from :func:`session_json` / :func:`message_json`); return the ids inserted.
+
+    The caller must be in ``db.manual_commit()`` and must COMMIT or :func:`rollback`.
+    """
+    name = f'"sq_save:{session_table}:{message_table}"'
+    params = (
+        json.dumps(sessions, separators=(",", ":"), ensure_ascii=False),
+        json.dumps(messages, separators=(",", ":"), ensure_ascii=False),
+    )
+    conn = db.connection()
+    prepared = _PREPARED.get(conn)
+    if prepared is None:
+        prepared = _PREPARED[conn] = set()
+    if name not in prepared:
+        db.execute_sql(f"PREPARE {name}(json, json) AS {_statement(session_table, message_table)}")
+        prepared.add(name)
+    return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
+
+
+def rollback(db: pw.Database) -> None:
+    """Roll the transaction back after a failure (a broken connection is left to the caller)."""
+    try:
+        db.rollback()
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        logger.debug("rollback after a failed save batch failed: %s", exc)
