@@ -19,8 +19,8 @@ from .errors import NotFound, ValidationError
 from .records import ChatMessage, ChatSession
 from .sql_base import (
     DEFAULT_WRITE_ATTEMPTS,
-    RETRYABLE_CODES,
     chunks,
+    is_retryable,
     open_database,
     translate_errors,
 )
@@ -71,9 +71,7 @@ class SqlStore(SqlRecordOps, Store):
                     raise
                 logger.debug("session insert raced another writer; retrying (attempt %d)", attempt)
             except pw.OperationalError as exc:
-                code = exc.args[0] if exc.args else None
-                pgcode = getattr(getattr(exc, "__cause__", None), "pgcode", None) or getattr(exc, "pgcode", None)
-                if attempt == DEFAULT_WRITE_ATTEMPTS or (code not in RETRYABLE_CODES and pgcode not in RETRYABLE_CODES):
+                if attempt == DEFAULT_WRITE_ATTEMPTS or not is_retryable(exc):
                     raise
                 logger.debug("write transaction deadlocked; retrying (attempt %d)", attempt)
         raise AssertionError("unreachable")

@@ -21,7 +21,13 @@ import peewee as pw
 from .errors import StoreUnavailable, ValidationError
 from .kinds import DEFAULT_IMPORT_CHUNK, DEFAULT_IMPORT_ROUNDS, Key, RecordKind, chunked
 from .records import Record
-from .sql_base import DEFAULT_WRITE_ATTEMPTS, RETRYABLE_CODES, SqlBase, chunks, translate_errors
+from .sql_base import (
+    DEFAULT_WRITE_ATTEMPTS,
+    SqlBase,
+    chunks,
+    is_retryable,
+    translate_errors,
+)
 from .store import DEFAULT_PAGE_SIZE, Page
 
 logger = logging.getLogger(__name__)
@@ -133,9 +139,7 @@ class SqlKindOps(SqlBase):
             try:
                 return attempt()
             except pw.OperationalError as exc:
-                code = exc.args[0] if exc.args else None
-                pgcode = getattr(getattr(exc, "__cause__", None), "pgcode", None) or getattr(exc, "pgcode", None)
-                if number == DEFAULT_WRITE_ATTEMPTS or (code not in RETRYABLE_CODES and pgcode not in RETRYABLE_CODES):
+                if number == DEFAULT_WRITE_ATTEMPTS or not is_retryable(exc):
                     raise
                 logger.debug("import transaction deadlocked; retrying (attempt %d)", number)
         raise AssertionError("unreachable")

@@ -122,6 +122,23 @@ def translate_errors(method: F) -> F:
     return cast(F, wrapper)
 
 
+def driver_code(exc: BaseException) -> str | int | None:
+    """The driver's error code behind a Peewee error: PostgreSQL's SQLSTATE (``pgcode``
+    of the psycopg2 error Peewee wrapped) or MySQL's error number (``args[0]``)."""
+    original = getattr(exc, "orig", None) or exc.__context__
+    pgcode = getattr(original, "pgcode", None)
+    if pgcode is not None:
+        return str(pgcode)
+    code = exc.args[0] if exc.args else None
+    return code if isinstance(code, int) else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for a transaction the database chose as a deadlock victim, a serialization
+    failure, or a lock wait that timed out: running it again is the fix."""
+    return driver_code(exc) in RETRYABLE_CODES
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (driver errors span several)."""
     text = str(exc).strip().splitlines()

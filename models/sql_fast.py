@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import peewee as pw
 
 from .records import ChatMessage
+from .sql_base import driver_code
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +30,17 @@ SESSION_COLUMNS = ("session_id", "model", "status", "created_at", "updated_at", 
 MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
 
 
-def _statement(session_table: str, message_table: str) -> str:
+def _statement(session_table: str, message_table: str, first: str = "$1", second: str = "$2") -> str:
     sessions = ", ".join(SESSION_COLUMNS)
     messages = ", ".join(f"r.{c}" for c in MESSAGE_COLUMNS)
     # Sessions are inserted in id order, as the general path locks them, so two
     # batches never wait on each other's new rows in opposite orders.
     return (
         f'WITH s AS (INSERT INTO "{session_table}" ({sessions}) '
-        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", $1) ORDER BY session_id '
+        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", {first}) ORDER BY session_id '
         f"ON CONFLICT (session_id) DO NOTHING RETURNING session_id), "
         f'm AS (INSERT INTO "{message_table}" ({", ".join(MESSAGE_COLUMNS)}) '
-        f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", $2) r '
+        f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", {second}) r '
         f"WHERE r.session_id IN (SELECT session_id FROM s)) "
         f"SELECT session_id FROM s"
     )
@@ -47,6 +48,11 @@ def _statement(session_table: str, message_table: str) -> str:
 
 # The names each connection has prepared (a prepared statement lives as long as its connection).
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# Databases on which prepared statements do not hold: behind a transaction-mode pooler
+# (pgbouncer) consecutive statements may reach different server connections.
+_UNPREPARED: weakref.WeakSet[pw.Database] = weakref.WeakSet()
+# SQLSTATEs of a prepared statement missing on, or already defined by, the server connection.
+_PREPARE_ERRORS = {"26000", "42P05"}
 
 
 def session_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -92,14 +98,27 @@ def begin_and_insert_new(
         json.dumps(sessions, separators=(",", ":"), ensure_ascii=False),
         json.dumps(messages, separators=(",", ":"), ensure_ascii=False),
     )
-    conn = db.connection()
-    prepared = _PREPARED.get(conn)
-    if prepared is None:
-        prepared = _PREPARED[conn] = set()
-    if name not in prepared:
-        db.execute_sql(f"PREPARE {name}(json, json) AS {_statement(session_table, message_table)}")
-        prepared.add(name)
-    return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
+    if db not in _UNPREPARED:
+        conn = db.connection()
+        prepared = _PREPARED.get(conn)
+        if prepared is None:
+            prepared = _PREPARED[conn] = set()
+        try:
+            if name not in prepared:
+                db.execute_sql(f"PREPARE {name}(json, json) AS {_statement(session_table, message_table)}")
+                prepared.add(name)
+            return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
+        except pw.DatabaseError as exc:
+            if driver_code(exc) not in _PREPARE_ERRORS:
+                raise
+            rollback(db)
+            _UNPREPARED.add(db)
+            logger.warning(
+                "prepared statements do not hold on %s (%s); saving without them from now on "
+                "(a transaction-mode pooler such as pgbouncer?)", db.database, str(exc).strip()
+            )
+    statement = _statement(session_table, message_table, "%s::json", "%s::json")
+    return {sid for (sid,) in db.execute_sql(f"BEGIN; {statement}", params).fetchall()}
 
 
 def rollback(db: pw.Database) -> None:

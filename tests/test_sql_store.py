@@ -16,7 +16,7 @@ import pytest
 from models import ChatMessage, Conflict, StoreUnavailable, open_store
 from models.sql import SqlStore
 from models.sql_schema import LATEST_VERSION
-from tests.conftest import MYSQL_URL, POSTGRES_URL, T0, messages, service_missing, session
+from tests.conftest import MYSQL_URL, POSTGRES_URL, T0, make_store, messages, reset_store, service_missing, session
 
 
 class StatementLog(logging.Handler):
@@ -77,6 +77,73 @@ def test_a_batch_of_new_sessions_is_a_constant_number_of_statements(sql_store: S
         # lock/select sessions, insert sessions, insert messages (+ BEGIN/COMMIT bookkeeping)
         assert len([s for s in statements if s.upper().startswith(("SELECT", "INSERT", "UPDATE"))]) == 3
     assert sql_store.stats().total_messages == 200
+
+
+def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a PostgreSQL store that has prepared its save statement on its connection
+    from models import sql_fast
+
+    store = make_store("postgresql", tmp_path)
+    reset_store(store)
+    try:
+        store.save_sessions([(session("p0"), messages("p0", 2))])
+        # When the server connection forgets it, as behind a transaction-mode pooler
+        # (pgbouncer) where the next statement may reach another server connection
+        store.database.execute_sql("DEALLOCATE ALL")
+        with caplog.at_level(logging.WARNING, logger="models.sql_fast"):
+            store.save_sessions([(session("p1"), messages("p1", 2))])
+        # Then the save still lands, once, and the store stops preparing (it says so once)
+        assert store.database in sql_fast._UNPREPARED
+        assert sum("prepared statements do not hold" in r.getMessage() for r in caplog.records) == 1
+        statements = count_statements(store, lambda: store.save_sessions([(session("p2"), messages("p2", 3))]))
+        assert not any(s.upper().startswith(("PREPARE", "EXECUTE", "BEGIN; EXECUTE")) for s in statements)
+        assert [store.load_session(f"p{i}").message_count for i in range(3)] == [2, 2, 3]
+        assert store.stats().total_messages == 7
+    finally:
+        reset_store(store)
+        store.close()
+
+
+def _raise_deadlock(store: SqlStore) -> None:
+    """Make the server itself report a deadlock (SQLSTATE 40P01 / MySQL error 1213)."""
+    if store.backend == "postgresql":
+        store.database.execute_sql("DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$")
+    else:
+        store.database.execute_sql("SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'deadlock'")
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_deadlocked_save_is_retried_and_lands_once(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a store whose first write transaction is chosen as a deadlock victim by the server
+    store = make_store(backend, tmp_path)
+    reset_store(store)
+    assert isinstance(store, SqlStore)
+    name = "_write_postgresql" if backend == "postgresql" else "_write_once"
+    real = getattr(store, name)
+    calls: list[int] = []
+
+    def deadlock_once(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            _raise_deadlock(store)
+        return real(*args)
+
+    monkeypatch.setattr(store, name, deadlock_once)
+    try:
+        # When a session is saved
+        store.save_sessions([(session("d1"), messages("d1", 3))])
+        # Then the transaction is run again and the save lands once
+        assert len(calls) == 2
+        assert store.load_session("d1").message_count == 3
+        assert store.stats().total_messages == 3
+    finally:
+        monkeypatch.undo()
+        reset_store(store)
+        store.close()
 
 
 def test_concurrent_appends_to_one_session_never_share_a_seq(sql_store: SqlStore) -> None:
