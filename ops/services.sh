@@ -15,6 +15,9 @@
 # Prints the URLs the tests use; exports nothing (it runs as a subprocess).
 set -euo pipefail
 
+# Daemons and their helpers live in sbin directories, which a minimal PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
 WAIT_SECONDS="${SESSIONQ_WAIT_SECONDS:-60}"
 STATE_DIR="${SESSIONQ_STATE_DIR:-$HOME/.cache/sessionq}"
 MONGO_VENV="${SESSIONQ_MONGO_VENV:-$STATE_DIR/venv-mongo}"
