@@ -116,7 +116,8 @@ class PrivatePostgres:
     def _run(self, *args: str) -> None:
         cmd = list(args)
         if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "runuser"
+            cmd = [runuser, "-u", "postgres", "--", *cmd]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
     def init(self) -> None:
