@@ -62,7 +62,8 @@ class SqlStore(SqlRecordOps, Store):
         check_message_owners(writes)
         for attempt in range(1, DEFAULT_WRITE_ATTEMPTS + 1):
             try:
-                if self.backend == "postgresql" and any(session is not None for session, _, _ in writes):
+                if (self.backend == "postgresql" and any(session is not None for session, _, _ in writes)
+                        and not self._db.in_transaction()):  # inside the caller's transaction: a savepoint
                     return self._write_postgresql(writes)
                 with self._txn():
                     return self._write_once(writes)

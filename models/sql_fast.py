@@ -14,6 +14,8 @@ worker) then go through the general path in the same transaction.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import weakref
@@ -44,6 +46,15 @@ def _statement(session_table: str, message_table: str, first: str = "$1", second
         f"WHERE r.session_id IN (SELECT session_id FROM s)) "
         f"SELECT session_id FROM s"
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared(session_table: str, message_table: str) -> tuple[str, str]:
+    """The save statement and its name. The name is derived from the text, so a server
+    connection that prepared another version's statement (behind a pooler, across a
+    rolling upgrade) is never asked to run it."""
+    statement = _statement(session_table, message_table)
+    return f'"sq_save:{hashlib.sha1(statement.encode()).hexdigest()[:16]}"', statement
 
 
 # The names each connection has prepared (a prepared statement lives as long as its connection).
@@ -93,7 +104,7 @@ def begin_and_insert_new(
 
     The caller must be in ``db.manual_commit()`` and must COMMIT or :func:`rollback`.
     """
-    name = f'"sq_save:{session_table}:{message_table}"'
+    name, statement = _prepared(session_table, message_table)
     params = (
         json.dumps(sessions, separators=(",", ":"), ensure_ascii=False),
         json.dumps(messages, separators=(",", ":"), ensure_ascii=False),
@@ -105,7 +116,7 @@ def begin_and_insert_new(
             prepared = _PREPARED[conn] = set()
         try:
             if name not in prepared:
-                db.execute_sql(f"PREPARE {name}(json, json) AS {_statement(session_table, message_table)}")
+                db.execute_sql(f"PREPARE {name}(json, json) AS {statement}")
                 prepared.add(name)
             return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
         except pw.DatabaseError as exc:

@@ -194,6 +194,44 @@ def test_group_commit_does_not_wait_once_every_recent_saver_handed_in(tmp_path: 
     real.close()
 
 
+def test_a_save_after_close_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    store.upgrade()
+    committer = GroupCommitter(store)
+    committer.save(ChatSession(session_id="a", created_at=T0))  # the flusher has run
+    committer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        committer.save(ChatSession(session_id="b", created_at=T0), timeout=30)
+    store.close()
+
+
+class _DownStore:
+    """A store whose batches fail, then which is unreachable for single saves."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def save_sessions(self, writes: Sequence[SessionWrite]) -> WriteResult:
+        self.calls += 1
+        if len(writes) > 1:
+            raise ValueError("a bad write somewhere in the batch")
+        raise StoreUnavailable("postgresql unavailable: connection refused")
+
+
+def test_a_store_outage_fails_the_rest_of_a_split_batch_at_once() -> None:
+    down = _DownStore()
+    committer = GroupCommitter(down)  # type: ignore[arg-type]
+    flaky = _FlakyStore(down, poisoned="nobody")  # type: ignore[arg-type]
+    committer.store = flaky  # type: ignore[assignment]
+    # Given a batch of 10 saves that fails, then a store that is down for single saves
+    errors = _concurrent_saves(committer, flaky, [f"o{i}" for i in range(10)])
+    # Then every save fails with the outage, after one single-save attempt, not ten
+    assert len(errors) == 10
+    assert all(isinstance(e, StoreUnavailable) for e in errors.values())
+    assert down.calls == 1 + 1 + 1  # the first save alone, the batch of nine, one single save
+    committer.close()
+
+
 def test_stop_spools_what_it_could_not_finish_and_start_replays_it(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     # Given jobs accepted while no worker thread runs (the runtime was never started)

@@ -106,6 +106,26 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
         store.close()
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mysql", "sqlite"])
+def test_a_save_inside_the_callers_transaction_commits_and_rolls_back_with_it(backend: str, tmp_path: Path) -> None:
+    store = make_store(backend, tmp_path)
+    reset_store(store)
+    assert isinstance(store, SqlStore)
+    try:
+        # Given a caller that saves inside a transaction of its own
+        with store.database.atomic():
+            store.save_sessions([(session("kept"), messages("kept", 2))])
+        with pytest.raises(RuntimeError), store.database.atomic():
+            store.save_sessions([(session("undone"), messages("undone", 2))])
+            raise RuntimeError("the caller gives up")
+        # Then the save is part of it: committed with the first, undone with the second
+        assert store.load_session("kept").message_count == 2
+        assert [s.session_id for s in store.list_sessions().items] == ["kept"]
+    finally:
+        reset_store(store)
+        store.close()
+
+
 def _raise_deadlock(store: SqlStore) -> None:
     """Make the server itself report a deadlock (SQLSTATE 40P01 / MySQL error 1213)."""
     if store.backend == "postgresql":

@@ -35,6 +35,7 @@ import time
 from typing import Callable, Sequence
 
 from models import ChatMessage, ChatSession, Store
+from models.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -117,21 +118,17 @@ class GroupCommitter:
         committed later).
         """
         write = _Write(session, list(messages), token)
-        if self._thread is None:
-            self._ensure_thread()
-        self._queue.put(write)
-        if not write.done.acquire(timeout=-1 if timeout is None else timeout):
-            raise TimeoutError(f"save of session {session.session_id!r} not committed within {timeout} s")
-        if write.error is not None:
-            raise write.error
-
-    def _ensure_thread(self) -> None:
-        with self._lock:
+        with self._lock:  # a write handed in after close() would wait behind _STOP forever
             if self._closed:
                 raise RuntimeError("group committer is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sessionq-group-commit", daemon=True)
                 self._thread.start()
+            self._queue.put(write)
+        if not write.done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"save of session {session.session_id!r} not committed within {timeout} s")
+        if write.error is not None:
+            raise write.error
 
     def close(self) -> None:
         """Stop the flusher once the writes already handed over are committed."""
@@ -215,9 +212,15 @@ class GroupCommitter:
                 return
             logger.info("batch of %d saves failed (%s); retrying them one by one", len(batch), exc)
             done: list[_Write] = []
-            for write in batch:
+            for index, write in enumerate(batch):
                 try:
                     self.store.save_sessions([(write.session, write.messages)])
+                except StoreUnavailable as item_exc:
+                    # The store is down, not this write: fail the rest now (their jobs
+                    # retry with backoff) instead of one connect timeout per write.
+                    for rest in batch[index:]:
+                        rest.finish(item_exc)
+                    break
                 except Exception as item_exc:
                     write.finish(item_exc)
                 else:
