@@ -105,3 +105,33 @@ def test_concurrent_senders_share_the_producer(server: PrivateRedis, tmp_path: P
     finally:
         producer.close()
         client.close()
+
+
+def test_a_forked_child_delivers_its_own_buffered_jobs(server: PrivateRedis, tmp_path: Path) -> None:
+    import os
+
+    client = redis.Redis.from_url(server.url)
+    producer = Producer(url=server.url, outbox_path=tmp_path / "outbox.db")
+    try:
+        # Given a producer whose flusher has run in the parent (a pre-forking server)
+        parent = producer.heartbeat("mcp-parent", buffered=True)
+        assert producer.flush(30)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: a buffered job and a flush of its own
+            try:
+                child = producer.heartbeat("mcp-child", buffered=True)
+                delivered = producer.flush(30)
+                os.write(write, json.dumps([child, delivered]).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            child_id, delivered = json.loads(pipe.read() or '[null, false]')
+        os.waitpid(pid, 0)
+        # Then the child's job is delivered by the child, once, beside the parent's
+        assert delivered is True
+        assert [m["message_id"] for m in _queue(client, "sessions")] == [parent, child_id]
+    finally:
+        producer.close()
+        client.close()

@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -107,6 +108,18 @@ class _Job(NamedTuple):
         return message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
 
 
+# Producers of this process: a forked child gives each fresh threads and locks.
+_PRODUCERS: weakref.WeakSet[Producer] = weakref.WeakSet()
+
+
+def _reset_producers_in_child() -> None:
+    for producer in list(_PRODUCERS):
+        producer._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_producers_in_child)
+
+
 class Producer:
     """Validate and enqueue jobs; see the module docs. Thread-safe."""
 
@@ -157,7 +170,26 @@ class Producer:
         if self.outbox_path.exists() and self._get_outbox().count():
             self._down = True
             self._start_forwarder()
+        _PRODUCERS.add(self)
         atexit.register(self.close)
+
+    def _after_fork(self) -> None:
+        """In a forked child (a pre-forking server that made the producer before the
+        fork): the parent's flusher and forwarder threads do not exist here and its
+        locks may have been held at the fork, so start them afresh. Jobs the parent had
+        buffered stay the parent's to deliver; the outbox is reopened (a SQLite
+        connection must not cross a fork); Redis connections renew themselves."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._buffer = collections.deque()
+        self._inflight = 0
+        self._flusher_idle = False
+        self._flush_waiters = 0
+        self._flusher = None
+        self._forwarder = None
+        self._failure = None
+        self._outbox = None
+        self._conn_lock = threading.Lock()
 
     # -- sending ---------------------------------------------------------------
 
