@@ -170,3 +170,33 @@ def test_a_job_too_big_for_one_message_is_refused(redis_client: redis.Redis, tmp
         producer.save_session({"session_id": "huge", "messages": big})
     producer.close()
     assert pending_jobs(redis_client) == 0
+
+
+def test_a_batch_that_fails_after_close_stopped_waiting_goes_to_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from workers.outbox import Outbox
+
+    producer = Producer(url=REDIS_URL, outbox_path=tmp_path / "outbox.db")
+    entered, release = threading.Event(), threading.Event()
+
+    def deliver(jobs: list[Any]) -> None:  # a push that hangs, then fails with a Redis error
+        entered.set()
+        release.wait(30)
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(producer, "_deliver", deliver)
+    # Given a buffered job whose push is in flight when close() stops waiting for it
+    producer.heartbeat("mcp-late", buffered=True)
+    assert entered.wait(30)
+    producer.close(timeout=0.2)
+    flusher = producer._flusher
+    assert flusher is not None
+    # When that push then fails
+    release.set()
+    flusher.join(30)
+    # Then the job is spooled for the next producer, and the flusher has stopped
+    assert not flusher.is_alive()
+    assert Outbox(tmp_path / "outbox.db").count() == 1

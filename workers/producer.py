@@ -506,6 +506,11 @@ class Producer:
             try:
                 self._deliver(batch)
             except Exception as exc:
+                with self._cond:
+                    closed = self._closed
+                if closed:  # close() took the rest of the buffer: nobody would drain these
+                    self._spool_after_close(batch, exc)
+                    continue
                 # Keep the jobs (in order) and tell flush/close/send_nowait, never drop them.
                 logger.error("could not deliver %d buffered job(s): %s", len(batch), exc)
                 with self._cond:
@@ -521,6 +526,21 @@ class Producer:
                 self._inflight = 0
                 self._cond.notify_all()
             make_ids_ahead()
+
+    def _spool_after_close(self, batch: list[_Job], exc: Exception) -> None:
+        """A batch that was in flight when :meth:`close` stopped waiting, and then failed:
+        into the outbox (the next producer on it forwards the jobs), not back into a
+        buffer no thread drains any more."""
+        try:
+            self._get_outbox().put((job.queue_name, job.encoded()) for job in batch)
+            logger.warning("could not deliver %d buffered job(s) after close (%s); spooled to %s",
+                           len(batch), exc, self.outbox_path)
+        except Exception as spool_exc:  # noqa: BLE001 - said as loudly as we can; close() has returned
+            logger.error("%d buffered job(s) could be neither delivered (%s) nor spooled after close: %s",
+                         len(batch), exc, spool_exc)
+        with self._cond:
+            self._inflight = 0
+            self._cond.notify_all()
 
     def _start_forwarder(self) -> None:
         with self._lock:
