@@ -256,27 +256,10 @@ def get_committer() -> Any:
             if runtime.committer is None:
                 from .groupcommit import GroupCommitter
 
-                runtime.committer = GroupCommitter(store, after_commit=_early_acker(get_broker()))
+                # On Redis the flusher acks a committed batch's jobs in one round trip.
+                early_ack = getattr(get_broker(), "ack_messages", None)
+                runtime.committer = GroupCommitter(store, after_commit=early_ack)
     return runtime.committer
-
-
-def _early_acker(broker: dramatiq.Broker) -> Callable[[list[Any]], None] | None:
-    """For a broker that can ack many messages at once (Redis): ack the jobs (messages)
-    of a committed batch of saves with one round trip per queue; ``None`` otherwise."""
-    ack_many = getattr(broker, "ack_many", None)
-    if ack_many is None:
-        return None
-
-    def ack(messages: list[Any]) -> None:
-        by_queue: dict[str, list[str]] = {}
-        for message in messages:
-            redis_id = message.options.get("redis_message_id")
-            if redis_id is not None and not message.queue_name.endswith(".DQ"):
-                by_queue.setdefault(message.queue_name, []).append(redis_id)
-        for queue_name, ids in by_queue.items():
-            ack_many(queue_name, ids)
-
-    return ack
 
 
 def get_redis() -> Any | None:

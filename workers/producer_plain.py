@@ -72,6 +72,14 @@ def _plain_time(value: Any, now_iso: str) -> datetime | None:
     return None if at > datetime.fromisoformat(now_iso) + payloads.DEFAULT_MAX_FUTURE_SKEW else at
 
 
+def _plain_iso_or_now(value: Any, now_iso: str) -> str | None:
+    """A plain timestamp's ISO text, ``now_iso`` when it is missing, None when not plain."""
+    if value is _MISSING:
+        return now_iso
+    at = _plain_time(value, now_iso)
+    return None if at is None else at.isoformat()
+
+
 def _plain_metadata(value: Any) -> dict[str, Any] | None:
     try:
         return check_json_object("metadata", value)
@@ -92,14 +100,9 @@ def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str,
                 or (item.get("session_id", session_id) is not session_id
                     and (type(item["session_id"]) is not str or item["session_id"] != session_id))):
             return None
-        created = item.get("created_at", _MISSING)
-        if created is _MISSING:
-            created_iso = now_iso
-        else:
-            created = _plain_time(created, now_iso)
-            if created is None:
-                return None
-            created_iso = created.isoformat()
+        created_iso = _plain_iso_or_now(item.get("created_at", _MISSING), now_iso)
+        if created_iso is None:
+            return None
         metadata = _plain_metadata(item.get("metadata"))
         if metadata is None:
             return None
@@ -119,14 +122,9 @@ def _plain_save(payload: Any) -> dict[str, Any] | None:
             or type(status) is not str or status not in SESSION_STATUSES):
         return None
     now_iso = utc_now_iso()
-    created = payload.get("created_at", _MISSING)
-    if created is _MISSING:
-        created_iso = now_iso
-    else:
-        created = _plain_time(created, now_iso)
-        if created is None:
-            return None
-        created_iso = created.isoformat()
+    created_iso = _plain_iso_or_now(payload.get("created_at", _MISSING), now_iso)
+    if created_iso is None:
+        return None
     updated = payload.get("updated_at")
     if updated is None:
         updated_iso = created_iso

@@ -148,6 +148,17 @@ class SessionqRedisBroker(RedisBroker):
         with self._lock:
             self._early_acked.update(message_ids)
 
+    def ack_messages(self, messages: list[Any]) -> None:
+        """:meth:`ack_many` for committed jobs (Dramatiq messages) of any queues: one
+        round trip per queue. Messages from a delay queue are left to their threads."""
+        by_queue: dict[str, list[str]] = {}
+        for message in messages:
+            redis_id = message.options.get("redis_message_id")
+            if redis_id is not None and not message.queue_name.endswith(".DQ"):
+                by_queue.setdefault(message.queue_name, []).append(redis_id)
+        for queue_name, ids in by_queue.items():
+            self.ack_many(queue_name, ids)
+
     def take_early_ack(self, message_id: str) -> bool:
         """True (once) if :meth:`ack_many` already acked ``message_id``."""
         with self._lock:
