@@ -16,9 +16,9 @@ from typing import Any, Callable, TypeVar, cast
 
 import click
 
-from models import Settings, Store, open_store
-from models.errors import StoreError
-from scheduler.sweeps import SWEEP_KINDS
+from sessionq.models import Settings, Store, open_store
+from sessionq.models.errors import StoreError
+from sessionq.scheduler.sweeps import SWEEP_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,8 +52,8 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from workers.errors import JobError
-        from workers.logs import redact
+        from sessionq.workers.errors import JobError
+        from sessionq.workers.logs import redact
 
         try:
             return func(*args, **kwargs)
@@ -68,7 +68,7 @@ def user_errors(func: F) -> F:
 
 def configure_logging(settings: Settings) -> None:
     """Install the process's log handler (only the CLI configures handlers)."""
-    from workers.logs import configure
+    from sessionq.workers.logs import configure
 
     configure(settings)
 
@@ -169,7 +169,7 @@ def scheduler_command(app: App) -> None:
     import signal
     import threading
 
-    from scheduler.runner import SweepScheduler, dramatiq_send
+    from sessionq.scheduler.runner import SweepScheduler, dramatiq_send
 
     redis_client = _scheduler_redis(app.settings, required=True)
     if redis_client is None:
@@ -177,7 +177,7 @@ def scheduler_command(app: App) -> None:
             "no REDIS_URL: this scheduler is the only one, and its jobs run only in this process's "
             "embedded broker (use `sessionq up` to run a worker alongside it)"
         )
-    from workers.broker import configure
+    from sessionq.workers.broker import configure
 
     configure(app.settings)  # the broker of these settings (--redis-url / --config included)
     # APScheduler logs every job run at INFO; each tick already logs what it enqueued.
@@ -199,7 +199,7 @@ def cleanup(app: App, aggressive: bool, dry_run: bool, kind: str | None) -> None
     """Run the hygiene sweeps now, in this process, and print what they changed."""
     import time
 
-    from scheduler import SweepBook, run_sweep, schedule_for, sweep_guard
+    from sessionq.scheduler import SweepBook, run_sweep, schedule_for, sweep_guard
 
     kinds = [kind] if kind else list(schedule_for(app.settings))
     if aggressive and "aggressive_cleanup" not in kinds and not kind:
@@ -226,7 +226,7 @@ def _scheduler_redis(settings: Settings, *, required: bool) -> Any | None:
         return None
     import redis
 
-    from models.settings import redact_url
+    from sessionq.models.settings import redact_url
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     try:
@@ -247,7 +247,7 @@ def _scheduler_redis(settings: Settings, *, required: bool) -> Any | None:
 @user_errors
 def serve(app: App, host: str | None, port: int | None) -> None:
     """Serve GET /session-health and GET /metrics (Bearer token: SESSIONQ_API_TOKEN)."""
-    from workers.http import serve as serve_http
+    from sessionq.workers.http import serve as serve_http
 
     serve_http(app.settings, host, port)
 
@@ -257,7 +257,7 @@ def serve(app: App, host: str | None, port: int | None) -> None:
 @pass_app
 def health(app: App, timeout: float | None) -> None:
     """Check the store, broker and sweeps; print one JSON line; exit 0 if healthy, 1 if not."""
-    from workers.health import DEFAULT_PROBE_TIMEOUT, HealthChecker
+    from sessionq.workers.health import DEFAULT_PROBE_TIMEOUT, HealthChecker
 
     with HealthChecker(app.settings, timeout=timeout or DEFAULT_PROBE_TIMEOUT) as checker:
         report = checker.check()
@@ -272,7 +272,7 @@ DEFAULT_CHECKPOINT = "sessionq-migrate.checkpoint.json"
 
 def _open_url(url: str, role: str) -> Store:
     """Open and ping the store at ``url`` (``role`` names it in errors, password masked)."""
-    from models.settings import redact_url
+    from sessionq.models.settings import redact_url
 
     try:
         store = open_store(url)
@@ -321,8 +321,8 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     entry from one store to another (resumable, idempotent; the MCP event log stays)."""
     from pathlib import Path
 
-    from models.settings import redact_url
-    from models.transfer import Checkpoint, describe, migrate, verify
+    from sessionq.models.settings import redact_url
+    from sessionq.models.transfer import Checkpoint, describe, migrate, verify
 
     labels = (redact_url(source), redact_url(destination))
     if source == destination:
@@ -363,11 +363,11 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 def _fan_out_migration(app: App, source: str, destination: str, batch_size: int) -> None:
     """Plan the batches of a migration (sessions, then every other kind) and enqueue
     one ``migrate_batch`` job each."""
-    from models.kinds import KINDS
-    from models.transfer import plan_batches
-    from models.transfer_kinds import plan_kind_batches
-    from workers.payloads import resolve_store_url, store_reference
-    from workers.producer import Producer
+    from sessionq.models.kinds import KINDS
+    from sessionq.models.transfer import plan_batches
+    from sessionq.models.transfer_kinds import plan_kind_batches
+    from sessionq.workers.payloads import resolve_store_url, store_reference
+    from sessionq.workers.producer import Producer
 
     if app.settings.queue_url is None:
         raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
@@ -403,7 +403,7 @@ def _fan_out_migration(app: App, source: str, destination: str, batch_size: int)
 def verify_command(source: str, destination: str, progress: bool | None) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
     agent state record by record and by digest); exit 1 on any difference."""
-    from models.transfer import describe, verify
+    from sessionq.models.transfer import describe, verify
 
     src, dst = _open_url(source, "source"), _open_url(destination, "destination")
     try:
@@ -428,7 +428,7 @@ def export_all_command(app: App, output: str, fmt: str | None) -> None:
     agent-state entry from the configured store."""
     from pathlib import Path
 
-    from models.archive_io import export_file
+    from sessionq.models.archive_io import export_file
 
     report = export_file(app.store, Path(output), fmt)
     click.echo(f"exported {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)} to {output}")
@@ -443,7 +443,7 @@ def import_command(app: App, file: str) -> None:
     Bad records are reported with their line and the rest is imported (exit 1)."""
     from pathlib import Path
 
-    from models.archive_io import import_file
+    from sessionq.models.archive_io import import_file
 
     app.store.upgrade()
     report = import_file(app.store, Path(file))
@@ -461,7 +461,7 @@ def backup_command(app: App, directory: str, keep: int) -> None:
     """Write a timestamped, compressed backup of the configured store and keep the last N."""
     from pathlib import Path
 
-    from models.archive_io import backup
+    from sessionq.models.archive_io import backup
 
     report = backup(app.store, Path(directory), keep=keep)
     click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}")
@@ -477,7 +477,7 @@ def restore_command(app: App, file: str) -> None:
     """Restore a backup (or any export) into the configured store; idempotent."""
     from pathlib import Path
 
-    from models.archive_io import restore
+    from sessionq.models.archive_io import restore
 
     app.store.upgrade()
     report = restore(app.store, Path(file))
@@ -507,7 +507,7 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 
     Raises ClickException with the reason if a job is dead-lettered in embedded mode.
     """
-    from workers.producer import Producer
+    from sessionq.workers.producer import Producer
 
     if app.settings.queue_url is not None:
         producer = Producer(app.settings)
@@ -518,7 +518,7 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
         finally:
             producer.close()
         return ids
-    from workers.embedded import EmbeddedRuntime
+    from sessionq.workers.embedded import EmbeddedRuntime
 
     app.close()
     runtime = EmbeddedRuntime(app.settings, threads=2).start()
@@ -551,11 +551,11 @@ def worker(ctx: click.Context, processes: int | None, threads: int | None, queue
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
-    from workers.broker import configure
+    from sessionq.workers.broker import configure
 
     configure(app.settings)  # forked worker processes inherit this broker
 
-    argv = ["workers.actors", "--processes", str(processes or app.settings.worker_processes),
+    argv = ["sessionq.workers.actors", "--processes", str(processes or app.settings.worker_processes),
             "--threads", str(threads or app.settings.worker_threads), "--skip-logging"]
     if queues:
         argv += ["--queues", *queues]
@@ -597,7 +597,7 @@ def export_command(app: App, session_id: str, fmt: str, output: str | None) -> N
     """Export one session from the store as JSON, text or Markdown."""
     from pathlib import Path
 
-    from workers.exports import export_to_file, write_export
+    from sessionq.workers.exports import export_to_file, write_export
 
     if output:
         count = export_to_file(app.store, session_id, fmt, Path(output))
@@ -612,7 +612,7 @@ def export_command(app: App, session_id: str, fmt: str, output: str | None) -> N
 @user_errors
 def archive_command(app: App, session_id: str) -> None:
     """Archive a session (an archive_session job; embedded: waits until done)."""
-    from models import utcnow
+    from sessionq.models import utcnow
 
     if app.settings.queue_url is None:
         app.store.upgrade()
@@ -630,7 +630,7 @@ def archive_command(app: App, session_id: str) -> None:
 def up(app: App, demo: bool, threads: int | None, no_http: bool) -> None:
     """Worker, scheduler and HTTP in one process (embedded queue unless a broker is set)."""
     if demo:
-        from workers.demo import run_demo
+        from sessionq.workers.demo import run_demo
 
         app.close()
         run_demo(app.settings, click.echo)
@@ -638,7 +638,7 @@ def up(app: App, demo: bool, threads: int | None, no_http: bool) -> None:
     import signal
     import threading
 
-    from workers.up import AllInOne
+    from sessionq.workers.up import AllInOne
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -659,7 +659,7 @@ def dlq() -> None:
 def _dead_letters(app: App) -> Any:
     import redis
 
-    from workers.dlq import DeadLetters
+    from sessionq.workers.dlq import DeadLetters
 
     url = app.settings.queue_url
     if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
@@ -675,7 +675,7 @@ def _redis_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except redis.RedisError as exc:
-            from workers.logs import redact
+            from sessionq.workers.logs import redact
 
             raise click.ClickException(f"Redis unavailable: {redact(str(exc))}") from None
 

@@ -51,8 +51,8 @@ __all__ = [
 def open_store(target: str | Settings, *, max_pool_size: int | None = None, min_pool_size: int | None = None) -> Store:
     """Open the store a URL (or ``settings.storage_url``) names; the schema is not touched.
 
-    ``sqlite://``, ``postgresql://`` and ``mysql://`` get a :class:`~models.sql.SqlStore`;
-    ``mongodb://`` a :class:`~models.mongo.MongoStore`.
+    ``sqlite://``, ``postgresql://`` and ``mysql://`` get a :class:`~sessionq.models.sql.SqlStore`;
+    ``mongodb://`` a :class:`~sessionq.models.mongo.MongoStore`.
     """
     settings = target if isinstance(target, Settings) else None
     url = settings.storage_url if settings else str(target)

@@ -2,7 +2,7 @@
 memory stays flat.
 
 Two formats, both carrying sessions with their messages, then file records,
-transport sessions and agent state (:mod:`models.kinds`; the short-lived MCP event
+transport sessions and agent state (:mod:`sessionq.models.kinds`; the short-lived MCP event
 log is not exported):
 
 * **JSON Lines** (``sessionq-jsonl`` version 2): the first line is a header

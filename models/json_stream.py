@@ -18,7 +18,7 @@ def iter_members(fp: IO[str], streamed: Collection[str], *, chunk: int = DEFAULT
     """Yield ``(key, value)`` for the members of the top-level JSON object in file
     order, except that a member named in ``streamed`` must be an array and yields
     ``(key, element)`` once per element instead. Malformed JSON raises
-    :class:`~models.errors.ValidationError`."""
+    :class:`~sessionq.models.errors.ValidationError`."""
     reader = _JsonReader(fp, chunk)
     reader.expect("{")
     if reader.take("}"):

@@ -62,7 +62,7 @@ def _chunks(items: Sequence[Any], size: int = 1000) -> Iterable[Sequence[Any]]:
 
 
 class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
-    """A :class:`~models.store.Store` on MongoDB.
+    """A :class:`~sessionq.models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and
     optionally the ``database`` name; the default is the URL's, else ``sessionq``).

@@ -1,5 +1,5 @@
 """Bulk listing and import of file records, transport sessions and agent state for
-the MongoDB backend (see :mod:`models.kinds`), a mixin of :class:`~models.mongo.MongoStore`.
+the MongoDB backend (see :mod:`sessionq.models.kinds`), a mixin of :class:`~sessionq.models.mongo.MongoStore`.
 
 Listings are keyset pages over the key (``_id``, or the unique ``(agent_id, key)``
 index; for the composite key one range query per key prefix:

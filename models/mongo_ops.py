@@ -1,5 +1,5 @@
 """The MongoDB backend's files, transport sessions, agent state, event log, sweeps
-and statistics (a mixin of :class:`models.mongo.MongoStore`), and its error mapping.
+and statistics (a mixin of :class:`sessionq.models.mongo.MongoStore`), and its error mapping.
 
 Multi-field state changes (heartbeat, disconnect, recover) are compare-and-set
 updates: read the document, decide, then update with a filter that matches only

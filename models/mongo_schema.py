@@ -2,7 +2,7 @@
 
 Every collection is prefixed ``sessionq_``. Indexes are created by versioned steps
 recorded in ``sessionq_schema`` (one document per applied version), the MongoDB
-counterpart of :mod:`models.sql_schema`. ``create_index`` is idempotent, so a step
+counterpart of :mod:`sessionq.models.sql_schema`. ``create_index`` is idempotent, so a step
 interrupted half-way is simply applied again.
 
 Timestamps are stored as integer microseconds since the Unix epoch: BSON dates

@@ -231,7 +231,7 @@ class TransportSession(Record):
         self, now: datetime, *, max_attempts: int = DEFAULT_MAX_RECOVERY_ATTEMPTS
     ) -> dict[str, Any]:
         """The fields one recovery at ``now`` changes (status ``recovered``, one more
-        attempt, a fresh heartbeat, no grace window); :class:`~models.errors.Conflict`
+        attempt, a fresh heartbeat, no grace window); :class:`~sessionq.models.errors.Conflict`
         if the session may not be recovered."""
         if not self.recoverable_at(now, max_attempts=max_attempts):
             raise Conflict(

@@ -3,7 +3,7 @@
 Each field declares its environment names (the first is canonical; the seed-era
 names such as ``STORAGE_EXPIRY_HOURS`` still work) and whether it is a secret.
 The config file (YAML or TOML, ``--config`` / ``SESSIONQ_CONFIG``) uses the field
-names as keys. A bad value is a :class:`~models.errors.ConfigError` naming the setting.
+names as keys. A bad value is a :class:`~sessionq.models.errors.ConfigError` naming the setting.
 """
 
 from __future__ import annotations

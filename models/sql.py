@@ -1,7 +1,7 @@
 """The SQL backend: SQLite, PostgreSQL and MariaDB/MySQL through Peewee.
 
 Each :class:`SqlStore` owns its database object and its own model classes (see
-:mod:`models.sql_schema`). Writes lock the sessions they touch (``FOR UPDATE``, or
+:mod:`sessionq.models.sql_schema`). Writes lock the sessions they touch (``FOR UPDATE``, or
 ``BEGIN IMMEDIATE`` on SQLite), so concurrent workers never assign the same ``seq``
 twice, and a whole batch of saves costs a handful of statements and one commit.
 """
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class SqlStore(SqlRecordOps, Store):
-    """A :class:`~models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
+    """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
     or a ready Peewee ``database`` with its ``dialect``.
@@ -78,7 +78,7 @@ class SqlStore(SqlRecordOps, Store):
         raise AssertionError("unreachable")
 
     def _write_postgresql(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
-        """One transaction: the sessions not stored yet go through :mod:`models.sql_fast`
+        """One transaction: the sessions not stored yet go through :mod:`sessionq.models.sql_fast`
         (planned as new, one statement that also begins the transaction), the rest
         (stored sessions, appends) through :meth:`_write_once`."""
         appended = {session_id for session, session_id, _ in writes if session is None}

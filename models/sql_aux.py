@@ -1,5 +1,5 @@
 """Bulk listing and import of file records, transport sessions and agent state for
-the SQL backend (see :mod:`models.kinds`), a mixin of :class:`~models.sql.SqlStore`.
+the SQL backend (see :mod:`sessionq.models.kinds`), a mixin of :class:`~sessionq.models.sql.SqlStore`.
 
 Listings are keyset pages over the primary key (for a composite key, one index
 range query per key prefix: :meth:`RecordKind.ranges_after`). An import handles a

@@ -1,5 +1,5 @@
 """Plumbing of the SQL backend: opening databases, error translation, transactions,
-batched set-based statements, and the schema lifecycle. :class:`~models.sql.SqlStore`
+batched set-based statements, and the schema lifecycle. :class:`~sessionq.models.sql.SqlStore`
 builds on :class:`SqlBase`."""
 
 from __future__ import annotations

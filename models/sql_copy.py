@@ -1,6 +1,6 @@
 """PostgreSQL bulk loading of messages with ``COPY``.
 
-Used by :meth:`models.sql.SqlStore.import_records` for message batches on
+Used by :meth:`sessionq.models.sql.SqlStore.import_records` for message batches on
 PostgreSQL, where it skips building a multi-row INSERT statement in Python (the
 cost that dominates a migration into PostgreSQL; see ops/bench/transfer_bench.py, P4).
 

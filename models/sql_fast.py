@@ -4,7 +4,7 @@ together with the transaction's ``BEGIN`` (one round trip instead of a lock quer
 a session INSERT and a message INSERT, each a round trip with its parameters quoted
 one by one, and no parse/plan per batch on the server).
 
-:meth:`models.sql.SqlStore.save_sessions` plans every session of the batch as if it
+:meth:`sessionq.models.sql.SqlStore.save_sessions` plans every session of the batch as if it
 were new (the plan of a new session depends only on the batch), sends the rows as
 two JSON documents, and the statement inserts the sessions with ``ON CONFLICT DO
 NOTHING`` and the messages of the sessions it did insert. The ids it returns are

@@ -1,5 +1,5 @@
 """Files, transport sessions, agent state, the MCP event log, sweeps and statistics
-for the SQL backend (a mixin of :class:`~models.sql.SqlStore`)."""
+for the SQL backend (a mixin of :class:`~sessionq.models.sql.SqlStore`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 class SqlRecordOps(SqlKindOps):
     """The non-session parts of the SQL store (bulk listing and import of files,
-    transports and agent state come from :class:`~models.sql_aux.SqlKindOps`)."""
+    transports and agent state come from :class:`~sessionq.models.sql_aux.SqlKindOps`)."""
 
     # -- files -----------------------------------------------------------------------
 

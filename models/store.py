@@ -12,7 +12,7 @@ Rules that make at-least-once delivery safe, shared by every backend:
 * Every durable record kind can be listed in keyset pages and bulk-imported without
   regressing newer data (sessions and messages through :meth:`Store.import_records`,
   files, transport sessions and agent state through :meth:`Store.import_kind`; see
-  :mod:`models.kinds` for what "newer" means per kind), so migrations, exports and
+  :mod:`sessionq.models.kinds` for what "newer" means per kind), so migrations, exports and
   backups carry all of them.
 
 The contract suite in ``tests/test_store_contract.py`` runs against every backend.
@@ -52,7 +52,7 @@ PendingWrite = tuple[ChatSession | None, str, list[ChatMessage]]
 
 
 def check_message_owners(writes: Sequence[PendingWrite]) -> None:
-    """Raise :class:`~models.errors.ValidationError` if a message names another session."""
+    """Raise :class:`~sessionq.models.errors.ValidationError` if a message names another session."""
     from .errors import ValidationError
 
     for _, session_id, messages in writes:
@@ -142,7 +142,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Raise :class:`~models.errors.StoreUnavailable` unless the backend answers."""
+        """Raise :class:`~sessionq.models.errors.StoreUnavailable` unless the backend answers."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -176,7 +176,7 @@ class Store(abc.ABC):
     def append_messages(self, session_id: str, messages: Sequence[ChatMessage]) -> int:
         """Append the messages not stored yet to an existing session; return how many.
 
-        Raises :class:`~models.errors.NotFound` if the session does not exist.
+        Raises :class:`~sessionq.models.errors.NotFound` if the session does not exist.
         """
 
     @abc.abstractmethod
@@ -190,12 +190,12 @@ class Store(abc.ABC):
         whose ``(session_id, message_id)`` or ``(session_id, seq)`` is already stored
         is skipped. Re-importing the same records changes nothing. Every message's
         session must be in ``sessions`` or already stored (else
-        :class:`~models.errors.NotFound`). Returns sessions written and messages inserted.
+        :class:`~sessionq.models.errors.NotFound`). Returns sessions written and messages inserted.
         """
 
     @abc.abstractmethod
     def load_session(self, session_id: str) -> ChatSession:
-        """The session, or :class:`~models.errors.NotFound`."""
+        """The session, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def list_sessions(
@@ -251,7 +251,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def archive_session(self, session_id: str, at: datetime) -> ChatSession:
         """Set the status to ``archived`` (idempotent); ``updated_at`` moves to ``at``
-        only if that is later. Raises :class:`~models.errors.NotFound`."""
+        only if that is later. Raises :class:`~sessionq.models.errors.NotFound`."""
 
     # -- files ---------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def load_file(self, file_id: str) -> FileRecord:
-        """The file record, or :class:`~models.errors.NotFound`."""
+        """The file record, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def delete_file(self, file_id: str) -> bool:
@@ -277,7 +277,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def load_transport(self, mcp_session_id: str) -> TransportSession:
-        """The transport session, or :class:`~models.errors.NotFound`."""
+        """The transport session, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def heartbeat(self, mcp_session_id: str, at: datetime) -> bool:
@@ -313,8 +313,8 @@ class Store(abc.ABC):
         """Atomically count one recovery and return the session with its saved state.
 
         The session becomes ``recovered`` with a fresh heartbeat. Raises
-        :class:`~models.errors.Conflict` past the grace deadline or attempt cap,
-        :class:`~models.errors.NotFound` for an unknown id.
+        :class:`~sessionq.models.errors.Conflict` past the grace deadline or attempt cap,
+        :class:`~sessionq.models.errors.NotFound` for an unknown id.
         """
 
     # -- agent state ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """Streaming migration between any two stores, and verification of the result.
 
 A migration carries every durable record kind: sessions with their messages, then
-file records, transport sessions and agent state (:mod:`models.transfer_kinds`).
+file records, transport sessions and agent state (:mod:`sessionq.models.transfer_kinds`).
 The MCP event log stays behind: it is a short-lived replay buffer.
 
 It walks the source's sessions in keyset pages (``batch_size`` sessions per
@@ -12,7 +12,7 @@ chunks. Memory holds one page of sessions and one chunk of messages, whatever th
 size of the store.
 
 Each other kind is then copied ``batch_size`` records at a time
-(:func:`~models.transfer_kinds.migrate_kind_batch`).
+(:func:`~sessionq.models.transfer_kinds.migrate_kind_batch`).
 
 Re-running a batch is harmless (imports are idempotent and never regress newer
 data), so a checkpoint only needs the last session id (and per other kind the

@@ -1,5 +1,5 @@
 """Migration and verification of file records, transport sessions and agent state
-(the kinds of :mod:`models.kinds`); :mod:`models.transfer` runs them after the
+(the kinds of :mod:`sessionq.models.kinds`); :mod:`sessionq.models.transfer` runs them after the
 sessions and messages.
 
 A batch reads a keyset page of the source and writes it with

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse
 # Runnable as a plain script from a checkout (the package is not installed there).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import Settings, open_store
-from workers.mcp import (
+from sessionq.models import Settings, open_store
+from sessionq.workers.mcp import (
     RecoverableSessionManager,
     RedisEventStore,
     SessionRegistry,

@@ -1,11 +1,11 @@
 """Periodic hygiene: the sweeps, the scheduler that enqueues them, and its leader lease.
 
-* :mod:`scheduler.sweeps` — what each sweep does and how often (:func:`run_sweep` runs one).
-* :mod:`scheduler.runner` — :class:`SweepScheduler`: APScheduler jobs that enqueue
+* :mod:`sessionq.scheduler.sweeps` — what each sweep does and how often (:func:`run_sweep` runs one).
+* :mod:`sessionq.scheduler.runner` — :class:`SweepScheduler`: APScheduler jobs that enqueue
   ``run_sweep(kind)`` on the ``maintenance`` queue, exactly once per tick across replicas.
-* :mod:`scheduler.lease` — the Redis leader lease and :func:`sweep_guard`, the per-kind
+* :mod:`sessionq.scheduler.lease` — the Redis leader lease and :func:`sweep_guard`, the per-kind
   run lock a worker holds while a sweep runs.
-* :mod:`scheduler.status` — :class:`SweepBook`, the record of each sweep's last run.
+* :mod:`sessionq.scheduler.status` — :class:`SweepBook`, the record of each sweep's last run.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Many ``sessionq scheduler`` processes may run for availability; a :class:`RedisL
 makes exactly one of them the leader. A leader that dies stops renewing, so its key
 expires and another replica takes over within one lease period. A leader that is
 merely slow may believe it still leads after its key expired: the per-tick claim in
-:mod:`scheduler.runner` is what keeps a tick from firing twice in that case.
+:mod:`sessionq.scheduler.runner` is what keeps a tick from firing twice in that case.
 
 :func:`sweep_guard` is the worker side: a sweep takes its kind's lock before it
 runs, so a slow sweep never overlaps itself, even across worker hosts.

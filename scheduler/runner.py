@@ -1,6 +1,6 @@
 """The scheduler: APScheduler jobs that enqueue ``run_sweep(kind)``, exactly once per tick.
 
-Every replica runs the same jobs; only the lease holder (:mod:`scheduler.lease`)
+Every replica runs the same jobs; only the lease holder (:mod:`sessionq.scheduler.lease`)
 fires. Ticks are aligned to wall-clock multiples of each sweep's interval
 (``tick = floor(unix_time / interval)``), so every replica agrees on what "tick
 n" means, and each tick is claimed once with ``SET sessionq:tick:<kind>:<n> NX``
@@ -32,7 +32,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from models import Settings
+from sessionq.models import Settings
 
 from .lease import Lease, LocalLease, RedisLease
 from .sweeps import schedule_for

@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Callable
 
-from models import Settings, Store, utcnow
+from sessionq.models import Settings, Store, utcnow
 
 from .status import SweepBook
 

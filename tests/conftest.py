@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from models import ChatMessage, ChatSession, Store, open_store
-from models.errors import StoreError
+from sessionq.models import ChatMessage, ChatSession, Store, open_store
+from sessionq.models.errors import StoreError
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -41,13 +41,13 @@ def service_missing(name: str, error: BaseException) -> None:
 
 def reset_store(store: Store) -> None:
     """Delete every row/document the store holds (schema and version stay)."""
-    from models.sql import SqlStore
+    from sessionq.models.sql import SqlStore
 
     if isinstance(store, SqlStore):
         for model in reversed(store.m.all()[1:]):
             model.delete().execute()
         return
-    from models.mongo import MongoStore
+    from sessionq.models.mongo import MongoStore
 
     if isinstance(store, MongoStore):
         store.clear_for_tests()

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from models import AgentState, ChatMessage, ChatSession, FileRecord, Store, TransportSession
+from sessionq.models import AgentState, ChatMessage, ChatSession, FileRecord, Store, TransportSession
 from tests.conftest import T0, make_store, reset_store
 
 #: The repository root, the working directory of CLI subprocesses.
@@ -108,4 +108,4 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def cli_command(*args: str) -> list[str]:
     """``python -m cli ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-m", "sessionq.cli", *args]

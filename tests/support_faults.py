@@ -50,7 +50,7 @@ class SessionqWorker:
                  env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = log.open("ab")
-        argv = [sys.executable, "-m", "cli", "worker", "-p", str(processes), "-t", str(threads)]
+        argv = [sys.executable, "-m", "sessionq.cli", "worker", "-p", str(processes), "-t", str(threads)]
         extra = {"REDIS_URL": redis_url, "STORAGE_URL": storage_url, "SESSIONQ_API_TOKEN": PLANTED_TOKEN}
         extra.update(env or {})
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(**extra), stdout=self._out,

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from models import Store
+from sessionq.models import Store
 
 BYSTANDER = "bystander"
 BYSTANDERS = (BYSTANDER, "bystander-2")

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import uvicorn
 
-from models import Store, open_store
-from models.errors import StoreError
+from sessionq.models import Store, open_store
+from sessionq.models.errors import StoreError
 from tests.conftest import POSTGRES_URL, reset_store, service_missing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def cli_command(*args: str) -> list[str]:
     """``python -m cli ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-m", "sessionq.cli", *args]
 
 
 class ServerThread:

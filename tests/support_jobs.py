@@ -34,11 +34,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m dramatiq workers.actors`` as a subprocess, stopped with SIGTERM."""
+    """``python -m dramatiq sessionq.workers.actors`` as a subprocess, stopped with SIGTERM."""
 
     def __init__(self, storage_url: str, *, processes: int = 1, threads: int = 8, log: Path, **env: str) -> None:
         self.log = log
-        argv = [sys.executable, "-m", "dramatiq", "workers.actors", "-p", str(processes), "-t", str(threads)]
+        argv = [sys.executable, "-m", "dramatiq", "sessionq.workers.actors", "-p", str(processes), "-t", str(threads)]
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=child_env(REDIS_URL=REDIS_URL, STORAGE_URL=storage_url, **env),

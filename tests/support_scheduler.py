@@ -49,8 +49,8 @@ def main() -> None:
     """Run one recording scheduler replica until SIGTERM/SIGINT."""
     import redis
 
-    from models import Settings
-    from scheduler.runner import SweepScheduler
+    from sessionq.models import Settings
+    from sessionq.scheduler.runner import SweepScheduler
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s {os.getpid()} %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -10,18 +10,18 @@ import redis
 
 import pytest
 
-from models import open_store
-from models.kinds import KINDS
+from sessionq.models import open_store
+from sessionq.models.kinds import KINDS
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, session
 from tests.support_bulk import fill_kinds
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
-from workers.errors import InvalidPayload
-from workers.payloads import normalize
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.payloads import normalize
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", "--redis-url", REDIS_URL, *args],
+        [sys.executable, "-m", "sessionq.cli", "--redis-url", REDIS_URL, *args],
         cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=120,
     )
 

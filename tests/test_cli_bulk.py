@@ -11,10 +11,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cli import main
-from models import open_store
+from sessionq.cli import main
+from sessionq.models import open_store
 from tests.conftest import POSTGRES_URL, make_store, reset_store
-from models import AgentState
+from sessionq.models import AgentState
 from tests.conftest import T0
 from tests.support_bulk import REPO_ROOT, cli_command, cli_env, fill, fill_kinds
 

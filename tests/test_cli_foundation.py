@@ -10,8 +10,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cli import main
-from models import open_store
+from sessionq.cli import main
+from sessionq.models import open_store
 from tests.conftest import POSTGRES_URL, messages, session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGE_", "REDIS_", "SESSIONQ_API"))}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=60)
+    return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=60)
 
 
 def test_db_upgrade_then_status(tmp_path: Path) -> None:

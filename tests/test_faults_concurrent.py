@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 
-from models import ChatMessage, ChatSession, Settings, Store, open_store, utcnow
+from sessionq.models import ChatMessage, ChatSession, Settings, Store, open_store, utcnow
 from tests.conftest import MONGO_URL, POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_faults import SessionqWorker, assert_no_secrets, record_figures, wait_until, with_password
 from tests.support_jobs import dead_letters, pending_jobs
-from workers.producer import Producer
+from sessionq.workers.producer import Producer
 
 WINDOW = 5
 

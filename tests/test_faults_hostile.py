@@ -81,7 +81,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import Settings, Store
+from sessionq.models import Settings, Store
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, messages, reset_store, session
 from tests.support_faults import SessionqWorker, assert_no_secrets, record_figures, wait_until, with_password
 from tests.support_hostile import (
@@ -96,9 +96,9 @@ from tests.support_hostile import (
     examples,
 )
 from tests.support_jobs import pending_jobs
-from workers.errors import InvalidPayload
-from workers.payloads import ACTOR_QUEUES
-from workers.producer import Producer
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.payloads import ACTOR_QUEUES
+from sessionq.workers.producer import Producer
 
 ERROR_CLASSES = [c for c in PAYLOAD_CLASSES if c.error is not None]
 ACCEPTED_CLASSES = [c for c in PAYLOAD_CLASSES if c.error is None]

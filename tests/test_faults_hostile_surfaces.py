@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator
 import pytest
 from hypothesis import strategies as st
 
-from models import Settings, Store
-from models.archive_io import import_file
-from models.errors import ConfigError, ValidationError
+from sessionq.models import Settings, Store
+from sessionq.models.archive_io import import_file
+from sessionq.models.errors import ConfigError, ValidationError
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, messages, reset_store, session
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, record_figures, with_password
 from tests.support_hostile import BYSTANDERS, checksum, examples
@@ -88,7 +88,7 @@ def test_r4_hostile_http_requests_are_refused(
 
     import redis
 
-    from workers.http import create_app
+    from sessionq.workers.http import create_app
 
     caplog.set_level(logging.DEBUG)
     client = redis.Redis.from_url(REDIS_URL)
@@ -162,7 +162,7 @@ def test_r4_hostile_config_file_through_the_cli_is_one_line(tmp_path: Path) -> N
     path = tmp_path / "c.yaml"
     path.write_bytes(b"max_pool_size: [1]\napi_token: " + PLANTED_TOKEN.encode() + b"\n")
     # When the CLI is started with it, then it exits 1 with one "Error:" line, no traceback, no secret
-    done = subprocess.run([sys.executable, "-m", "cli", "--config", str(path), "config", "show"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "sessionq.cli", "--config", str(path), "config", "show"], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("Error: max_pool_size") and "Traceback" not in done.stderr
@@ -255,7 +255,7 @@ def test_r4_hostile_import_files_are_rejected_per_record(
 def test_r4_import_with_invalid_utf8_through_the_cli_is_not_a_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_bytes((HEADER + _session_line("imp-a", model="M")).encode().replace(b'"M"', b'"\xff\xfe"'))
-    done = subprocess.run([sys.executable, "-m", "cli", "import", str(path)], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sessionq.cli", "import", str(path)], cwd=ROOT, capture_output=True, text=True,
                           env=child_env(STORAGE_URL=f"sqlite:///{tmp_path / 's.db'}"), timeout=60)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

@@ -24,14 +24,14 @@ import httpx
 import pytest
 import redis
 
-from models import Settings, Store
+from sessionq.models import Settings, Store
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, figures_path, record_figures, with_password
 from tests.support_http import ServerThread, cli_command, dead_port, free_port, subprocess_env, with_port
 from tests.support_jobs import ROOT
 from tests.support_services import wait_port
-from workers.http import create_app
-from workers.logs import RedactingFilter
+from sessionq.workers.http import create_app
+from sessionq.workers.logs import RedactingFilter
 
 PROBES_PER_LENGTH = 40
 

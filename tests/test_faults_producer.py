@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from models import Settings, Store
+from sessionq.models import Settings, Store
 from tests.conftest import POSTGRES_URL, make_store, reset_store
 from tests.support_faults import (
     SessionqWorker,
@@ -30,8 +30,8 @@ from tests.support_faults import (
     with_password,
 )
 from tests.support_services import PrivateRedis
-from workers.errors import InvalidPayload, ProducerError
-from workers.producer import Producer
+from sessionq.workers.errors import InvalidPayload, ProducerError
+from sessionq.workers.producer import Producer
 
 
 def _dead_redis_url() -> str:

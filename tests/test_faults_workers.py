@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 import redis
 
-from models import Store, open_store, utcnow
+from sessionq.models import Store, open_store, utcnow
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_faults import SessionqWorker, assert_no_secrets, pg_ledger, record_figures, wait_until, with_password
 from tests.support_jobs import dead_letters, pending_jobs, push_raw

@@ -11,9 +11,9 @@ import pytest
 from dramatiq import Message, Worker
 from dramatiq.brokers.redis import RedisBroker
 
-from workers.logs import ContextFilter, current_context
-from workers.metrics import JOBS, JOB_SECONDS
-from workers.middleware import JobObserver, session_id_of
+from sessionq.workers.logs import ContextFilter, current_context
+from sessionq.workers.metrics import JOBS, JOB_SECONDS
+from sessionq.workers.middleware import JobObserver, session_id_of
 
 
 # Seconds to wait for the worker to settle the messages of one test.

@@ -14,14 +14,14 @@ from typing import Any
 
 import redis
 
-from models import open_store
+from sessionq.models import open_store
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_jobs import ROOT, child_env, dead_letters, push_raw, wait_drained
 
 
 def sessionq(*args: str, timeout: Any = 120, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``sessionq ARGS`` in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=child_env(**env),
+    return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], cwd=ROOT, env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,7 +99,7 @@ def test_worker_command_and_dlq(tmp_path: Path, redis_client: redis.Redis) -> No
     push_raw(redis_client, [("save_session", {"session_id": "w-1"}), ("save_session", {"session_id": "w 2"}),
                             ("append_messages", {"session_id": "w-1"})])
     log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "--storage-url", POSTGRES_URL, "--redis-url", REDIS_URL,
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "--storage-url", POSTGRES_URL, "--redis-url", REDIS_URL,
                              "worker", "--processes", "1", "--threads", "2"], cwd=ROOT, env=child_env(),
                             stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -11,15 +11,15 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
-from models import ChatSession, Settings, Store, StoreUnavailable, WriteResult, open_store, utcnow
-from models.store import SessionWrite
+from sessionq.models import ChatSession, Settings, Store, StoreUnavailable, WriteResult, open_store, utcnow
+from sessionq.models.store import SessionWrite
 from tests.conftest import T0, messages, session
-from workers import broker as broker_module
-from workers import middleware as middleware_module
-from workers.embedded import EmbeddedRuntime
-from workers.groupcommit import GroupCommitter
-from workers.outbox import Outbox
-from workers.producer import Producer
+from sessionq.workers import broker as broker_module
+from sessionq.workers import middleware as middleware_module
+from sessionq.workers.embedded import EmbeddedRuntime
+from sessionq.workers.groupcommit import GroupCommitter
+from sessionq.workers.outbox import Outbox
+from sessionq.workers.producer import Producer
 
 
 def _settings(tmp_path: Path) -> Settings:
@@ -299,8 +299,8 @@ def test_importing_the_job_system_starts_no_thread() -> None:
 
     from tests.support_jobs import ROOT, child_env
 
-    # Given a fresh interpreter, when every job module is imported (as `dramatiq workers.actors` does)
-    code = "import threading, workers.actors, workers.producer, workers.embedded, workers.dlq; print(threading.active_count())"
+    # Given a fresh interpreter, when every job module is imported (as `dramatiq sessionq.workers.actors` does)
+    code = "import threading, sessionq.workers.actors, sessionq.workers.producer, sessionq.workers.embedded, sessionq.workers.dlq; print(threading.active_count())"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     # Then only the main thread runs
     assert done.returncode == 0, done.stderr

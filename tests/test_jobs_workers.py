@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from models import Store, utcnow
+from sessionq.models import Store, utcnow
 from tests.conftest import POSTGRES_URL, make_store, reset_store
 from tests.support_jobs import WorkerProcess, dead_letters, push_raw, wait_drained
 

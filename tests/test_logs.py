@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from models import Settings
-from workers.logs import configure, current_context, job_context
+from sessionq.models import Settings
+from sessionq.workers.logs import configure, current_context, job_context
 
 SECRET_URL = "postgresql://sessionq:pg-Pa55word@db.internal:5432/sessionq"
 BEARER = "Bearer eyJhbGciOi.secretpayload.sig"

@@ -20,7 +20,7 @@ import redis
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from models import open_store, utcnow
+from sessionq.models import open_store, utcnow
 from tests.support_mcp import (  # noqa: F401  (fixtures)
     RoundRobin,
     ServerProcess,
@@ -32,7 +32,7 @@ from tests.support_mcp import (  # noqa: F401  (fixtures)
     session_keys,
     text_of,
 )
-from workers.mcp.event_store import format_event_id
+from sessionq.workers.mcp.event_store import format_event_id
 
 pytestmark = pytest.mark.anyio
 

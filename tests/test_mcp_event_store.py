@@ -17,8 +17,8 @@ from mcp.types import (
     jsonrpc_message_adapter,
 )
 
-from models import Store, open_store
-from models.errors import ValidationError
+from sessionq.models import Store, open_store
+from sessionq.models.errors import ValidationError
 from tests.conftest import REDIS_URL, SQL_BACKENDS, T0, make_store, reset_store
 from tests.support_mcp import (  # noqa: F401  (fixtures)
     anyio_backend,
@@ -27,14 +27,14 @@ from tests.support_mcp import (  # noqa: F401  (fixtures)
     free_port,
     redis_db,
 )
-from workers.mcp import (
+from sessionq.workers.mcp import (
     RedisEventStore,
     SessionRegistry,
     StoreEventStore,
     apply_transport_job,
 )
-from workers.mcp import store_events as store_events_module
-from workers.mcp.event_store import GET_STREAM, parse_event_id
+from sessionq.workers.mcp import store_events as store_events_module
+from sessionq.workers.mcp.event_store import GET_STREAM, parse_event_id
 
 pytestmark = pytest.mark.anyio
 

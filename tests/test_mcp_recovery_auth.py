@@ -14,10 +14,10 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import Receive, Scope, Send
 
-from models import Store
+from sessionq.models import Store
 from tests.conftest import make_store
 from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
-from workers.mcp import (
+from sessionq.workers.mcp import (
     RecoverableSessionManager,
     SessionRegistry,
     StoreEventStore,

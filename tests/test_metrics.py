@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from models import Settings, Store
-from scheduler.status import SweepBook
+from sessionq.models import Settings, Store
+from sessionq.scheduler.status import SweepBook
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
 from tests.support_http import REPO_ROOT, ServerThread, pg_store, subprocess_env
-from workers.http import create_app
-from workers.metrics import (
+from sessionq.workers.http import create_app
+from sessionq.workers.metrics import (
     DRAMATIQ_METRICS,
     OUTCOMES,
     exported_metric_names,
@@ -29,7 +29,7 @@ from workers.metrics import (
     observe_sweep,
     timed_job,
 )
-from workers.queue_state import QUEUES, read_queues
+from sessionq.workers.queue_state import QUEUES, read_queues
 
 __all__ = ["pg_store"]
 
@@ -142,7 +142,7 @@ def test_observe_job_rejects_unknown_outcomes() -> None:
 
 def test_timed_job_counts_errors_and_reraises() -> None:
     # Given the job counter for an actor
-    from workers.metrics import JOBS
+    from sessionq.workers.metrics import JOBS
 
     errors = JOBS.labels("timed_actor", "error")._value.get()
     oks = JOBS.labels("timed_actor", "ok")._value.get()
@@ -173,7 +173,7 @@ def test_worker_process_metrics_reach_the_multiprocess_directory(tmp_path: Path)
     directory = tmp_path / "prometheus"
     env = subprocess_env(PROMETHEUS_MULTIPROC_DIR=str(directory), dramatiq_prom_db=str(directory))
     code = (
-        "from workers.metrics import observe_job, observe_save, observe_sweep\n"
+        "from sessionq.workers.metrics import observe_job, observe_save, observe_sweep\n"
         "observe_job('append_messages', 'retry', 0.02)\n"
         "observe_save(0.004)\n"
         "observe_sweep('files', ok=False, seconds=0.1)\n"

@@ -6,9 +6,9 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from models import ChatMessage, Store
-from models.mongo import MongoStore
-from models.mongo_schema import MESSAGES, SCHEMA, SESSIONS, to_us
+from sessionq.models import ChatMessage, Store
+from sessionq.models.mongo import MongoStore
+from sessionq.models.mongo_schema import MESSAGES, SCHEMA, SESSIONS, to_us
 from tests.conftest import MONGO_URL, T0, messages, session
 from tests.support_bulk import mongo_store  # noqa: F401  (fixture)
 
@@ -136,7 +136,7 @@ def test_unreachable_server_is_store_unavailable() -> None:
     # Given a store pointed at a port nobody listens on
     from pymongo import MongoClient
 
-    from models.errors import StoreUnavailable
+    from sessionq.models.errors import StoreUnavailable
 
     client: MongoClient[dict[str, object]] = MongoClient(
         "mongodb://127.0.0.1:1/?retryWrites=false", serverSelectionTimeoutMS=200, connect=False

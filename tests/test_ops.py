@@ -14,8 +14,8 @@ import promql_parser
 import pytest
 import yaml
 
-import cli
-from workers.metrics import exported_metric_names
+from sessionq import cli
+from sessionq.workers.metrics import exported_metric_names
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 # Prometheus' own series, which alert rules may use besides ours.

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import redis
 
-from models import ChatMessage, ChatSession, Settings
+from sessionq.models import ChatMessage, ChatSession, Settings
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, make_store, reset_store
 from tests.support_jobs import ROOT, WorkerProcess, child_env, pending_jobs, wait_drained
-from workers.errors import InvalidPayload
-from workers.producer import Producer
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.producer import Producer
 
 
 def _dead_redis_url() -> str:
@@ -110,7 +110,7 @@ def test_unreachable_redis_spools_to_the_outbox(tmp_path: Path, redis_client: re
 
 PRODUCE = """
 import sys
-from workers.producer import Producer
+from sessionq.workers.producer import Producer
 p = Producer()
 for i in range(int(sys.argv[1])):
     payload = {"session_id": f"o-{i}", "model": "m", "messages": [{"message_id": "a", "role": "user", "content": str(i)}]}
@@ -124,7 +124,7 @@ print(p.pending())
 
 FORWARD = """
 import time
-from workers.producer import Producer
+from sessionq.workers.producer import Producer
 p = Producer()
 deadline = time.monotonic() + 60
 while p.pending() and time.monotonic() < deadline:
@@ -177,7 +177,7 @@ def test_a_batch_that_fails_after_close_stopped_waiting_goes_to_the_outbox(
 ) -> None:
     import threading
 
-    from workers.outbox import Outbox
+    from sessionq.workers.outbox import Outbox
 
     producer = Producer(url=REDIS_URL, outbox_path=tmp_path / "outbox.db")
     entered, release = threading.Event(), threading.Event()

@@ -1,7 +1,7 @@
 """The producer's plain path returns exactly what ``payloads.normalize`` returns, or
 steps aside (pure logic, no services).
 
-``workers.producer`` canonicalises common, plainly valid save / append / heartbeat
+``sessionq.workers.producer`` canonicalises common, plainly valid save / append / heartbeat
 payloads without building records; for anything else (a bad payload included) it
 returns None and the producer calls ``normalize``, which raises the specific error.
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from workers import payloads
-from workers.errors import InvalidPayload
-from workers.producer_plain import PLAIN
+from sessionq.workers import payloads
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.producer_plain import PLAIN
 
 NOW_KEYS = ("created_at", "updated_at", "at")
 
@@ -155,7 +155,7 @@ def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
 
 
 def test_message_encoding_is_json_dumps_compact() -> None:
-    from workers.wire_codec import encode
+    from sessionq.workers.wire_codec import encode
 
     values: list[dict[str, Any]] = [{"a": [1, 2.5, float("nan"), None, True, "é\n\"\\\u2028"], "b": {}, "c": ()},
                                     {"queue_name": "q", "args": [{"x": -(2**63) + 1, "y": 1e-310}], "options": {}}]
@@ -167,7 +167,7 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
     import os
     import uuid
 
-    from workers.wire_codec import make_ids_ahead, uuid4
+    from sessionq.workers.wire_codec import make_ids_ahead, uuid4
 
     make_ids_ahead()  # ids made ahead by a flusher are the parent's only
     ids = [uuid4() for _ in range(1000)]
@@ -189,7 +189,7 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
 
 @pytest.mark.parametrize("actor", sorted(payloads.ACTOR_QUEUES))
 def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
-    from workers.wire_codec import encode, encoded_message
+    from sessionq.workers.wire_codec import encode, encoded_message
 
     for arg in ({"session_id": "s", "messages": [{"content": "é\n"}]}, "expire_sessions", {}):
         message_id, text = encoded_message(actor, arg)
@@ -201,7 +201,7 @@ def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
 
 
 def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_path: Any) -> None:
-    from workers.producer import Producer
+    from sessionq.workers.producer import Producer
 
     producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
     try:
@@ -236,7 +236,7 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
 def test_now_iso_is_utcnow_isoformat(monkeypatch: pytest.MonkeyPatch) -> None:
     import time as time_module
 
-    from workers import producer_plain
+    from sessionq.workers import producer_plain
 
     for ns in (0, 1_767_268_800_000_000_000, 1_767_268_800_123_456_789, 1_767_268_799_999_999_999,
                1_767_268_800_000_000_999, 1_767_268_800_000_001_000, 4_102_444_799_999_999_000):

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tests.support_services import PrivateRedis
-from workers.producer import Producer
+from sessionq.workers.producer import Producer
 
 
 @pytest.fixture

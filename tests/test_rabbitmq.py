@@ -12,7 +12,7 @@ from typing import Iterator
 import pika
 import pytest
 
-from models import Settings, open_store
+from sessionq.models import Settings, open_store
 from tests.conftest import messages, service_missing, session
 from tests.support_jobs import ROOT, child_env
 
@@ -49,7 +49,7 @@ def test_save_travels_through_rabbitmq(tmp_path: Path, rabbitmq: str) -> None:
     url = f"sqlite:///{tmp_path / 'rabbit.db'}"
     store = open_store(url)
     store.upgrade()
-    from workers.producer import Producer
+    from sessionq.workers.producer import Producer
 
     producer = Producer(Settings(storage_url=url, broker_url=rabbitmq, outbox_path=str(tmp_path / "outbox.db")))
     # When a save and a duplicate append are enqueued, and a worker consumes RabbitMQ
@@ -59,7 +59,7 @@ def test_save_travels_through_rabbitmq(tmp_path: Path, rabbitmq: str) -> None:
     assert job
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers.actors", "-p", "1", "-t", "2"],
+        [sys.executable, "-m", "dramatiq", "sessionq.workers.actors", "-p", "1", "-t", "2"],
         cwd=ROOT, env=child_env(STORAGE_URL=url, SESSIONQ_BROKER_URL=rabbitmq), stdout=log, stderr=subprocess.STDOUT,
     )
     try:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import AgentState, ChatMessage, ChatSession, FileRecord, StreamEvent, TransportSession, ValidationError
+from sessionq.models import AgentState, ChatMessage, ChatSession, FileRecord, StreamEvent, TransportSession, ValidationError
 from tests.conftest import T0
 
 RECORDS = [

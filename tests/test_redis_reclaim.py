@@ -1,4 +1,4 @@
-"""The Redis broker's orphan reclaim, on a real Redis (see :mod:`workers.redis_broker`).
+"""The Redis broker's orphan reclaim, on a real Redis (see :mod:`sessionq.workers.redis_broker`).
 
 When a consumer fails (a dropped connection), Dramatiq starts a new one and forgets
 what the old one had fetched but not handed over, a fetch whose reply was lost, and
@@ -16,7 +16,7 @@ import dramatiq
 import pytest
 
 from tests.conftest import REDIS_URL
-from workers.redis_broker import SessionqRedisBroker
+from sessionq.workers.redis_broker import SessionqRedisBroker
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 
-from models import Settings
-from scheduler.lease import DEFAULT_LEASE_KEY, LocalLease, RedisLease, sweep_guard
-from scheduler.runner import DEFAULT_TICK_PREFIX, SweepScheduler, dramatiq_send
+from sessionq.models import Settings
+from sessionq.scheduler.lease import DEFAULT_LEASE_KEY, LocalLease, RedisLease, sweep_guard
+from sessionq.scheduler.runner import DEFAULT_TICK_PREFIX, SweepScheduler, dramatiq_send
 from tests.conftest import REDIS_URL
 from tests.support_scheduler import read_sends, recording_send
 
@@ -239,7 +239,7 @@ def test_cli_scheduler_enqueues_and_stops_cleanly_on_sigterm(redis_client: Any, 
     env = dict(os.environ, REDIS_URL=REDIS_URL, STORAGE_URL=f"sqlite:///{tmp_path / 'q.db'}",
                SESSIONQ_TRANSPORT_INTERVAL="1", SESSIONQ_SCHEDULER_LEASE_SECONDS="2")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "scheduler"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "scheduler"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         # When it has run until a sweep is on the maintenance queue
@@ -296,8 +296,8 @@ def test_unreachable_redis_sends_nothing_and_crashes_nothing() -> None:
 def test_cleanup_skips_a_sweep_running_elsewhere_and_books_the_ones_it_runs(redis_client: Any, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from cli import main
-    from scheduler import SweepBook
+    from sessionq.cli import main
+    from sessionq.scheduler import SweepBook
 
     # Given a configured Redis and a worker that is running the files sweep right now
     env = {"STORAGE_URL": f"sqlite:///{tmp_path / 'c.db'}", "REDIS_URL": REDIS_URL}

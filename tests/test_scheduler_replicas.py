@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.lease import DEFAULT_LEASE_KEY
-from scheduler.runner import DEFAULT_TICK_PREFIX
+from sessionq.scheduler.lease import DEFAULT_LEASE_KEY
+from sessionq.scheduler.runner import DEFAULT_TICK_PREFIX
 from tests.conftest import REDIS_URL
 from tests.support_scheduler import read_sends
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from models import ConfigError, Settings
-from models.settings import DEFAULT_STORAGE_URL, redact_url
+from sessionq.models import ConfigError, Settings
+from sessionq.models.settings import DEFAULT_STORAGE_URL, redact_url
 
 
 def test_defaults_are_embedded_sqlite() -> None:

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 import peewee as pw
 import pytest
 
-from models import ChatMessage, Conflict, StoreUnavailable, open_store
-from models.sql import SqlStore
-from models.sql_schema import LATEST_VERSION
+from sessionq.models import ChatMessage, Conflict, StoreUnavailable, open_store
+from sessionq.models.sql import SqlStore
+from sessionq.models.sql_schema import LATEST_VERSION
 from tests.conftest import MYSQL_URL, POSTGRES_URL, T0, make_store, messages, reset_store, service_missing, session
 
 
@@ -83,7 +83,7 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a PostgreSQL store that has prepared its save statement on its connection
-    from models import sql_fast
+    from sessionq.models import sql_fast
 
     store = make_store("postgresql", tmp_path)
     reset_store(store)
@@ -92,7 +92,7 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
         # When the server connection forgets it, as behind a transaction-mode pooler
         # (pgbouncer) where the next statement may reach another server connection
         store.database.execute_sql("DEALLOCATE ALL")
-        with caplog.at_level(logging.WARNING, logger="models.sql_fast"):
+        with caplog.at_level(logging.WARNING, logger="sessionq.models.sql_fast"):
             store.save_sessions([(session("p1"), messages("p1", 2))])
         # Then the save still lands, once, and the store stops preparing (it says so once)
         assert store.database in sql_fast._UNPREPARED

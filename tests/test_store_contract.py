@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from models import AgentState, ChatMessage, Conflict, FileRecord, NotFound, Store, TransportSession, ValidationError
+from sessionq.models import AgentState, ChatMessage, Conflict, FileRecord, NotFound, Store, TransportSession, ValidationError
 from tests.conftest import T0, messages, session
 
 

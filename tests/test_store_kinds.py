@@ -1,6 +1,6 @@
 """The Store contract for bulk listing and import of file records, transport sessions
 and agent state, run against every backend (see conftest ``store``), and the
-per-kind "newer" rules of models.kinds."""
+per-kind "newer" rules of sessionq.models.kinds."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from models import AgentState, FileRecord, Store, TransportSession, ValidationError
-from models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS, RecordKind, kind_named
+from sessionq.models import AgentState, FileRecord, Store, TransportSession, ValidationError
+from sessionq.models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS, RecordKind, kind_named
 from tests.conftest import T0, reset_store
 from tests.support_bulk import fill_kinds
 

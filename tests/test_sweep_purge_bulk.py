@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from models import Settings, Store
-from scheduler import run_sweep
+from sessionq.models import Settings, Store
+from sessionq.scheduler import run_sweep
 from tests.conftest import T0, make_store, messages, reset_store, session
 
 SESSIONS = 100_000

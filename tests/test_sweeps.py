@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from models import AgentState, FileRecord, Settings, Store, TransportSession
-from scheduler import SWEEP_KINDS, SweepBook, run_sweep
+from sessionq.models import AgentState, FileRecord, Settings, Store, TransportSession
+from sessionq.scheduler import SWEEP_KINDS, SweepBook, run_sweep
 from tests.conftest import T0, messages, session
 
 NOW = T0 + timedelta(days=100)
@@ -182,8 +182,8 @@ def test_dry_run_counts_sessions_one_pass_expires_and_purges(sql_store: Store) -
 
 
 def test_cleanup_command_dry_run_then_real_run(tmp_path: Path) -> None:
-    from cli import main
-    from models import open_store
+    from sessionq.cli import main
+    from sessionq.models import open_store
 
     # Given a SQLite store with the mixed data set
     url = f"sqlite:///{tmp_path / 'c.db'}"
@@ -217,8 +217,8 @@ def test_cleanup_command_dry_run_then_real_run(tmp_path: Path) -> None:
 
 
 def test_sweep_failure_is_recorded_and_raised(tmp_path: Path) -> None:
-    from models import open_store
-    from models.errors import StoreError
+    from sessionq.models import open_store
+    from sessionq.models.errors import StoreError
 
     # Given a store whose session tables were dropped under it
     store = open_store(f"sqlite:///{tmp_path / 'x.db'}")

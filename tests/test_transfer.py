@@ -10,12 +10,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from models import AgentState, ChatMessage, FileRecord, NotFound, Store, TransportSession, ValidationError, open_store
-from models.archive_io import backup, export_file, import_file, list_backups, restore
-from models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS
-from models.sql import SqlStore
-from models.transfer import migrate, migrate_batch, plan_batches, session_checksum, verify
-from models.transfer_kinds import migrate_kind_batch, plan_kind_batches
+from sessionq.models import AgentState, ChatMessage, FileRecord, NotFound, Store, TransportSession, ValidationError, open_store
+from sessionq.models.archive_io import backup, export_file, import_file, list_backups, restore
+from sessionq.models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS
+from sessionq.models.sql import SqlStore
+from sessionq.models.transfer import migrate, migrate_batch, plan_batches, session_checksum, verify
+from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 from tests.conftest import T0, make_store, messages, reset_store, session
 from tests.support_bulk import fill, fill_kinds
 
@@ -373,7 +373,7 @@ def test_backup_rotation_and_restore_into_another_backend(src: Store, tmp_path: 
 
 def test_postgresql_copy_import_keeps_hostile_text_exactly(tmp_path: Path) -> None:
     # Given a batch big enough for the COPY path, with tabs, newlines, backslashes and \N in it
-    from models.sql_copy import DEFAULT_COPY_THRESHOLD
+    from sessionq.models.sql_copy import DEFAULT_COPY_THRESHOLD
 
     pg = make_store("postgresql", tmp_path)
     reset_store(pg)

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from models import Settings, open_store
+from sessionq.models import Settings, open_store
 from tests.conftest import REDIS_URL, messages, session
 from tests.support_jobs import ROOT, child_env
 from tests.support_services import free_port, wait_port
-from workers.producer import Producer
+from sessionq.workers.producer import Producer
 
 
 def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client: redis.Redis) -> None:
@@ -27,7 +27,7 @@ def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client
         SESSIONQ_SCHEDULER_LEASE_SECONDS="1", SESSIONQ_TRANSPORT_INTERVAL="2",
     )
     log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--threads", "2"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "up", "--threads", "2"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         wait_port(port, timeout=60)
         # When a producer sends a save to the queue

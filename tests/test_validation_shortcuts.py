@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from models.errors import ValidationError
-from models.validation import (
+from sessionq.models.errors import ValidationError
+from sessionq.models.validation import (
     DEFAULT_MAX_JSON_DEPTH,
     _check_json_object_full,
     check_id,

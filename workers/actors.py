@@ -1,8 +1,8 @@
 """Every actor: the broker (set up first), then every job module.
 
-``dramatiq workers.actors`` (and ``sessionq worker``, and the embedded runtime) import
+``dramatiq sessionq.workers.actors`` (and ``sessionq worker``, and the embedded runtime) import
 this module, so every actor is declared on the configured broker. The package itself
-(``workers``) stays import-light: a producer imports ``workers.producer`` without
+(``workers``) stays import-light: a producer imports ``sessionq.workers.producer`` without
 loading Dramatiq's broker. Importing this module starts no thread.
 """
 

@@ -3,19 +3,19 @@
 * ``redis://`` (``REDIS_URL`` or ``SESSIONQ_BROKER_URL``): a :class:`RedisBroker`.
 * ``amqp://`` (``SESSIONQ_BROKER_URL``): a :class:`RabbitmqBroker` (needs ``pika``).
 * nothing: **embedded mode** — an in-process :class:`StubBroker`; the same actors run
-  on worker threads started by :class:`workers.embedded.EmbeddedRuntime` (importing
+  on worker threads started by :class:`sessionq.workers.embedded.EmbeddedRuntime` (importing
   this module never starts a thread).
 
 Middleware: Retries (transient errors only, exponential backoff), TimeLimit, AgeLimit,
 Callbacks, dead-letter reasons, job metrics and log context
-(:class:`workers.middleware.JobObserver`), CurrentMessage (the save actor hands its
+(:class:`sessionq.workers.middleware.JobObserver`), CurrentMessage (the save actor hands its
 message to the group committer, which acks a committed batch's jobs at once), and
 Dramatiq's Prometheus exporter when
 ``SESSIONQ_WORKER_PROMETHEUS`` is true. The module-level broker comes from :meth:`Settings.load` at import;
 :func:`configure` rebinds every declared actor to a broker for other settings (the
 CLI's ``--redis-url`` / ``--config``).
 
-Worker tuning comes from :class:`~models.settings.Settings` (environment names in
+Worker tuning comes from :class:`~sessionq.models.settings.Settings` (environment names in
 brackets, milliseconds): ``worker_heartbeat_timeout_ms``
 (``SESSIONQ_WORKER_HEARTBEAT_TIMEOUT``, 60000: silence after which a Redis worker counts
 as dead and its unacked messages are redelivered), ``worker_maintenance_chance``
@@ -36,7 +36,7 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Middleware, Retries, TimeLimit
 
-from models import Settings, Store, open_store
+from sessionq.models import Settings, Store, open_store
 
 from .errors import is_transient
 from .middleware import JobObserver
@@ -173,8 +173,8 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
         return RabbitmqBroker(url=url, middleware=_middleware(settings))
-    from models.errors import ConfigError
-    from models.settings import redact_url
+    from sessionq.models.errors import ConfigError
+    from sessionq.models.settings import redact_url
 
     raise ConfigError(f"queue URL {redact_url(url)!r}: unsupported scheme (use redis:// or amqp://)")
 
@@ -249,7 +249,7 @@ def get_store() -> Store:
 
 
 def get_committer() -> Any:
-    """This process's :class:`~workers.groupcommit.GroupCommitter` over the store."""
+    """This process's :class:`~sessionq.workers.groupcommit.GroupCommitter` over the store."""
     if runtime.committer is None:
         store = get_store()
         with runtime.lock:

@@ -1,7 +1,7 @@
 """Bulk jobs (queue ``bulk``): a migration fanned out in batches over many workers.
 
-``sessionq migrate --fan-out`` plans the batches (``models.transfer.plan_batches``:
-session-id ranges, and ``models.transfer_kinds.plan_kind_batches``: key ranges of
+``sessionq migrate --fan-out`` plans the batches (``sessionq.models.transfer.plan_batches``:
+session-id ranges, and ``sessionq.models.transfer_kinds.plan_kind_batches``: key ranges of
 files, transport sessions and agent state, read from the source a page at a time)
 and enqueues one ``migrate_batch`` job per range; any worker runs any batch, each
 idempotent, so a redelivered or re-run batch changes nothing and no checkpoint is
@@ -20,10 +20,10 @@ from typing import Any
 
 import dramatiq
 
-from models import Store, open_store
-from models.kinds import kind_named
-from models.transfer import migrate_batch as _migrate_batch
-from models.transfer_kinds import migrate_kind_batch
+from sessionq.models import Store, open_store
+from sessionq.models.kinds import kind_named
+from sessionq.models.transfer import migrate_batch as _migrate_batch
+from sessionq.models.transfer_kinds import migrate_kind_batch
 
 from .errors import InvalidPayload
 from .payloads import parse_migrate_batch, resolve_store_url

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
-from models import ChatMessage, ChatSession, Settings, utcnow
+from sessionq.models import ChatMessage, ChatSession, Settings, utcnow
 
 from .broker import get_store
 from .embedded import EmbeddedRuntime
@@ -79,7 +79,7 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, directory: str 
         echo(f"\n2. sweep: run_sweep('expire_sessions') on the 'maintenance' queue (idle > {settings.expiry_hours:g} h)")
         producer.run_sweep("expire_sessions")
         runtime.join(30)
-        from scheduler.status import SweepBook
+        from sessionq.scheduler.status import SweepBook
 
         last = SweepBook().last("expire_sessions")
         counts = ", ".join(f"{k}={v}" for k, v in (last.counts if last else {}).items())

@@ -2,7 +2,7 @@
 
 Dramatiq keeps each queue's dead letters in ``<ns>:<queue>.XQ`` (a sorted set of
 Redis message ids, scored by when they died) and ``<ns>:<queue>.XQ.msgs`` (id ->
-message JSON). :class:`~workers.broker.DeadLetterReasons` adds
+message JSON). :class:`~sessionq.workers.broker.DeadLetterReasons` adds
 ``options.dead_letter_reason`` to each. Dead letters expire after Dramatiq's
 dead-message TTL (7 days).
 """

@@ -18,8 +18,8 @@ from typing import Any
 import dramatiq
 from dramatiq.errors import QueueJoinTimeout
 
-from models import Settings
-from models.errors import ConfigError
+from sessionq.models import Settings
+from sessionq.models.errors import ConfigError
 
 from . import actors  # noqa: F401  (every actor must be declared before workers start)
 from .broker import QUEUES, configure, get_broker, get_store, runtime

@@ -3,7 +3,7 @@
 ``JobError`` is the root. :class:`InvalidPayload` is permanent: the message can never
 succeed, so it is never retried and goes straight to the dead-letter queue with its
 reason. :class:`TransientJobError` (and the store's
-:class:`~models.errors.StoreUnavailable`, Redis connection errors) are retried with
+:class:`~sessionq.models.errors.StoreUnavailable`, Redis connection errors) are retried with
 exponential backoff. Any other exception is a bug or a permanent store refusal and is
 dead-lettered too: retrying it would only repeat the failure.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import redis
 from dramatiq.errors import Retry
 
-from models.errors import StoreUnavailable
+from sessionq.models.errors import StoreUnavailable
 
 
 class JobError(Exception):

@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 import dramatiq
 
-from models import Store
-from models.errors import NotFound
+from sessionq.models import Store
+from sessionq.models.errors import NotFound
 
 from . import payloads
 from .broker import get_settings, get_store
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
     """Write one session in ``fmt`` (json, text, markdown) to ``out``; return the message count.
 
-    Raises :class:`~models.errors.NotFound` for an unknown session.
+    Raises :class:`~sessionq.models.errors.NotFound` for an unknown session.
     """
     session = store.load_session(session_id)
     count = 0

@@ -34,8 +34,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from models import ChatMessage, ChatSession, Store
-from models.errors import StoreUnavailable
+from sessionq.models import ChatMessage, ChatSession, Store
+from sessionq.models.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from models import Settings, Store, StoreStats, open_store, utcnow
-from models.errors import StoreUnavailable
-from scheduler.status import SweepBook, SweepRun
+from sessionq.models import Settings, Store, StoreStats, open_store, utcnow
+from sessionq.models.errors import StoreUnavailable
+from sessionq.scheduler.status import SweepBook, SweepRun
 
 from .logs import redact
 from .queue_state import QUEUES, QueueDepth, read_queues

@@ -4,7 +4,7 @@ A Starlette app served by uvicorn, the stack the MCP SDK already uses. Both
 endpoints want ``Authorization: Bearer <SESSIONQ_API_TOKEN>`` when a token is
 configured (compared in constant time); :func:`serve` refuses to listen on a
 non-loopback address without one. Health probes block (store, Redis), so they run in
-the thread pool and carry their own deadline (see :mod:`workers.health`).
+the thread pool and carry their own deadline (see :mod:`sessionq.workers.health`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from models import Settings, Store
-from models.errors import ConfigError
+from sessionq.models import Settings, Store
+from sessionq.models.errors import ConfigError
 
 from .health import EventStoreMode, HealthChecker
 from .metrics import REGISTRY, StateCollector

@@ -21,7 +21,7 @@ from contextvars import ContextVar, Token
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from models.settings import Settings, redact_url
+from sessionq.models.settings import Settings, redact_url
 
 # Job context fields a line carries, from :func:`job_context` or a caller's ``extra=``.
 CONTEXT_FIELDS = ("job_id", "actor", "session_id", "queue", "sweep")

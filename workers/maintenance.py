@@ -13,10 +13,10 @@ from typing import Any
 
 import dramatiq
 
-from models.errors import NotFound
-from scheduler.lease import sweep_guard
-from scheduler.status import SweepBook
-from scheduler.sweeps import run_sweep as _run_sweep
+from sessionq.models.errors import NotFound
+from sessionq.scheduler.lease import sweep_guard
+from sessionq.scheduler.status import SweepBook
+from sessionq.scheduler.sweeps import run_sweep as _run_sweep
 
 from . import payloads
 from .broker import get_redis, get_settings, get_store
@@ -38,7 +38,7 @@ def archive_session(payload: dict[str, Any]) -> None:
 
 @dramatiq.actor(queue_name="maintenance", throws=(InvalidPayload,))
 def run_sweep(kind: str) -> None:
-    """Run one hygiene sweep (a kind from ``scheduler.sweeps.SWEEP_KINDS``)."""
+    """Run one hygiene sweep (a kind from ``sessionq.scheduler.sweeps.SWEEP_KINDS``)."""
     kind = payloads.parse_sweep(kind)
     client = get_redis()
     book = SweepBook(client) if client is not None else SweepBook()

@@ -91,7 +91,7 @@ def observe_job(actor: str, outcome: str, seconds: float | None = None) -> None:
 def timed_job(actor: str) -> Iterator[None]:
     """Time the block as one run of ``actor``: ``ok`` if it returns, ``error`` if it raises
     (the exception propagates). For jobs run outside Dramatiq; Dramatiq messages are
-    counted by :class:`workers.middleware.JobObserver`."""
+    counted by :class:`sessionq.workers.middleware.JobObserver`."""
     started = time.perf_counter()
     try:
         yield

@@ -1,7 +1,7 @@
 """Job payloads: the ONE place where a job's JSON arguments become records.
 
 The producer calls :func:`validate` before a job is enqueued (a bad payload raises
-:class:`~workers.errors.InvalidPayload` at the caller and is never sent); each actor
+:class:`~sessionq.workers.errors.InvalidPayload` at the caller and is never sent); each actor
 calls the same ``parse_*`` function on receipt, because a non-Python producer may
 have skipped the first check. Every actor takes one JSON object, except
 ``run_sweep`` which takes the sweep kind (a string) — see docs/wire-contract.md.
@@ -19,9 +19,9 @@ from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from models.errors import ValidationError
-from models.kinds import KINDS, kind_named
-from models.records import (
+from sessionq.models.errors import ValidationError
+from sessionq.models.kinds import KINDS, kind_named
+from sessionq.models.records import (
     AgentState,
     ChatMessage,
     ChatSession,
@@ -29,8 +29,8 @@ from models.records import (
     TransportSession,
     utcnow,
 )
-from models.settings import redact_url
-from models.validation import check_choice, check_datetime, check_id
+from sessionq.models.settings import redact_url
+from sessionq.models.validation import check_choice, check_datetime, check_id
 
 from .errors import InvalidPayload
 
@@ -214,8 +214,8 @@ def parse_agent_state(payload: Any) -> AgentState:
 
 
 def parse_sweep(kind: Any) -> str:
-    """``run_sweep``: one of ``scheduler.sweeps.SWEEP_KINDS``."""
-    from scheduler.sweeps import SWEEP_KINDS
+    """``run_sweep``: one of ``sessionq.scheduler.sweeps.SWEEP_KINDS``."""
+    from sessionq.scheduler.sweeps import SWEEP_KINDS
 
     try:
         return check_choice("kind", kind, frozenset(SWEEP_KINDS))
@@ -346,7 +346,7 @@ class MigrateBatch:
 
     source: str
     destination: str
-    #: ``sessions`` (with their messages) or a kind of :mod:`models.kinds` (``files``, ...).
+    #: ``sessions`` (with their messages) or a kind of :mod:`sessionq.models.kinds` (``files``, ...).
     kind: str
     after: str | None
     until: str | None

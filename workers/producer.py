@@ -1,14 +1,14 @@
 """The producer API: how an MCP server fires jobs without waiting for the database.
 
->>> from workers.producer import Producer
+>>> from sessionq.workers.producer import Producer
 >>> producer = Producer()                      # REDIS_URL etc. from the environment
 >>> producer.save_session({"session_id": "s1", "model": "m", "messages": [...]})
 '5d1c...'                                       # the Dramatiq message id
 >>> producer.heartbeat("mcp-session-id", buffered=True)   # microseconds, pipelined
 >>> producer.close()                            # flush the buffer on shutdown
 
-* Every payload is validated before it is enqueued (``workers.payloads``): a bad one
-  raises :class:`~workers.errors.InvalidPayload` here and is never sent.
+* Every payload is validated before it is enqueued (``sessionq.workers.payloads``): a bad one
+  raises :class:`~sessionq.workers.errors.InvalidPayload` here and is never sent.
 * ``send`` pushes the job to Redis and returns its message id.
 * ``send_nowait`` (``buffered=True`` on the helpers) appends to an in-memory buffer and
   returns; a background thread pipelines the buffer to Redis, a burst at a time (it
@@ -22,11 +22,11 @@
 Jobs are written to Redis exactly as docs/wire-contract.md describes (HSET + RPUSH,
 atomically), the same keys a non-Python producer writes; the Python producer does the
 two writes in one Lua script call per queue (one command, one reply), also for a whole
-buffered batch, packed by hand (``workers.wire_codec``) and sent on a connection of its own (``_push``).
+buffered batch, packed by hand (``sessionq.workers.wire_codec``) and sent on a connection of its own (``_push``).
 
 The hot jobs (save, append, heartbeat) are validated by a plain path that accepts only
 plainly valid payloads and returns what ``payloads.normalize`` would; everything else
-goes through ``normalize`` (``workers.producer_plain``).
+goes through ``normalize`` (``sessionq.workers.producer_plain``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import redis
 
-from models import (
+from sessionq.models import (
     AgentState,
     ChatMessage,
     ChatSession,
@@ -364,7 +364,7 @@ class Producer:
         return self.send("export_session", payload)
 
     def run_sweep(self, kind: str) -> str:
-        """Run one sweep (a kind from ``scheduler.sweeps.SWEEP_KINDS``) now."""
+        """Run one sweep (a kind from ``sessionq.scheduler.sweeps.SWEEP_KINDS``) now."""
         return self.send("run_sweep", kind)
 
     # -- internals -----------------------------------------------------------------

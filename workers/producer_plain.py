@@ -2,7 +2,7 @@
 canonicalised without building records.
 
 ``payloads.normalize`` builds the records (which validate) and turns them back into
-JSON; for the hot jobs :class:`~workers.producer.Producer` first tries :data:`PLAIN`,
+JSON; for the hot jobs :class:`~sessionq.workers.producer.Producer` first tries :data:`PLAIN`,
 whose functions accept only payloads made of exact built-in types that pass every
 check with room to spare, and return exactly what ``normalize`` returns for them
 (tests/test_producer_plain.py compares both). Anything else -- a bad payload included
@@ -17,9 +17,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from models.errors import ValidationError
-from models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
-from models.validation import (
+from sessionq.models.errors import ValidationError
+from sessionq.models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
+from sessionq.models.validation import (
     DEFAULT_MAX_CONTENT_BYTES,
     DEFAULT_MAX_ID_LENGTH,
     check_datetime,

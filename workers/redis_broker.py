@@ -1,6 +1,6 @@
 """Dramatiq's Redis broker, hardened for two failures its own consumer does not survive.
 
-Imported only when a ``redis://`` queue URL is configured (see :mod:`workers.broker`).
+Imported only when a ``redis://`` queue URL is configured (see :mod:`sessionq.workers.broker`).
 
 1. **Undecodable messages.** Dramatiq's consumer raises on a message it cannot decode
    (invalid JSON, bytes that are not UTF-8, a missing envelope field): the consumer

@@ -14,7 +14,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from models.errors import NotFound
+from sessionq.models.errors import NotFound
 
 from . import payloads
 from .broker import get_committer, get_settings, get_store

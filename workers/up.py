@@ -1,7 +1,7 @@
 """``sessionq up``: worker, scheduler and HTTP server in one process.
 
 On the embedded default (no broker URL) the worker is the in-process runtime
-(:class:`~workers.embedded.EmbeddedRuntime`); with a broker it is a Dramatiq worker
+(:class:`~sessionq.workers.embedded.EmbeddedRuntime`); with a broker it is a Dramatiq worker
 on it. The scheduler fires sweeps onto the same broker; the HTTP server serves
 ``/session-health`` and ``/metrics`` from a background thread. Stopping reverses
 the order, so the worker drains whatever the scheduler enqueued last.
@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from models import Settings
+from sessionq.models import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class AllInOne:
 
     def start(self) -> AllInOne:
         """Bring the schema up to date, then start the worker, the scheduler and the HTTP server."""
-        from models import open_store
+        from sessionq.models import open_store
 
         store = open_store(self.settings)
         try:
@@ -91,7 +91,7 @@ class AllInOne:
         return worker.stop
 
     def _start_scheduler(self) -> Callable[[], Any]:
-        from scheduler.runner import SweepScheduler, dramatiq_send
+        from sessionq.scheduler.runner import SweepScheduler, dramatiq_send
 
         client = None
         if self.settings.redis_url:

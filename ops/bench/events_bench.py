@@ -30,8 +30,8 @@ def _note(adapter: Any, i: int) -> Any:
 async def _run(events: int, calls: int) -> tuple[list[float], list[float], list[float], list[float]]:
     from redis import asyncio as aioredis
 
-    from workers.mcp import RedisEventStore
-    from workers.mcp.event_store import MESSAGE_ADAPTER, encode_message
+    from sessionq.workers.mcp import RedisEventStore
+    from sessionq.workers.mcp.event_store import MESSAGE_ADAPTER, encode_message
 
     client = aioredis.Redis.from_url(BENCH_REDIS_URL)
     await client.flushdb()  # the bench's own db only

@@ -1,6 +1,6 @@
 """A no-op actor for the P2 ceiling, imported by benchmark worker processes only.
 
-``python -m dramatiq workers.actors ops.bench.noop_actors`` declares it on the same
+``python -m dramatiq sessionq.workers.actors ops.bench.noop_actors`` declares it on the same
 broker (same middleware, queue and worker settings) as the real actors, so the
 difference between draining ``save_session`` jobs and ``bench_noop`` jobs is the cost
 of the save itself. It is not shipped (ops/ is outside the wheel).
@@ -12,7 +12,7 @@ from typing import Any
 
 import dramatiq
 
-import workers.actors  # noqa: F401  (the configured broker, first)
+import sessionq.workers.actors  # noqa: F401  (the configured broker, first)
 
 
 @dramatiq.actor(queue_name="sessions")

@@ -3,7 +3,7 @@
 P1 times ``Producer.save_session`` against a raw redis-py ``LPUSH`` of the same bytes,
 and the caller-visible cost of the buffered path.
 
-P2 runs real worker processes (``python -m dramatiq workers.actors
+P2 runs real worker processes (``python -m dramatiq sessionq.workers.actors
 ops.bench.noop_actors``) on the bench Redis db and PostgreSQL database. Jobs are
 staged first: their bodies go into the queue's message hash and their ids into a
 side list, which is RENAMEd onto the queue once the workers are up (the queue is
@@ -70,7 +70,7 @@ def _quantile(samples: list[float], q: float) -> float:
 
 def bench_enqueue(*, quick: bool) -> list[Result]:
     """P1: producer save p50/p99 vs raw LPUSH of the same bytes; buffered p99."""
-    from workers.producer import Producer
+    from sessionq.workers.producer import Producer
 
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     _flush(client)
@@ -136,7 +136,7 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
 
 
 class WorkerPool:
-    """``python -m dramatiq workers.actors ops.bench.noop_actors`` on the bench services."""
+    """``python -m dramatiq sessionq.workers.actors ops.bench.noop_actors`` on the bench services."""
 
     def __init__(self, processes: int, threads: int = 8) -> None:
         self.processes, self.threads = processes, threads
@@ -147,7 +147,7 @@ class WorkerPool:
         env.update(REDIS_URL=BENCH_REDIS_URL, STORAGE_URL=BENCH_POSTGRES_URL,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "workers.actors", "ops.bench.noop_actors",
+            [sys.executable, "-m", "dramatiq", "sessionq.workers.actors", "ops.bench.noop_actors",
              "--processes", str(processes), "--threads", str(threads)],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -237,7 +237,7 @@ def _warm_up(pool: WorkerPool, store: Any) -> None:
 
 def _insert_many_rate(store: Any, jobs: int, messages: int) -> float:
     """Messages/s of Peewee ``insert_many`` of the same rows (1000 rows per statement and commit)."""
-    from models import ChatMessage, ChatSession, utcnow
+    from sessionq.models import ChatMessage, ChatSession, utcnow
 
     empty(store)
     now = utcnow()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from models import ChatMessage, ChatSession, utcnow
-from models.sql import SqlStore
+from sessionq.models import ChatMessage, ChatSession, utcnow
+from sessionq.models.sql import SqlStore
 
 from .harness import BENCH_POSTGRES_URL, DEFAULT_REPEATS, Result, ratio_result
 

@@ -1,4 +1,4 @@
-"""P4: migration SQLite → PostgreSQL (``models.transfer.migrate``) vs a raw COPY of the
+"""P4: migration SQLite → PostgreSQL (``sessionq.models.transfer.migrate``) vs a raw COPY of the
 same rows, and the migrating process's peak RSS at two source sizes.
 
 The SQLite sources are built set-based (a recursive CTE, not Python loops) and cached
@@ -35,7 +35,7 @@ RAW_COPY_CHUNK = 10_000
 
 def build_source(messages: int) -> Path:
     """A SQLite store with ``messages`` messages (20 per session, ~220-byte contents), cached."""
-    from models.sql import SqlStore
+    from sessionq.models.sql import SqlStore
 
     sessions = messages // MESSAGES_PER_SESSION
     path = WORKDIR / f"src-{sessions}x{MESSAGES_PER_SESSION}.db"
@@ -68,8 +68,8 @@ def build_source(messages: int) -> Path:
 
 def child(src: str, dst: str) -> None:
     """Migrate ``src`` into ``dst`` in this process; print rows/s and peak RSS as JSON."""
-    from models import open_store
-    from models.transfer import migrate
+    from sessionq.models import open_store
+    from sessionq.models.transfer import migrate
 
     s, d = open_store(src), open_store(dst)
     started = time.perf_counter()
@@ -91,7 +91,7 @@ def _migrate(source: Path) -> dict[str, float]:
 
 def _raw_copy(store: object, source: Path) -> float:
     """Rows/s of COPYing the source's rows into the same tables (sqlite3 → psycopg2)."""
-    from models.sql_copy import copy_rows
+    from sessionq.models.sql_copy import copy_rows
 
     db = store.database  # type: ignore[attr-defined]
     src = sqlite3.connect(source)

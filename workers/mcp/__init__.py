@@ -44,7 +44,7 @@ else:
 
 def __getattr__(name: str) -> Any:
     if _recovery_missing is not None and name in _RECOVERY_NAMES:
-        raise ImportError(f"workers.mcp.{name} needs the mcp 2.x SDK ({_recovery_missing})")
+        raise ImportError(f"sessionq.workers.mcp.{name} needs the mcp 2.x SDK ({_recovery_missing})")
     raise AttributeError(name)
 
 

@@ -2,10 +2,10 @@
 
 The SDK's stream ids are request ids (``"1"``, ``"2"``, ``"_GET_stream"``): unique only
 within one transport. So every event is scoped by its MCP session: a root store
-(:class:`RedisEventStore`; :class:`~workers.mcp.store_events.StoreEventStore` for the
+(:class:`RedisEventStore`; :class:`~sessionq.workers.mcp.store_events.StoreEventStore` for the
 database) hands out one view per session with ``for_session(mcp_session_id)``, and
 only views store or replay events.
-:class:`~workers.mcp.recovery.RecoverableSessionManager` gives every session its view.
+:class:`~sessionq.workers.mcp.recovery.RecoverableSessionManager` gives every session its view.
 
 An event id is ``<position>.<base64url(stream id)>``: the stream is known from the id
 alone, so a client resuming after its events expired gets a terminal error for its
@@ -279,7 +279,7 @@ class RedisEventStore(EventStore):
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> RedisEventStore:
-        """A root store from :class:`~models.settings.Settings` (``redis_url``, ``session_ttl``,
+        """A root store from :class:`~sessionq.models.settings.Settings` (``redis_url``, ``session_ttl``,
         ``max_events_per_session``, ``session_compression``)."""
         options: dict[str, Any] = {
             "url": settings.redis_url,

@@ -48,7 +48,7 @@ from mcp.types import InitializeRequestParams
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from models.records import TransportSession
+from sessionq.models.records import TransportSession
 
 from .registry import SessionRegistry, send_quietly
 

@@ -24,15 +24,15 @@ from typing import Any
 
 import anyio
 
-from models.errors import Conflict, NotFound, StoreError, ValidationError
-from models.records import (
+from sessionq.models.errors import Conflict, NotFound, StoreError, ValidationError
+from sessionq.models.records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
     AgentState,
     TransportSession,
     utcnow,
 )
-from models.store import Store
+from sessionq.models.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def apply_transport_job(store: Store, name: str, payload: Mapping[str, Any]) -> 
     """Run one registry job against ``store`` (idempotent; what a worker actor calls).
 
     Returns what the store answered (``False``: unknown, expired or stale).
-    Raises :class:`~models.errors.ValidationError` on a bad payload (never retry it).
+    Raises :class:`~sessionq.models.errors.ValidationError` on a bad payload (never retry it).
     """
     if not isinstance(payload, Mapping):
         raise ValidationError("payload must be a JSON object")
@@ -100,7 +100,7 @@ class StoreSender:
 
 class ProducerSender:
     """A sender that enqueues heartbeats and disconnects through a
-    :class:`~workers.producer.Producer` (the actors of the same names run them).
+    :class:`~sessionq.workers.producer.Producer` (the actors of the same names run them).
 
     Registration is the exception: it is written to the store before the client sees
     its session id (in a thread), because recovery after a crash depends on it. A
@@ -159,7 +159,7 @@ class SessionRegistry:
         if send is None and via_queue:
             if not getattr(settings, "queue_url", None):
                 raise ValidationError("via_queue needs a broker: set REDIS_URL")
-            from workers.producer import Producer
+            from sessionq.workers.producer import Producer
 
             send = ProducerSender(Producer(settings), store)
         return cls(

@@ -1,7 +1,7 @@
 """MCP resumability logs in the sessionq store (SQL or MongoDB) through the Store contract.
 
 For deployments that want the log in the database rather than on Redis; same event
-ids, replay and memory fallback as :mod:`workers.mcp.event_store`.
+ids, replay and memory fallback as :mod:`sessionq.workers.mcp.event_store`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mcp.server.streamable_http import (
     StreamId,
 )
 
-from models.store import Store
+from sessionq.models.store import Store
 
 from .event_store import (
     DEFAULT_MAX_EVENTS,
