@@ -30,8 +30,9 @@ two copies with the same version the incoming one wins.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import ValidationError
 from .records import AgentState, FileRecord, Record, TransportSession
@@ -148,8 +149,3 @@ def kind_named(name: str) -> RecordKind[Any]:
         names = ", ".join(k.plural for k in KINDS)
         raise ValidationError(f"unknown record kind {name!r:.40} (expected one of {names})") from None
 
-
-def chunked(items: Sequence[Any], size: int = DEFAULT_IMPORT_CHUNK) -> Iterable[Sequence[Any]]:
-    """Consecutive slices of at most ``size`` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

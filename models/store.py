@@ -21,11 +21,22 @@ The contract suite in ``tests/test_store_contract.py`` runs against every backen
 from __future__ import annotations
 
 import abc
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
-from .kinds import AGENT_STATES, FILES, TRANSPORTS, Key, RecordKind
+from .errors import NotFound, StoreUnavailable, ValidationError
+from .kinds import (
+    AGENT_STATES,
+    DEFAULT_IMPORT_CHUNK,
+    DEFAULT_IMPORT_ROUNDS,
+    FILES,
+    TRANSPORTS,
+    Key,
+    RecordKind,
+)
 from .records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -38,6 +49,7 @@ from .records import (
     TransportSession,
 )
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)
 
@@ -51,10 +63,14 @@ SessionWrite = tuple[ChatSession, Sequence[ChatMessage]]
 PendingWrite = tuple[ChatSession | None, str, list[ChatMessage]]
 
 
+def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most ``size`` items (multi-row writes, ``IN`` lists)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def check_message_owners(writes: Sequence[PendingWrite]) -> None:
     """Raise :class:`~sessionq.models.errors.ValidationError` if a message names another session."""
-    from .errors import ValidationError
-
     for _, session_id, messages in writes:
         for message in messages:
             if message.session_id != session_id:
@@ -148,7 +164,12 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Release connections; the store may not be used afterwards."""
 
-    def __enter__(self) -> Store:
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Delete every record of every kind (tests, benchmarks); the schema and its
+        version stay, so the store is ready for use at once."""
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -299,8 +320,6 @@ class Store(abc.ABC):
         self, mcp_session_id: str, now: datetime, *, max_attempts: int = DEFAULT_MAX_RECOVERY_ATTEMPTS
     ) -> bool:
         """True if the session exists and may be recovered at ``now``."""
-        from .errors import NotFound
-
         try:
             return self.load_transport(mcp_session_id).recoverable_at(now, max_attempts=max_attempts)
         except NotFound:
@@ -362,7 +381,6 @@ class Store(abc.ABC):
         """The stored records of ``kind`` among ``keys`` (primary keys as tuples), in
         any order; unknown keys are left out. Read in bounded batches."""
 
-    @abc.abstractmethod
     def import_kind(self, kind: RecordKind[R], records: Sequence[R]) -> int:
         """Raw, idempotent bulk upsert (migration, restore) that never regresses.
 
@@ -372,7 +390,31 @@ class Store(abc.ABC):
         in ``records`` the newer counts. Re-importing the same records changes
         nothing. Writes are batched (multi-row statements / ``bulk_write``), safe
         against concurrent writers. Returns how many records were inserted or replaced.
+
+        Records go in key order (so concurrent importers lock rows in the same order)
+        and in chunks of ``DEFAULT_IMPORT_CHUNK``, each written by rounds of
+        :meth:`_import_round` until one completes.
         """
+        latest = kind.latest(records)
+        written = 0
+        for chunk in chunked([latest[key] for key in sorted(latest)], DEFAULT_IMPORT_CHUNK):
+            for _ in range(DEFAULT_IMPORT_ROUNDS):
+                count, complete = self._import_round(kind, chunk)
+                written += count
+                if complete:
+                    break
+                logger.debug("another writer changed %s records during an import; comparing again", kind.name)
+            else:
+                raise StoreUnavailable(f"{kind.plural} import kept racing other writers; try again")
+        return written
+
+    @abc.abstractmethod
+    def _import_round(self, kind: RecordKind[R], records: Sequence[R]) -> tuple[int, bool]:
+        """One atomic pass of :meth:`import_kind` over a chunk of distinct keys in key
+        order: insert the keys not stored, replace the stored records that
+        ``kind.replaces``. Returns ``(records written, complete)``; not complete when
+        another writer inserted or changed one of the keys meanwhile, so the next
+        round compares those again."""
 
     # -- MCP event log -------------------------------------------------------
 

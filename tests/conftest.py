@@ -41,18 +41,7 @@ def service_missing(name: str, error: BaseException) -> None:
 
 def reset_store(store: Store) -> None:
     """Delete every row/document the store holds (schema and version stay)."""
-    from sessionq.models.sql import SqlStore
-
-    if isinstance(store, SqlStore):
-        for model in reversed(store.m.all()[1:]):
-            model.delete().execute()
-        return
-    from sessionq.models.mongo import MongoStore
-
-    if isinstance(store, MongoStore):
-        store.clear_for_tests()
-        return
-    raise TypeError(f"cannot reset {type(store).__name__}")
+    store.clear()
 
 
 def make_store(backend: str, tmp_path: Path) -> Store:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sessionq.models import ChatMessage, Store
 from sessionq.models.mongo import MongoStore
-from sessionq.models.mongo_schema import MESSAGES, SCHEMA, SESSIONS, to_us
+from sessionq.models.mongo.schema import MESSAGES, SCHEMA, SESSIONS, to_us
 from tests.conftest import MONGO_URL, T0, messages, session
 from tests.support_bulk import mongo_store  # noqa: F401  (fixture)
 

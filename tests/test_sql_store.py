@@ -15,7 +15,7 @@ import pytest
 
 from sessionq.models import ChatMessage, Conflict, StoreUnavailable, open_store
 from sessionq.models.sql import SqlStore
-from sessionq.models.sql_schema import LATEST_VERSION
+from sessionq.models.sql.schema import LATEST_VERSION
 from tests.conftest import MYSQL_URL, POSTGRES_URL, T0, make_store, messages, reset_store, service_missing, session
 
 
@@ -27,6 +27,8 @@ class StatementLog(logging.Handler):
         self.statements: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name != "peewee":  # the pool ("peewee.pool") logs checkouts, not statements
+            return
         sql = record.msg[0] if isinstance(record.msg, tuple) else str(record.msg)
         self.statements.append(sql)
 
@@ -83,7 +85,7 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a PostgreSQL store that has prepared its save statement on its connection
-    from sessionq.models import sql_fast
+    from sessionq.models.sql import fast_save
 
     store = make_store("postgresql", tmp_path)
     reset_store(store)
@@ -92,10 +94,10 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
         # When the server connection forgets it, as behind a transaction-mode pooler
         # (pgbouncer) where the next statement may reach another server connection
         store.database.execute_sql("DEALLOCATE ALL")
-        with caplog.at_level(logging.WARNING, logger="sessionq.models.sql_fast"):
+        with caplog.at_level(logging.WARNING, logger="sessionq.models.sql.fast_save"):
             store.save_sessions([(session("p1"), messages("p1", 2))])
         # Then the save still lands, once, and the store stops preparing (it says so once)
-        assert store.database in sql_fast._UNPREPARED
+        assert store.database in fast_save._UNPREPARED
         assert sum("prepared statements do not hold" in r.getMessage() for r in caplog.records) == 1
         statements = count_statements(store, lambda: store.save_sessions([(session("p2"), messages("p2", 3))]))
         assert not any(s.upper().startswith(("PREPARE", "EXECUTE", "BEGIN; EXECUTE")) for s in statements)

@@ -389,3 +389,23 @@ def test_dry_run_sweeps_count_without_changing(store: Store) -> None:
     # ... and nothing changed
     assert store.stats() == before
     assert store.load_session("idle").status == "active"
+
+
+def test_clear_deletes_every_record_and_keeps_the_schema(store: Store) -> None:
+    # Given a store holding a record of every kind
+    store.save_session(session("s1"), messages("s1", 3))
+    store.save_file(FileRecord("f", "p", "u", uploaded_at=T0))
+    store.register_transport(TransportSession("t", created_at=T0))
+    store.put_agent_state(AgentState("a", "k", 1, updated_at=T0))
+    store.append_event("mcp", "s", {"i": 1}, T0)
+    version = store.schema_version()
+    # When it is cleared
+    store.clear()
+    # Then nothing is left, the schema stays at its version, and the store is usable at once
+    assert store.stats().to_json() == {
+        "total_sessions": 0, "active_sessions": 0, "archived_sessions": 0, "expired_sessions": 0,
+        "total_messages": 0, "total_files": 0, "transport_sessions": {}, "agent_states": 0, "stream_events": 0,
+    }
+    assert store.schema_version() == version and store.upgrade() == []
+    assert store.save_session(session("s1"), messages("s1", 2)).messages_inserted == 2
+    assert [m.seq for m in store.load_messages("s1")] == [1, 2]

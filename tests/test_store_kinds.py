@@ -10,8 +10,17 @@ from typing import Any
 
 import pytest
 
-from sessionq.models import AgentState, FileRecord, Store, TransportSession, ValidationError
-from sessionq.models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS, RecordKind, kind_named
+from sessionq.models import AgentState, FileRecord, Store, StoreUnavailable, TransportSession, ValidationError
+from sessionq.models.kinds import (
+    AGENT_STATES,
+    DEFAULT_IMPORT_CHUNK,
+    DEFAULT_IMPORT_ROUNDS,
+    FILES,
+    KINDS,
+    TRANSPORTS,
+    RecordKind,
+    kind_named,
+)
 from tests.conftest import T0, reset_store
 from tests.support_bulk import fill_kinds
 
@@ -196,3 +205,34 @@ def test_kinds_are_named_and_cursors_round_trip() -> None:
     state = _agent('a"quoted",[', "k\\x")
     assert kind.parse_cursor(kind.cursor(state)) == ('a"quoted",[', "k\\x")
     assert FILES.parse_cursor(FILES.cursor(_file(3))) == ("f003",)
+
+
+def test_import_rounds_take_key_ordered_chunks_and_give_up_when_writers_keep_racing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a spy on the backend's import round
+    rounds: list[list[Any]] = []
+    real = store._import_round
+
+    def spy(kind: RecordKind[Any], records: Any) -> tuple[int, bool]:
+        rounds.append([kind.key(r) for r in records])
+        return real(kind, records)
+
+    monkeypatch.setattr(store, "_import_round", spy)
+    # When more than one chunk of keys is imported out of order
+    states = [_agent(f"a{i % 3}", f"k{i:04d}") for i in reversed(range(DEFAULT_IMPORT_CHUNK + 5))]
+    assert store.import_kind(AGENT_STATES, states) == DEFAULT_IMPORT_CHUNK + 5
+    # Then each round gets one chunk, all of them in key order
+    assert [len(keys) for keys in rounds] == [DEFAULT_IMPORT_CHUNK, 5]
+    assert [key for keys in rounds for key in keys] == sorted(AGENT_STATES.key(s) for s in states)
+    # And when every round finds another writer in the way, the import gives up after the last round
+    raced: list[int] = []
+
+    def never_complete(kind: RecordKind[Any], records: Any) -> tuple[int, bool]:
+        raced.append(len(records))
+        return 0, False
+
+    monkeypatch.setattr(store, "_import_round", never_complete)
+    with pytest.raises(StoreUnavailable, match="kept racing"):
+        store.import_kind(FILES, [_file(1)])
+    assert raced == [1] * DEFAULT_IMPORT_ROUNDS

@@ -373,7 +373,7 @@ def test_backup_rotation_and_restore_into_another_backend(src: Store, tmp_path: 
 
 def test_postgresql_copy_import_keeps_hostile_text_exactly(tmp_path: Path) -> None:
     # Given a batch big enough for the COPY path, with tabs, newlines, backslashes and \N in it
-    from sessionq.models.sql_copy import DEFAULT_COPY_THRESHOLD
+    from sessionq.models.sql.copy import DEFAULT_COPY_THRESHOLD
 
     pg = make_store("postgresql", tmp_path)
     reset_store(pg)

@@ -91,7 +91,7 @@ def _migrate(source: Path) -> dict[str, float]:
 
 def _raw_copy(store: object, source: Path) -> float:
     """Rows/s of COPYing the source's rows into the same tables (sqlite3 → psycopg2)."""
-    from sessionq.models.sql_copy import copy_rows
+    from sessionq.models.sql.copy import copy_rows
 
     db = store.database  # type: ignore[attr-defined]
     src = sqlite3.connect(source)

@@ -1,20 +1,23 @@
-"""Plumbing of the SQL backend: opening databases, error translation, transactions,
-batched set-based statements, and the schema lifecycle. :class:`~sessionq.models.sql.SqlStore`
-builds on :class:`SqlBase`."""
+"""The SQL backend's connection to its database: opening one from a URL, driver errors
+mapped to the store's errors (and which of them a retry fixes), and
+:class:`SqlStoreBase`, the state and transaction helpers that every part of
+:class:`~sessionq.models.sql.SqlStore` shares."""
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterable, Sequence, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
-from . import sql_schema
-from .errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from . import schema
+from .schema import Models
 
 logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +32,7 @@ DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_CHUNK = 500
 # Attempts of one write transaction on deadlock or insert race before giving up.
 DEFAULT_WRITE_ATTEMPTS = 5
+# Driver codes of a deadlock victim, serialization failure or lock wait timeout (PostgreSQL, MySQL).
 RETRYABLE_CODES = {"40001", "40P01", 1213, 1205}
 
 
@@ -42,11 +46,11 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
     scheme = parts.scheme.split("+", 1)[0]
     query = dict(parse_qsl(parts.query))
     if scheme == "sqlite":
-        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path) or parts.netloc
+        path = unquote(parts.path.removeprefix("/")) or parts.netloc
         if not path:
             raise ValidationError(f"sqlite URL needs a file path: {url!r}")
         pragmas = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 30_000, "synchronous": "full"}
-        return pw.SqliteDatabase(path, pragmas=pragmas, field_types=sql_schema.FIELD_TYPES["sqlite"]), "sqlite"
+        return pw.SqliteDatabase(path, pragmas=pragmas, field_types=schema.FIELD_TYPES["sqlite"]), "sqlite"
     database = unquote(parts.path.lstrip("/"))
     if not database:
         raise ValidationError(f"{scheme} URL needs a database name")
@@ -65,7 +69,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
         return (
             PooledPostgresqlDatabase(
                 database,
-                field_types=sql_schema.FIELD_TYPES["postgresql"],
+                field_types=schema.FIELD_TYPES["postgresql"],
                 options="-c timezone=UTC",
                 connect_timeout=int(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 **common,
@@ -77,7 +81,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
         return (
             PooledMySQLDatabase(
                 database,
-                field_types=sql_schema.FIELD_TYPES["mysql"],
+                field_types=schema.FIELD_TYPES["mysql"],
                 charset="utf8mb4",
                 connect_timeout=int(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 **common,
@@ -145,49 +149,23 @@ def first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def chunks(items: Sequence[Any], size: int = DEFAULT_CHUNK) -> Iterable[Sequence[Any]]:
-    """Consecutive slices of at most ``size`` items (multi-row INSERTs, IN lists)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class SqlStoreBase:
+    """The state and transaction helpers shared by the parts of
+    :class:`~sessionq.models.sql.SqlStore` (which sets them up)."""
 
-
-class SqlBase:
-    """Connection handling and shared helpers of the SQL store.
-
-    Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
-    or a ready Peewee ``database`` with its ``dialect``.
-    """
-
+    #: ``"sqlite"``, ``"postgresql"`` or ``"mysql"``.
     backend: str = ""
-
-
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        database: pw.Database | None = None,
-        dialect: str | None = None,
-        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
-    ) -> None:
-        if database is None:
-            if url is None:
-                raise ValueError("SqlStore needs a url or a database")
-            database, dialect = open_database(url, max_pool_size=max_pool_size)
-        elif dialect is None:
-            raise ValueError("SqlStore needs the dialect of a ready database")
-        self._db = database
-        self._pooled = isinstance(database, PooledPostgresqlDatabase | PooledMySQLDatabase)
-        self.backend = cast(str, dialect)
-        #: PostgreSQL only: load big import_records message batches with COPY.
-        self.use_copy = True
-        self.m = sql_schema.build_models(database, self.backend)
+    #: The Peewee model classes bound to this store's database.
+    m: Models
+    #: PostgreSQL only: load big import_records message batches with COPY.
+    use_copy: bool
+    _db: pw.Database
+    _pooled: bool
 
     @property
     def database(self) -> pw.Database:
         """The Peewee database (for tests and tools that need raw SQL)."""
         return self._db
-
-    # -- plumbing --------------------------------------------------------------
 
     def _discard_connection(self) -> None:
         try:
@@ -219,72 +197,5 @@ class SqlBase:
             return cast(AbstractContextManager[Any], self._db.atomic("IMMEDIATE"))
         return cast(AbstractContextManager[Any], self._db.atomic())
 
-    def _upsert(self, model: type[pw.Model], row: dict[str, Any], target: list[pw.Field], preserve: list[pw.Field]) -> None:
-        """INSERT, or on a key conflict overwrite the ``preserve`` columns with the new values."""
-        conflict_target = None if self.backend == "mysql" else target
-        model.insert(**row).on_conflict(conflict_target=conflict_target, preserve=preserve).execute()
-
     def _locked(self, query: Any) -> Any:
         return query if self.backend == "sqlite" else query.for_update()
-
-    def _batched(
-        self,
-        model: type[pw.Model],
-        build: Callable[[], pw.Query],
-        where: pw.Expression,
-        batch_size: int,
-        dry_run: bool = False,
-    ) -> int:
-        """Run an UPDATE/DELETE over the rows matching ``where`` in batches of ``batch_size``,
-        each batch in its own transaction, until a batch affects fewer rows.
-
-        ``dry_run`` only counts the matching rows (in the database)."""
-        if dry_run:
-            return int(model.select().where(where).count())
-        pk = model._meta.primary_key
-        if isinstance(pk, pw.CompositeKey):
-            key: Any = pw.Tuple(*[model._meta.fields[name] for name in pk.field_names])
-            key_select = [model._meta.fields[name] for name in pk.field_names]
-        else:
-            key, key_select = pk, [pk]
-        total = 0
-        while True:
-            query = build()
-            if self.backend == "mysql":
-                query = query.where(where).limit(batch_size)
-            else:
-                query = query.where(key.in_(model.select(*key_select).where(where).limit(batch_size)))
-            with self._db.atomic():
-                count = int(query.execute())
-            total += count
-            if count < batch_size:
-                return total
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    @translate_errors
-    def upgrade(self, target: int | None = None) -> list[int]:
-        """See :meth:`Store.upgrade`."""
-        return sql_schema.upgrade(self._db, self.m, target)
-
-    @translate_errors
-    def schema_version(self) -> int:
-        """See :meth:`Store.schema_version`."""
-        return sql_schema.current_version(self._db, self.m)
-
-    def latest_schema_version(self) -> int:
-        """See :meth:`Store.latest_schema_version`."""
-        return sql_schema.LATEST_VERSION
-
-    @translate_errors
-    def ping(self) -> None:
-        """See :meth:`Store.ping`."""
-        self._db.execute_sql("SELECT 1").fetchall()
-
-    def close(self) -> None:
-        """See :meth:`Store.close`."""
-        if self._pooled:
-            self._db.close_all()  # type: ignore[attr-defined]
-        elif not self._db.is_closed():
-            self._db.close()
-

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import peewee as pw
 from psycopg2 import errors as pg_errors

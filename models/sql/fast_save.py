@@ -19,12 +19,13 @@ import hashlib
 import json
 import logging
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import peewee as pw
 
-from .records import ChatMessage
-from .sql_base import driver_code
+from ..records import ChatMessage
+from .database import driver_code
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _statement(session_table: str, message_table: str, first: str = "$1", second
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prepared(session_table: str, message_table: str) -> tuple[str, str]:
     """The save statement and its name. The name is derived from the text, so a server
     connection that prepared another version's statement (behind a pooler, across a
@@ -67,7 +68,7 @@ _PREPARE_ERRORS = {"26000", "42P05"}
 
 
 def session_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A planned session row (field names as in ``SqlStore._session_row``) as a JSON object."""
+    """A planned session row (field names as in ``SqlRecords._session_row``) as a JSON object."""
     return {
         "session_id": row["session_id"],
         "model": row["model"],

@@ -1,4 +1,6 @@
-"""The MongoDB backend, on standard PyMongo calls only (a real ``mongod`` or SecantusDB).
+"""Sessions and messages on the MongoDB backend, as :class:`MongoRecords`, a part of
+:class:`~sessionq.models.mongo.MongoStore`: their documents and conversion to
+records, saves and appends, raw imports, reads and deletes.
 
 Messages live in their own collection keyed by ``(session_id, message_id)`` with a
 unique ``(session_id, seq)`` index, never in an array inside the session document.
@@ -20,127 +22,40 @@ There are no multi-document transactions; concurrency is made safe by the indexe
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Iterable, Sequence
 
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
-from pymongo.database import Database
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError
 
-from . import mongo_schema as ms
-from .errors import NotFound, StoreUnavailable, ValidationError
-from .mongo_aux import MongoKindMixin
-from .mongo_ops import Doc, MongoRecordsMixin
-from .mongo_ops import only_duplicates as _only_duplicates
-from .mongo_ops import translate_errors as _translate_errors
-from .mongo_schema import from_us, to_us
-from .records import ChatMessage, ChatSession
-from .store import (
+from ..errors import NotFound, StoreUnavailable, ValidationError
+from ..records import ChatMessage, ChatSession
+from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
+    PendingWrite,
     SessionWrite,
-    Store,
     WriteResult,
     check_message_owners,
+    chunked,
 )
+from .database import (
+    DEFAULT_CHUNK,
+    Doc,
+    MongoStoreBase,
+    only_duplicates,
+    translate_errors,
+)
+from .schema import from_us, to_us
 
 logger = logging.getLogger(__name__)
 
-# Connections kept by the client's pool when no size is configured.
-DEFAULT_MAX_POOL_SIZE = 20
-# Milliseconds to find a server / open a connection before the store is "unavailable".
-DEFAULT_SERVER_SELECTION_TIMEOUT_MS = 10_000
-# Database used when the URL names none.
-DEFAULT_DATABASE = "sessionq"
-# Rounds of compare-and-set or seq re-basing before a write gives up under contention.
+# Rounds of seq re-basing before a write gives up under contention.
 DEFAULT_WRITE_ATTEMPTS = 50
 
 
-def _chunks(items: Sequence[Any], size: int = 1000) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
-    """A :class:`~sessionq.models.store.Store` on MongoDB.
-
-    Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and
-    optionally the ``database`` name; the default is the URL's, else ``sessionq``).
-    """
-
-    backend = "mongodb"
-
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        client: MongoClient[Doc] | None = None,
-        database: str | None = None,
-        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
-        min_pool_size: int = 1,
-    ) -> None:
-        from datetime import timezone
-
-        self._owns_client = client is None
-        if client is None:
-            if url is None:
-                raise ValueError("MongoStore needs a url or a client")
-            client = MongoClient(
-                url,
-                maxPoolSize=max_pool_size,
-                minPoolSize=min_pool_size,
-                tz_aware=True,
-                tzinfo=timezone.utc,
-                serverSelectionTimeoutMS=DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
-                connect=False,
-            )
-        self._client = client
-        self._db: Database[Doc] = (
-            client[database] if database else client.get_default_database(default=DEFAULT_DATABASE)
-        )
-        self._sessions = self._db[ms.SESSIONS]
-        self._messages = self._db[ms.MESSAGES]
-        self._files = self._db[ms.FILES]
-        self._transports = self._db[ms.TRANSPORTS]
-        self._agent = self._db[ms.AGENT_STATE]
-        self._events = self._db[ms.EVENTS]
-        self._counters = self._db[ms.COUNTERS]
-
-    @property
-    def database(self) -> Database[Doc]:
-        """The PyMongo database (for tests and tools)."""
-        return self._db
-
-    # -- lifecycle -------------------------------------------------------------
-
-    @_translate_errors
-    def upgrade(self, target: int | None = None) -> list[int]:
-        """See :meth:`Store.upgrade`."""
-        return ms.upgrade(self._db, target)
-
-    @_translate_errors
-    def schema_version(self) -> int:
-        """See :meth:`Store.schema_version`."""
-        return ms.current_version(self._db)
-
-    def latest_schema_version(self) -> int:
-        """See :meth:`Store.latest_schema_version`."""
-        return ms.LATEST_VERSION
-
-    @_translate_errors
-    def ping(self) -> None:
-        """See :meth:`Store.ping`."""
-        self._client.admin.command("ping")
-
-    def close(self) -> None:
-        """See :meth:`Store.close` (a client passed in is left open)."""
-        if self._owns_client:
-            self._client.close()
-
-    def clear_for_tests(self) -> None:
-        """Delete every document of every data collection (indexes and versions stay)."""
-        for name in ms.DATA_COLLECTIONS:
-            self._db[name].delete_many({})
+class MongoRecords(MongoStoreBase):
+    """Sessions and messages: the session and message half of the Store contract on MongoDB."""
 
     # -- conversions -------------------------------------------------------------
 
@@ -194,17 +109,17 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
 
     # -- sessions and messages -----------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     def save_sessions(self, writes: Sequence[SessionWrite]) -> WriteResult:
         """See :meth:`Store.save_sessions`."""
         return self._write([(session, session.session_id, list(messages)) for session, messages in writes])
 
-    @_translate_errors
+    @translate_errors
     def append_messages(self, session_id: str, messages: Sequence[ChatMessage]) -> int:
         """See :meth:`Store.append_messages`."""
         return self._write([(None, session_id, list(messages))]).messages_inserted
 
-    def _write(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+    def _write(self, writes: list[PendingWrite]) -> WriteResult:
         check_message_owners(writes)
         saved = {s.session_id for s, _, _ in writes if s is not None}
         append_only = sorted({sid for s, sid, _ in writes if s is None and sid not in saved})
@@ -249,7 +164,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
                 written.update(s.session_id for s in sessions[start:])
                 return written
             except BulkWriteError as exc:
-                if not _only_duplicates(exc):
+                if not only_duplicates(exc):
                     raise
                 failed = start + int(exc.details["writeErrors"][0]["index"])
                 written.update(s.session_id for s in sessions[start:failed])
@@ -271,7 +186,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
             counters[doc["session_id"]] = (max(seq, int(doc["seq"])), max(at, int(doc["created_at"])))
 
         known: set[tuple[str, str]] = set()
-        for chunk in _chunks(mids):
+        for chunk in chunked(mids, DEFAULT_CHUNK):
             query = {"session_id": {"$in": sids}, "message_id": {"$in": list(chunk)}}
             for doc in self._messages.find(query, {"session_id": 1, "message_id": 1, "seq": 1, "created_at": 1}):
                 if doc["message_id"] in pending.get(doc["session_id"], {}):
@@ -331,7 +246,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
                 self._messages.insert_many(remaining, ordered=True)
                 return inserted + remaining
             except BulkWriteError as exc:
-                if not _only_duplicates(exc):
+                if not only_duplicates(exc):
                     raise
                 done = int(exc.details.get("nInserted", 0))
                 inserted.extend(remaining[:done])
@@ -356,26 +271,26 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
             out.append({k: v for k, v in doc.items() if k != "_id"} | {"seq": tops[doc["session_id"]]})
         return out
 
-    @_translate_errors
+    @translate_errors
     def import_records(self, sessions: Sequence[ChatSession], messages: Sequence[ChatMessage]) -> WriteResult:
         """See :meth:`Store.import_records`."""
         written = 0
         incoming = {s.session_id: self._session_doc(s) for s in sessions}
-        for chunk in _chunks(list(incoming)):
+        for chunk in chunked(list(incoming), DEFAULT_CHUNK):
             stored = {d["_id"]: d for d in self._sessions.find({"_id": {"$in": list(chunk)}})}
             new = [incoming[sid] for sid in chunk if sid not in stored]
             if new:
                 try:
                     written += len(self._sessions.insert_many(new, ordered=False).inserted_ids)
                 except BulkWriteError as exc:
-                    if not _only_duplicates(exc):
+                    if not only_duplicates(exc):
                         raise
                     written += int(exc.details.get("nInserted", 0))
             for sid, old in stored.items():
                 doc = incoming[sid]
-                if doc["updated_at"] >= old["updated_at"] and any(old.get(k) != v for k, v in doc.items()):
-                    if self._sessions.replace_one({"_id": sid, "updated_at": old["updated_at"]}, doc).matched_count:
-                        written += 1
+                changed = doc["updated_at"] >= old["updated_at"] and any(old.get(k) != v for k, v in doc.items())
+                if changed and self._sessions.replace_one({"_id": sid, "updated_at": old["updated_at"]}, doc).matched_count:
+                    written += 1
         self._check_sessions_exist({m.session_id for m in messages} - set(incoming))
         inserted = 0
         docs = []
@@ -383,24 +298,24 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
             if message.seq < 1:
                 raise ValidationError(f"message {message.message_id!r} has no seq; imports keep the source's seq")
             docs.append(self._message_doc(message, message.seq))
-        for chunk in _chunks(docs):
+        for part in chunked(docs, DEFAULT_CHUNK):
             try:
-                inserted += len(self._messages.insert_many(list(chunk), ordered=False).inserted_ids)
+                inserted += len(self._messages.insert_many(list(part), ordered=False).inserted_ids)
             except BulkWriteError as exc:
-                if not _only_duplicates(exc):
+                if not only_duplicates(exc):
                     raise
                 inserted += int(exc.details.get("nInserted", 0))
         return WriteResult(sessions_written=written, messages_inserted=inserted)
 
     def _check_sessions_exist(self, session_ids: set[str]) -> None:
         wanted = sorted(session_ids)
-        for chunk in _chunks(wanted):
+        for chunk in chunked(wanted, DEFAULT_CHUNK):
             found = {d["_id"] for d in self._sessions.find({"_id": {"$in": list(chunk)}}, {"_id": 1})}
             missing = [sid for sid in chunk if sid not in found]
             if missing:
                 raise NotFound(f"session {missing[0]!r} does not exist")
 
-    @_translate_errors
+    @translate_errors
     def load_session(self, session_id: str) -> ChatSession:
         """See :meth:`Store.load_session`."""
         doc = self._sessions.find_one({"_id": session_id})
@@ -408,7 +323,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
             raise NotFound(f"session {session_id!r} does not exist")
         return self._to_session(doc)
 
-    @_translate_errors
+    @translate_errors
     def list_sessions(
         self,
         *,
@@ -435,7 +350,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
         items = [self._to_session(doc) for doc in docs[:limit]]
         return Page(items, items[-1].session_id if len(docs) > limit else None)
 
-    @_translate_errors
+    @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:
         """See :meth:`Store.load_messages`."""
         found = self._messages.find({"session_id": session_id, "seq": {"$gt": after_seq}}).sort("seq", ASCENDING)
@@ -443,7 +358,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
             found = found.limit(limit)
         return [self._to_message(doc) for doc in found]
 
-    @_translate_errors
+    @translate_errors
     def delete_session(self, session_id: str) -> bool:
         """See :meth:`Store.delete_session`."""
         deleted = self._sessions.delete_one({"_id": session_id}).deleted_count
@@ -451,7 +366,7 @@ class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
         self._messages.delete_many({"session_id": session_id})
         return bool(deleted)
 
-    @_translate_errors
+    @translate_errors
     def archive_session(self, session_id: str, at: datetime) -> ChatSession:
         """See :meth:`Store.archive_session`."""
         doc = self._sessions.find_one_and_update(

@@ -1,50 +1,47 @@
-"""The SQL backend: SQLite, PostgreSQL and MariaDB/MySQL through Peewee.
+"""Sessions and messages on the SQL backend, as :class:`SqlRecords`, a part of
+:class:`~sessionq.models.sql.SqlStore`: the session and message rows and their
+conversion to records, saves and appends, raw imports, reads and deletes.
 
-Each :class:`SqlStore` owns its database object and its own model classes (see
-:mod:`sessionq.models.sql_schema`). Writes lock the sessions they touch (``FOR UPDATE``, or
-``BEGIN IMMEDIATE`` on SQLite), so concurrent workers never assign the same ``seq``
-twice, and a whole batch of saves costs a handful of statements and one commit.
+Writes lock the sessions they touch (``FOR UPDATE``, or ``BEGIN IMMEDIATE`` on
+SQLite), so concurrent workers never assign the same ``seq`` twice, and a whole batch
+of saves costs a handful of statements and one commit.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import peewee as pw
 
-from . import sql_copy, sql_fast
-from .errors import NotFound, ValidationError
-from .records import ChatMessage, ChatSession
-from .sql_base import (
-    DEFAULT_WRITE_ATTEMPTS,
-    chunks,
-    is_retryable,
-    open_database,
-    translate_errors,
-)
-from .sql_ops import SqlRecordOps
-from .store import (
+from ..errors import NotFound, ValidationError
+from ..records import ChatMessage, ChatSession
+from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
+    PendingWrite,
     SessionWrite,
-    Store,
     WriteResult,
     check_message_owners,
+    chunked,
 )
-
-__all__ = ["SqlStore", "open_database"]
+from . import fast_save
+from .copy import DEFAULT_COPY_THRESHOLD, copy_messages
+from .database import (
+    DEFAULT_CHUNK,
+    DEFAULT_WRITE_ATTEMPTS,
+    SqlStoreBase,
+    is_retryable,
+    translate_errors,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlRecordOps, Store):
-    """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
-
-    Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
-    or a ready Peewee ``database`` with its ``dialect``.
-    """
+class SqlRecords(SqlStoreBase):
+    """Sessions and messages: the session and message half of the Store contract on SQL."""
 
     # -- sessions and messages -------------------------------------------------
 
@@ -58,7 +55,7 @@ class SqlStore(SqlRecordOps, Store):
         """See :meth:`Store.append_messages`."""
         return self._write([(None, session_id, list(messages))]).messages_inserted
 
-    def _write(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+    def _write(self, writes: list[PendingWrite]) -> WriteResult:
         check_message_owners(writes)
         for attempt in range(1, DEFAULT_WRITE_ATTEMPTS + 1):
             try:
@@ -77,8 +74,8 @@ class SqlStore(SqlRecordOps, Store):
                 logger.debug("write transaction deadlocked; retrying (attempt %d)", attempt)
         raise AssertionError("unreachable")
 
-    def _write_postgresql(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
-        """One transaction: the sessions not stored yet go through :mod:`sessionq.models.sql_fast`
+    def _write_postgresql(self, writes: list[PendingWrite]) -> WriteResult:
+        """One transaction: the sessions not stored yet go through :mod:`~sessionq.models.sql.fast_save`
         (planned as new, one statement that also begins the transaction), the rest
         (stored sessions, appends) through :meth:`_write_once`."""
         appended = {session_id for session, session_id, _ in writes if session is None}
@@ -91,27 +88,27 @@ class SqlStore(SqlRecordOps, Store):
             for message in batch.values():
                 current["message_count"] += 1
                 current["updated_at"] = max(current["updated_at"], message.created_at)
-                messages.append(sql_fast.message_json(message, current["message_count"]))
+                messages.append(fast_save.message_json(message, current["message_count"]))
         for session_id in sorted(state):
-            new_rows.append(sql_fast.session_json(state[session_id]))
+            new_rows.append(fast_save.session_json(state[session_id]))
         db = self._db
         db.connect(reuse_if_open=True)  # (opening a connection resets Peewee's transaction stack)
         with db.manual_commit():
             try:
-                inserted = sql_fast.begin_and_insert_new(
+                inserted = fast_save.begin_and_insert_new(
                     db, self.m.Session._meta.table_name, self.m.Message._meta.table_name, new_rows, messages
                 )
                 rest = [w for w in writes if w[1] not in inserted]
                 result = self._write_once(rest) if rest else WriteResult(0, 0)
                 db.commit()
             except BaseException:
-                sql_fast.rollback(db)
+                fast_save.rollback(db)
                 raise
         fast_messages = sum(state[sid]["message_count"] for sid in inserted)
         return WriteResult(result.sessions_written + len(inserted), result.messages_inserted + fast_messages)
 
     def _merge(
-        self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]], stored: dict[str, dict[str, Any]]
+        self, writes: list[PendingWrite], stored: dict[str, dict[str, Any]]
     ) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, dict[str, ChatMessage]]]:
         """Apply the session fields of ``writes`` to the ``stored`` rows (not changed):
         the new state of every session, the ids changed, and each session's incoming
@@ -143,11 +140,11 @@ class SqlStore(SqlRecordOps, Store):
                 batch.setdefault(message.message_id, message)
         return state, dirty, pending
 
-    def _write_once(self, writes: list[tuple[ChatSession | None, str, list[ChatMessage]]]) -> WriteResult:
+    def _write_once(self, writes: list[PendingWrite]) -> WriteResult:
         S, M = self.m.Session, self.m.Message
         ids = sorted({session_id for _, session_id, _ in writes})
         stored: dict[str, dict[str, Any]] = {}
-        for chunk in chunks(ids):
+        for chunk in chunked(ids, DEFAULT_CHUNK):
             for found in self._lock_sessions(list(chunk)):
                 stored[found["session_id"]] = found
         state, dirty, pending = self._merge(writes, stored)
@@ -163,8 +160,8 @@ class SqlStore(SqlRecordOps, Store):
                 rows.append(self._message_row(message, current["message_count"]))
                 dirty.add(session_id)
         new = [state[sid] for sid in ids if sid in dirty and sid not in stored]
-        for chunk in chunks(new):
-            self._insert_rows(S, chunk)
+        for session_rows in chunked(new, DEFAULT_CHUNK):
+            self._insert_rows(S, session_rows)
         for sid in ids:
             if sid in dirty and sid in stored:
                 row = state[sid]
@@ -175,8 +172,8 @@ class SqlStore(SqlRecordOps, Store):
                     updated_at=row["updated_at"],
                     message_count=row["message_count"],
                 ).where(S.session_id == sid).execute()
-        for chunk in chunks(rows):
-            self._insert_rows(M, chunk)
+        for message_rows in chunked(rows, DEFAULT_CHUNK):
+            self._insert_rows(M, message_rows)
         return WriteResult(sessions_written=len(dirty), messages_inserted=len(rows))
 
     def _lock_sessions(self, ids: list[str]) -> list[dict[str, Any]]:
@@ -231,27 +228,27 @@ class SqlStore(SqlRecordOps, Store):
         written = inserted = 0
         with self._txn():
             stored: dict[str, dict[str, Any]] = {}
-            for chunk in chunks(list(incoming)):
+            for chunk in chunked(list(incoming), DEFAULT_CHUNK):
                 stored.update((row["session_id"], row) for row in S.select().where(S.session_id.in_(list(chunk))).dicts())
             new = [row for sid, row in incoming.items() if sid not in stored]
-            for chunk in chunks(new):
-                written += int(S.insert_many(chunk).on_conflict_ignore().as_rowcount().execute())
+            for session_rows in chunked(new, DEFAULT_CHUNK):
+                written += int(S.insert_many(session_rows).on_conflict_ignore().as_rowcount().execute())
             for sid, old in stored.items():
                 row = incoming[sid]
                 if row["updated_at"] >= old["updated_at"] and any(old[k] != v for k, v in row.items()):
                     S.update(**{k: v for k, v in row.items() if k != "session_id"}).where(S.session_id == sid).execute()
                     written += 1
             others = sorted({m.session_id for m in messages} - set(incoming))
-            for chunk in chunks(others):
+            for chunk in chunked(others, DEFAULT_CHUNK):
                 found = {sid for (sid,) in S.select(S.session_id).where(S.session_id.in_(list(chunk))).tuples()}
                 missing = [sid for sid in chunk if sid not in found]
                 if missing:
                     raise NotFound(f"session {missing[0]!r} does not exist")
             rows = [self._message_row(m, m.seq) for m in messages]
-            if self.backend == "postgresql" and self.use_copy and len(rows) >= sql_copy.DEFAULT_COPY_THRESHOLD:
-                return WriteResult(written, sql_copy.copy_messages(self._db, M._meta.table_name, rows))
-            for chunk in chunks(rows):
-                inserted += int(M.insert_many(chunk).on_conflict_ignore().as_rowcount().execute())
+            if self.backend == "postgresql" and self.use_copy and len(rows) >= DEFAULT_COPY_THRESHOLD:
+                return WriteResult(written, copy_messages(self._db, M._meta.table_name, rows))
+            for message_rows in chunked(rows, DEFAULT_CHUNK):
+                inserted += int(M.insert_many(message_rows).on_conflict_ignore().as_rowcount().execute())
         return WriteResult(sessions_written=written, messages_inserted=inserted)
 
     def _insert_rows(self, model: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -274,7 +271,7 @@ class SqlStore(SqlRecordOps, Store):
         M = self.m.Message
         found: set[tuple[str, str]] = set()
         for session_id in session_ids:
-            for chunk in chunks(list(pending[session_id])):
+            for chunk in chunked(list(pending[session_id]), DEFAULT_CHUNK):
                 query = M.select(M.message_id).where((M.session == session_id) & M.message_id.in_(list(chunk)))
                 found.update((session_id, mid) for (mid,) in query.tuples())
         return found

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import peewee as pw
 from playhouse.migrate import SchemaMigrator, migrate
@@ -46,7 +47,7 @@ class UTCDateTimeField(pw.Field):
         """Convert an aware datetime to the dialect's representation."""
         if value is None or not isinstance(value, datetime):
             return value
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         if self.dialect == "sqlite":
             return value.strftime(_SQLITE_FORMAT)
         if self.dialect == "mysql":
@@ -60,8 +61,8 @@ class UTCDateTimeField(pw.Field):
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class JSONTextField(pw.TextField):
@@ -304,7 +305,7 @@ def upgrade(db: pw.Database, m: Models, target: int | None = None) -> list[int]:
             logger.info("applying schema migration %d: %s", step.version, step.description)
             step.apply(db, m)
             m.SchemaVersion.insert(
-                version=step.version, description=step.description, applied_at=datetime.now(timezone.utc)
+                version=step.version, description=step.description, applied_at=datetime.now(UTC)
             ).on_conflict_ignore().execute()
             applied.append(step.version)
     return applied

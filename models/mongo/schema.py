@@ -2,7 +2,7 @@
 
 Every collection is prefixed ``sessionq_``. Indexes are created by versioned steps
 recorded in ``sessionq_schema`` (one document per applied version), the MongoDB
-counterpart of :mod:`sessionq.models.sql_schema`. ``create_index`` is idempotent, so a step
+counterpart of :mod:`sessionq.models.sql.schema`. ``create_index`` is idempotent, so a step
 interrupted half-way is simply applied again.
 
 Timestamps are stored as integer microseconds since the Unix epoch: BSON dates
@@ -15,14 +15,15 @@ single-record operations and the bulk ones alike.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, cast
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 
-from .records import AgentState, FileRecord, TransportSession
+from ..records import AgentState, FileRecord, TransportSession
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ COUNTERS = "sessionq_counters"
 #: Every data collection (the schema collection excluded).
 DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def to_us(value: datetime) -> int:
     """An aware datetime as integer microseconds since the epoch (exact, orderable)."""
-    delta = value.astimezone(timezone.utc) - _EPOCH
+    delta = value.astimezone(UTC) - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -170,7 +171,7 @@ def upgrade(db: Database[Any], target: int | None = None) -> list[int]:
         step.apply(db)
         db[SCHEMA].update_one(
             {"_id": step.version},
-            {"$setOnInsert": {"description": step.description, "applied_at": datetime.now(timezone.utc)}},
+            {"$setOnInsert": {"description": step.description, "applied_at": datetime.now(UTC)}},
             upsert=True,
         )
         applied.append(step.version)

@@ -1,168 +1,95 @@
-"""Files, transport sessions, agent state, the MCP event log, sweeps and statistics
-for the SQL backend (a mixin of :class:`~sessionq.models.sql.SqlStore`)."""
+"""The SQL backend: SQLite, PostgreSQL and MariaDB/MySQL through Peewee.
+
+Each :class:`SqlStore` owns its database object and its own model classes (see
+:mod:`sessionq.models.sql.schema`). It is composed of :class:`~.records.SqlRecords`
+(sessions and messages) and :class:`~.kinds.SqlKinds` (files, transport sessions,
+agent state), both on :class:`~.database.SqlStoreBase`; this module adds the
+constructor, the schema lifecycle, the MCP event log, the sweeps and statistics.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 import peewee as pw
+from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
-from .errors import NotFound
-from .records import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_MAX_RECOVERY_ATTEMPTS,
-    AgentState,
-    FileRecord,
-    StreamEvent,
-    TransportSession,
-)
-from .sql_aux import SqlKindOps
-from .sql_base import translate_errors
-from .store import (
-    DEFAULT_SWEEP_BATCH_SIZE,
-    StoreStats,
-)
+from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
+from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
+from . import schema
+from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .kinds import SqlKinds
+from .records import SqlRecords
 
 logger = logging.getLogger(__name__)
 
 
-class SqlRecordOps(SqlKindOps):
-    """The non-session parts of the SQL store (bulk listing and import of files,
-    transports and agent state come from :class:`~sessionq.models.sql_aux.SqlKindOps`)."""
+class SqlStore(SqlRecords, SqlKinds, Store):
+    """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
-    # -- files -----------------------------------------------------------------------
+    Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
+    or a ready Peewee ``database`` with its ``dialect``.
+    """
 
-    @translate_errors
-    def save_file(self, record: FileRecord) -> None:
-        """See :meth:`Store.save_file`."""
-        F_ = self.m.File
-        row = record.to_json() | {"uploaded_at": record.uploaded_at, "expires_at": record.expires_at}
-        fields = [F_._meta.fields[name] for name in row if name != "file_id"]
-        with self._db.atomic():
-            self._upsert(F_, row, [F_.file_id], fields)
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        database: pw.Database | None = None,
+        dialect: str | None = None,
+        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+    ) -> None:
+        if database is None:
+            if url is None:
+                raise ValueError("SqlStore needs a url or a database")
+            database, dialect = open_database(url, max_pool_size=max_pool_size)
+        elif dialect is None:
+            raise ValueError("SqlStore needs the dialect of a ready database")
+        self._db = database
+        self._pooled = isinstance(database, PooledPostgresqlDatabase | PooledMySQLDatabase)
+        self.backend = cast(str, dialect)
+        self.use_copy = True
+        self.m = schema.build_models(database, self.backend)
 
-    @translate_errors
-    def load_file(self, file_id: str) -> FileRecord:
-        """See :meth:`Store.load_file`."""
-        F_ = self.m.File
-        row = F_.select().where(F_.file_id == file_id).dicts().first()
-        if row is None:
-            raise NotFound(f"file {file_id!r} does not exist")
-        return FileRecord(**row)
-
-    @translate_errors
-    def delete_file(self, file_id: str) -> bool:
-        """See :meth:`Store.delete_file`."""
-        F_ = self.m.File
-        with self._db.atomic():
-            return bool(F_.delete().where(F_.file_id == file_id).execute())
-
-    # -- transport sessions ------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
 
     @translate_errors
-    def register_transport(self, session: TransportSession) -> TransportSession:
-        """See :meth:`Store.register_transport`."""
-        T_ = self.m.Transport
-        row = {f: getattr(session, f) for f in T_._meta.fields}
-        preserve = [
-            T_.working_directory,
-            T_.transport_state,
-            T_.agent_context,
-            T_.conversation_state,
-            T_.metadata,
-        ]
-        with self._db.atomic():
-            self._upsert(T_, row, [T_.mcp_session_id], preserve)
-        return self.load_transport(session.mcp_session_id)
-
-    def _transport_row(self, mcp_session_id: str, *, lock: bool) -> dict[str, Any] | None:
-        T_ = self.m.Transport
-        query = T_.select().where(T_.mcp_session_id == mcp_session_id)
-        return cast("dict[str, Any] | None", (self._locked(query) if lock else query).dicts().first())
+    def upgrade(self, target: int | None = None) -> list[int]:
+        """See :meth:`Store.upgrade`."""
+        return schema.upgrade(self._db, self.m, target)
 
     @translate_errors
-    def load_transport(self, mcp_session_id: str) -> TransportSession:
-        """See :meth:`Store.load_transport`."""
-        row = self._transport_row(mcp_session_id, lock=False)
-        if row is None:
-            raise NotFound(f"transport session {mcp_session_id!r} does not exist")
-        return TransportSession(**row)
+    def schema_version(self) -> int:
+        """See :meth:`Store.schema_version`."""
+        return schema.current_version(self._db, self.m)
 
-    def _update_transport(self, mcp_session_id: str, **changes: Any) -> None:
-        T_ = self.m.Transport
-        T_.update(**changes).where(T_.mcp_session_id == mcp_session_id).execute()
+    def latest_schema_version(self) -> int:
+        """See :meth:`Store.latest_schema_version`."""
+        return schema.LATEST_VERSION
 
     @translate_errors
-    def heartbeat(self, mcp_session_id: str, at: datetime) -> bool:
-        """See :meth:`Store.heartbeat`."""
+    def ping(self) -> None:
+        """See :meth:`Store.ping`."""
+        self._db.execute_sql("SELECT 1").fetchall()
+
+    def close(self) -> None:
+        """See :meth:`Store.close`."""
+        if self._pooled:
+            self._db.close_all()  # type: ignore[attr-defined]
+        elif not self._db.is_closed():
+            self._db.close()
+
+    @translate_errors
+    def clear(self) -> None:
+        """See :meth:`Store.clear` (children before parents, in one transaction)."""
         with self._txn():
-            row = self._transport_row(mcp_session_id, lock=True)
-            if row is None or row["status"] == "expired":
-                return False
-            changes: dict[str, Any] = {}
-            if at > row["last_heartbeat"]:
-                changes["last_heartbeat"] = at
-            if row["status"] == "disconnected" and row["disconnected_at"] is not None and at > row["disconnected_at"]:
-                changes.update(status="active", disconnected_at=None, grace_expires_at=None)
-            if changes:
-                self._update_transport(mcp_session_id, **changes)
-            return True
+            for model in reversed(self.m.all()[1:]):
+                model.delete().execute()
 
-    @translate_errors
-    def mark_disconnected(self, mcp_session_id: str, at: datetime, grace: timedelta = DEFAULT_GRACE_PERIOD) -> bool:
-        """See :meth:`Store.mark_disconnected`."""
-        with self._txn():
-            row = self._transport_row(mcp_session_id, lock=True)
-            if row is None or row["status"] == "expired":
-                return False
-            if row["status"] == "disconnected":
-                return True
-            if row["last_heartbeat"] > at:
-                return False
-            self._update_transport(mcp_session_id, status="disconnected", disconnected_at=at, grace_expires_at=at + grace)
-            return True
-
-    @translate_errors
-    def recover(
-        self, mcp_session_id: str, now: datetime, *, max_attempts: int = DEFAULT_MAX_RECOVERY_ATTEMPTS
-    ) -> TransportSession:
-        """See :meth:`Store.recover`."""
-        with self._txn():
-            row = self._transport_row(mcp_session_id, lock=True)
-            if row is None:
-                raise NotFound(f"transport session {mcp_session_id!r} does not exist")
-            session = TransportSession(**row)
-            changes = session.recovery_changes(now, max_attempts=max_attempts)
-            self._update_transport(mcp_session_id, **changes)
-            return session.replace(**changes)
-
-    # -- agent state ------------------------------------------------------------------------
-
-    @translate_errors
-    def put_agent_state(self, state: AgentState) -> bool:
-        """See :meth:`Store.put_agent_state`."""
-        A = self.m.AgentState
-        row = {f: getattr(state, f) for f in A._meta.fields}
-        with self._txn():
-            current = self._locked(A.select(A.updated_at).where((A.agent_id == state.agent_id) & (A.key == state.key)))
-            existing = current.first()
-            if existing is not None and existing.updated_at > state.updated_at:
-                return False
-            preserve = [A.value, A.mcp_session_id, A.updated_at, A.expires_at]
-            self._upsert(A, row, [A.agent_id, A.key], preserve)
-            return True
-
-    @translate_errors
-    def get_agent_state(self, agent_id: str, key: str, now: datetime) -> AgentState | None:
-        """See :meth:`Store.get_agent_state`."""
-        A = self.m.AgentState
-        row = A.select().where((A.agent_id == agent_id) & (A.key == key)).dicts().first()
-        if row is None or (row["expires_at"] is not None and row["expires_at"] <= now):
-            return None
-        return AgentState(**row)
 
     # -- MCP event log ---------------------------------------------------------------------
 
@@ -318,3 +245,35 @@ class SqlRecordOps(SqlKindOps):
             stream_events=int(m.Event.select().count()),
         )
 
+    def _batched(
+        self,
+        model: type[pw.Model],
+        build: Callable[[], pw.Query],
+        where: pw.Expression,
+        batch_size: int,
+        dry_run: bool = False,
+    ) -> int:
+        """Run an UPDATE/DELETE over the rows matching ``where`` in batches of ``batch_size``,
+        each batch in its own transaction, until a batch affects fewer rows.
+
+        ``dry_run`` only counts the matching rows (in the database)."""
+        if dry_run:
+            return int(model.select().where(where).count())
+        pk = model._meta.primary_key
+        if isinstance(pk, pw.CompositeKey):
+            key: Any = pw.Tuple(*[model._meta.fields[name] for name in pk.field_names])
+            key_select = [model._meta.fields[name] for name in pk.field_names]
+        else:
+            key, key_select = pk, [pk]
+        total = 0
+        while True:
+            query = build()
+            if self.backend == "mysql":
+                query = query.where(where).limit(batch_size)
+            else:
+                query = query.where(key.in_(model.select(*key_select).where(where).limit(batch_size)))
+            with self._db.atomic():
+                count = int(query.execute())
+            total += count
+            if count < batch_size:
+                return total
