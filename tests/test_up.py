@@ -74,7 +74,7 @@ def run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Completed
     """``sessionq ARGS`` on an embedded SQLite store in ``tmp_path``; waits for it to exit."""
     environ = child_env(STORAGE_URL=f"sqlite:///{tmp_path / 'up.db'}", **env)
     return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], cwd=tmp_path, env=environ,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("command", ["up", "serve"])
