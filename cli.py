@@ -625,9 +625,11 @@ def archive_command(app: App, session_id: str) -> None:
 @click.option("--demo", is_flag=True, help="Run a self-contained tour in a temporary directory and exit.")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Worker threads (default: settings.worker_threads).")
 @click.option("--no-http", is_flag=True, help="Do not serve /session-health and /metrics.")
+@click.option("--host", envvar="SESSIONQ_HTTP_HOST", help="Address the HTTP side binds (default 127.0.0.1).")
+@click.option("--port", envvar="SESSIONQ_HTTP_PORT", type=int, help="Port the HTTP side binds (default 8080; 0: any free).")
 @pass_app
 @user_errors
-def up(app: App, demo: bool, threads: int | None, no_http: bool) -> None:
+def up(app: App, demo: bool, threads: int | None, no_http: bool, host: str | None, port: int | None) -> None:
     """Worker, scheduler and HTTP in one process (embedded queue unless a broker is set)."""
     if demo:
         from sessionq.workers.demo import run_demo
@@ -644,8 +646,8 @@ def up(app: App, demo: bool, threads: int | None, no_http: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     app.close()
-    with AllInOne(app.settings, threads=threads, http=not no_http) as running:
-        where = f"; http://{app.settings.http_host}:{running.http_port}" if running.http_port else ""
+    with AllInOne(app.settings, threads=threads, http=not no_http, host=host, port=port) as running:
+        where = f"; http://{running.settings.http_host}:{running.http_port}" if running.http_port else ""
         click.echo(f"sessionq up: worker and scheduler running{where} (Ctrl-C or SIGTERM to stop)", err=True)
         stop.wait()
         click.echo("sessionq up: stopping (draining queued jobs)", err=True)

@@ -92,6 +92,8 @@ class Settings:
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.min_pool_size > self.max_pool_size:
             raise ConfigError("min_pool_size: must not exceed max_pool_size")
+        if self.http_port > 65535:
+            raise ConfigError(f"http_port: must be a TCP port from 0 to 65535, got {self.http_port}")
 
     @property
     def backend(self) -> str:

@@ -329,11 +329,11 @@ if [ "${SESSIONQ_WITH_RABBITMQ:-1}" = 1 ]; then
 fi
 
 echo "ok  postgresql 127.0.0.1:5432 (database $TEST_DB)"
-echo "ok  redis      127.0.0.1:6379"
+echo "ok  redis      127.0.0.1:6379 (tests flush database 15 only)"
 echo "ok  mariadb    127.0.0.1:3306 (database $TEST_DB)"
 echo "ok  mongodb    127.0.0.1:27017 (SecantusDB or mongod)"
 [ "$with_rabbit" = 1 ] && echo "ok  rabbitmq   127.0.0.1:5672"
 echo "SESSIONQ_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/$TEST_DB"
 echo "SESSIONQ_TEST_MYSQL_URL=mysql://root@127.0.0.1:3306/$TEST_DB"
-echo "SESSIONQ_TEST_REDIS_URL=redis://127.0.0.1:6379/0"
+echo "SESSIONQ_TEST_REDIS_URL=redis://127.0.0.1:6379/15"
 echo "SESSIONQ_TEST_MONGO_URL=mongodb://127.0.0.1:27017/$TEST_DB?retryWrites=false"

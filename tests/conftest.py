@@ -21,7 +21,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 POSTGRES_URL = os.environ.get("SESSIONQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/sessionq_test")
 MYSQL_URL = os.environ.get("SESSIONQ_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/sessionq_test")
-REDIS_URL = os.environ.get("SESSIONQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Redis database 15, never 0: the suite FLUSHDBs it (the benchmark's scratch database too).
+REDIS_URL = os.environ.get("SESSIONQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 MONGO_URL = os.environ.get("SESSIONQ_TEST_MONGO_URL", "mongodb://127.0.0.1:27017/sessionq_test?retryWrites=false")
 
 SERVICE_URLS = {"postgresql": POSTGRES_URL, "mysql": MYSQL_URL, "mongodb": MONGO_URL}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import configparser
+import os
+import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +21,9 @@ from sessionq import cli
 from sessionq.workers.metrics import exported_metric_names
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
+ROOT = OPS.parent
+# The Redis database the test suite (and the benchmark) may FLUSHDB.
+TEST_REDIS_DB = 15
 # Prometheus' own series, which alert rules may use besides ours.
 PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 SESSIONQ_IMAGE = "mcp-sessionq"
@@ -185,3 +191,21 @@ def test_prometheus_scrapes_serve_and_workers() -> None:
     prometheus = compose()["services"]["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert serve["authorization"]["credentials_file"] == f"/run/secrets/{prometheus['secrets'][0]}"
+
+
+def test_the_suite_flushes_a_dedicated_redis_database_by_default() -> None:
+    # Given the test Redis URL each entry point defaults to when nothing overrides it
+    env = {k: v for k, v in os.environ.items() if k != "SESSIONQ_TEST_REDIS_URL"}
+    conftest = subprocess.run([sys.executable, "-c", "from tests.conftest import REDIS_URL; print(REDIS_URL)"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    ci = re.search(r"SESSIONQ_TEST_REDIS_URL:=([^}]+)}", (ROOT / ".ci" / "run").read_text())
+    services = re.search(r'echo "SESSIONQ_TEST_REDIS_URL=([^"]+)"', (OPS / "services.sh").read_text())
+    assert ci and services
+    # Then conftest, .ci/run and ops/services.sh agree on one database, which is not a developer's 0
+    assert conftest == ci[1] == services[1]
+    assert conftest.endswith(f":6379/{TEST_REDIS_DB}")
+    # And the README names it, and its test command installs what the Node.js producer test needs
+    readme = (ROOT / "README.md").read_text()
+    assert f"Redis database {TEST_REDIS_DB}" in readme
+    command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line)
+    assert "(cd tests/node && npm ci) && bash ops/services.sh" in command

@@ -81,6 +81,8 @@ def test_seed_era_names_for_other_settings() -> None:
         ({"STORAGE_BACKEND": "postgresql"}, "STORAGE_CONNECTION_STRING: required"),
         ({"SESSIONQ_LOG_FORMAT": "xml"}, "log_format"),
         ({"STORAGE_MIN_POOL_SIZE": "30"}, "min_pool_size: must not exceed max_pool_size"),
+        ({"SESSIONQ_HTTP_PORT": "70000"}, "http_port: must be a TCP port from 0 to 65535, got 70000"),
+        ({"SESSIONQ_HTTP_PORT": "-1"}, "http_port: invalid value '-1': must be positive"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_setting(env: dict[str, str], message: str) -> None:
@@ -125,3 +127,11 @@ def test_redaction_hides_passwords_and_tokens() -> None:
         assert secret not in shown
     assert s.redacted()["storage_url"] == "postgresql://app:***@db:5432/x"
     assert redact_url("connect to mysql://root:pw@h/db failed") == "connect to mysql://root:***@h/db failed"
+
+
+def test_http_port_bounds() -> None:
+    # 0 (any free port) and 65535 are ports; one past the top is not, however it is given
+    assert Settings(http_port=0).http_port == 0
+    assert Settings.load(environ={"SESSIONQ_HTTP_PORT": "65535"}).http_port == 65535
+    with pytest.raises(ConfigError, match=r"^http_port: must be a TCP port from 0 to 65535, got 65536$"):
+        Settings(http_port=65536)

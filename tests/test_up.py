@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from sessionq.models import Settings, open_store
@@ -66,3 +68,55 @@ def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
     assert "up-token-123" not in (tmp_path / "up.log").read_text()
+
+
+def run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``sessionq ARGS`` on an embedded SQLite store in ``tmp_path``; waits for it to exit."""
+    environ = child_env(STORAGE_URL=f"sqlite:///{tmp_path / 'up.db'}", **env)
+    return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_a_port_in_use_is_one_line_error(command: str, tmp_path: Path) -> None:
+    # Given something already listening on the port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # When `sessionq up` / `serve` is asked to listen there
+        result = run_cli([command, "--port", str(port)], tmp_path)
+    # Then it exits 1 with one line naming the address, before starting anything
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert not (tmp_path / "up.db").exists()
+
+
+@pytest.mark.parametrize("how", [["--port", "70000"], []])
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_a_port_out_of_range_is_one_line_error(command: str, how: list[str], tmp_path: Path) -> None:
+    # Given port 70000 as an option or in the environment, When the command starts
+    result = run_cli([command, *how], tmp_path, **({} if how else {"SESSIONQ_HTTP_PORT": "70000"}))
+    # Then it names the setting and the rule, in one line
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == ["Error: http_port: must be a TCP port from 0 to 65535, got 70000"]
+
+
+def test_up_listens_on_host_and_port_options(tmp_path: Path) -> None:
+    # Given `sessionq up --host --port`, with another port in the environment
+    port = free_port()
+    env = child_env(STORAGE_URL=f"sqlite:///{tmp_path / 'up.db'}", SESSIONQ_HTTP_PORT=str(free_port()))
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "up", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+        # When it is up
+        wait_port(port, timeout=60, proc=proc)
+        # Then the options win: health answers on that address
+        assert httpx.get(f"http://127.0.0.1:{port}/session-health", timeout=10).json()["status"] == "healthy"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert f"http://127.0.0.1:{port}" in (tmp_path / "up.log").read_text()

@@ -3,15 +3,18 @@
 A Starlette app served by uvicorn, the stack the MCP SDK already uses. Both
 endpoints want ``Authorization: Bearer <SESSIONQ_API_TOKEN>`` when a token is
 configured (compared in constant time); :func:`serve` refuses to listen on a
-non-loopback address without one. Health probes block (store, Redis), so they run in
+non-loopback address without one, and binds before anything starts, so a port in use
+is one line of error. Health probes block (store, Redis), so they run in
 the thread pool and carry their own deadline (see :mod:`sessionq.workers.health`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import logging
+import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterable
 
@@ -129,15 +132,37 @@ def check_bind(settings: Settings, host: str) -> None:
         )
 
 
+def listen(settings: Settings, host: str | None = None, port: int | None = None) -> tuple[Settings, socket.socket]:
+    """Bind the HTTP address: ``settings`` with ``host``/``port`` applied, and the bound socket.
+
+    The address is validated like any setting (:class:`ConfigError` for a port out of
+    range) and checked by :func:`check_bind`; an address that cannot be bound (in use,
+    not local) is a one-line :class:`ConfigError` too. ``port=0`` picks a free port:
+    read it from the socket.
+    """
+    overrides = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
+    settings = dataclasses.replace(settings, **overrides) if overrides else settings
+    host, port = settings.http_host, settings.http_port
+    check_bind(settings, host)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # As uvicorn does: a restart may rebind while the old connections sit in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return settings, sock
+
+
 def serve(settings: Settings, host: str | None = None, port: int | None = None, **app_options: Any) -> None:
     """Serve the app with uvicorn until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
-    host = host or settings.http_host
-    port = settings.http_port if port is None else port
-    check_bind(settings, host)
+    settings, sock = listen(settings, host, port)
     app = create_app(settings, **app_options)
+    host, port = settings.http_host, sock.getsockname()[1]
     logger.info("serving %s and %s on http://%s:%d", HEALTH_PATH, METRICS_PATH, host, port)
     # log_config=None: uvicorn's loggers go through the redacting handler the CLI set up.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

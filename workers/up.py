@@ -9,7 +9,9 @@ the order, so the worker drains whatever the scheduler enqueued last.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import threading
 from typing import Any, Callable
 
@@ -24,8 +26,11 @@ DEFAULT_HTTP_START_TIMEOUT = 10.0
 class AllInOne:
     """The three long-running parts of sessionq in one process.
 
-    ``http=False`` / ``scheduler=False`` leave a part out; ``port`` overrides
-    ``settings.http_port`` (``0`` picks a free port, see :attr:`http_port`).
+    ``http=False`` / ``scheduler=False`` leave a part out; ``host`` and ``port``
+    override ``settings.http_host`` / ``settings.http_port`` and are validated like
+    them (``0`` picks a free port, see :attr:`http_port`). The HTTP address is bound
+    before anything starts, so an address in use is a :class:`ConfigError` with nothing
+    to undo; if a later part fails to start, the parts already running are stopped.
     """
 
     def __init__(
@@ -35,29 +40,42 @@ class AllInOne:
         threads: int | None = None,
         http: bool = True,
         scheduler: bool = True,
+        host: str | None = None,
         port: int | None = None,
     ) -> None:
-        self.settings = settings
+        overrides = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
+        self.settings = dataclasses.replace(settings, **overrides) if overrides else settings
         self.threads = threads or settings.worker_threads
         self.with_http, self.with_scheduler = http, scheduler
-        self.port = settings.http_port if port is None else port
         self.http_port: int | None = None
         self._stoppers: list[Callable[[], Any]] = []
 
     def start(self) -> AllInOne:
-        """Bring the schema up to date, then start the worker, the scheduler and the HTTP server."""
+        """Bind the HTTP address, bring the schema up to date, then start the worker, the scheduler and HTTP."""
         from sessionq.models import open_store
 
-        store = open_store(self.settings)
-        try:
-            store.upgrade()
-        finally:
-            store.close()
-        self._stoppers.append(self._start_worker())
-        if self.with_scheduler:
-            self._stoppers.append(self._start_scheduler())
+        sock = None
         if self.with_http:
-            self._stoppers.append(self._start_http())
+            from .http import listen
+
+            self.settings, sock = listen(self.settings)
+        try:
+            store = open_store(self.settings)
+            try:
+                store.upgrade()
+            finally:
+                store.close()
+            self._stoppers.append(self._start_worker())
+            if self.with_scheduler:
+                self._stoppers.append(self._start_scheduler())
+            if sock is not None:
+                self._stoppers.append(self._start_http(sock))
+                sock = None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -102,18 +120,18 @@ class AllInOne:
         runner.start()
         return runner.stop
 
-    def _start_http(self) -> Callable[[], Any]:
+    def _start_http(self, sock: socket.socket) -> Callable[[], Any]:
         import uvicorn
 
-        from .http import check_bind, create_app
+        from .http import create_app
 
-        host = self.settings.http_host
-        check_bind(self.settings, host)
+        host, self.http_port = self.settings.http_host, sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(self.settings), host=host, port=self.port, log_config=None, access_log=False, lifespan="on"
+            create_app(self.settings), host=host, port=self.http_port, log_config=None, access_log=False,
+            lifespan="on",
         )
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="sessionq-http", daemon=True)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sessionq-http", daemon=True)
         thread.start()
         deadline = threading.Event()
         for _ in range(int(DEFAULT_HTTP_START_TIMEOUT * 20)):
@@ -121,9 +139,8 @@ class AllInOne:
                 break
             deadline.wait(0.05)
         if not server.started:
-            raise RuntimeError(f"the HTTP server did not start on {host}:{self.port}")
-        sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.port
+            server.should_exit = True
+            raise RuntimeError(f"the HTTP server did not start on {host}:{self.http_port}")
         logger.info("serving /session-health and /metrics on http://%s:%s", host, self.http_port)
 
         def stop() -> None:
