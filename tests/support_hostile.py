@@ -123,6 +123,9 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
     PayloadClass("naive_datetime", _at_fields(_naive), r"timezone-aware"),
     PayloadClass("far_future_date", _at_fields(_future), r"in the future"),
     PayloadClass("pre_epoch_date", _at_fields(_ancient), r"between 1970 and 2200"),
+    PayloadClass("extreme_utc_offset", _at_fields(st.sampled_from(["9999-12-31T23:59:59-01:00", "9999-12-31T23:00:00-23:59",
+                                                                   "0001-01-01T00:00:00+01:00"])),
+                 r"between 1970 and 2200"),
     PayloadClass("malformed_datetime", _at_fields(_letters), r"not an ISO 8601"),
     PayloadClass("unknown_actor", _letters.filter(lambda a: a not in {"heartbeat"}).map(
         lambda a: (f"evil_{a}", {"session_id": BYSTANDER})), r"unknown job|ActorNotFound"),
