@@ -105,7 +105,7 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
     PayloadClass("nul_bytes", st.sampled_from(["content", "model", "meta", "key", "id"]).flatmap(lambda where: st.text(
         max_size=8).map(lambda t: {
             "content": _save_msgs(_msg(content=t + "\x00" + t)), "model": _save(model=t + "\x00"),
-            "meta": _save(metadata={"k": "\x00" + t}), "key": _save(metadata={t + "\x00": 1}),
+            "meta": _save(metadata={"k": "\x00" + t}), "key": _save(metadata={"k" + t.replace(".", "") + "\x00": 1}),
             "id": _save(session_id="a\x00" + t)}[where])), r"NUL|visible ASCII"),
     PayloadClass("lone_surrogate_invalid_utf8", st.sampled_from(["\ud800", "\udfff", "a\udc80b"]).flatmap(
         lambda s: st.sampled_from([_save(model=s), _save_msgs(_msg(content=s)), _save(metadata={"k": s})])),
