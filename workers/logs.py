@@ -30,14 +30,16 @@ CONTEXT_FIELDS = ("job_id", "actor", "session_id", "queue", "sweep")
 # A credential after "Bearer" or "Authorization: Basic" (token68 characters).
 _BEARER_RE = re.compile(r"(?i)\b((?:bearer|authorization[\"']?\s*[=:]\s*[\"']?basic)\s+)([A-Za-z0-9._~+/=-]+)")
 # A secret-named key, its separator, and its value: quoted (all of it) or bare (up to a
-# delimiter; closing parentheses after it are left, as in "(password=***)").
+# delimiter; closing parentheses after it are left, as in "(password=***)"). Each part
+# is unambiguous or bounded, so a hostile line costs linear time.
 _TOKEN_RE = re.compile(
     r"""(?ix)
-    (?P<key>\w*secret\w*|api[_-]?key|token|passw(?:or)?d)
-    (?P<sep>["']?\s*[=:]\s*)
+    (?P<key>secret\w{0,40}|api[_-]?key|token|passw(?:or)?d)
+    (?P<sep>["']?[ \t]{0,8}[=:][ \t]{0,8})
     (?:
-        (?P<quote>["'])(?P<quoted>(?:\\.|(?!(?P=quote)).)*)(?P=quote)
-      | (?P<bare>[^\s"'&,;}\]]+?)(?=\)*(?:[\s"'&,;}\]]|$))
+        (?P<quote>")(?:[^"\\]|\\.){0,4096}"
+      | (?P<squote>')(?:[^'\\]|\\.){0,4096}'
+      | (?P<bare>\)*[^\s"'&,;}\])]+(?:\)+[^\s"'&,;}\])]+)*)
     )""")
 # A word of prose, not a credential: "token: set", "(using password: YES)", "a Bearer token".
 _PROSE_WORD_RE = re.compile(r"[A-Za-z]{1,20}")
@@ -108,8 +110,9 @@ def _mask_credential(match: re.Match[str]) -> str:
 
 def _mask_value(match: re.Match[str]) -> str:
     key, sep = match["key"], match["sep"]
-    if match["quote"] is not None:
-        return f"{key}{sep}{match['quote']}***{match['quote']}"
+    quote = match["quote"] or match["squote"]
+    if quote:
+        return f"{key}{sep}{quote}***{quote}"
     # "key: value" in prose names no secret when the value is a plain word
     if ":" in sep and sep[-1].isspace() and sep[0] not in "\"'" and _PROSE_WORD_RE.fullmatch(match["bare"]):
         return match[0]
