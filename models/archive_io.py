@@ -31,13 +31,13 @@ import gzip
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from .atomic_write import atomic_text_file
 from .errors import StoreError, StoreUnavailable, ValidationError
 from .json_stream import iter_members
 from .kinds import KINDS, RecordKind
@@ -151,11 +151,8 @@ def export_file(store: Store, path: Path, fmt: str | None = None) -> ExportRepor
     """Export to ``path`` (``jsonl`` unless ``fmt`` or a ``.json`` name says otherwise),
     written to a temporary name first so a partial file never looks complete."""
     fmt = fmt or ("json" if path.name.endswith((".json", ".json.gz")) else "jsonl")
-    tmp = path.with_name(f".partial-{path.name}")
-    with open_text(tmp, "w") as out:
-        report = export_json(store, out) if fmt == "json" else export_jsonl(store, out)
-    os.replace(tmp, path)
-    return report
+    with atomic_text_file(path, compress=path.suffix == ".gz") as out:
+        return export_json(store, out) if fmt == "json" else export_jsonl(store, out)
 
 
 # -- import -----------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .atomic_write import atomic_text_file
 from .errors import NotFound, ValidationError
 from .kinds import KINDS
 from .records import ChatMessage, ChatSession
@@ -174,9 +174,8 @@ class Checkpoint:
 
     def save(self, path: Path) -> None:
         """Write atomically (a kill never leaves half a file)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_text_file(path) as out:
+            out.write(json.dumps(asdict(self), indent=2))
 
 
 @dataclass

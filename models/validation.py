@@ -94,7 +94,10 @@ def check_datetime(name: str, value: Any) -> datetime:
         raise ValidationError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(f"{name} must be timezone-aware (naive datetimes are ambiguous)")
-    value = value.astimezone(timezone.utc)
+    try:
+        value = value.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past the last instant a datetime holds
+        raise ValidationError(f"{name} must be between 1970 and 2200; got {value.isoformat()}") from None
     if not MIN_DATETIME <= value < MAX_DATETIME:
         raise ValidationError(f"{name} must be between 1970 and 2200; got {value.isoformat()}")
     return value

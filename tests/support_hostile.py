@@ -105,7 +105,7 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
     PayloadClass("nul_bytes", st.sampled_from(["content", "model", "meta", "key", "id"]).flatmap(lambda where: st.text(
         max_size=8).map(lambda t: {
             "content": _save_msgs(_msg(content=t + "\x00" + t)), "model": _save(model=t + "\x00"),
-            "meta": _save(metadata={"k": "\x00" + t}), "key": _save(metadata={t + "\x00": 1}),
+            "meta": _save(metadata={"k": "\x00" + t}), "key": _save(metadata={"k" + t.replace(".", "") + "\x00": 1}),
             "id": _save(session_id="a\x00" + t)}[where])), r"NUL|visible ASCII"),
     PayloadClass("lone_surrogate_invalid_utf8", st.sampled_from(["\ud800", "\udfff", "a\udc80b"]).flatmap(
         lambda s: st.sampled_from([_save(model=s), _save_msgs(_msg(content=s)), _save(metadata={"k": s})])),
@@ -123,6 +123,9 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
     PayloadClass("naive_datetime", _at_fields(_naive), r"timezone-aware"),
     PayloadClass("far_future_date", _at_fields(_future), r"in the future"),
     PayloadClass("pre_epoch_date", _at_fields(_ancient), r"between 1970 and 2200"),
+    PayloadClass("extreme_utc_offset", _at_fields(st.sampled_from(["9999-12-31T23:59:59-01:00", "9999-12-31T23:00:00-23:59",
+                                                                   "0001-01-01T00:00:00+01:00"])),
+                 r"between 1970 and 2200"),
     PayloadClass("malformed_datetime", _at_fields(_letters), r"not an ISO 8601"),
     PayloadClass("unknown_actor", _letters.filter(lambda a: a not in {"heartbeat"}).map(
         lambda a: (f"evil_{a}", {"session_id": BYSTANDER})), r"unknown job|ActorNotFound"),

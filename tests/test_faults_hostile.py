@@ -26,45 +26,46 @@ HTTP, config and import classes live in tests/test_faults_hostile_surfaces.py.
 | 14 | naive_datetime               | producer, wire             | "timezone-aware"                          |
 | 15 | far_future_date              | producer, wire             | "in the future"                           |
 | 16 | pre_epoch_date               | producer, wire             | "between 1970 and 2200"                   |
-| 17 | malformed_datetime           | producer, wire             | "not an ISO 8601 datetime"                |
-| 18 | unknown_actor                | producer, wire             | "unknown job" / dead letter ActorNotFound |
-| 19 | unknown_actor_version        | producer, wire             | "unknown job" / dead letter ActorNotFound |
-| 20 | invalid_enum_value           | producer, wire             | "must be one of" (role, status, format)   |
-| 21 | unknown_sweep_kind           | producer, wire             | "kind must be one of"                     |
-| 22 | non_finite_number            | producer, wire             | "non-finite"                              |
-| 23 | integer_overflow             | producer, wire             | "64-bit range"                            |
-| 24 | too_many_messages            | producer, wire             | over 10,000 per job: "the limit is 10000" |
-| 25 | empty_string                 | producer, wire             | "must not be empty"                       |
-| 26 | invisible_or_unicode_id      | producer, wire             | "visible ASCII"                           |
-| 27 | cross_session_message        | producer, wire             | "belongs to session"                      |
-| 28 | updated_before_created       | producer, wire             | "must not be earlier"                     |
-| 29 | sql_metacharacters           | producer, wire             | accepted: stored verbatim, tables intact  |
-| 30 | duplicate_ids_in_one_job     | producer, wire             | accepted: stored once, first one wins     |
-| 31 | invalid_json_envelope        | wire                       | dead letter "DecodeError"                 |
-| 32 | invalid_utf8_envelope        | wire                       | dead letter "DecodeError"                 |
-| 33 | envelope_missing_fields      | wire                       | dead letter "DecodeError"                 |
-| 34 | wrong_arg_count              | wire                       | dead letter "TypeError"                   |
-| 35 | unexpected_kwargs            | wire                       | dead letter "TypeError"                   |
-| 36 | args_not_a_list              | wire                       | dead letter "TypeError"                   |
-| 37 | http_missing_token           | HTTP /session-health       | 401                                       |
-| 38 | http_wrong_token             | HTTP                       | 401                                       |
-| 39 | http_wrong_scheme            | HTTP                       | 401                                       |
-| 40 | http_oversized_header        | HTTP                       | 401 / 431 / 400, never 200                |
-| 41 | http_raw_bytes_header        | HTTP (raw socket)          | 400 / 401, never 200                      |
-| 42 | http_path_traversal          | HTTP                       | 401 / 404, never 200                      |
-| 43 | http_sql_query_string        | HTTP                       | 401                                       |
-| 44 | config_invalid_syntax        | config file (YAML, TOML)   | ConfigError "cannot parse"                |
-| 45 | config_wrong_type            | config file                | ConfigError naming the setting            |
-| 46 | config_negative_size         | config file                | ConfigError "must be positive"            |
-| 47 | config_unknown_key           | config file                | ConfigError "unknown setting(s)"          |
-| 48 | config_nul_or_invalid_utf8   | config file                | ConfigError "NUL" / "not valid UTF-8"     |
-| 49 | config_not_a_mapping         | config file                | ConfigError "must hold a mapping"         |
-| 50 | config_bad_url_scheme        | config file                | ConfigError "unsupported scheme"          |
-| 51 | import_invalid_utf8          | import file                | record rejected with its line             |
-| 52 | import_truncated_json        | import file                | record rejected "not JSON" / malformed    |
-| 53 | import_unknown_version       | import file                | ValidationError "unsupported ... version" |
-| 54 | import_duplicate_ids         | import file                | accepted: stored once                     |
-| 55 | import_hostile_records       | import file                | each record rejected with its line        |
+| 17 | extreme_utc_offset           | producer, wire             | year 9999 -01:00 / 0001 +01:00: "between" |
+| 18 | malformed_datetime           | producer, wire             | "not an ISO 8601 datetime"                |
+| 19 | unknown_actor                | producer, wire             | "unknown job" / dead letter ActorNotFound |
+| 20 | unknown_actor_version        | producer, wire             | "unknown job" / dead letter ActorNotFound |
+| 21 | invalid_enum_value           | producer, wire             | "must be one of" (role, status, format)   |
+| 22 | unknown_sweep_kind           | producer, wire             | "kind must be one of"                     |
+| 23 | non_finite_number            | producer, wire             | "non-finite"                              |
+| 24 | integer_overflow             | producer, wire             | "64-bit range"                            |
+| 25 | too_many_messages            | producer, wire             | over 10,000 per job: "the limit is 10000" |
+| 26 | empty_string                 | producer, wire             | "must not be empty"                       |
+| 27 | invisible_or_unicode_id      | producer, wire             | "visible ASCII"                           |
+| 28 | cross_session_message        | producer, wire             | "belongs to session"                      |
+| 29 | updated_before_created       | producer, wire             | "must not be earlier"                     |
+| 30 | sql_metacharacters           | producer, wire             | accepted: stored verbatim, tables intact  |
+| 31 | duplicate_ids_in_one_job     | producer, wire             | accepted: stored once, first one wins     |
+| 32 | invalid_json_envelope        | wire                       | dead letter "DecodeError"                 |
+| 33 | invalid_utf8_envelope        | wire                       | dead letter "DecodeError"                 |
+| 34 | envelope_missing_fields      | wire                       | dead letter "DecodeError"                 |
+| 35 | wrong_arg_count              | wire                       | dead letter "TypeError"                   |
+| 36 | unexpected_kwargs            | wire                       | dead letter "TypeError"                   |
+| 37 | args_not_a_list              | wire                       | dead letter "TypeError"                   |
+| 38 | http_missing_token           | HTTP /session-health       | 401                                       |
+| 39 | http_wrong_token             | HTTP                       | 401                                       |
+| 40 | http_wrong_scheme            | HTTP                       | 401                                       |
+| 41 | http_oversized_header        | HTTP                       | 401 / 431 / 400, never 200                |
+| 42 | http_raw_bytes_header        | HTTP (raw socket)          | 400 / 401, never 200                      |
+| 43 | http_path_traversal          | HTTP                       | 401 / 404, never 200                      |
+| 44 | http_sql_query_string        | HTTP                       | 401                                       |
+| 45 | config_invalid_syntax        | config file (YAML, TOML)   | ConfigError "cannot parse"                |
+| 46 | config_wrong_type            | config file                | ConfigError naming the setting            |
+| 47 | config_negative_size         | config file                | ConfigError "must be positive"            |
+| 48 | config_unknown_key           | config file                | ConfigError "unknown setting(s)"          |
+| 49 | config_nul_or_invalid_utf8   | config file                | ConfigError "NUL" / "not valid UTF-8"     |
+| 50 | config_not_a_mapping         | config file                | ConfigError "must hold a mapping"         |
+| 51 | config_bad_url_scheme        | config file                | ConfigError "unsupported scheme"          |
+| 52 | import_invalid_utf8          | import file                | record rejected with its line             |
+| 53 | import_truncated_json        | import file                | record rejected "not JSON" / malformed    |
+| 54 | import_unknown_version       | import file                | ValidationError "unsupported ... version" |
+| 55 | import_duplicate_ids         | import file                | accepted: stored once                     |
+| 56 | import_hostile_records       | import file                | each record rejected with its line        |
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,15 @@ def test_up_demo_runs_with_no_services(tmp_path: Path) -> None:
     assert "expired=1" in done.stdout and "demo-stale is now expired" in done.stdout
     assert "demo-weather.md" in done.stdout and "demo-code-review is now archived" in done.stdout
     assert "dead letters: 0" in done.stdout
+    # And the exported transcript runs in order, its timestamps increasing, none in the future
+    (export,) = tmp_path.glob("sessionq-demo-*/exports/demo-weather.json")
+    data = json.loads(export.read_text(encoding="utf-8"))
+    ids = [m["message_id"] for m in data["messages"]]
+    times = [datetime.fromisoformat(m["created_at"]) for m in data["messages"]]
+    assert ids == ["m0", "m1", "m2", "m3"]
+    assert times == sorted(times) and len(set(times)) == len(times), times
+    assert datetime.fromisoformat(data["created_at"]) <= times[0] <= times[-1] <= datetime.fromisoformat(data["updated_at"])
+    assert datetime.fromisoformat(data["updated_at"]) <= datetime.now(UTC)
 
 
 def test_worker_command_and_dlq(tmp_path: Path, redis_client: redis.Redis) -> None:

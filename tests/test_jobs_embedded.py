@@ -108,7 +108,7 @@ def test_export_job_writes_every_format_under_the_export_dir(embedded: tuple[Emb
     producer.export("../x/y", "json")
     runtime.join(30)
     root = Path(runtime.settings.export_dir)
-    assert sorted(p.name for p in root.iterdir()) == ["___x_y.json", "s2.json", "s2.md", "s2.txt"]
+    assert sorted(p.name for p in root.iterdir()) == ["%2E%2E%2Fx%2Fy.json", "s2.json", "s2.md", "s2.txt"]
     data = json.loads((root / "s2.json").read_text(encoding="utf-8"))
     assert [m["message_id"] for m in data["messages"]] == ["m0", "m1", "m2"]
     assert "## assistant" in (root / "s2.md").read_text(encoding="utf-8")

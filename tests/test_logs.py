@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 from typing import Iterator
 
 import pytest
 
 from sessionq.models import Settings
-from sessionq.workers.logs import configure, current_context, job_context
+from sessionq.workers.logs import configure, current_context, job_context, redact
 
 SECRET_URL = "postgresql://sessionq:pg-Pa55word@db.internal:5432/sessionq"
 BEARER = "Bearer eyJhbGciOi.secretpayload.sig"
@@ -89,3 +90,67 @@ def test_job_context_is_per_thread() -> None:
         # Then it does not see this thread's job
         assert current_context() == {"job_id": "outer"}
     assert seen == [{}]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_control_characters_cannot_forge_log_lines(capture: tuple[io.StringIO, list[logging.Handler]], log_format: str) -> None:
+    # Given logging configured
+    stream, _ = capture
+    configure(Settings(log_format=log_format), stream=stream)
+    log = logging.getLogger("sessionq.test")
+    forged = "2030-01-01 00:00:00,000 CRITICAL sessionq.auth: admin login"
+    # When a message, a context field and an exception carry newlines, CRs and a terminal escape
+    with job_context(session_id=f"s1\n{forged}"):
+        log.error("dead-lettered: unknown field(s): x\n%s\r\x1b[2K\x00\x7f\x85 end", forged)
+        try:
+            raise ValueError(f"bad field x\n{forged}")
+        except ValueError:
+            log.exception("failed\r\n%s", forged)
+    out = stream.getvalue()
+    # Then no line begins with the forged text and no raw control character is left but
+    # the line ends; in text each event is one line, its traceback lines indented
+    lines = out.splitlines()
+    assert not any(line.startswith(forged[:20]) for line in lines), out
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), out
+    if log_format == "json":
+        assert len(lines) == 2 and "ValueError" in json.loads(lines[1])["exc"]
+    else:
+        heads = [line for line in lines if not line.startswith(" ")]
+        assert len(heads) == 2, out
+        assert heads[0].endswith(f"\\x1b[2K\\x00\\x7f\\x85 end session_id=s1\\n{forged}")
+        assert "x\\n2030-01-01" in heads[0] and "\\r" in heads[0]
+        assert lines[2] == "  Traceback (most recent call last):" and lines[-2:] == ["  ValueError: bad field x", f"  {forged}"]
+
+
+REDACTED = [
+    # the secret goes, every word around it stays
+    ("refusing to serve on 0.0.0.0 without an API token: set SESSIONQ_API_TOKEN",
+     "refusing to serve on 0.0.0.0 without an API token: set SESSIONQ_API_TOKEN"),
+    ("(1045, \"Access denied for user 'root'@'10.0.0.5' (using password: YES)\")",
+     "(1045, \"Access denied for user 'root'@'10.0.0.5' (using password: YES)\")"),
+    ("(1045, \"Access denied for user 'app'@'localhost' (using password: NO)\")",
+     "(1045, \"Access denied for user 'app'@'localhost' (using password: NO)\")"),
+    ("the MCP client must send a Bearer token", "the MCP client must send a Bearer token"),
+    ("token: missing; password: required", "token: missing; password: required"),
+    ("max_tokens=4096 tokens: 12", "max_tokens=4096 tokens: 12"),
+    # secrets in every shape
+    ("connect postgresql://app:s3cr3t@db:5432/x failed", "connect postgresql://app:***@db:5432/x failed"),
+    ("redis://:r3dis-pw@cache:6379/0 is down", "redis://:***@cache:6379/0 is down"),
+    ("Authorization: Bearer eyJhbGciOi.secretpayload.sig sent", "Authorization: Bearer *** sent"),
+    ("header Authorization: Basic dXNlcjpiYXNpYy1wdw== refused", "header Authorization: Basic *** refused"),
+    ("GET /x?token=abc123&page=2 HTTP/1.1", "GET /x?token=***&page=2 HTTP/1.1"),
+    ("dsn 'host=db user=app password=hunter2 dbname=x' refused", "dsn 'host=db user=app password=*** dbname=x' refused"),
+    ("dsn host=db password='two words' port=5432", "dsn host=db password='***' port=5432"),
+    ("Server=db;Password=pa$$;Database=x", "Server=db;Password=***;Database=x"),
+    ("(password=hunter2)", "(password=***)"),
+    ('{"api_token": "tok-1234", "password": "letmein", "secret": "x"}',
+     '{"api_token": "***", "password": "***", "secret": "***"}'),
+    ("config password: hunter2 loaded", "config password: *** loaded"),
+    ("password: ThisIsALongPassphraseWithNoDigits", "password: ***"),
+    ("client_secret=abc-123 api_key=k3y", "client_secret=*** api_key=***"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), REDACTED, ids=[t[:40] for t, _ in REDACTED])
+def test_redact_masks_secret_values_not_the_words_around_them(text: str, expected: str) -> None:
+    assert redact(text) == expected

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +25,11 @@ from .producer import Producer
 DEFAULT_DEMO_THREADS = 4
 
 
-def _conversation(session_id: str, lines: list[tuple[str, str]], start: int = 0, *, age: timedelta) -> list[ChatMessage]:
-    base = utcnow() - age
+def _conversation(session_id: str, lines: list[tuple[str, str]], start: int = 0, *, since: datetime) -> list[ChatMessage]:
+    """Messages ``m{start}``... of a conversation begun at ``since``, message ``n`` at ``since + n`` seconds."""
     return [
         ChatMessage(message_id=f"m{start + i}", session_id=session_id, role=role, content=text,
-                    created_at=base + timedelta(seconds=i))
+                    created_at=since + timedelta(seconds=start + i))
         for i, (role, text) in enumerate(lines)
     ]
 
@@ -51,24 +51,30 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, directory: str 
     runtime = EmbeddedRuntime(settings, threads=DEFAULT_DEMO_THREADS).start()
     producer = Producer(settings)
     try:
-        now, old = timedelta(0), timedelta(days=3, hours=12)
+        # One clock for every conversation, a minute back, so each message (a second
+        # apart, follow-ups included) is in the past and after the one before it.
+        now = utcnow() - timedelta(minutes=1)
+        old = now - timedelta(days=3, hours=12)
         chats = {
             "demo-weather": ([("user", "What's the weather in Lisbon?"), ("assistant", "Sunny, 24 °C.")], now),
             "demo-code-review": ([("user", "Review my patch, please."), ("assistant", "Looks good; one nit.")], now),
             "demo-stale": ([("user", "Hello?"), ("assistant", "Hi! (nobody came back)")], old),
         }
         echo("\n1. save: three sessions enqueued on the 'sessions' queue (the caller returns at once)")
-        for session_id, (lines, age) in chats.items():
-            messages = _conversation(session_id, lines, age=age)
+        for session_id, (lines, since) in chats.items():
+            messages = _conversation(session_id, lines, since=since)
             at = messages[-1].created_at
             session = ChatSession(session_id=session_id, model="demo-model", created_at=messages[0].created_at,
                                   updated_at=at, metadata={"source": "sessionq up --demo"})
             job = producer.save_session(session, messages)
             echo(f"   save_session {session_id:<17} {len(messages)} messages   job {job}")
-        more = _conversation("demo-weather", [("user", "And tomorrow?"), ("assistant", "Clouds, 19 °C.")], 2, age=now)
+        # The follow-up waits for the first save: messages are stored in arrival order.
+        runtime.join(30)
+        more = _conversation("demo-weather", [("user", "And tomorrow?"), ("assistant", "Clouds, 19 °C.")], 2, since=now)
         echo(f"   append_messages demo-weather  {len(more)} messages   job {producer.append_messages('demo-weather', more)}")
-        producer.save_session(ChatSession(session_id="demo-weather", model="demo-model",
-                                          created_at=utcnow(), updated_at=utcnow()), more)
+        producer.save_session(ChatSession(session_id="demo-weather", model="demo-model", created_at=now,
+                                          updated_at=more[-1].created_at, metadata={"source": "sessionq up --demo"}),
+                              more)
         echo("   (the same messages sent twice: stored once — every job is idempotent)")
         runtime.join(30)
         store = get_store()

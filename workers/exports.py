@@ -4,21 +4,23 @@ The JSON format is the save payload (session_id, model, created_at, updated_at,
 status, metadata, messages[message_id, role, content, created_at]), so
 ``sessionq enqueue save`` takes an export back unchanged. Messages are streamed page
 by page; files are written to a temporary name and renamed, so a reader never sees
-half an export. Jobs write only under ``settings.export_dir``.
+half an export (:mod:`sessionq.models.atomic_write`: a planted symlink redirects nothing).
+Jobs write only under ``settings.export_dir``; the default file name of a session is
+:func:`sessionq.workers.payloads.export_filename` (README, "Producer API").
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, TextIO
 
 import dramatiq
 
 from sessionq.models import Store
-from sessionq.models.errors import NotFound
+from sessionq.models.atomic_write import atomic_text_file
+from sessionq.models.errors import NotFound, ValidationError
 
 from . import payloads
 from .broker import get_settings, get_store
@@ -67,25 +69,26 @@ def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
     raise InvalidPayload(f"format must be one of {', '.join(payloads.EXPORT_FORMATS)}; got {fmt!r:.40}")
 
 
-def export_to_file(store: Store, session_id: str, fmt: str, path: Path) -> int:
-    """Write an export atomically to ``path`` (temporary file + rename); return the message count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            count = write_export(store, session_id, fmt, out)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return count
+def export_to_file(store: Store, session_id: str, fmt: str, path: Path, *, root: Path | None = None) -> int:
+    """Write an export atomically to ``path`` (temporary file + rename); return the message count.
+
+    With ``root`` the file is written only if no directory between ``root`` and ``path``
+    is a symlink when it is opened (else :class:`~sessionq.models.errors.ValidationError`).
+    """
+    with atomic_text_file(path, root=root) as out:
+        return write_export(store, session_id, fmt, out)
 
 
 @dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
 def export_session(payload: dict[str, Any]) -> None:
     """Export a session to a file under the export dir (atomically replaced)."""
-    request = payloads.parse_export(payload, get_settings().export_dir)
+    export_dir = get_settings().export_dir
+    request = payloads.parse_export(payload, export_dir)
     try:
-        count = export_to_file(get_store(), request.session_id, request.format, request.path)
+        count = export_to_file(get_store(), request.session_id, request.format, request.path,
+                               root=Path(export_dir).resolve())
     except NotFound:
         raise SessionNotReady(f"session {request.session_id!r} does not exist (yet)") from None
+    except ValidationError as exc:  # a directory swapped for a symlink since the path was checked
+        raise InvalidPayload(f"export path refused: {exc}") from None
     logger.info("exported session %s (%d messages) to %s", request.session_id, count, request.path)

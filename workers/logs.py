@@ -2,7 +2,9 @@
 
 Only the CLI calls :func:`configure`; library modules just use
 ``logging.getLogger(__name__)`` with %-style arguments. The redaction filter masks
-passwords in URLs and Bearer tokens wherever they appear in a record.
+passwords in URLs and Bearer tokens wherever they appear in a record. Control
+characters are escaped in both formats, so a payload value that reaches a log line
+(a dead-letter reason) cannot end it and forge another.
 
 Job context (job id, actor, session id, queue, sweep) rides on a context variable:
 the broker's logging middleware wraps each message in :func:`job_context`, and
@@ -25,8 +27,28 @@ from sessionq.models.settings import Settings, redact_url
 
 # Job context fields a line carries, from :func:`job_context` or a caller's ``extra=``.
 CONTEXT_FIELDS = ("job_id", "actor", "session_id", "queue", "sweep")
-_BEARER_RE = re.compile(r"(?i)((?:bearer|authorization[\"']?\s*[=:]\s*[\"']?basic)\s+)[A-Za-z0-9._~+/=-]+")
-_TOKEN_RE = re.compile(r"(?i)((?:api_token|token|password|passwd|secret)[\"']?\s*[=:]\s*[\"']?)[^\s\"',}]+")
+# A credential after "Bearer" or "Authorization: Basic" (token68 characters).
+_BEARER_RE = re.compile(r"(?i)\b((?:bearer|authorization[\"']?\s*[=:]\s*[\"']?basic)\s+)([A-Za-z0-9._~+/=-]+)")
+# A secret-named key, its separator, and its value: quoted (all of it) or bare (up to a
+# delimiter; closing parentheses after it are left, as in "(password=***)"). Each part
+# is unambiguous or bounded, so a hostile line costs linear time.
+_TOKEN_RE = re.compile(
+    r"""(?ix)
+    (?P<key>secret\w{0,40}|api[_-]?key|token|passw(?:or)?d)
+    (?P<sep>["']?[ \t]{0,8}[=:][ \t]{0,8})
+    (?:
+        (?P<quote>")(?:[^"\\]|\\.){0,4096}"
+      | (?P<squote>')(?:[^'\\]|\\.){0,4096}'
+      | (?P<bare>\)*[^\s"'&,;}\])]+(?:\)+[^\s"'&,;}\])]+)*)
+    )""")
+# A word of prose, not a credential: "token: set", "(using password: YES)", "a Bearer token".
+_PROSE_WORD_RE = re.compile(r"[A-Za-z]{1,20}")
+# Characters that end or rewrite a line for some reader: C0 and C1 controls, DEL, and the
+# Unicode line and paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# The ones json.dumps(ensure_ascii=False) leaves as they are.
+_JSON_UNESCAPED_RE = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 # Longest message a log line carries; the rest is cut (a hostile 4 MiB payload in a
 # dramatiq "Failed to process message" line must not become a 4 MiB log line).
@@ -82,11 +104,41 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _mask_credential(match: re.Match[str]) -> str:
+    return match[0] if _PROSE_WORD_RE.fullmatch(match[2]) else f"{match[1]}***"
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    key, sep = match["key"], match["sep"]
+    quote = match["quote"] or match["squote"]
+    if quote:
+        return f"{key}{sep}{quote}***{quote}"
+    # "key: value" in prose names no secret when the value is a plain word
+    if ":" in sep and sep[-1].isspace() and sep[0] not in "\"'" and _PROSE_WORD_RE.fullmatch(match["bare"]):
+        return match[0]
+    return f"{key}{sep}***"
+
+
 def redact(text: str) -> str:
-    """Mask URL passwords, Bearer/Basic credentials and ``token=...``-style secrets in ``text``."""
+    """Mask URL passwords, Bearer/Basic credentials and ``token=...``-style secrets in ``text``.
+
+    Only the secret values go: the words around them stay, and a plain word after
+    ``token:`` or ``Bearer`` is prose, not a credential (``without an API token: set ...``).
+    """
     text = redact_url(text)
-    text = _BEARER_RE.sub(r"\1***", text)
-    return _TOKEN_RE.sub(r"\1***", text)
+    text = _BEARER_RE.sub(_mask_credential, text)
+    return _TOKEN_RE.sub(_mask_value, text)
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match[0]
+    return _CONTROL_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters and line separators escaped (``\\n``, ``\\x1b``, ``\\u2028``),
+    so a value that reaches a log line cannot end it or forge the next one."""
+    return text if text.isprintable() else _CONTROL_RE.sub(_escape_control, text)
 
 
 class RedactingFilter(logging.Filter):
@@ -124,18 +176,32 @@ def _context_fields(record: logging.LogRecord) -> dict[str, str]:
 
 
 class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...`` with the job context at the end."""
+    """``time level logger: message key=value ...`` with the job context at the end.
+
+    Each event is one line, control characters escaped; a traceback follows on lines
+    indented by two spaces, so a line that starts in column 0 always starts an event.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = escape_controls(self.formatMessage(record))
         fields = _context_fields(record)
-        if not fields:
-            return line
-        head, sep, tail = line.partition("\n")
-        return head + " " + " ".join(f"{k}={v}" for k, v in fields.items()) + sep + tail
+        if fields:
+            line += " " + " ".join(f"{k}={escape_controls(v)}" for k, v in fields.items())
+        detail = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
+        if record.stack_info:
+            detail = f"{detail}\n{self.formatStack(record.stack_info)}" if detail else self.formatStack(record.stack_info)
+        if detail:
+            line += "".join(f"\n  {escape_controls(part)}" for part in detail.splitlines())
+        return line
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match[0]):04x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -151,7 +217,8 @@ class JsonFormatter(logging.Formatter):
         data.update(_context_fields(record))
         if record.exc_text:
             data["exc"] = record.exc_text
-        return json.dumps(data, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls; DEL, C1 and U+2028/9 (line breaks to some readers) too
+        return _JSON_UNESCAPED_RE.sub(_json_escape, json.dumps(data, ensure_ascii=False, default=str))
 
 
 def _secrets(settings: Settings) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ export can be enqueued again unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -223,10 +224,18 @@ def parse_sweep(kind: Any) -> str:
         raise InvalidPayload(f"run_sweep: {exc}") from None
 
 
+# Characters an export file name keeps; every other one is percent-encoded.
+_EXPORT_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+# Longest encoded id kept whole in an export file name (a file name holds 255 bytes at most).
+_MAX_EXPORT_STEM = 240
+
+
 def export_filename(session_id: str, fmt: str) -> str:
-    """The default file name for an export: the id with unsafe characters replaced."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in session_id)[:200] or "session"
-    return f"{safe}.{EXPORT_FORMATS[fmt]}"
+    """The default file name for an export: the percent-encoded id (README, "Producer API")."""
+    stem = "".join(c if c in _EXPORT_NAME_SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in session_id)
+    if len(stem) > _MAX_EXPORT_STEM:  # "~" never occurs in a whole encoding (it is %7E there)
+        stem = f"{stem[:_MAX_EXPORT_STEM - 65]}~{hashlib.sha256(session_id.encode()).hexdigest()}"
+    return f"{stem}.{EXPORT_FORMATS[fmt]}"
 
 
 @_guard
@@ -240,7 +249,10 @@ def parse_export(payload: Any, export_dir: str | Path) -> ExportRequest:
     if not isinstance(name, str) or "\x00" in name:
         raise InvalidPayload("path must be a string without NUL characters")
     root = Path(export_dir).resolve()
-    target = (root / name).resolve()
+    try:
+        target = (root / name).resolve()
+    except (OSError, RuntimeError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise InvalidPayload(f"export path {name!r:.200} cannot be resolved (a symlink loop or an unreadable directory)") from None
     if target == root or not target.is_relative_to(root):
         raise InvalidPayload(f"export path {name!r:.200} is outside the export directory")
     return ExportRequest(session_id, fmt, target)
