@@ -128,6 +128,9 @@ REDACTED = [
      "refusing to serve on 0.0.0.0 without an API token: set SESSIONQ_API_TOKEN"),
     ("(1045, \"Access denied for user 'root'@'10.0.0.5' (using password: YES)\")",
      "(1045, \"Access denied for user 'root'@'10.0.0.5' (using password: YES)\")"),
+    # A plain word that is not on the prose list is a secret, however ordinary it looks.
+    ("login with password: hunter now", "login with password: *** now"),
+    ("Authorization: Bearer abcdef", "Authorization: Bearer ***"),
     ("(1045, \"Access denied for user 'app'@'localhost' (using password: NO)\")",
      "(1045, \"Access denied for user 'app'@'localhost' (using password: NO)\")"),
     ("the MCP client must send a Bearer token", "the MCP client must send a Bearer token"),

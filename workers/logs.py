@@ -41,8 +41,12 @@ _TOKEN_RE = re.compile(
       | (?P<squote>')(?:[^'\\]|\\.){0,4096}'
       | (?P<bare>\)*[^\s"'&,;}\])]+(?:\)+[^\s"'&,;}\])]+)*)
     )""")
-# A word of prose, not a credential: "token: set", "(using password: YES)", "a Bearer token".
-_PROSE_WORD_RE = re.compile(r"[A-Za-z]{1,20}")
+# Words of prose, not credentials: "token: set", "(using password: YES)", "a Bearer token".
+# A closed list: any other word after such a key is masked, however plain it looks.
+_PROSE_WORDS = frozenset({
+    "set", "unset", "yes", "no", "none", "null", "missing", "required", "given", "configured", "empty",
+    "invalid", "wrong", "expired", "token", "tokens", "auth", "authentication", "header", "is", "was", "the", "a",
+})
 # Characters that end or rewrite a line for some reader: C0 and C1 controls, DEL, and the
 # Unicode line and paragraph separators.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -105,7 +109,7 @@ class ContextFilter(logging.Filter):
 
 
 def _mask_credential(match: re.Match[str]) -> str:
-    return match[0] if _PROSE_WORD_RE.fullmatch(match[2]) else f"{match[1]}***"
+    return match[0] if match[2].lower() in _PROSE_WORDS else f"{match[1]}***"
 
 
 def _mask_value(match: re.Match[str]) -> str:
@@ -114,7 +118,7 @@ def _mask_value(match: re.Match[str]) -> str:
     if quote:
         return f"{key}{sep}{quote}***{quote}"
     # "key: value" in prose names no secret when the value is a plain word
-    if ":" in sep and sep[-1].isspace() and sep[0] not in "\"'" and _PROSE_WORD_RE.fullmatch(match["bare"]):
+    if ":" in sep and sep[-1].isspace() and sep[0] not in "\"'" and match["bare"].lower() in _PROSE_WORDS:
         return match[0]
     return f"{key}{sep}***"
 
