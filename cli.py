@@ -16,8 +16,8 @@ from typing import Any, Callable, TypeVar, cast
 
 import click
 
+from sessionq.errors import SessionqError
 from sessionq.models import Settings, Store, open_store
-from sessionq.models.errors import StoreError
 from sessionq.scheduler.sweeps import SWEEP_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,16 +48,15 @@ pass_app = click.make_pass_decorator(App)
 
 
 def user_errors(func: F) -> F:
-    """Turn store, configuration and file errors into one redacted ``Error: ...`` line, exit 1."""
+    """Turn every sessionq error and file error into one redacted ``Error: ...`` line, exit 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sessionq.workers.errors import JobError
         from sessionq.workers.logs import redact
 
         try:
             return func(*args, **kwargs)
-        except (StoreError, JobError) as exc:
+        except SessionqError as exc:
             raise click.ClickException(redact(str(exc))) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
@@ -84,7 +83,7 @@ def main(ctx: click.Context, config_file: str | None, storage_url: str | None, r
     """sessionq: durable, non-blocking session persistence for MCP servers."""
     try:
         settings = Settings.load(config_file, storage_url=storage_url, redis_url=redis_url)
-    except StoreError as exc:
+    except SessionqError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings)
     app = App(settings)
@@ -277,7 +276,7 @@ def _open_url(url: str, role: str) -> Store:
     try:
         store = open_store(url)
         store.ping()
-    except StoreError as exc:
+    except SessionqError as exc:
         raise click.ClickException(f"{role} {redact_url(url)}: {exc}") from None
     return store
 

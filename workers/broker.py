@@ -36,6 +36,7 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Middleware, Retries, TimeLimit
 
+from sessionq.errors import TransientJobError
 from sessionq.models import Settings, Store, open_store
 
 from .errors import is_transient
@@ -110,12 +111,17 @@ class TransientTracebacks(logging.Filter):
     Dramatiq's worker logs every exception that is not a ``Retry`` with its traceback;
     while a database restarts, each retry of each job would add some 60 lines (87,000
     lines in a 3-second PostgreSQL outage with 8 threads). The failure is expected and
-    retried with backoff, so one line naming the error is enough.
+    retried with backoff, so one line naming the error is enough. A
+    :class:`~sessionq.errors.TransientJobError` (a session whose save is still queued)
+    is part of normal operation: like a Dramatiq ``Retry`` it is not logged here at all
+    (Retries logs the retry at INFO).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Shorten records about transient errors; pass everything else unchanged."""
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransientJobError):
+            return False
         if exc is None or not is_transient(exc):
             return True
         try:
