@@ -365,14 +365,14 @@ def _fan_out_migration(app: App, source: str, destination: str, batch_size: int)
     from sessionq.models.kinds import KINDS
     from sessionq.models.transfer import plan_batches
     from sessionq.models.transfer_kinds import plan_kind_batches
-    from sessionq.workers.payloads import resolve_store_url, store_reference
+    from sessionq.workers.payloads import store_reference
     from sessionq.workers.producer import Producer
 
     if app.settings.queue_url is None:
         raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
     refs = (store_reference(source), store_reference(destination))
-    src = _open_url(resolve_store_url(refs[0]), "source")
-    dst = _open_url(resolve_store_url(refs[1]), "destination")
+    src = _open_url(app.settings.resolve_store(refs[0]), "source")
+    dst = _open_url(app.settings.resolve_store(refs[1]), "destination")
     dst.upgrade()
     dst.close()
     producer = Producer(app.settings)

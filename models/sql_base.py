@@ -38,10 +38,13 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
     Returns ``(database, dialect)``. PostgreSQL and MySQL get a connection pool of at
     most ``max_pool_size`` connections; SQLite runs in WAL mode with foreign keys on.
     """
+    from .settings import STORAGE_SCHEMES
+
     parts = urlsplit(url)
     scheme = parts.scheme.split("+", 1)[0]
+    dialect = STORAGE_SCHEMES.get(scheme)
     query = dict(parse_qsl(parts.query))
-    if scheme == "sqlite":
+    if dialect == "sqlite":
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path) or parts.netloc
         if not path:
             raise ValidationError(f"sqlite URL needs a file path: {url!r}")
@@ -61,7 +64,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
     if parts.port:
         common["port"] = parts.port
     common = {k: v for k, v in common.items() if v is not None}
-    if scheme in ("postgresql", "postgres"):
+    if dialect == "postgresql":
         return (
             PooledPostgresqlDatabase(
                 database,
@@ -73,7 +76,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
             ),
             "postgresql",
         )
-    if scheme in ("mysql", "mariadb"):
+    if dialect == "mysql":
         return (
             PooledMySQLDatabase(
                 database,

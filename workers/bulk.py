@@ -7,9 +7,10 @@ and enqueues one ``migrate_batch`` job per range; any worker runs any batch, eac
 idempotent, so a redelivered or re-run batch changes nothing and no checkpoint is
 needed.
 
-Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker reads the
-URL from its environment variable ``SESSIONQ_STORE_NAME``, so passwords never travel
-through Redis. A URL without a password may be passed as is.
+Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker resolves
+it with its settings (``Settings.resolve_store``: ``SESSIONQ_STORE_NAME`` in its
+environment), so passwords never travel through Redis. A URL without a password may
+be passed as is.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from typing import Any
 
 import dramatiq
 
+from sessionq.errors import ConfigError
 from sessionq.models import Store, open_store
 from sessionq.models.kinds import kind_named
 from sessionq.models.transfer import migrate_batch as _migrate_batch
 from sessionq.models.transfer_kinds import migrate_kind_batch
 
+from .broker import get_settings
 from .errors import InvalidPayload
-from .payloads import parse_migrate_batch, resolve_store_url
+from .payloads import parse_migrate_batch
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,10 @@ _lock = threading.Lock()
 
 
 def _open(reference: str) -> Store:
-    url = resolve_store_url(reference)
+    try:
+        url = get_settings().resolve_store(reference)
+    except ConfigError as exc:  # this worker does not know the store: the job can never run here
+        raise InvalidPayload(str(exc)) from None
     with _lock:
         store = _stores.get(url)
         if store is None:

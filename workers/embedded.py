@@ -18,10 +18,9 @@ from typing import Any
 import dramatiq
 from dramatiq.errors import QueueJoinTimeout
 
+from sessionq.errors import ConfigError
 from sessionq.models import Settings
-from sessionq.models.errors import ConfigError
 
-from . import actors  # noqa: F401  (every actor must be declared before workers start)
 from .broker import QUEUES, configure, get_broker, get_store, runtime
 from .outbox import Outbox
 
@@ -71,6 +70,8 @@ class EmbeddedRuntime:
         """Bind the actors to a fresh in-process broker, migrate the store, replay any
         jobs spooled by an earlier run, and start the worker threads."""
         configure(self.settings)
+        from . import actors  # noqa: F401  (every actor declared, on this broker, before the threads start)
+
         if self.upgrade:
             get_store().upgrade()
         replayed = 0
