@@ -1,8 +1,10 @@
 """``sessionq``: the one command-line entry point (a click group).
 
 Global options carry ``envvar=`` so the CLI, the environment and the config file
-agree; state lives in :class:`App` on ``ctx.obj``. User errors are one clear line
-and a non-zero exit, never a traceback.
+agree; state lives in :class:`App` on ``ctx.obj``. This module holds click
+declarations and output formatting only; the work is done in ``sessionq.workers``,
+``sessionq.scheduler`` and ``sessionq.models``. Every :class:`~sessionq.errors.SessionqError`
+(and a file error) is one clear ``Error: ...`` line and exit 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, Callable, TypeVar
 
 import click
 
+from sessionq.errors import SessionqError, StoreUnavailable
 from sessionq.models import Settings, Store, open_store
-from sessionq.models.errors import StoreError
 from sessionq.scheduler.sweeps import SWEEP_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,16 +50,15 @@ pass_app = click.make_pass_decorator(App)
 
 
 def user_errors(func: F) -> F:
-    """Turn store, configuration and file errors into one redacted ``Error: ...`` line, exit 1."""
+    """Turn every sessionq error and file error into one redacted ``Error: ...`` line, exit 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sessionq.workers.errors import JobError
         from sessionq.workers.logs import redact
 
         try:
             return func(*args, **kwargs)
-        except (StoreError, JobError) as exc:
+        except SessionqError as exc:
             raise click.ClickException(redact(str(exc))) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
@@ -84,7 +85,7 @@ def main(ctx: click.Context, config_file: str | None, storage_url: str | None, r
     """sessionq: durable, non-blocking session persistence for MCP servers."""
     try:
         settings = Settings.load(config_file, storage_url=storage_url, redis_url=redis_url)
-    except StoreError as exc:
+    except SessionqError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings)
     app = App(settings)
@@ -169,9 +170,10 @@ def scheduler_command(app: App) -> None:
     import signal
     import threading
 
+    from sessionq.scheduler.lease import connect_redis
     from sessionq.scheduler.runner import SweepScheduler, dramatiq_send
 
-    redis_client = _scheduler_redis(app.settings, required=True)
+    redis_client = connect_redis(app.settings)
     if redis_client is None:
         logging.getLogger(__name__).warning(
             "no REDIS_URL: this scheduler is the only one, and its jobs run only in this process's "
@@ -197,47 +199,25 @@ def scheduler_command(app: App) -> None:
 @user_errors
 def cleanup(app: App, aggressive: bool, dry_run: bool, kind: str | None) -> None:
     """Run the hygiene sweeps now, in this process, and print what they changed."""
-    import time
-
-    from sessionq.scheduler import SweepBook, run_sweep, schedule_for, sweep_guard
+    from sessionq.scheduler.lease import connect_redis
+    from sessionq.scheduler.sweeps import run_sweeps_now, schedule_for
 
     kinds = [kind] if kind else list(schedule_for(app.settings))
     if aggressive and "aggressive_cleanup" not in kinds and not kind:
         kinds.append("aggressive_cleanup")
-    redis_client = None if dry_run else _scheduler_redis(app.settings, required=False)
-    book = SweepBook(redis_client) if redis_client is not None else None
-    store = app.store
-    for name in kinds:
-        started = time.perf_counter()
-        with sweep_guard(redis_client, name) as acquired:
-            if not acquired:
-                click.echo(f"{name}: skipped (already running elsewhere)")
-                continue
-            counts = run_sweep(name, store, app.settings, book=book, dry_run=dry_run)
-        summary = " ".join(f"{k}={v}" for k, v in counts.items())
+    redis_client = None
+    if not dry_run:
+        try:
+            redis_client = connect_redis(app.settings)
+        except StoreUnavailable as exc:
+            click.echo(f"warning: {exc}; running without the sweep locks and book", err=True)
+    for done in run_sweeps_now(kinds, app.store, app.settings, redis=redis_client, dry_run=dry_run):
+        if done.counts is None:
+            click.echo(f"{done.kind}: skipped (already running elsewhere)")
+            continue
+        summary = " ".join(f"{k}={v}" for k, v in done.counts.items())
         prefix = "would change " if dry_run else ""
-        click.echo(f"{name}: {prefix}{summary} ({time.perf_counter() - started:.2f}s)")
-
-
-def _scheduler_redis(settings: Settings, *, required: bool) -> Any | None:
-    """A Redis client for ``settings.redis_url`` that answers, or ``None`` (no Redis
-    configured, or unreachable and not ``required``)."""
-    if not settings.redis_url:
-        return None
-    import redis
-
-    from sessionq.models.settings import redact_url
-
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        message = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
-        if required:
-            raise click.ClickException(message) from None
-        click.echo(f"warning: {message}; running without the sweep locks and book", err=True)
-        return None
-    return client
+        click.echo(f"{done.kind}: {prefix}{summary} ({done.seconds:.2f}s)")
 
 
 @main.command()
@@ -268,18 +248,6 @@ def health(app: App, timeout: float | None) -> None:
 
 # Checkpoint file `sessionq migrate` writes (and `--resume` reads) when none is given.
 DEFAULT_CHECKPOINT = "sessionq-migrate.checkpoint.json"
-
-
-def _open_url(url: str, role: str) -> Store:
-    """Open and ping the store at ``url`` (``role`` names it in errors, password masked)."""
-    from sessionq.models.settings import redact_url
-
-    try:
-        store = open_store(url)
-        store.ping()
-    except StoreError as exc:
-        raise click.ClickException(f"{role} {redact_url(url)}: {exc}") from None
-    return store
 
 
 def _per_kind(counts: dict[str, int], suffix: str = "") -> str:
@@ -322,24 +290,27 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     from pathlib import Path
 
     from sessionq.models.settings import redact_url
-    from sessionq.models.transfer import Checkpoint, describe, migrate, verify
+    from sessionq.models.transfer import Checkpoint, describe, migrate, open_pair, verify
 
-    labels = (redact_url(source), redact_url(destination))
     if source == destination:
         raise click.ClickException("--from and --to name the same store")
     if fan_out:
-        _fan_out_migration(app, source, destination, batch_size)
+        if app.settings.queue_url is None:
+            raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
+        from sessionq.workers.broker import configure
+
+        configure(app.settings)  # before the bulk actor module declares its actor
+        from sessionq.workers.bulk import fan_out_migration
+
+        jobs = fan_out_migration(app.settings, source, destination, batch_size)
+        click.echo(f"enqueued {jobs} migrate_batch job(s) on the bulk queue; "
+                   "check with `sessionq verify` when they are done")
         return
+    labels = (redact_url(source), redact_url(destination))
     path = Path(checkpoint)
     if resume:
-        saved = Checkpoint.load(path)
-        if saved.source and (saved.source, saved.destination) != labels:
-            raise click.ClickException(
-                f"checkpoint {path} belongs to {saved.source} -> {saved.destination}; use another --checkpoint"
-            )
-    src, dst = _open_url(source, "source"), _open_url(destination, "destination")
-    try:
-        dst.upgrade()
+        Checkpoint.load_for(path, labels)  # refuse another migration's checkpoint before touching a store
+    with open_pair(source, destination, upgrade=True) as (src, dst):
         click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
         report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
                          pause=pause, labels=labels)
@@ -355,44 +326,6 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
                 click.echo(line)
             if not result.equal:
                 sys.exit(1)
-    finally:
-        src.close()
-        dst.close()
-
-
-def _fan_out_migration(app: App, source: str, destination: str, batch_size: int) -> None:
-    """Plan the batches of a migration (sessions, then every other kind) and enqueue
-    one ``migrate_batch`` job each."""
-    from sessionq.models.kinds import KINDS
-    from sessionq.models.transfer import plan_batches
-    from sessionq.models.transfer_kinds import plan_kind_batches
-    from sessionq.workers.payloads import resolve_store_url, store_reference
-    from sessionq.workers.producer import Producer
-
-    if app.settings.queue_url is None:
-        raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
-    refs = (store_reference(source), store_reference(destination))
-    src = _open_url(resolve_store_url(refs[0]), "source")
-    dst = _open_url(resolve_store_url(refs[1]), "destination")
-    dst.upgrade()
-    dst.close()
-    producer = Producer(app.settings)
-    jobs = 0
-    try:
-        for after, until in plan_batches(src, batch_size):
-            payload = {"source": refs[0], "destination": refs[1], "after": after, "until": until, "limit": batch_size}
-            producer.send("migrate_batch", payload)
-            jobs += 1
-        for kind in KINDS:
-            for after, until in plan_kind_batches(src, kind, batch_size):
-                payload = {"source": refs[0], "destination": refs[1], "kind": kind.plural, "after": after,
-                           "until": until, "limit": batch_size}
-                producer.send("migrate_batch", payload)
-                jobs += 1
-    finally:
-        producer.close()
-        src.close()
-    click.echo(f"enqueued {jobs} migrate_batch job(s) on the bulk queue; check with `sessionq verify` when they are done")
 
 
 @main.command("verify")
@@ -403,14 +336,10 @@ def _fan_out_migration(app: App, source: str, destination: str, batch_size: int)
 def verify_command(source: str, destination: str, progress: bool | None) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
     agent state record by record and by digest); exit 1 on any difference."""
-    from sessionq.models.transfer import describe, verify
+    from sessionq.models.transfer import describe, open_pair, verify
 
-    src, dst = _open_url(source, "source"), _open_url(destination, "destination")
-    try:
+    with open_pair(source, destination) as (src, dst):
         result = verify(src, dst, show_progress=progress)
-    finally:
-        src.close()
-        dst.close()
     for line in describe(result):
         click.echo(line)
     if not result.equal:
@@ -503,36 +432,14 @@ def _export_settings_env(ctx: click.Context) -> None:
 
 
 def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
-    """Enqueue jobs; with no broker configured run them embedded and return once done.
+    """Send jobs (embedded: run them and wait, see ``workers.embedded.run_jobs``); report spooled ones."""
+    from sessionq.workers.embedded import run_jobs
 
-    Raises ClickException with the reason if a job is dead-lettered in embedded mode.
-    """
-    from sessionq.workers.producer import Producer
-
-    if app.settings.queue_url is not None:
-        producer = Producer(app.settings)
-        try:
-            ids = [producer.send(actor, arg) for actor, arg in jobs]
-            if producer.pending():
-                click.echo(f"broker unreachable: {producer.pending()} job(s) spooled to {producer.outbox_path}", err=True)
-        finally:
-            producer.close()
-        return ids
-    from sessionq.workers.embedded import EmbeddedRuntime
-
-    app.close()
-    runtime = EmbeddedRuntime(app.settings, threads=2).start()
-    try:
-        producer = Producer(app.settings)
-        ids = [producer.send(actor, arg) for actor, arg in jobs]
-        runtime.join()
-        failed = {d.message_id: d.reason for d in runtime.dead_letters()}
-    finally:
-        runtime.stop()
-    for job_id in ids:
-        if job_id in failed:
-            raise click.ClickException(f"job {job_id} failed: {failed[job_id]}")
-    return ids
+    app.close()  # the jobs use the worker side's store
+    sent = run_jobs(app.settings, jobs)
+    if sent.spooled:
+        click.echo(f"broker unreachable: {sent.spooled} job(s) spooled to {sent.outbox_path}", err=True)
+    return sent.ids
 
 
 @main.command()
@@ -659,17 +566,14 @@ def dlq() -> None:
 
 
 def _dead_letters(app: App) -> Any:
-    import redis
-
     from sessionq.workers.dlq import DeadLetters
 
-    url = app.settings.queue_url
-    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
-        raise click.ClickException("dead letters live in Redis: set REDIS_URL (embedded mode logs them instead)")
-    return DeadLetters(redis.Redis.from_url(url, socket_connect_timeout=2))
+    return DeadLetters.from_settings(app.settings)
 
 
 def _redis_errors(func: F) -> F:
+    """Turn a Redis error into one redacted ``Error: Redis unavailable: ...`` line, exit 1."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import redis
@@ -687,6 +591,7 @@ def _redis_errors(func: F) -> F:
 @dlq.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @pass_app
+@user_errors
 @_redis_errors
 def dlq_list(app: App, as_json: bool) -> None:
     """List dead letters with their reasons."""
@@ -706,6 +611,7 @@ def dlq_list(app: App, as_json: bool) -> None:
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Requeue every dead letter.")
 @pass_app
+@user_errors
 @_redis_errors
 def dlq_requeue(app: App, ids: tuple[str, ...], all_: bool) -> None:
     """Put dead letters (by id, or --all) back on their queues."""
@@ -720,6 +626,7 @@ def dlq_requeue(app: App, ids: tuple[str, ...], all_: bool) -> None:
 @dlq.command("purge")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_app
+@user_errors
 @_redis_errors
 def dlq_purge(app: App, yes: bool) -> None:
     """Delete every dead letter."""

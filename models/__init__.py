@@ -22,7 +22,7 @@ from .records import (
     TransportSession,
     utcnow,
 )
-from .settings import Settings
+from .settings import Settings, storage_backend
 from .store import Page, Store, StoreStats, WriteResult
 
 __all__ = [
@@ -51,14 +51,14 @@ __all__ = [
 def open_store(target: str | Settings, *, max_pool_size: int | None = None, min_pool_size: int | None = None) -> Store:
     """Open the store a URL (or ``settings.storage_url``) names; the schema is not touched.
 
-    ``sqlite://``, ``postgresql://`` and ``mysql://`` get a :class:`~sessionq.models.sql.SqlStore`;
-    ``mongodb://`` a :class:`~sessionq.models.mongo.MongoStore`.
+    A MongoDB URL (``mongodb://``, ``mongodb+srv://``) gets a :class:`~sessionq.models.mongo.MongoStore`,
+    any other a :class:`~sessionq.models.sql.SqlStore` (the schemes: ``settings.STORAGE_SCHEMES``).
     """
     settings = target if isinstance(target, Settings) else None
     url = settings.storage_url if settings else str(target)
     max_pool = max_pool_size or (settings.max_pool_size if settings else 20)
     min_pool = min_pool_size or (settings.min_pool_size if settings else 1)
-    if url.startswith(("mongodb://", "mongodb+srv://")):
+    if storage_backend(url) == "mongodb":
         from .mongo import MongoStore
 
         return MongoStore(url, max_pool_size=max_pool, min_pool_size=min_pool)

@@ -3,7 +3,13 @@
 Each field declares its environment names (the first is canonical; the seed-era
 names such as ``STORAGE_EXPIRY_HOURS`` still work) and whether it is a secret.
 The config file (YAML or TOML, ``--config`` / ``SESSIONQ_CONFIG``) uses the field
-names as keys. A bad value is a :class:`~sessionq.models.errors.ConfigError` naming the setting.
+names as keys. A bad value is a :class:`~sessionq.errors.ConfigError` naming the setting.
+
+Nothing here runs at import: the environment is read when :meth:`Settings.load` is
+called, and the settings object is then passed explicitly to whatever needs it.
+This module also holds the one table of storage URL schemes
+(:data:`STORAGE_SCHEMES`), the one list of Redis URL schemes (:data:`REDIS_SCHEMES`)
+and the named stores of bulk jobs (``@NAME``, :meth:`Settings.resolve_store`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,59 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
-from .errors import ConfigError
+from sessionq.errors import ConfigError
 
 ENV_CONFIG_FILE = "SESSIONQ_CONFIG"
 # The store used when nothing is configured: a SQLite file in the working directory.
 DEFAULT_STORAGE_URL = "sqlite:///sessionq.db"
-_BACKENDS = ("sqlite", "postgresql", "mysql", "mongodb")
+# Prefix of the environment variables naming stores for bulk jobs: SESSIONQ_STORE_ARCHIVE=url is @archive.
+STORE_ENV_PREFIX = "SESSIONQ_STORE_"
+
+#: Every storage URL scheme (the part before any ``+driver``) and the backend it names.
+STORAGE_SCHEMES: dict[str, str] = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+    "mongodb": "mongodb",
+}
+#: URL schemes of Redis (the queue, leases, the sweep book, the MCP event store).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: URL schemes of an AMQP broker (RabbitMQ, ``SESSIONQ_BROKER_URL``).
+AMQP_SCHEMES = ("amqp", "amqps")
+_BACKENDS = tuple(dict.fromkeys(STORAGE_SCHEMES.values()))
+
+
+def storage_backend(url: str) -> str | None:
+    """The backend a storage URL names (``sqlite``, ``postgresql``, ``mysql``, ``mongodb``),
+    or ``None`` for a scheme sessionq does not support."""
+    return STORAGE_SCHEMES.get(_scheme(url))
+
+
+def is_redis_url(url: str | None) -> bool:
+    """True if ``url`` names a Redis server (``redis://``, ``rediss://``, ``unix://``)."""
+    return bool(url) and _scheme(str(url)) in REDIS_SCHEMES
+
+
+def is_amqp_url(url: str | None) -> bool:
+    """True if ``url`` names an AMQP broker (``amqp://``, ``amqps://``)."""
+    return bool(url) and _scheme(str(url)) in AMQP_SCHEMES
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.split("+", 1)[0]
+
+
+def store_name(reference: str) -> str:
+    """The name in a store reference ``@NAME``, upper-cased as its environment variable spells it.
+
+    Raises :class:`ConfigError` unless ``reference`` is ``@`` followed by letters, digits or ``_``.
+    """
+    name = reference[1:] if reference.startswith("@") else ""
+    if not name or not name.replace("_", "").isalnum():
+        raise ConfigError(f"store name {reference!r:.80} must be @ followed by letters, digits or _")
+    return name.upper()
 
 
 def _setting(default: Any, *env: str, secret: bool = False, help: str = "") -> Any:
@@ -81,12 +134,23 @@ class Settings:
     http_port: int = _setting(8080, "SESSIONQ_HTTP_PORT", help="port sessionq serve binds")
     log_format: str = _setting("text", "SESSIONQ_LOG_FORMAT", help="text or json")
     log_level: str = _setting("INFO", "SESSIONQ_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    group_commit_delay_ms: float = _setting(2.0, "SESSIONQ_GROUP_COMMIT_DELAY_MS",
+                                            help="ms a save batch waits for more saves once the queue is empty (0: none)")
+    prometheus_multiproc_dir: str | None = _setting(
+        None, "PROMETHEUS_MULTIPROC_DIR",
+        help="directory worker processes write their metrics into (prometheus_client reads the same "
+             "environment variable); created when the worker is configured")
+    stores: dict[str, str] = field(
+        default_factory=dict, hash=False,
+        metadata={"env": (), "env_prefix": STORE_ENV_PREFIX, "secret": True,
+                  "help": f"named stores of bulk jobs, @NAME -> URL ({STORE_ENV_PREFIX}NAME=url)"},
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
-        scheme = urlsplit(self.storage_url).scheme.split("+", 1)[0]
-        if scheme not in ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mongodb", "mongodb+srv"):
+        if storage_backend(self.storage_url) is None:
+            scheme = _scheme(self.storage_url)
             raise ConfigError(f"storage_url: unsupported scheme {scheme!r} (use sqlite, postgresql, mysql or mongodb)")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
@@ -98,13 +162,26 @@ class Settings:
     @property
     def backend(self) -> str:
         """``sqlite``, ``postgresql``, ``mysql`` or ``mongodb``."""
-        scheme = urlsplit(self.storage_url).scheme.split("+", 1)[0]
-        return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
+        return STORAGE_SCHEMES[_scheme(self.storage_url)]
 
     @property
     def queue_url(self) -> str | None:
         """The broker URL: ``broker_url`` if set, else ``redis_url`` (``None`` = embedded)."""
         return self.broker_url or self.redis_url
+
+    def resolve_store(self, reference: str) -> str:
+        """The URL a bulk job's store reference names: ``@NAME`` from :attr:`stores`
+        (``SESSIONQ_STORE_NAME``), anything else is already a URL.
+
+        Raises :class:`ConfigError` for a malformed or unknown name.
+        """
+        if not reference.startswith("@"):
+            return reference
+        name = store_name(reference)
+        url = self.stores.get(name)
+        if not url:
+            raise ConfigError(f"store {reference} is not configured here: set {STORE_ENV_PREFIX}{name}")
+        return url
 
     @classmethod
     def load(
@@ -135,7 +212,9 @@ class Settings:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("secret") and value is not None:
+            if f.metadata.get("secret") and isinstance(value, dict):
+                value = {k: redact_url(v) if "://" in v else "***" for k, v in value.items()}
+            elif f.metadata.get("secret") and value is not None:
                 value = redact_url(value) if "://" in str(value) else "***"
             out[f.name] = value
         return out
@@ -172,6 +251,11 @@ def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         for name in reversed(f.metadata["env"]):
             if env.get(name, "") != "":
                 values[f.name] = env[name]
+        prefix = f.metadata.get("env_prefix")
+        if prefix:
+            named = {k[len(prefix):]: v for k, v in env.items() if k.startswith(prefix) and len(k) > len(prefix) and v}
+            if named:
+                values[f.name] = named
     if "storage_url" not in values:
         url = _seed_storage_url(env)
         if url:
@@ -186,7 +270,7 @@ def _seed_storage_url(env: Mapping[str, str]) -> str | None:
     path = env.get("STORAGE_DATABASE_PATH", "").strip()
     if not backend:
         return conn or (f"sqlite:///{path}" if path else None)
-    backend = {"postgres": "postgresql", "mariadb": "mysql", "mongo": "mongodb"}.get(backend, backend)
+    backend = {**STORAGE_SCHEMES, "mongo": "mongodb"}.get(backend, backend)
     if backend not in _BACKENDS:
         raise ConfigError(f"STORAGE_BACKEND: must be one of {', '.join(_BACKENDS)}, got {backend!r}")
     if backend == "sqlite":
@@ -197,13 +281,15 @@ def _seed_storage_url(env: Mapping[str, str]) -> str | None:
 
 
 _TRUE = {"1", "true", "yes", "on"}
-# Numeric settings for which 0 means something (any port; no retries).
-_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries"})
+# Numeric settings for which 0 means something (any port; no retries; no gather delay).
+_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms"})
 _FALSE = {"0", "false", "no", "off", ""}
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     name, kind = f.name, str(f.type)
+    if kind.startswith("dict"):
+        return _coerce_stores(name, value)
     if value is None:
         if "None" in kind:
             return None
@@ -237,6 +323,21 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         return text
     except ValueError as exc:
         raise ConfigError(f"{name}: invalid value {redact_url(str(value))!r:.80}: {exc}") from None
+
+
+def _coerce_stores(name: str, value: Any) -> dict[str, str]:
+    """``{NAME: url}`` with names as :func:`store_name` spells them (a file may write them in any case)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of store names to URLs, got {type(value).__name__}")
+    out: dict[str, str] = {}
+    for key, url in value.items():
+        label = store_name(f"@{key}")
+        if not isinstance(url, str) or not url.strip() or "\x00" in url:
+            raise ConfigError(f"{name}: @{label.lower()}: expected a store URL")
+        out[label] = url.strip()
+    return out
 
 
 # The scheme is bounded: an unbounded ``[a-z][a-z0-9+.-]*`` backtracks quadratically

@@ -23,6 +23,8 @@ a queue fan the batches out to several workers (see :func:`plan_batches`).
 :func:`verify` compares two stores session by session: fields, every message and a
 sha256 checksum over the canonical JSON of each session; then each other kind by
 count, record by record and by content digest, reporting every difference.
+
+:func:`open_pair` opens the two stores of a migration or a verification by URL.
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ import json
 import logging
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sessionq.errors import NotFound, SessionqError, ValidationError
+
 from .atomic_write import atomic_text_file
-from .errors import NotFound, ValidationError
 from .kinds import KINDS
 from .records import ChatMessage, ChatSession
+from .settings import redact_url
 from .store import Store
 from .transfer_kinds import KindCheck, canonical, count_in, migrate_kind_batch, verify_kind
 
@@ -54,6 +59,33 @@ DEFAULT_MESSAGE_CHUNK = 1000
 DEFAULT_MAX_DIFFERENCES = 1000
 
 Progress = Callable[[int, int], None]
+
+
+def open_url(url: str, role: str) -> Store:
+    """Open and ping the store at ``url``; an error names the ``role`` (``source``,
+    ``destination``) and the URL with its password masked, and keeps its class."""
+    from . import open_store
+
+    try:
+        store = open_store(url)
+        store.ping()
+    except SessionqError as exc:
+        raise type(exc)(f"{role} {redact_url(url)}: {exc}") from None
+    return store
+
+
+@contextmanager
+def open_pair(source: str, destination: str, *, upgrade: bool = False) -> Iterator[tuple[Store, Store]]:
+    """Open and ping the stores at ``source`` and ``destination`` (see :func:`open_url`),
+    bring the destination's schema up to date if ``upgrade``, and close both at the end."""
+    with ExitStack() as stack:
+        src = open_url(source, "source")
+        stack.callback(src.close)
+        dst = open_url(destination, "destination")
+        stack.callback(dst.close)
+        if upgrade:
+            dst.upgrade()
+        yield src, dst
 
 
 @dataclass
@@ -172,6 +204,21 @@ class Checkpoint:
         except (OSError, ValueError, TypeError) as exc:
             raise ValidationError(f"checkpoint {path} is unreadable: {exc}") from None
 
+    @classmethod
+    def load_for(cls, path: Path, labels: tuple[str, str]) -> Checkpoint:
+        """The checkpoint a migration between ``labels`` (redacted URLs; empty: not
+        checked) resumes from.
+
+        Raises :class:`~sessionq.errors.ValidationError` if it was written by a
+        migration between other stores.
+        """
+        saved = cls.load(path)
+        if saved.source and any(labels) and (saved.source, saved.destination) != labels:
+            raise ValidationError(
+                f"checkpoint {path} belongs to {saved.source} -> {saved.destination}; use another --checkpoint"
+            )
+        return saved
+
     def save(self, path: Path) -> None:
         """Write atomically (a kill never leaves half a file)."""
         with atomic_text_file(path) as out:
@@ -224,7 +271,7 @@ def migrate(
     """
     from tqdm import tqdm
 
-    state = Checkpoint.load(checkpoint) if (checkpoint and resume) else Checkpoint()
+    state = Checkpoint.load_for(checkpoint, labels) if (checkpoint and resume) else Checkpoint()
     state.source, state.destination = labels
     resumed_from = state.last_session_id
     if resume and state.done:

@@ -9,6 +9,8 @@ merely slow may believe it still leads after its key expired: the per-tick claim
 
 :func:`sweep_guard` is the worker side: a sweep takes its kind's lock before it
 runs, so a slow sweep never overlaps itself, even across worker hosts.
+:func:`connect_redis` gives the scheduler and ``sessionq cleanup`` the Redis that
+holds the lease, the locks and the sweep book.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
+
+from sessionq.errors import StoreUnavailable
+from sessionq.models import Settings
+from sessionq.models.settings import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,9 @@ DEFAULT_SAFETY = 0.9
 DEFAULT_SWEEP_LOCK_PREFIX = "sessionq:sweep-lock:"
 # Seconds a sweep lock lasts unless renewed (it is renewed every ttl / 3 while held).
 DEFAULT_SWEEP_LOCK_TTL = 300.0
+# Socket timeouts (seconds) of the scheduler's Redis client: connecting, and each command.
+DEFAULT_CONNECT_TIMEOUT = 5
+DEFAULT_SOCKET_TIMEOUT = 10
 
 # Extend the key's expiry only if it still holds our token.
 _RENEW = """
@@ -50,6 +59,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def connect_redis(settings: Settings) -> Any | None:
+    """A Redis client for ``settings.redis_url`` that answered a PING, or ``None`` when
+    no Redis is configured (the scheduler is then the only one).
+
+    Raises :class:`~sessionq.errors.StoreUnavailable` naming the URL (password masked)
+    when Redis does not answer.
+    """
+    if not settings.redis_url:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}") from None
+    return client
 
 
 def new_token() -> str:

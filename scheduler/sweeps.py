@@ -5,17 +5,21 @@ runs inside the database through set-based, batched store operations (a dry run
 only counts what it would change). The scheduler
 only enqueues ``run_sweep(kind)`` jobs (``maintenance`` queue); workers call
 :func:`run_sweep`, which also records the outcome in the :class:`SweepBook`.
+:func:`run_sweeps_now` runs several in this process (``sessionq cleanup``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Any
 
 from sessionq.models import Settings, Store, utcnow
 
+from .lease import sweep_guard
 from .status import SweepBook
 
 logger = logging.getLogger(__name__)
@@ -143,3 +147,28 @@ def run_sweep(
     summary = ", ".join(f"{k}={v}" for k, v in counts.items()) or "nothing"
     logger.info("sweep %s%s done in %.3fs: %s", kind, " (dry run)" if dry_run else "", duration, summary)
     return counts
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """One sweep run by :func:`run_sweeps_now`: its counts (``None``: skipped, because
+    another run of the same kind holds its lock) and how long it took."""
+
+    kind: str
+    counts: dict[str, int] | None
+    seconds: float
+
+
+def run_sweeps_now(
+    kinds: Iterable[str], store: Store, settings: Settings, *, redis: Any | None = None, dry_run: bool = False
+) -> Iterator[SweepOutcome]:
+    """Run sweeps here, one after another, each under its run lock (:func:`sweep_guard`;
+    a process-local one without ``redis``) and, with ``redis``, recorded in the sweep
+    book. Yields each outcome as soon as that sweep is done; a store error propagates.
+    """
+    book = SweepBook(redis) if redis is not None else None
+    for kind in kinds:
+        started = time.perf_counter()
+        with sweep_guard(redis, kind) as acquired:
+            counts = run_sweep(kind, store, settings, book=book, dry_run=dry_run) if acquired else None
+        yield SweepOutcome(kind, counts, time.perf_counter() - started)

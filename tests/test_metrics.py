@@ -169,10 +169,12 @@ def test_exported_names_cover_every_family() -> None:
 
 
 def test_worker_process_metrics_reach_the_multiprocess_directory(tmp_path: Path) -> None:
-    # Given a worker-like process with the multiprocess directory set as compose/systemd set it
+    # Given a worker process (it imports the actors, which configures it from the environment)
+    # with the multiprocess directory set as compose/systemd set it, not created yet
     directory = tmp_path / "prometheus"
     env = subprocess_env(PROMETHEUS_MULTIPROC_DIR=str(directory), dramatiq_prom_db=str(directory))
     code = (
+        "import sessionq.workers.actors\n"
         "from sessionq.workers.metrics import observe_job, observe_save, observe_sweep\n"
         "observe_job('append_messages', 'retry', 0.02)\n"
         "observe_save(0.004)\n"

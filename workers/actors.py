@@ -1,14 +1,23 @@
 """Every actor: the broker (set up first), then every job module.
 
 ``dramatiq sessionq.workers.actors`` (and ``sessionq worker``, and the embedded runtime) import
-this module, so every actor is declared on the configured broker. The package itself
-(``workers``) stays import-light: a producer imports ``sessionq.workers.producer`` without
-loading Dramatiq's broker. Importing this module starts no thread.
+this module, so every actor is declared on the configured broker. It is the one module
+whose import configures the broker: with the settings of the environment, read now,
+unless the process configured one already (``sessionq worker`` with ``--redis-url``,
+the embedded runtime). Every lower module (the broker set-up included) builds nothing
+and reads no environment when imported. Importing this module starts no thread.
 """
 
 from __future__ import annotations
 
-from . import broker  # noqa: F401  (must come first: it calls dramatiq.set_broker)
-from . import bulk, exports, maintenance, records, sessions  # noqa: F401
+from sessionq.models import Settings
+
+from . import broker
+
+if not broker.is_configured():
+    broker.configure(Settings.load())
+
+# Only now: each job module declares its actors on the broker configured above.
+from . import bulk, exports, maintenance, records, sessions
 
 __all__ = ["broker", "bulk", "exports", "maintenance", "records", "sessions"]

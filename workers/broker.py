@@ -11,9 +11,12 @@ Callbacks, dead-letter reasons, job metrics and log context
 (:class:`sessionq.workers.middleware.JobObserver`), CurrentMessage (the save actor hands its
 message to the group committer, which acks a committed batch's jobs at once), and
 Dramatiq's Prometheus exporter when
-``SESSIONQ_WORKER_PROMETHEUS`` is true. The module-level broker comes from :meth:`Settings.load` at import;
-:func:`configure` rebinds every declared actor to a broker for other settings (the
-CLI's ``--redis-url`` / ``--config``).
+``SESSIONQ_WORKER_PROMETHEUS`` is true. Importing this module builds nothing and reads
+no environment: :func:`configure` builds the broker for the settings it is given,
+calls ``dramatiq.set_broker`` and rebinds every declared actor to it. A worker calls it
+before any actor is declared: :mod:`sessionq.workers.actors` does so with the
+environment's settings (``dramatiq sessionq.workers.actors``) unless a broker is
+configured already (the CLI's ``--redis-url`` / ``--config``, the embedded runtime).
 
 Worker tuning comes from :class:`~sessionq.models.settings.Settings` (environment names in
 brackets, milliseconds): ``worker_heartbeat_timeout_ms``
@@ -36,8 +39,11 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Middleware, Retries, TimeLimit
 
+from sessionq.errors import ConfigError, TransientJobError
 from sessionq.models import Settings, Store, open_store
+from sessionq.models.settings import is_amqp_url, is_redis_url, redact_url
 
+from . import metrics
 from .errors import is_transient
 from .middleware import JobObserver
 
@@ -110,12 +116,17 @@ class TransientTracebacks(logging.Filter):
     Dramatiq's worker logs every exception that is not a ``Retry`` with its traceback;
     while a database restarts, each retry of each job would add some 60 lines (87,000
     lines in a 3-second PostgreSQL outage with 8 threads). The failure is expected and
-    retried with backoff, so one line naming the error is enough.
+    retried with backoff, so one line naming the error is enough. A
+    :class:`~sessionq.errors.TransientJobError` (a session whose save is still queued)
+    is part of normal operation: like a Dramatiq ``Retry`` it is not logged here at all
+    (Retries logs the retry at INFO).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Shorten records about transient errors; pass everything else unchanged."""
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransientJobError):
+            return False
         if exc is None or not is_transient(exc):
             return True
         try:
@@ -159,7 +170,7 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
     url = settings.queue_url
     if url is None:
         return StubBroker(middleware=_middleware(settings), fail_fast_default=False)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
         from .redis_broker import SessionqRedisBroker
 
         return SessionqRedisBroker(
@@ -169,13 +180,10 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
             heartbeat_timeout=settings.worker_heartbeat_timeout_ms,
             maintenance_chance=settings.worker_maintenance_chance,
         )
-    if url.startswith(("amqp://", "amqps://")):
+    if is_amqp_url(url):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
         return RabbitmqBroker(url=url, middleware=_middleware(settings))
-    from sessionq.models.errors import ConfigError
-    from sessionq.models.settings import redact_url
-
     raise ConfigError(f"queue URL {redact_url(url)!r}: unsupported scheme (use redis:// or amqp://)")
 
 
@@ -208,8 +216,11 @@ def configure(settings: Settings) -> dramatiq.Broker:
     worker_logger = logging.getLogger(_WORKER_LOGGER)
     if not any(isinstance(f, TransientTracebacks) for f in worker_logger.filters):
         worker_logger.addFilter(TransientTracebacks())
+    metrics.prepare(settings)
     new = build_broker(settings)
-    old = runtime.broker
+    # An actor module imported before any configure() declared its actors on
+    # Dramatiq's default broker: those are rebound too.
+    old = runtime.broker or dramatiq.broker.global_broker
     runtime.reset()
     runtime.settings, runtime.broker = settings, new
     dramatiq.set_broker(new)
@@ -220,6 +231,18 @@ def configure(settings: Settings) -> dramatiq.Broker:
     for queue in QUEUES:
         new.declare_queue(queue)
     return new
+
+
+def is_configured() -> bool:
+    """True once :func:`configure` has run in this process."""
+    return runtime.broker is not None
+
+
+def current_broker(url: str | None) -> dramatiq.Broker | None:
+    """The configured broker if it serves the queue URL ``url``, else ``None``."""
+    if runtime.broker is None or runtime.settings is None or runtime.settings.queue_url != url:
+        return None
+    return runtime.broker
 
 
 def get_settings() -> Settings:
@@ -258,14 +281,15 @@ def get_committer() -> Any:
 
                 # On Redis the flusher acks a committed batch's jobs in one round trip.
                 early_ack = getattr(get_broker(), "ack_messages", None)
-                runtime.committer = GroupCommitter(store, after_commit=early_ack)
+                delay = get_settings().group_commit_delay_ms / 1000
+                runtime.committer = GroupCommitter(store, gather_delay=delay, after_commit=early_ack)
     return runtime.committer
 
 
 def get_redis() -> Any | None:
     """A Redis client for shared state (sweep book), or ``None`` in embedded mode."""
     settings = get_settings()
-    url = settings.redis_url or (settings.queue_url if (settings.queue_url or "").startswith("redis") else None)
+    url = settings.redis_url or (settings.queue_url if is_redis_url(settings.queue_url) else None)
     if url is None:
         return None
     if runtime.redis is None:
@@ -276,6 +300,3 @@ def get_redis() -> Any | None:
         if runtime.redis is None:
             runtime.redis = redis.Redis.from_url(url)
     return runtime.redis
-
-
-configure(Settings.load())

@@ -7,9 +7,10 @@ and enqueues one ``migrate_batch`` job per range; any worker runs any batch, eac
 idempotent, so a redelivered or re-run batch changes nothing and no checkpoint is
 needed.
 
-Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker reads the
-URL from its environment variable ``SESSIONQ_STORE_NAME``, so passwords never travel
-through Redis. A URL without a password may be passed as is.
+Stores are named, not spelled out: a job carries ``"@NAME"`` and the worker resolves
+it with its settings (``Settings.resolve_store``: ``SESSIONQ_STORE_NAME`` in its
+environment), so passwords never travel through Redis. A URL without a password may
+be passed as is.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from typing import Any
 
 import dramatiq
 
-from sessionq.models import Store, open_store
-from sessionq.models.kinds import kind_named
+from sessionq.errors import ConfigError
+from sessionq.models import Settings, Store, open_store
+from sessionq.models.kinds import KINDS, kind_named
 from sessionq.models.transfer import migrate_batch as _migrate_batch
-from sessionq.models.transfer_kinds import migrate_kind_batch
+from sessionq.models.transfer import open_url, plan_batches
+from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 
+from .broker import get_settings
 from .errors import InvalidPayload
-from .payloads import parse_migrate_batch, resolve_store_url
+from .payloads import parse_migrate_batch, store_reference
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +38,49 @@ _stores: dict[str, Store] = {}
 _lock = threading.Lock()
 
 
+def fan_out_migration(settings: Settings, source: str, destination: str, batch_size: int) -> int:
+    """Plan the batches of a migration (sessions, then every other kind), enqueue one
+    ``migrate_batch`` job each on the broker of ``settings``, and return how many.
+
+    ``source`` and ``destination`` are ``@NAME`` references or URLs without a password
+    (:class:`InvalidPayload` otherwise); the destination's schema is brought up to date first.
+    """
+    from .producer import Producer
+
+    refs = (store_reference(source), store_reference(destination))
+    src = open_url(settings.resolve_store(refs[0]), "source")
+    try:
+        dst = open_url(settings.resolve_store(refs[1]), "destination")
+        try:
+            dst.upgrade()
+        finally:
+            dst.close()
+        producer = Producer(settings)
+        jobs = 0
+        try:
+            for after, until in plan_batches(src, batch_size):
+                payload = {"source": refs[0], "destination": refs[1], "after": after, "until": until,
+                           "limit": batch_size}
+                producer.send("migrate_batch", payload)
+                jobs += 1
+            for kind in KINDS:
+                for after, until in plan_kind_batches(src, kind, batch_size):
+                    payload = {"source": refs[0], "destination": refs[1], "kind": kind.plural, "after": after,
+                               "until": until, "limit": batch_size}
+                    producer.send("migrate_batch", payload)
+                    jobs += 1
+        finally:
+            producer.close()
+    finally:
+        src.close()
+    return jobs
+
+
 def _open(reference: str) -> Store:
-    url = resolve_store_url(reference)
+    try:
+        url = get_settings().resolve_store(reference)
+    except ConfigError as exc:  # this worker does not know the store: the job can never run here
+        raise InvalidPayload(str(exc)) from None
     with _lock:
         store = _stores.get(url)
         if store is None:

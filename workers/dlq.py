@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
+from sessionq.errors import ConfigError
+from sessionq.models import Settings
+from sessionq.models.settings import is_redis_url
+
 from .broker import DEFAULT_NAMESPACE, QUEUES
 
 # Options a requeued message drops, so it starts afresh.
@@ -52,6 +56,19 @@ class DeadLetters:
         self.client = client
         self.namespace = namespace
         self.queues = tuple(queues)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeadLetters:
+        """The dead letters on the Redis broker of ``settings`` (no connection is made yet).
+
+        Raises :class:`~sessionq.errors.ConfigError` when the broker is not Redis.
+        """
+        import redis
+
+        url = settings.queue_url
+        if url is None or not is_redis_url(url):
+            raise ConfigError("dead letters live in Redis: set REDIS_URL (embedded mode logs them instead)")
+        return cls(redis.Redis.from_url(url, socket_connect_timeout=2))
 
     def _keys(self, queue: str) -> tuple[str, str]:
         xq = f"{self.namespace}:{queue}.XQ"

@@ -6,11 +6,15 @@ against the configured store (a SQLite file by default). Nothing accepted is dro
 :meth:`EmbeddedRuntime.stop` drains the queues first, and whatever is still queued
 when its drain timeout runs out is spooled to the outbox file and run on the next
 start. Dead letters are kept in memory and logged with their reason.
+
+:func:`run_jobs` is what ``sessionq enqueue`` and ``sessionq archive`` do: send jobs to
+the configured broker or, with none, run them here and wait for them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,9 @@ from typing import Any
 import dramatiq
 from dramatiq.errors import QueueJoinTimeout
 
+from sessionq.errors import ConfigError, JobError
 from sessionq.models import Settings
-from sessionq.models.errors import ConfigError
 
-from . import actors  # noqa: F401  (every actor must be declared before workers start)
 from .broker import QUEUES, configure, get_broker, get_store, runtime
 from .outbox import Outbox
 
@@ -71,6 +74,8 @@ class EmbeddedRuntime:
         """Bind the actors to a fresh in-process broker, migrate the store, replay any
         jobs spooled by an earlier run, and start the worker threads."""
         configure(self.settings)
+        from . import actors  # noqa: F401  (every actor declared, on this broker, before the threads start)
+
         if self.upgrade:
             get_store().upgrade()
         replayed = 0
@@ -140,3 +145,44 @@ class EmbeddedRuntime:
             outbox.close()
         logger.warning("spooled %d unfinished job(s) to %s; they run on the next start", len(items), outbox.path)
         return len(items)
+
+
+@dataclass(frozen=True)
+class JobsSent:
+    """What :func:`run_jobs` did: the jobs' message ids, and how many of them went to
+    the outbox because the broker was unreachable (they are forwarded later)."""
+
+    ids: list[str]
+    spooled: int = 0
+    outbox_path: Path | None = None
+
+
+def run_jobs(settings: Settings, jobs: Sequence[tuple[str, Any]]) -> JobsSent:
+    """Send ``(actor, payload)`` jobs to the broker of ``settings``; with no broker
+    configured run them here, on an embedded runtime, and return once they are done.
+
+    Raises :class:`~sessionq.errors.InvalidPayload` for a bad payload (nothing is sent)
+    and, in embedded mode, :class:`~sessionq.errors.JobError` naming the first job that
+    was dead-lettered and why.
+    """
+    from .producer import Producer
+
+    if settings.queue_url is not None:
+        producer = Producer(settings)
+        try:
+            ids = [producer.send(actor, arg) for actor, arg in jobs]
+            return JobsSent(ids, producer.pending(), producer.outbox_path)
+        finally:
+            producer.close()
+    embedded = EmbeddedRuntime(settings, threads=2).start()
+    try:
+        producer = Producer(settings)
+        ids = [producer.send(actor, arg) for actor, arg in jobs]
+        embedded.join()
+        failed = {d.message_id: d.reason for d in embedded.dead_letters()}
+    finally:
+        embedded.stop()
+    for job_id in ids:
+        if job_id in failed:
+            raise JobError(f"job {job_id} failed: {failed[job_id]}")
+    return JobsSent(ids)

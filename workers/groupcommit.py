@@ -8,8 +8,9 @@ be acked. While a batch commits, the next one gathers, so under load a commit co
 a fraction of a job instead of one per job. If a batch fails, its writes are retried
 one by one so that a bad item fails only its own job.
 
-Once the queue is empty, a batch waits up to ``SESSIONQ_GROUP_COMMIT_DELAY_MS``
-(default 2 ms; 0 disables it) for more writes before committing -- unless every
+Once the queue is empty, a batch waits up to ``gather_delay`` (the setting
+``group_commit_delay_ms``, ``SESSIONQ_GROUP_COMMIT_DELAY_MS``: 2 ms by default, 0
+disables it) for more writes before committing -- unless every
 thread that saved recently (within ``SAVER_WINDOW`` seconds) has already handed in
 its write: no other write is on its way then, so waiting would only add latency
 (each worker thread blocks on its save, so under load the whole pool is in one batch).
@@ -28,7 +29,6 @@ that a connection the server dropped while idle is caught by the pool's check.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -44,7 +44,8 @@ DEFAULT_MAX_BATCH = 256
 # Seconds a batch waits for more writes once the queue is empty (PostgreSQL's
 # commit_delay idea): without it, under load a batch held ~2 saves and each
 # transaction's fixed cost dominated (see ops/bench, P2). Bounded extra latency.
-DEFAULT_GATHER_DELAY = float(os.environ.get("SESSIONQ_GROUP_COMMIT_DELAY_MS", "2") or 0) / 1000
+# The workers pass Settings.group_commit_delay_ms instead (same default).
+DEFAULT_GATHER_DELAY = 0.002
 # A thread that saved within this many seconds counts as a saver whose next write
 # a batch may wait for (see the module docs).
 SAVER_WINDOW = 0.5

@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionq.models import Settings, Store, StoreStats, open_store, utcnow
 from sessionq.models.errors import StoreUnavailable
+from sessionq.models.settings import is_redis_url, storage_backend
 from sessionq.scheduler.status import SweepBook, SweepRun
 
 from .logs import redact
@@ -110,11 +111,11 @@ def with_connect_timeout(url: str, seconds: int = DEFAULT_CONNECT_TIMEOUT) -> st
     (PostgreSQL ``connect_timeout``, MongoDB ``connectTimeoutMS``/``serverSelectionTimeoutMS``);
     a timeout already in the URL wins."""
     parts = urlsplit(url)
-    scheme = parts.scheme.split("+", 1)[0]
+    backend = storage_backend(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    if scheme in ("postgresql", "postgres"):
+    if backend == "postgresql":
         query.setdefault("connect_timeout", str(seconds))
-    elif scheme == "mongodb":
+    elif backend == "mongodb":
         query.setdefault("connectTimeoutMS", str(seconds * 1000))
         query.setdefault("serverSelectionTimeoutMS", str(seconds * 1000))
     else:
@@ -126,10 +127,6 @@ def _redis_client(url: str, timeout: float) -> Any:
     import redis
 
     return redis.Redis.from_url(url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=timeout)
-
-
-def _is_redis_url(url: str | None) -> bool:
-    return bool(url) and urlsplit(str(url)).scheme in ("redis", "rediss", "unix")
 
 
 def _describe(exc: BaseException) -> str:
@@ -171,7 +168,7 @@ class HealthChecker:
         self.broker_url = settings.broker_url if settings.broker_url and settings.broker_url != settings.redis_url else None
         if broker_client is None and self.broker_url is None:
             broker_client = redis_client
-        elif broker_client is None and _is_redis_url(self.broker_url):
+        elif broker_client is None and is_redis_url(self.broker_url):
             broker_client = _redis_client(str(self.broker_url), timeout)
             self._owned.append(broker_client)
         self.broker_client = broker_client

@@ -30,7 +30,7 @@ from sessionq.models import Settings, Store
 from sessionq.models.errors import ConfigError
 
 from .health import EventStoreMode, HealthChecker
-from .metrics import REGISTRY, StateCollector
+from .metrics import StateCollector, event_registry, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def create_app(
     health = checker or HealthChecker(
         settings, store=store, redis_client=redis_client, event_store_mode=event_store_mode
     )
+    prepare(settings)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Forward(REGISTRY))
+    registry.register(_Forward(event_registry()))
     registry.register(StateCollector(health))
     token = settings.api_token
 

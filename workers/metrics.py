@@ -4,7 +4,7 @@ Two kinds:
 
 * Event metrics, updated where things happen (actors, sweeps) through the helpers
   :func:`observe_job`, :func:`observe_save`, :func:`observe_sweep` (and the
-  :func:`timed_job` context manager). They live in :data:`REGISTRY`.
+  :func:`timed_job` context manager). They live in :func:`event_registry`.
 * State metrics, read at scrape time by :class:`StateCollector` from one health
   check: sessions by status, queue depth, dead letters, component reachability,
   the last run of each sweep.
@@ -14,17 +14,25 @@ Workers run under Dramatiq's ``Prometheus`` middleware, which serves its own
 processes ``PROMETHEUS_MULTIPROC_DIR`` and ``dramatiq_prom_db`` pointing at the same
 directory *before they start*, and the event metrics above are served there too.
 ``sessionq serve`` serves both kinds for its own process at ``GET /metrics``.
+
+Importing this module builds no metric: in multiprocess mode every metric writes a
+file under that directory, so the event metrics are built on first use, after
+:func:`prepare` (called by :func:`sessionq.workers.broker.configure`) has created the
+directory from ``settings.prometheus_multiproc_dir``.
 """
 
 from __future__ import annotations
 
-import os
+import threading
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from sessionq.models import Settings
 
 from .health import OK, HealthChecker, HealthReport
 
@@ -35,35 +43,77 @@ DEFAULT_SAVE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # Sweep-duration buckets in seconds: batched set-based statements over big tables.
 DEFAULT_SWEEP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 
-# In multiprocess mode (worker processes) every metric writes a file under this
-# directory, which must exist before the first metric is built.
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
-#: The registry holding sessionq's event metrics.
-REGISTRY = CollectorRegistry(auto_describe=True)
+def prepare(settings: Settings) -> None:
+    """Create the multiprocess directory the metrics of this process write into
+    (``settings.prometheus_multiproc_dir``), if one is set."""
+    if settings.prometheus_multiproc_dir:
+        Path(settings.prometheus_multiproc_dir).mkdir(parents=True, exist_ok=True)
 
-JOBS = Counter(
-    "sessionq_jobs", "Jobs run, by actor and outcome.", ["actor", "outcome"], registry=REGISTRY
-)
-JOB_SECONDS = Histogram(
-    "sessionq_job_duration_seconds", "Time spent running a job, by actor.", ["actor"],
-    buckets=DEFAULT_SAVE_BUCKETS, registry=REGISTRY,
-)
-SAVE_SECONDS = Histogram(
-    "sessionq_save_seconds", "Store latency of one session save (one transaction).",
-    buckets=DEFAULT_SAVE_BUCKETS, registry=REGISTRY,
-)
-SWEEP_ROWS = Counter(
-    "sessionq_sweep_rows", "Rows changed or deleted by sweeps, by kind.", ["kind"], registry=REGISTRY
-)
-SWEEP_SECONDS = Histogram(
-    "sessionq_sweep_duration_seconds", "Duration of sweep runs, by kind.", ["kind"],
-    buckets=DEFAULT_SWEEP_BUCKETS, registry=REGISTRY,
-)
-SWEEP_FAILURES = Counter(
-    "sessionq_sweep_failures", "Sweep runs that failed, by kind.", ["kind"], registry=REGISTRY
-)
+
+class _EventMetrics:
+    """The event metrics, registered in their own registry (built by :func:`event_metrics`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs = Counter(
+            "sessionq_jobs", "Jobs run, by actor and outcome.", ["actor", "outcome"], registry=self.registry
+        )
+        self.job_seconds = Histogram(
+            "sessionq_job_duration_seconds", "Time spent running a job, by actor.", ["actor"],
+            buckets=DEFAULT_SAVE_BUCKETS, registry=self.registry,
+        )
+        self.save_seconds = Histogram(
+            "sessionq_save_seconds", "Store latency of one session save (one transaction).",
+            buckets=DEFAULT_SAVE_BUCKETS, registry=self.registry,
+        )
+        self.sweep_rows = Counter(
+            "sessionq_sweep_rows", "Rows changed or deleted by sweeps, by kind.", ["kind"], registry=self.registry
+        )
+        self.sweep_seconds = Histogram(
+            "sessionq_sweep_duration_seconds", "Duration of sweep runs, by kind.", ["kind"],
+            buckets=DEFAULT_SWEEP_BUCKETS, registry=self.registry,
+        )
+        self.sweep_failures = Counter(
+            "sessionq_sweep_failures", "Sweep runs that failed, by kind.", ["kind"], registry=self.registry
+        )
+
+
+_built: _EventMetrics | None = None
+_build_lock = threading.Lock()
+
+
+def event_metrics() -> _EventMetrics:
+    """This process's event metrics, built on first use."""
+    global _built
+    if _built is None:
+        with _build_lock:
+            if _built is None:
+                _built = _EventMetrics()
+    return _built
+
+
+def event_registry() -> CollectorRegistry:
+    """The registry holding sessionq's event metrics (what ``/metrics`` forwards)."""
+    return event_metrics().registry
+
+
+# The module attributes of the event metrics (``from .metrics import JOBS``), built on first access.
+_ATTRIBUTES = {
+    "REGISTRY": "registry",
+    "JOBS": "jobs",
+    "JOB_SECONDS": "job_seconds",
+    "SAVE_SECONDS": "save_seconds",
+    "SWEEP_ROWS": "sweep_rows",
+    "SWEEP_SECONDS": "sweep_seconds",
+    "SWEEP_FAILURES": "sweep_failures",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ATTRIBUTES:
+        return getattr(event_metrics(), _ATTRIBUTES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Metric names Dramatiq's Prometheus middleware exports from workers (port 9191).
 DRAMATIQ_METRICS = (
@@ -82,9 +132,10 @@ def observe_job(actor: str, outcome: str, seconds: float | None = None) -> None:
     and, if given, record its duration."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
-    JOBS.labels(actor, outcome).inc()
+    metrics = event_metrics()
+    metrics.jobs.labels(actor, outcome).inc()
     if seconds is not None:
-        JOB_SECONDS.labels(actor).observe(seconds)
+        metrics.job_seconds.labels(actor).observe(seconds)
 
 
 @contextmanager
@@ -103,16 +154,17 @@ def timed_job(actor: str) -> Iterator[None]:
 
 def observe_save(seconds: float) -> None:
     """Record the store latency of one session save."""
-    SAVE_SECONDS.observe(seconds)
+    event_metrics().save_seconds.observe(seconds)
 
 
 def observe_sweep(kind: str, *, ok: bool, seconds: float, rows: int = 0) -> None:
     """Record one sweep run: its duration, the rows it touched, and a failure if not ``ok``."""
-    SWEEP_SECONDS.labels(kind).observe(seconds)
+    metrics = event_metrics()
+    metrics.sweep_seconds.labels(kind).observe(seconds)
     if rows:
-        SWEEP_ROWS.labels(kind).inc(rows)
+        metrics.sweep_rows.labels(kind).inc(rows)
     if not ok:
-        SWEEP_FAILURES.labels(kind).inc()
+        metrics.sweep_failures.labels(kind).inc()
 
 
 _STATUSES = ("active", "archived", "expired")
@@ -195,7 +247,7 @@ def sample_names(metrics: Iterable[Metric]) -> set[str]:
 
 def exported_metric_names() -> set[str]:
     """Every metric name sessionq exports: event metrics, state gauges and Dramatiq's."""
-    names = sample_names(REGISTRY.collect())
+    names = sample_names(event_registry().collect())
     names |= sample_names(state_metrics(None))
     names |= set(DRAMATIQ_METRICS)
     names |= {f"{n}_{s}" for n in DRAMATIQ_METRICS if n.endswith("_milliseconds") for s in ("bucket", "sum", "count")}

@@ -13,14 +13,13 @@ export can be enqueued again unchanged.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sessionq.models.errors import ValidationError
+from sessionq.models.errors import ConfigError, ValidationError
 from sessionq.models.kinds import KINDS, kind_named
 from sessionq.models.records import (
     AgentState,
@@ -30,7 +29,7 @@ from sessionq.models.records import (
     TransportSession,
     utcnow,
 )
-from sessionq.models.settings import redact_url
+from sessionq.models.settings import STORE_ENV_PREFIX, redact_url, store_name
 from sessionq.models.validation import check_choice, check_datetime, check_id
 
 from .errors import InvalidPayload
@@ -56,8 +55,6 @@ ACTOR_QUEUES: dict[str, str] = {
     "export_session": "bulk",
     "migrate_batch": "bulk",
 }
-# Prefix of the environment variables that name stores for bulk jobs (``@NAME``).
-STORE_ENV_PREFIX = "SESSIONQ_STORE_"
 # Largest migration batch one job may ask for.
 DEFAULT_MAX_BATCH = 10_000
 
@@ -326,10 +323,14 @@ def normalize(actor_name: str, args: Sequence[Any], export_dir: str | Path = "."
 def store_reference(target: str) -> str:
     """What a job may carry for ``target``: ``@NAME`` as is, or a URL without a password.
 
-    Raises :class:`InvalidPayload` for a URL with a password (name it instead).
+    Raises :class:`InvalidPayload` for a URL with a password (name it instead) or a
+    malformed name. The worker resolves a name with ``Settings.resolve_store``.
     """
     if target.startswith("@"):
-        resolve_store_url(target)
+        try:
+            store_name(target)
+        except ConfigError as exc:
+            raise InvalidPayload(str(exc)) from None
         return target
     if redact_url(target) != target:
         raise InvalidPayload(
@@ -337,19 +338,6 @@ def store_reference(target: str) -> str:
             f"{STORE_ENV_PREFIX}NAME set on the workers) so that the password stays off the queue"
         )
     return target
-
-
-def resolve_store_url(reference: str) -> str:
-    """The URL behind ``@NAME`` (from ``SESSIONQ_STORE_NAME``) or ``reference`` itself."""
-    if not reference.startswith("@"):
-        return reference
-    name = reference[1:]
-    if not name or not name.replace("_", "").isalnum():
-        raise InvalidPayload(f"store name {reference!r:.80} must be @ followed by letters, digits or _")
-    url = os.environ.get(f"{STORE_ENV_PREFIX}{name.upper()}")
-    if not url:
-        raise InvalidPayload(f"store {reference} is not configured here: set {STORE_ENV_PREFIX}{name.upper()}")
-    return url
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,10 +152,12 @@ class Producer:
         self._failure: BaseException | None = None
         self._broker: Any = None
         self._client: redis.Redis | None = None
-        if self.url is None or not self.url.startswith(("redis://", "rediss://", "unix://")):
-            from .broker import build_broker, get_broker, get_settings
+        from sessionq.models.settings import is_redis_url
 
-            self._broker = get_broker() if self.url == get_settings().queue_url else build_broker(self.settings)
+        if not is_redis_url(self.url):
+            from .broker import build_broker, current_broker
+
+            self._broker = current_broker(self.url) or build_broker(self.settings)
         else:
             self._client = redis.Redis.from_url(
                 self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT

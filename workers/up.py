@@ -101,10 +101,12 @@ class AllInOne:
             return runtime.stop
         import dramatiq
 
-        from . import actors  # noqa: F401  (declare every actor before the worker consumes)
         from .broker import configure
 
-        worker = dramatiq.Worker(configure(self.settings), worker_threads=self.threads)
+        broker = configure(self.settings)
+        from . import actors  # noqa: F401  (every actor declared, on this broker, before the worker consumes)
+
+        worker = dramatiq.Worker(broker, worker_threads=self.threads)
         worker.start()
         return worker.stop
 

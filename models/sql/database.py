@@ -42,10 +42,13 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
     Returns ``(database, dialect)``. PostgreSQL and MySQL get a connection pool of at
     most ``max_pool_size`` connections; SQLite runs in WAL mode with foreign keys on.
     """
+    from ..settings import STORAGE_SCHEMES
+
     parts = urlsplit(url)
     scheme = parts.scheme.split("+", 1)[0]
+    dialect = STORAGE_SCHEMES.get(scheme)
     query = dict(parse_qsl(parts.query))
-    if scheme == "sqlite":
+    if dialect == "sqlite":
         path = unquote(parts.path.removeprefix("/")) or parts.netloc
         if not path:
             raise ValidationError(f"sqlite URL needs a file path: {url!r}")
@@ -65,7 +68,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
     if parts.port:
         common["port"] = parts.port
     common = {k: v for k, v in common.items() if v is not None}
-    if scheme in ("postgresql", "postgres"):
+    if dialect == "postgresql":
         return (
             PooledPostgresqlDatabase(
                 database,
@@ -77,7 +80,7 @@ def open_database(url: str, *, max_pool_size: int = DEFAULT_MAX_POOL_SIZE) -> tu
             ),
             "postgresql",
         )
-    if scheme in ("mysql", "mariadb"):
+    if dialect == "mysql":
         return (
             PooledMySQLDatabase(
                 database,
