@@ -19,6 +19,7 @@ import click
 from sessionq.models import Settings, Store, open_store
 from sessionq.models.errors import StoreError
 from sessionq.scheduler.sweeps import SWEEP_KINDS
+from sessionq.workers.jobs import QUEUES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -538,7 +539,7 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 @main.command()
 @click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
-@click.option("--queues", "-Q", multiple=True, type=click.Choice(["sessions", "maintenance", "bulk"]),
+@click.option("--queues", "-Q", multiple=True, type=click.Choice(QUEUES),
               help="Queues to consume (repeatable; default: all).")
 @click.pass_context
 @user_errors

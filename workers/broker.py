@@ -39,12 +39,11 @@ from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Middleware,
 from sessionq.models import Settings, Store, open_store
 
 from .errors import is_transient
+from .jobs import QUEUES
 from .middleware import JobObserver
 
 logger = logging.getLogger(__name__)
 
-#: The three queues: saves never wait behind maintenance or bulk work.
-QUEUES = ("sessions", "maintenance", "bulk")
 # Key prefix of every Dramatiq key in Redis (Dramatiq's default).
 DEFAULT_NAMESPACE = "dramatiq"
 

@@ -18,14 +18,12 @@ import logging
 import threading
 from typing import Any
 
-import dramatiq
-
 from sessionq.models import Store, open_store
 from sessionq.models.kinds import kind_named
 from sessionq.models.transfer import migrate_batch as _migrate_batch
 from sessionq.models.transfer_kinds import migrate_kind_batch
 
-from .errors import InvalidPayload
+from .jobs import job_actor
 from .payloads import parse_migrate_batch, resolve_store_url
 
 logger = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ def _open(reference: str) -> Store:
         return store
 
 
-@dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
+@job_actor
 def migrate_batch(payload: dict[str, Any]) -> None:
     """Copy one planned range of sessions (with their messages), or of another
     record kind, between two stores."""

@@ -15,14 +15,13 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-import dramatiq
-
 from sessionq.models import Store
 from sessionq.models.errors import NotFound
 
 from . import payloads
 from .broker import get_settings, get_store
 from .errors import InvalidPayload, SessionNotReady
+from .jobs import job_actor
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def export_to_file(store: Store, session_id: str, fmt: str, path: Path) -> int:
     return count
 
 
-@dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
+@job_actor
 def export_session(payload: dict[str, Any]) -> None:
     """Export a session to a file under the export dir (atomically replaced)."""
     request = payloads.parse_export(payload, get_settings().export_dir)

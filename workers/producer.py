@@ -24,9 +24,10 @@ atomically), the same keys a non-Python producer writes; the Python producer doe
 two writes in one Lua script call per queue (one command, one reply), also for a whole
 buffered batch, packed by hand (``sessionq.workers.wire_codec``) and sent on a connection of its own (``_push``).
 
-The hot jobs (save, append, heartbeat) are validated by a plain path that accepts only
-plainly valid payloads and returns what ``payloads.normalize`` would; everything else
-goes through ``normalize`` (``sessionq.workers.producer_plain``).
+Each job's queue, checks and canonical form come from the job table
+(``sessionq.workers.jobs``); saves and appends first try a plain path that accepts only
+plainly valid payloads and returns what the general check would
+(``sessionq.workers.producer_plain``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ from sessionq.models import (
 
 from . import payloads
 from .errors import InvalidPayload, ProducerError
+from .jobs import job_named, single_argument
 from .outbox import Outbox
-from .producer_plain import PLAIN, deferred_bound
+from .producer_plain import deferred_bound
 from .wire_codec import (
     PackedEnqueue,
     encoded_message,
@@ -372,16 +374,18 @@ class Producer:
     def _build(self, actor_name: str, args: Sequence[Any], *, buffered: bool = False) -> _Job:
         """Validate and canonicalise a job and encode it (raises InvalidPayload).
 
-        A buffered job that took the plain path and is a snapshot of the caller's
-        payload (see :func:`deferred_bound`), well under the size limit, is encoded
-        by the flusher instead: its encoding cannot fail, and the caller returns sooner.
+        A buffered job whose canonical argument is a snapshot of the caller's payload
+        (a deferrable job, see :func:`deferred_bound`), well under the size limit, is
+        encoded by the flusher instead: its encoding cannot fail, and the caller
+        returns sooner.
         """
-        plain = PLAIN.get(actor_name)
-        arg = plain(args[0]) if plain is not None and len(args) == 1 else None
-        if arg is not None and buffered and 0 <= deferred_bound(actor_name, arg) <= DEFAULT_MAX_JOB_BYTES:
-            return _Job(payloads.ACTOR_QUEUES[actor_name], uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
+        job = job_named(actor_name)
+        payload = single_argument(actor_name, args)
+        arg = None if job.plain is None else job.plain(payload)
         if arg is None:
-            arg = payloads.normalize(actor_name, args, self.settings.export_dir)
+            arg = job.normalize(payload, self.settings.export_dir)
+        if buffered and job.deferrable and 0 <= deferred_bound(arg) <= DEFAULT_MAX_JOB_BYTES:
+            return _Job(job.queue, uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
             message_id, text = encoded_message(actor_name, arg)
@@ -392,7 +396,7 @@ class Producer:
             raise InvalidPayload(
                 f"{actor_name} job is {len(body)} bytes; the limit is {DEFAULT_MAX_JOB_BYTES} (split it into appends)"
             )
-        return _Job(payloads.ACTOR_QUEUES[actor_name], message_id, body)
+        return _Job(job.queue, message_id, body)
 
     def _deliver(self, jobs: list[_Job]) -> None:
         if self._down:

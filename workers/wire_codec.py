@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from . import payloads
+from .jobs import JOBS
 
 # Encoded messages end with their (empty) options, so that the Redis id can be
 # appended to the bytes at push time instead of decoding and re-encoding the JSON.
@@ -117,8 +117,8 @@ def bulk(data: bytes) -> bytes:
 # Per actor: the encoded message up to its argument. Messages are encoded in the key
 # order queue_name, actor_name, args, kwargs, message_id, message_timestamp, options.
 _ENVELOPE_HEADS = {
-    actor: encode({"queue_name": queue, "actor_name": actor})[:-1] + ',"args":['
-    for actor, queue in payloads.ACTOR_QUEUES.items()
+    job.name: encode({"queue_name": job.queue, "actor_name": job.name})[:-1] + ',"args":['
+    for job in JOBS.values()
 }
 
 
