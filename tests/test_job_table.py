@@ -1,18 +1,30 @@
 """The job table (``sessionq.workers.jobs``) is the one place a job's queue and canonical
-form are stated (pure logic)."""
+form are stated, and every timestamp of every job goes through its parsers' one rule.
+
+Pure logic, SQLite, and the embedded runtime (the real actors on the in-process broker).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 
-from sessionq.models import utcnow
+from sessionq.models import Settings, open_store, utcnow
+from sessionq.models.errors import NotFound
+from sessionq.workers.embedded import EmbeddedRuntime
 from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import JOBS, QUEUES, normalize
+from sessionq.workers.mcp.registry import apply_transport_job
+from sessionq.workers.producer import Producer
+
+FAR = "2150-01-01T00:00:00+00:00"
+FAR_HEARTBEAT = r"^last_heartbeat 2150-01-01T00:00:00\+00:00 is more than a day in the future$"
 
 
 def test_every_actor_consumes_the_queue_of_its_job() -> None:
@@ -66,3 +78,68 @@ def test_each_jobs_canonical_form_is_a_fixed_point(monkeypatch: pytest.MonkeyPat
         canonical = normalize(name, [payload], tmp_path)
         # Then the second pass changes nothing: producers and workers agree on the form
         assert normalize(name, [canonical], tmp_path) == canonical, name
+
+
+def test_a_far_future_transport_heartbeat_is_refused_by_the_producer(tmp_path: Path) -> None:
+    producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
+    try:
+        # Given a transport registration whose last heartbeat is in 2150 (it would never go stale)
+        payload = {"mcp_session_id": "t1", "last_heartbeat": FAR}
+        # When the producer is asked to send it, at once or buffered / Then it is refused, one line
+        for buffered in (False, True):
+            with pytest.raises(InvalidPayload, match=FAR_HEARTBEAT):
+                producer.register_transport(payload, buffered=buffered)
+        assert producer.pending() == 0
+    finally:
+        producer.close()
+
+
+def test_far_future_times_and_long_graces_are_refused_by_the_registry_jobs(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 't.db'}")
+    store.upgrade()
+    now = utcnow()
+    try:
+        # Given transport jobs a foreign server got wrong: each time too far ahead, a grace over the cap
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            ("register_transport", {"mcp_session_id": "t1", "last_heartbeat": FAR}, FAR_HEARTBEAT),
+            ("register_transport", {"mcp_session_id": "t1", "status": "disconnected", "disconnected_at": now.isoformat(),
+                                    "grace_expires_at": (now + timedelta(days=30)).isoformat()},
+             r"^grace_expires_at .* is more than 7 days \(the longest grace\) and a day in the future$"),
+            ("heartbeat", {"mcp_session_id": "t1", "at": FAR}, r"^at 2150-01-01T00:00:00\+00:00 is more than a day"),
+            ("mark_disconnected", {"mcp_session_id": "t1", "at": FAR}, r"^at 2150-01-01T00:00:00\+00:00 is more than"),
+            ("mark_disconnected", {"mcp_session_id": "t1", "at": now.isoformat(), "grace_seconds": 30 * 86400},
+             r"^grace_seconds must be a number between 0 and 604800$"),
+        ]
+        for name, payload, message in cases:
+            # When a worker applies it / Then InvalidPayload says why, and nothing is stored
+            with pytest.raises(InvalidPayload, match=message):
+                apply_transport_job(store, name, payload)
+        with pytest.raises(NotFound):
+            store.load_transport("t1")
+        # ... while a grace window of the longest allowed length is accepted
+        apply_transport_job(store, "register_transport", {"mcp_session_id": "t1", "created_at": now.isoformat()})
+        assert apply_transport_job(store, "mark_disconnected",
+                                   {"mcp_session_id": "t1", "at": now.isoformat(), "grace_seconds": 7 * 86400})
+    finally:
+        store.close()
+
+
+def test_a_far_future_transport_heartbeat_is_dead_lettered_by_the_worker(tmp_path: Path) -> None:
+    settings = Settings(storage_url=f"sqlite:///{tmp_path / 'e.db'}", outbox_path=str(tmp_path / "outbox.db"))
+    runtime = EmbeddedRuntime(settings, threads=1).start()
+    try:
+        # Given the job written by a producer that skipped the checks
+        runtime.broker.enqueue(dramatiq.Message(
+            queue_name="sessions", actor_name="register_transport", args=({"mcp_session_id": "t1", "last_heartbeat": FAR},),
+            kwargs={}, options={}))
+        # When the worker runs it
+        runtime.join(60)
+        # Then it is dead-lettered with the reason, never stored
+        assert [d.reason for d in runtime.dead_letters()] == [
+            "InvalidPayload: last_heartbeat 2150-01-01T00:00:00+00:00 is more than a day in the future"]
+        from sessionq.workers.broker import get_store
+
+        with pytest.raises(NotFound):
+            get_store().load_transport("t1")
+    finally:
+        runtime.stop()

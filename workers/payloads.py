@@ -1,11 +1,19 @@
 """Job payloads: the ONE place where a job's JSON arguments become records.
 
-Each job's ``parse_*`` function here is run by its actor on receipt and by the
-producer before the job is enqueued (through the job table, :mod:`sessionq.workers.jobs`:
-a bad payload raises :class:`~sessionq.workers.errors.InvalidPayload` at the caller and
-is never sent); the worker checks again because a non-Python producer may have
-skipped the producer's check. Every actor takes one JSON object, except ``run_sweep`` which takes the sweep
+Each job's ``parse_*`` function here is run by its actor on receipt, by the producer
+before the job is enqueued (through the job table, :mod:`sessionq.workers.jobs`: a bad
+payload raises :class:`~sessionq.workers.errors.InvalidPayload` at the caller and is
+never sent) and by the MCP registry's :func:`~sessionq.workers.mcp.registry.apply_transport_job`;
+the worker checks again because a non-Python producer may have skipped the producer's
+check. Every actor takes one JSON object, except ``run_sweep`` which takes the sweep
 kind (a string) — see docs/wire-contract.md.
+
+Every instant a payload carries (when something happened: ``at``, ``created_at``,
+``last_heartbeat``, ...) is refused more than a day in the future
+(:data:`DEFAULT_MAX_FUTURE_SKEW`): a far-future heartbeat would keep a transport
+alive forever, a far-future ``updated_at`` would win over every later save.
+Deadlines (``expires_at``) may lie further ahead; a grace window ends at most
+:data:`DEFAULT_MAX_GRACE_SECONDS` after that.
 
 The save payload is exactly what ``sessionq export --format json`` writes, so an
 export can be enqueued again unchanged.
@@ -37,6 +45,8 @@ from .errors import InvalidPayload
 
 # How far in the future a timestamp may lie (producer clock skew) before it is refused.
 DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
+# Longest grace window a disconnect (or a registered transport) may ask for.
+DEFAULT_MAX_GRACE_SECONDS = 7 * 24 * 3600.0
 # Most messages one save or append job may carry.
 DEFAULT_MAX_MESSAGES_PER_JOB = 10_000
 # Export formats and the file suffix each one writes.
@@ -75,9 +85,15 @@ def _object(name: str, payload: Any, allowed: set[str], required: Sequence[str])
     return payload
 
 
-def _not_future(name: str, value: datetime | None, now: datetime) -> None:
-    if value is not None and value > now + DEFAULT_MAX_FUTURE_SKEW:
-        raise InvalidPayload(f"{name} {value.isoformat()} is more than a day in the future")
+def _not_future(name: str, value: datetime | None, now: datetime, *, grace: bool = False) -> None:
+    """The one rule for a payload's instants: at most a day ahead of ``now``; the end of
+    a grace window (``grace``) at most the longest grace window beyond that."""
+    limit = now + DEFAULT_MAX_FUTURE_SKEW
+    if grace:
+        limit += timedelta(seconds=DEFAULT_MAX_GRACE_SECONDS)
+    if value is not None and value > limit:
+        ahead = "a day" if not grace else f"{DEFAULT_MAX_GRACE_SECONDS / 86400:.0f} days (the longest grace) and a day"
+        raise InvalidPayload(f"{name} {value.isoformat()} is more than {ahead} in the future")
 
 
 def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,10 +158,6 @@ def parse_heartbeat(payload: Any) -> tuple[str, datetime]:
     return check_id("mcp_session_id", data["mcp_session_id"]), at
 
 
-# Longest grace window a disconnect job may ask for.
-DEFAULT_MAX_GRACE_SECONDS = 7 * 24 * 3600.0
-
-
 @_guard
 def parse_disconnect(payload: Any) -> tuple[str, datetime, float | None]:
     """``mark_disconnected``: ``{"mcp_session_id", "at"}`` and optionally ``"grace_seconds"``
@@ -167,7 +179,11 @@ def parse_register_transport(payload: Any) -> TransportSession:
     if not isinstance(payload, Mapping):
         raise InvalidPayload(f"register_transport payload must be a JSON object, got {type(payload).__name__}")
     record = TransportSession.from_json(payload)
-    _not_future("created_at", record.created_at, utcnow())
+    now = utcnow()
+    _not_future("created_at", record.created_at, now)
+    _not_future("last_heartbeat", record.last_heartbeat, now)
+    _not_future("disconnected_at", record.disconnected_at, now)
+    _not_future("grace_expires_at", record.grace_expires_at, now, grace=True)
     return record
 
 
