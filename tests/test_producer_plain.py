@@ -210,7 +210,7 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
                    "messages": [_message(1, created_at=T, metadata=dict(meta)), _message(2, created_at=T)]}
         now = producer._build("save_session", [payload])
         later = producer._build("save_session", [payload], buffered=True)
-        assert now.deferred is None and later.deferred is not None and later.body == b""
+        assert now.body and later.body == b"" and later.source is not None
         expected = json.loads(now.encoded())
         # The caller changes its payload after the call: the buffered job does not see it.
         meta["client"] = "changed"
@@ -224,11 +224,32 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
         assert text == json.dumps(json.loads(text), separators=(",", ":"))  # key order kept, compact
         # Nested containers in metadata could still change: such a job is encoded at once.
         nested = producer._build("save_session", [{"session_id": "s", "metadata": {"tags": ["a"]}}], buffered=True)
-        assert nested.deferred is None
+        assert nested.body
         # So is anything off the plain path, and a job near the size limit.
-        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).deferred is None
+        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).body
         big = {"session_id": "s", "messages": [_message(1, content="x" * (2 * 1024 * 1024))]}
-        assert producer._build("save_session", [big], buffered=True).deferred is None
+        assert producer._build("save_session", [big], buffered=True).body
+    finally:
+        producer.close()
+
+
+def test_a_job_for_another_broker_is_the_message_its_encoding_decodes_to(tmp_path: Any) -> None:
+    from dramatiq import Message
+
+    from sessionq.workers.producer import Producer
+
+    producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
+    try:
+        payload = {"session_id": "s", "model": "é", "created_at": T, "metadata": {"tags": ["a"]},
+                   "messages": [_message(1, created_at=T)]}
+        # A job pushed at once, a buffered snapshot, a buffered job keeping only its encoding
+        jobs = [producer._build("save_session", [payload]),
+                producer._build("heartbeat", [{"mcp_session_id": "t", "at": T}], buffered=True),
+                producer._build("save_session", [payload], buffered=True)]
+        assert [job.source is not None for job in jobs] == [True, True, False]
+        for job in jobs:
+            # the Dramatiq message built from the job is the one its wire encoding describes
+            assert job.message().encode() == Message(**json.loads(job.encoded())).encode()
     finally:
         producer.close()
 

@@ -1,5 +1,6 @@
-"""The producer's wire encoding: message JSON, message and Redis ids, and the packed
-``EVALSHA`` that puts jobs on Dramatiq's Redis queues (docs/wire-contract.md).
+"""The producer's wire encoding: message JSON, message and Redis ids, the packed
+``EVALSHA`` that puts jobs on Dramatiq's Redis queues (docs/wire-contract.md), and
+:class:`PendingJob`, a validated job on its way (:mod:`sessionq.workers.pusher` sends it).
 
 Everything here is on the caller's hot path (``Producer.save_session`` and friends),
 so it avoids per-job allocations the standard helpers make: the C JSON encoder is built
@@ -15,7 +16,7 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -133,6 +134,37 @@ def encoded_message(actor_name: str, arg: Any) -> tuple[str, str]:
     """A new message id and the encoded message."""
     message_id = uuid4()
     return message_id, message_text(actor_name, arg, message_id, int(time.time() * 1000))
+
+
+class PendingJob(NamedTuple):
+    """A validated job on its way to the broker: its queue, message id and message JSON
+    (without a Redis id), encoded once -- by the caller, or for a buffered job whose
+    argument is a snapshot, by the producer's flusher."""
+
+    queue_name: str
+    message_id: str
+    #: The message JSON; empty until :meth:`encoded` writes it from :attr:`source`.
+    body: bytes
+    #: (actor name, canonical argument, timestamp in ms) while the argument cannot change
+    #: any more (a snapshot, or a job pushed before its caller returns); else None.
+    source: tuple[str, Any, int] | None = None
+
+    def encoded(self) -> bytes:
+        """The message JSON."""
+        if self.body or self.source is None:
+            return self.body
+        actor_name, arg, timestamp = self.source
+        return message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
+
+    def message(self) -> Any:
+        """The job as a Dramatiq :class:`~dramatiq.Message` (for a broker other than Redis)."""
+        from dramatiq import Message
+
+        if self.source is None:
+            return Message(**json.loads(self.body))  # spooled, or no longer the job's own argument
+        actor_name, arg, timestamp = self.source
+        return Message(queue_name=self.queue_name, actor_name=actor_name, args=(arg,), kwargs={}, options={},
+                       message_id=self.message_id, message_timestamp=timestamp)
 
 
 def with_redis_id(data: bytes, redis_id: str) -> bytes:
