@@ -146,4 +146,4 @@ def job_actor(fn: Callable[P, R]) -> dramatiq.Actor[P, R]:
     Call it from a job module only, after :mod:`sessionq.workers.broker` is imported
     (Dramatiq declares the actor on the current broker).
     """
-    return dramatiq.actor(fn, queue_name=job_named(fn.__name__).queue, throws=(InvalidPayload,))
+    return dramatiq.actor(queue_name=job_named(fn.__name__).queue, throws=(InvalidPayload,))(fn)
