@@ -21,6 +21,7 @@ import click
 from sessionq.errors import SessionqError, StoreUnavailable
 from sessionq.models import Settings, Store, open_store
 from sessionq.scheduler.sweeps import SWEEP_KINDS
+from sessionq.workers.jobs import QUEUES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -445,7 +446,7 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 @main.command()
 @click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
-@click.option("--queues", "-Q", multiple=True, type=click.Choice(["sessions", "maintenance", "bulk"]),
+@click.option("--queues", "-Q", multiple=True, type=click.Choice(QUEUES),
               help="Queues to consume (repeatable; default: all).")
 @click.pass_context
 @user_errors

@@ -16,7 +16,7 @@ from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, sessi
 from tests.support_bulk import fill_kinds
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
 from sessionq.workers.errors import InvalidPayload
-from sessionq.workers.payloads import normalize
+from sessionq.workers.jobs import normalize
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -98,7 +98,7 @@ from tests.support_hostile import (
 )
 from tests.support_jobs import pending_jobs
 from sessionq.workers.errors import InvalidPayload
-from sessionq.workers.payloads import ACTOR_QUEUES
+from sessionq.workers.jobs import JOBS
 from sessionq.workers.producer import Producer
 
 ERROR_CLASSES = [c for c in PAYLOAD_CLASSES if c.error is not None]
@@ -225,7 +225,7 @@ def test_r4_hostile_wire_messages_are_dead_lettered_and_change_nothing(
     pushed = 0
     for hostile in PAYLOAD_CLASSES:
         for actor, arg in examples(hostile.strategy, 3):
-            queue = ACTOR_QUEUES.get(actor, "sessions")
+            queue = JOBS[actor].queue if actor in JOBS else "sessions"
             rid = str(uuid.uuid4())
             message = {"queue_name": queue, "actor_name": actor, "args": [arg], "kwargs": {},
                        "options": {"redis_message_id": rid}, "message_id": str(uuid.uuid4()),

@@ -18,7 +18,7 @@ from mcp.types import (
 )
 
 from sessionq.models import Store, open_store
-from sessionq.models.errors import ValidationError
+from sessionq.workers.errors import InvalidPayload
 from tests.conftest import REDIS_URL, SQL_BACKENDS, T0, make_store, reset_store
 from tests.support_mcp import (  # noqa: F401  (fixtures)
     anyio_backend,
@@ -398,18 +398,19 @@ async def test_registry_sends_jobs_through_an_injected_sender(store: Store) -> N
 
 
 async def test_transport_jobs_reject_bad_payloads(store: Store) -> None:
-    # Given payloads a foreign producer got wrong / When applied / Then a clear ValidationError
+    # Given payloads a foreign producer got wrong / When applied / Then a clear InvalidPayload
     cases: list[tuple[str, dict[str, Any]]] = [
         ("heartbeat", {"mcp_session_id": "x"}),
         ("heartbeat", {"mcp_session_id": "x", "at": "yesterday"}),
         ("heartbeat", {"mcp_session_id": "x", "at": "2026-01-01T00:00:00"}),
         ("mark_disconnected", {"mcp_session_id": "x", "at": T0.isoformat(), "grace_seconds": -1}),
-        ("register_transport", {"session": {"mcp_session_id": ""}}),
+        ("register_transport", {"mcp_session_id": ""}),
+        ("register_transport", {"session": {"mcp_session_id": "x"}}),
         ("nope", {"mcp_session_id": "x"}),
         ("heartbeat", {"mcp_session_id": ""}),
     ]
     for name, payload in cases:
-        with pytest.raises(ValidationError):
+        with pytest.raises(InvalidPayload):
             apply_transport_job(store, name, payload)
 
 

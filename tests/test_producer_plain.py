@@ -1,7 +1,7 @@
-"""The producer's plain path returns exactly what ``payloads.normalize`` returns, or
+"""The producer's plain path returns exactly what the job's ``normalize`` returns, or
 steps aside (pure logic, no services).
 
-``sessionq.workers.producer`` canonicalises common, plainly valid save / append / heartbeat
+``sessionq.workers.producer`` canonicalises common, plainly valid save and append
 payloads without building records; for anything else (a bad payload included) it
 returns None and the producer calls ``normalize``, which raises the specific error.
 """
@@ -18,14 +18,14 @@ import pytest
 
 from sessionq.workers import payloads
 from sessionq.workers.errors import InvalidPayload
-from sessionq.workers.producer_plain import PLAIN
+from sessionq.workers.jobs import JOBS, normalize
 
 NOW_KEYS = ("created_at", "updated_at", "at")
 
 
 def _normalize(actor: str, payload: Any) -> tuple[str, Any]:
     try:
-        return "ok", payloads.normalize(actor, [payload])
+        return "ok", normalize(actor, [payload])
     except InvalidPayload as exc:
         return "error", str(exc)
 
@@ -49,7 +49,9 @@ def _mask_now(value: Any) -> Any:
 def _check(actor: str, payload: Any) -> bool:
     """Plain path and normalize agree; True when the plain path handled it."""
     before = copy.deepcopy(payload)
-    plain = PLAIN[actor](payload)
+    plain_path = JOBS[actor].plain
+    assert plain_path is not None
+    plain = plain_path(payload)
     assert payload == before  # the caller's payload is not touched
     outcome, expected = _normalize(actor, payload)
     if plain is None:
@@ -88,7 +90,6 @@ def test_the_plain_path_takes_the_common_shapes() -> None:
     assert _check("save_session", VALID_SAVES[1])
     assert _check("save_session", VALID_SAVES[2])
     assert _check("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]})
-    assert _check("heartbeat", {"mcp_session_id": "mcp-1", "at": datetime.now(timezone.utc)})
 
 
 def _mutations(rng: random.Random, base: Any) -> Any:
@@ -118,7 +119,6 @@ def _mutations(rng: random.Random, base: Any) -> Any:
     ("save_session", VALID_SAVES[1]),
     ("save_session", VALID_SAVES[5]),
     ("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]}),
-    ("heartbeat", {"mcp_session_id": "mcp-1", "at": T}),
 ])
 def test_plain_path_agrees_with_normalize_on_random_mutations(actor: str, base: Any) -> None:
     rng = random.Random(f"{actor}{len(str(base))}")
@@ -151,7 +151,7 @@ class _Same:
     {"session_id": "s", "messages": [_message(i) for i in range(payloads.DEFAULT_MAX_MESSAGES_PER_JOB + 1)]},
 ])
 def test_plain_save_steps_aside_for_anything_unusual(payload: Any) -> None:
-    assert PLAIN["save_session"](payload) is None
+    assert JOBS["save_session"].plain is not None and JOBS["save_session"].plain(payload) is None
 
 
 def test_message_encoding_is_json_dumps_compact() -> None:
@@ -187,14 +187,14 @@ def test_ids_are_uuid4_and_a_forked_child_draws_its_own() -> None:
     assert len(theirs) == 50 and not mine & theirs
 
 
-@pytest.mark.parametrize("actor", sorted(payloads.ACTOR_QUEUES))
+@pytest.mark.parametrize("actor", sorted(JOBS))
 def test_encoded_message_is_the_encoded_message_dict(actor: str) -> None:
     from sessionq.workers.wire_codec import encode, encoded_message
 
     for arg in ({"session_id": "s", "messages": [{"content": "é\n"}]}, "expire_sessions", {}):
         message_id, text = encoded_message(actor, arg)
         decoded = json.loads(text)
-        expected = {"queue_name": payloads.ACTOR_QUEUES[actor], "actor_name": actor, "args": [arg], "kwargs": {},
+        expected = {"queue_name": JOBS[actor].queue, "actor_name": actor, "args": [arg], "kwargs": {},
                     "message_id": message_id, "message_timestamp": decoded["message_timestamp"], "options": {}}
         assert text == encode(expected)
         assert text.endswith('"options":{}}')
@@ -210,7 +210,7 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
                    "messages": [_message(1, created_at=T, metadata=dict(meta)), _message(2, created_at=T)]}
         now = producer._build("save_session", [payload])
         later = producer._build("save_session", [payload], buffered=True)
-        assert now.deferred is None and later.deferred is not None and later.body == b""
+        assert now.body and later.body == b"" and later.source is not None
         expected = json.loads(now.encoded())
         # The caller changes its payload after the call: the buffered job does not see it.
         meta["client"] = "changed"
@@ -224,11 +224,32 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
         assert text == json.dumps(json.loads(text), separators=(",", ":"))  # key order kept, compact
         # Nested containers in metadata could still change: such a job is encoded at once.
         nested = producer._build("save_session", [{"session_id": "s", "metadata": {"tags": ["a"]}}], buffered=True)
-        assert nested.deferred is None
+        assert nested.body
         # So is anything off the plain path, and a job near the size limit.
-        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).deferred is None
+        assert producer._build("run_sweep", ["expire_sessions"], buffered=True).body
         big = {"session_id": "s", "messages": [_message(1, content="x" * (2 * 1024 * 1024))]}
-        assert producer._build("save_session", [big], buffered=True).deferred is None
+        assert producer._build("save_session", [big], buffered=True).body
+    finally:
+        producer.close()
+
+
+def test_a_job_for_another_broker_is_the_message_its_encoding_decodes_to(tmp_path: Any) -> None:
+    from dramatiq import Message
+
+    from sessionq.workers.producer import Producer
+
+    producer = Producer(url="redis://127.0.0.1:9/0", outbox_path=tmp_path / "outbox.db")  # never connects
+    try:
+        payload = {"session_id": "s", "model": "é", "created_at": T, "metadata": {"tags": ["a"]},
+                   "messages": [_message(1, created_at=T)]}
+        # A job pushed at once, a buffered snapshot, a buffered job keeping only its encoding
+        jobs = [producer._build("save_session", [payload]),
+                producer._build("heartbeat", [{"mcp_session_id": "t", "at": T}], buffered=True),
+                producer._build("save_session", [payload], buffered=True)]
+        assert [job.source is not None for job in jobs] == [True, True, False]
+        for job in jobs:
+            # the Dramatiq message built from the job is the one its wire encoding describes
+            assert job.message().encode() == Message(**json.loads(job.encoded())).encode()
     finally:
         producer.close()
 

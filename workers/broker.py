@@ -45,12 +45,11 @@ from sessionq.models.settings import is_amqp_url, is_redis_url, redact_url
 
 from . import metrics
 from .errors import is_transient
+from .jobs import QUEUES
 from .middleware import JobObserver
 
 logger = logging.getLogger(__name__)
 
-#: The three queues: saves never wait behind maintenance or bulk work.
-QUEUES = ("sessions", "maintenance", "bulk")
 # Key prefix of every Dramatiq key in Redis (Dramatiq's default).
 DEFAULT_NAMESPACE = "dramatiq"
 

@@ -19,8 +19,6 @@ import logging
 import threading
 from typing import Any
 
-import dramatiq
-
 from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store, open_store
 from sessionq.models.kinds import KINDS, kind_named
@@ -30,6 +28,7 @@ from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 
 from .broker import get_settings
 from .errors import InvalidPayload
+from .jobs import job_actor
 from .payloads import parse_migrate_batch, store_reference
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def _open(reference: str) -> Store:
         return store
 
 
-@dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
+@job_actor
 def migrate_batch(payload: dict[str, Any]) -> None:
     """Copy one planned range of sessions (with their messages), or of another
     record kind, between two stores."""

@@ -16,8 +16,6 @@ import logging
 from pathlib import Path
 from typing import Any, TextIO
 
-import dramatiq
-
 from sessionq.models import Store
 from sessionq.models.atomic_write import atomic_text_file
 from sessionq.models.errors import NotFound, ValidationError
@@ -25,6 +23,7 @@ from sessionq.models.errors import NotFound, ValidationError
 from . import payloads
 from .broker import get_settings, get_store
 from .errors import InvalidPayload, SessionNotReady
+from .jobs import job_actor
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def export_to_file(store: Store, session_id: str, fmt: str, path: Path, *, root:
         return write_export(store, session_id, fmt, out)
 
 
-@dramatiq.actor(queue_name="bulk", throws=(InvalidPayload,))
+@job_actor
 def export_session(payload: dict[str, Any]) -> None:
     """Export a session to a file under the export dir (atomically replaced)."""
     export_dir = get_settings().export_dir

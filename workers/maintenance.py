@@ -11,8 +11,6 @@ import logging
 import time
 from typing import Any
 
-import dramatiq
-
 from sessionq.models.errors import NotFound
 from sessionq.scheduler.lease import sweep_guard
 from sessionq.scheduler.status import SweepBook
@@ -20,13 +18,14 @@ from sessionq.scheduler.sweeps import run_sweep as _run_sweep
 
 from . import payloads
 from .broker import get_redis, get_settings, get_store
-from .errors import InvalidPayload, SessionNotReady
+from .errors import SessionNotReady
+from .jobs import job_actor
 from .metrics import observe_sweep
 
 logger = logging.getLogger(__name__)
 
 
-@dramatiq.actor(queue_name="maintenance", throws=(InvalidPayload,))
+@job_actor
 def archive_session(payload: dict[str, Any]) -> None:
     """Set a session's status to archived (idempotent)."""
     session_id, at = payloads.parse_archive(payload)
@@ -36,7 +35,7 @@ def archive_session(payload: dict[str, Any]) -> None:
         raise SessionNotReady(f"session {session_id!r} does not exist (yet)") from None
 
 
-@dramatiq.actor(queue_name="maintenance", throws=(InvalidPayload,))
+@job_actor
 def run_sweep(kind: str) -> None:
     """Run one hygiene sweep (a kind from ``sessionq.scheduler.sweeps.SWEEP_KINDS``)."""
     kind = payloads.parse_sweep(kind)

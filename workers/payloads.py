@@ -1,10 +1,19 @@
 """Job payloads: the ONE place where a job's JSON arguments become records.
 
-The producer calls :func:`validate` before a job is enqueued (a bad payload raises
-:class:`~sessionq.workers.errors.InvalidPayload` at the caller and is never sent); each actor
-calls the same ``parse_*`` function on receipt, because a non-Python producer may
-have skipped the first check. Every actor takes one JSON object, except
-``run_sweep`` which takes the sweep kind (a string) — see docs/wire-contract.md.
+Each job's ``parse_*`` function here is run by its actor on receipt, by the producer
+before the job is enqueued (through the job table, :mod:`sessionq.workers.jobs`: a bad
+payload raises :class:`~sessionq.workers.errors.InvalidPayload` at the caller and is
+never sent) and by the MCP registry's :func:`~sessionq.workers.mcp.registry.apply_transport_job`;
+the worker checks again because a non-Python producer may have skipped the producer's
+check. Every actor takes one JSON object, except ``run_sweep`` which takes the sweep
+kind (a string) — see docs/wire-contract.md.
+
+Every instant a payload carries (when something happened: ``at``, ``created_at``,
+``last_heartbeat``, ...) is refused more than a day in the future
+(:data:`DEFAULT_MAX_FUTURE_SKEW`): a far-future heartbeat would keep a transport
+alive forever, a far-future ``updated_at`` would win over every later save.
+Deadlines (``expires_at``) may lie further ahead; a grace window ends at most
+:data:`DEFAULT_MAX_GRACE_SECONDS` after that.
 
 The save payload is exactly what ``sessionq export --format json`` writes, so an
 export can be enqueued again unchanged.
@@ -36,25 +45,13 @@ from .errors import InvalidPayload
 
 # How far in the future a timestamp may lie (producer clock skew) before it is refused.
 DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)
+# Longest grace window a disconnect (or a registered transport) may ask for.
+DEFAULT_MAX_GRACE_SECONDS = 7 * 24 * 3600.0
 # Most messages one save or append job may carry.
 DEFAULT_MAX_MESSAGES_PER_JOB = 10_000
 # Export formats and the file suffix each one writes.
 EXPORT_FORMATS = {"json": "json", "text": "txt", "markdown": "md"}
 
-#: The queue each actor consumes (producers without the actors imported need it).
-ACTOR_QUEUES: dict[str, str] = {
-    "save_session": "sessions",
-    "append_messages": "sessions",
-    "heartbeat": "sessions",
-    "mark_disconnected": "sessions",
-    "register_transport": "sessions",
-    "archive_session": "maintenance",
-    "run_sweep": "maintenance",
-    "save_file": "maintenance",
-    "put_agent_state": "maintenance",
-    "export_session": "bulk",
-    "migrate_batch": "bulk",
-}
 # Largest migration batch one job may ask for.
 DEFAULT_MAX_BATCH = 10_000
 
@@ -86,9 +83,15 @@ def _object(name: str, payload: Any, allowed: set[str], required: Sequence[str])
     return payload
 
 
-def _not_future(name: str, value: datetime | None, now: datetime) -> None:
-    if value is not None and value > now + DEFAULT_MAX_FUTURE_SKEW:
-        raise InvalidPayload(f"{name} {value.isoformat()} is more than a day in the future")
+def _not_future(name: str, value: datetime | None, now: datetime, *, grace: bool = False) -> None:
+    """The one rule for a payload's instants: at most a day ahead of ``now``; the end of
+    a grace window (``grace``) at most the longest grace window beyond that."""
+    limit = now + DEFAULT_MAX_FUTURE_SKEW
+    if grace:
+        limit += timedelta(seconds=DEFAULT_MAX_GRACE_SECONDS)
+    if value is not None and value > limit:
+        ahead = "a day" if not grace else f"{DEFAULT_MAX_GRACE_SECONDS / 86400:.0f} days (the longest grace) and a day"
+        raise InvalidPayload(f"{name} {value.isoformat()} is more than {ahead} in the future")
 
 
 def _guard(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,16 +148,12 @@ def parse_append(payload: Any) -> tuple[str, list[ChatMessage]]:
 
 
 @_guard
-def parse_transport_event(payload: Any, name: str = "heartbeat") -> tuple[str, datetime]:
+def parse_heartbeat(payload: Any) -> tuple[str, datetime]:
     """``heartbeat``: ``{"mcp_session_id", "at"}``."""
-    data = _object(name, payload, {"mcp_session_id", "at"}, ("mcp_session_id", "at"))
+    data = _object("heartbeat", payload, {"mcp_session_id", "at"}, ("mcp_session_id", "at"))
     at = check_datetime("at", data["at"])
     _not_future("at", at, utcnow())
     return check_id("mcp_session_id", data["mcp_session_id"]), at
-
-
-# Longest grace window a disconnect job may ask for.
-DEFAULT_MAX_GRACE_SECONDS = 7 * 24 * 3600.0
 
 
 @_guard
@@ -178,7 +177,11 @@ def parse_register_transport(payload: Any) -> TransportSession:
     if not isinstance(payload, Mapping):
         raise InvalidPayload(f"register_transport payload must be a JSON object, got {type(payload).__name__}")
     record = TransportSession.from_json(payload)
-    _not_future("created_at", record.created_at, utcnow())
+    now = utcnow()
+    _not_future("created_at", record.created_at, now)
+    _not_future("last_heartbeat", record.last_heartbeat, now)
+    _not_future("disconnected_at", record.disconnected_at, now)
+    _not_future("grace_expires_at", record.grace_expires_at, now, grace=True)
     return record
 
 
@@ -279,45 +282,6 @@ def message_payload(message: ChatMessage) -> dict[str, Any]:
     if message.metadata:
         out["metadata"] = message.metadata
     return out
-
-
-def normalize(actor_name: str, args: Sequence[Any], export_dir: str | Path = ".") -> Any:
-    """Check a job's arguments exactly as its actor will and return its one argument in
-    canonical JSON form (datetimes as ISO strings); raise InvalidPayload if bad."""
-    if actor_name not in ACTOR_QUEUES:
-        raise InvalidPayload(f"unknown job {actor_name!r:.80}; known: {', '.join(sorted(ACTOR_QUEUES))}")
-    if len(args) != 1:
-        raise InvalidPayload(f"{actor_name} takes exactly one argument, got {len(args)}")
-    arg = args[0]
-    if actor_name == "save_session":
-        return save_payload(*parse_save(arg))
-    if actor_name == "append_messages":
-        session_id, messages = parse_append(arg)
-        return {"session_id": session_id, "messages": [message_payload(m) for m in messages]}
-    if actor_name == "heartbeat":
-        mcp_session_id, at = parse_transport_event(arg, actor_name)
-        return {"mcp_session_id": mcp_session_id, "at": at.isoformat()}
-    if actor_name == "mark_disconnected":
-        mcp_session_id, at, grace = parse_disconnect(arg)
-        out: dict[str, Any] = {"mcp_session_id": mcp_session_id, "at": at.isoformat()}
-        if grace is not None:
-            out["grace_seconds"] = grace
-        return out
-    if actor_name == "register_transport":
-        return parse_register_transport(arg).to_json()
-    if actor_name == "archive_session":
-        session_id, at = parse_archive(arg)
-        return {"session_id": session_id, "at": at.isoformat()}
-    if actor_name == "run_sweep":
-        return parse_sweep(arg)
-    if actor_name == "migrate_batch":
-        return parse_migrate_batch(arg).to_json()
-    if actor_name == "save_file":
-        return parse_file(arg).to_json()
-    if actor_name == "put_agent_state":
-        return parse_agent_state(arg).to_json()
-    parse_export(arg, export_dir)
-    return dict(arg)
 
 
 def store_reference(target: str) -> str:

@@ -7,8 +7,8 @@
 >>> producer.heartbeat("mcp-session-id", buffered=True)   # microseconds, pipelined
 >>> producer.close()                            # flush the buffer on shutdown
 
-* Every payload is validated before it is enqueued (``sessionq.workers.payloads``): a bad one
-  raises :class:`~sessionq.workers.errors.InvalidPayload` here and is never sent.
+* Every payload is validated before it is enqueued, as its actor will check it: a bad
+  one raises :class:`~sessionq.workers.errors.InvalidPayload` here and is never sent.
 * ``send`` pushes the job to Redis and returns its message id.
 * ``send_nowait`` (``buffered=True`` on the helpers) appends to an in-memory buffer and
   returns; a background thread pipelines the buffer to Redis, a burst at a time (it
@@ -20,30 +20,30 @@
 * With no queue URL (embedded mode) jobs go to the in-process broker.
 
 Jobs are written to Redis exactly as docs/wire-contract.md describes (HSET + RPUSH,
-atomically), the same keys a non-Python producer writes; the Python producer does the
-two writes in one Lua script call per queue (one command, one reply), also for a whole
-buffered batch, packed by hand (``sessionq.workers.wire_codec``) and sent on a connection of its own (``_push``).
+atomically), the same keys a non-Python producer writes, by the producer's transport
+(``sessionq.workers.pusher``, which also keeps the outbox): one Lua script call per
+queue (one command, one reply), also for a whole buffered batch, packed by hand
+(``sessionq.workers.wire_codec``).
 
-The hot jobs (save, append, heartbeat) are validated by a plain path that accepts only
-plainly valid payloads and returns what ``payloads.normalize`` would; everything else
-goes through ``normalize`` (``sessionq.workers.producer_plain``).
+Each job's queue, checks and canonical form come from the job table
+(``sessionq.workers.jobs``); saves and appends first try a plain path that accepts only
+plainly valid payloads and returns what the general check would
+(``sessionq.workers.producer_plain``).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import os
 import threading
 import time
 import weakref
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
-
-import redis
+from typing import Any
 
 from sessionq.models import (
     AgentState,
@@ -54,59 +54,29 @@ from sessionq.models import (
     TransportSession,
     utcnow,
 )
+from sessionq.models.settings import is_redis_url
 
 from . import payloads
 from .errors import InvalidPayload, ProducerError
-from .outbox import Outbox
-from .producer_plain import PLAIN, deferred_bound
-from .wire_codec import (
-    PackedEnqueue,
-    encoded_message,
-    make_ids_ahead,
-    message_text,
-    uuid4,
-)
+from .jobs import job_named, single_argument
+from .producer_plain import deferred_bound
+from .pusher import BrokerPusher, RedisPusher, SpoolingPusher
+from .wire_codec import PendingJob, make_ids_ahead, message_text, uuid4
 
 logger = logging.getLogger(__name__)
 
-# Seconds to wait for a Redis connection before spooling to the outbox instead.
-DEFAULT_CONNECT_TIMEOUT = 1.0
-# Seconds to wait for a Redis reply.
-DEFAULT_SOCKET_TIMEOUT = 5.0
 # Jobs per pipelined round trip of the background flusher.
 DEFAULT_PIPELINE_BATCH = 1000
 # Seconds the flusher lets buffered jobs gather before a round trip (cut short by flush
 # and close): one wake-up and one push per burst, not per job, so that a busy caller
 # neither pays for waking the flusher nor waits for the GIL behind it on every call.
 DEFAULT_LINGER = 0.002
-# Seconds between attempts to forward the outbox while Redis is down (doubling, capped).
-DEFAULT_RETRY_INTERVAL = 0.5
+# Seconds the flusher waits before it retries a batch it could neither push nor spool.
 DEFAULT_MAX_RETRY_INTERVAL = 5.0
 # Key prefix of Dramatiq's keys (the broker's namespace).
 DEFAULT_NAMESPACE = "dramatiq"
 # Largest encoded job accepted (bigger sessions: send the messages in several appends).
 DEFAULT_MAX_JOB_BYTES = 16 * 1024 * 1024
-
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
-
-
-class _Job(NamedTuple):
-    """A validated job: its queue, message id and message JSON (no Redis id), encoded
-    once -- by the caller, or for a buffered plain job by the flusher (``deferred``)."""
-
-    queue_name: str
-    message_id: str
-    body: bytes
-    #: (actor name, canonical argument, timestamp in ms) of a job not encoded yet.
-    deferred: tuple[str, Any, int] | None = None
-
-    def encoded(self) -> bytes:
-        """The message JSON."""
-        if self.deferred is None:
-            return self.body
-        actor_name, arg, timestamp = self.deferred
-        return message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
-
 
 # Producers of this process: a forked child gives each fresh threads and locks.
 _PRODUCERS: weakref.WeakSet[Producer] = weakref.WeakSet()
@@ -135,52 +105,35 @@ class Producer:
         self.url = url or self.settings.queue_url
         self.namespace = namespace
         self.outbox_path = Path(outbox_path or self.settings.outbox_path)
-        self._outbox: Outbox | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._buffer: collections.deque[_Job] = collections.deque()
+        self._buffer: collections.deque[PendingJob] = collections.deque()
         self._inflight = 0
         # True while the flusher waits for an empty buffer to fill (it needs a notify);
         # _flush_waiters counts flush() calls waiting (the flusher then does not linger).
         self._flusher_idle = False
         self._flush_waiters = 0
         self._flusher: threading.Thread | None = None
-        self._forwarder: threading.Thread | None = None
         self._closed = False
-        self._down = False
         # Why the last buffered batch could be neither pushed nor spooled (cleared on success).
         self._failure: BaseException | None = None
-        self._broker: Any = None
-        self._client: redis.Redis | None = None
-        from sessionq.models.settings import is_redis_url
-
+        pusher: RedisPusher | BrokerPusher
         if not is_redis_url(self.url):
             from .broker import build_broker, current_broker
 
-            self._broker = current_broker(self.url) or build_broker(self.settings)
+            pusher = BrokerPusher(current_broker(self.url) or build_broker(self.settings))
         else:
-            self._client = redis.Redis.from_url(
-                self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT
-            )
-            self._enqueue = PackedEnqueue(namespace)
-        # The producer's own connection (pushes take the pool's only while it is busy).
-        self._conn: Any = None
-        self._conn_pid = 0
-        self._conn_lock = threading.Lock()
-        # True once the connection's current socket carried a push.
-        self._conn_proven = False
-        if self.outbox_path.exists() and self._get_outbox().count():
-            self._down = True
-            self._start_forwarder()
+            pusher = RedisPusher(self.url, namespace=namespace)
+        self._transport = SpoolingPusher(pusher, self.outbox_path)
         _PRODUCERS.add(self)
         atexit.register(self.close)
 
     def _after_fork(self) -> None:
         """In a forked child (a pre-forking server that made the producer before the
-        fork): the parent's flusher and forwarder threads do not exist here and its
-        locks may have been held at the fork, so start them afresh. Jobs the parent had
-        buffered stay the parent's to deliver; the outbox is reopened (a SQLite
-        connection must not cross a fork); Redis connections renew themselves."""
+        fork): the parent's flusher thread does not exist here and its locks may have
+        been held at the fork, so start them afresh. Jobs the parent had buffered stay
+        the parent's to deliver; the transport resets itself (outbox, forwarder, Redis
+        connection)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._buffer = collections.deque()
@@ -188,10 +141,7 @@ class Producer:
         self._flusher_idle = False
         self._flush_waiters = 0
         self._flusher = None
-        self._forwarder = None
         self._failure = None
-        self._outbox = None
-        self._conn_lock = threading.Lock()
 
     # -- sending ---------------------------------------------------------------
 
@@ -251,17 +201,13 @@ class Producer:
 
     def pending(self) -> int:
         """Jobs accepted but not yet in the broker (buffered plus spooled)."""
-        spooled = self._get_outbox().count() if self.outbox_path.exists() else 0
+        spooled = self._transport.spooled()
         with self._lock:
             return len(self._buffer) + self._inflight + spooled
 
     def forward_outbox(self) -> int:
         """Forward spooled jobs now; return how many (raises if Redis is still down)."""
-        if not self.outbox_path.exists():
-            return 0
-        count = self._get_outbox().forward(self._push)
-        self._down = False
-        return count
+        return self._transport.forward()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush the buffer (spooling what Redis does not take) and stop background threads.
@@ -282,18 +228,11 @@ class Producer:
         try:
             if leftover:
                 try:
-                    self._spool(leftover)
+                    self._transport.spool(leftover, forward=False)
                 except ProducerError as exc:
                     raise ProducerError(f"{len(leftover)} accepted job(s) not delivered: {exc}") from exc
         finally:
-            if self._client is not None:
-                # A push in progress (the outbox forwarder retrying) drops it when done.
-                if self._conn_lock.acquire(blocking=False):
-                    try:
-                        self._drop_connection()
-                    finally:
-                        self._conn_lock.release()
-                self._client.close()
+            self._transport.close()
 
     # -- job helpers -------------------------------------------------------------
 
@@ -371,120 +310,37 @@ class Producer:
 
     # -- internals -----------------------------------------------------------------
 
-    def _build(self, actor_name: str, args: Sequence[Any], *, buffered: bool = False) -> _Job:
+    def _build(self, actor_name: str, args: Sequence[Any], *, buffered: bool = False) -> PendingJob:
         """Validate and canonicalise a job and encode it (raises InvalidPayload).
 
-        A buffered job that took the plain path and is a snapshot of the caller's
-        payload (see :func:`deferred_bound`), well under the size limit, is encoded
-        by the flusher instead: its encoding cannot fail, and the caller returns sooner.
+        A buffered job whose canonical argument is a snapshot of the caller's payload
+        (a deferrable job, see :func:`deferred_bound`), well under the size limit, is
+        encoded by the flusher instead: its encoding cannot fail, and the caller
+        returns sooner.
         """
-        plain = PLAIN.get(actor_name)
-        arg = plain(args[0]) if plain is not None and len(args) == 1 else None
-        if arg is not None and buffered and 0 <= deferred_bound(actor_name, arg) <= DEFAULT_MAX_JOB_BYTES:
-            return _Job(payloads.ACTOR_QUEUES[actor_name], uuid4(), b"", (actor_name, arg, int(time.time() * 1000)))
+        job = job_named(actor_name)
+        payload = single_argument(actor_name, args)
+        arg = None if job.plain is None else job.plain(payload)
         if arg is None:
-            arg = payloads.normalize(actor_name, args, self.settings.export_dir)
+            arg = job.normalize(payload, self.settings.export_dir)
+        message_id, timestamp = uuid4(), int(time.time() * 1000)
+        if buffered and job.deferrable and 0 <= deferred_bound(arg) <= DEFAULT_MAX_JOB_BYTES:
+            return PendingJob(job.queue, message_id, b"", (actor_name, arg, timestamp))
         try:
             # ASCII-only JSON (non-ASCII escaped), so its length in bytes is its length.
-            message_id, text = encoded_message(actor_name, arg)
-            body = text.encode("ascii")
+            body = message_text(actor_name, arg, message_id, timestamp).encode("ascii")
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidPayload(f"{actor_name} payload is not JSON-serialisable: {exc}") from None
         if len(body) > DEFAULT_MAX_JOB_BYTES:
             raise InvalidPayload(
                 f"{actor_name} job is {len(body)} bytes; the limit is {DEFAULT_MAX_JOB_BYTES} (split it into appends)"
             )
-        return _Job(payloads.ACTOR_QUEUES[actor_name], message_id, body)
+        # A job pushed before send() returns keeps its argument (a broker other than
+        # Redis takes it as is); a buffered one only its encoding, the snapshot.
+        return PendingJob(job.queue, message_id, body, None if buffered else (actor_name, arg, timestamp))
 
-    def _deliver(self, jobs: list[_Job]) -> None:
-        if self._down:
-            self._spool(jobs)
-            return
-        try:
-            self._push([(job.queue_name, job.encoded()) for job in jobs])
-        except _REDIS_DOWN as exc:
-            logger.warning("broker unreachable (%s); spooling %d job(s) to %s", exc, len(jobs), self.outbox_path)
-            self._down = True
-            self._spool(jobs)
-
-    def _push(self, items: list[tuple[str, bytes]]) -> None:
-        """Enqueue encoded messages (without a Redis id yet) on their queues: per queue,
-        one atomic script call (HSET + RPUSH of every job, as the wire contract says).
-
-        The script calls of all queues are written in one send and their replies read
-        back on the producer's own connection (a pooled one while another thread holds
-        it), without redis-py's command machinery. Connection errors are retried as the
-        client's ``retry`` policy says (and once more when the server dropped a proven
-        connection), every attempt with fresh Redis ids (a push whose reply was lost
-        may have landed: its retry must not push the same id twice).
-        """
-        if self._broker is not None:
-            from dramatiq import Message
-
-            for _, data in items:
-                self._broker.enqueue(Message(**json.loads(data)))
-            return
-        by_queue: dict[str, list[bytes]] = {}
-        for queue, data in items:
-            by_queue.setdefault(queue, []).append(data)
-        assert self._client is not None
-        pool = self._client.connection_pool
-        if self._conn_lock.acquire(blocking=False):
-            try:
-                if self._conn is None or self._conn_pid != os.getpid():  # none yet, or inherited by a fork
-                    self._conn, self._conn_pid = pool.connection_class(**pool.connection_kwargs), os.getpid()
-                    self._conn_proven = False
-                conn = self._conn
-                try:
-                    self._enqueue_with_retry(conn, by_queue)
-                except redis.ConnectionError:
-                    if not self._conn_proven:
-                        raise
-                    # The server may have closed the idle connection (its timeout, a restart),
-                    # which the pool would have noticed before lending it: once more on a new
-                    # one, with new Redis ids (at worst a duplicate job, which is safe).
-                    self._conn_proven = False
-                    conn.disconnect()
-                    self._enqueue_with_retry(conn, by_queue)
-                self._conn_proven = True
-            finally:
-                if self._closed:
-                    self._drop_connection()
-                self._conn_lock.release()
-            return
-        conn = pool.get_connection()
-        try:
-            self._enqueue_with_retry(conn, by_queue)
-        finally:
-            pool.release(conn)
-
-    def _drop_connection(self) -> None:
-        """Close the producer's own connection (under its lock; not one inherited by a fork)."""
-        if self._conn is not None and self._conn_pid == os.getpid():
-            self._conn.disconnect()
-        self._conn, self._conn_proven = None, False
-
-    def _enqueue_with_retry(self, conn: Any, by_queue: dict[str, list[bytes]]) -> None:
-        """:class:`PackedEnqueue` under the client's retry policy (reconnecting between attempts).
-
-        The producer's own connection is only ever used under its lock and for whole
-        request/reply exchanges (redis-py disconnects it on any error mid-reply), so
-        unlike a pooled one it never holds stale replies.
-        """
-        conn.retry.call_with_retry(lambda: self._enqueue(conn, by_queue), lambda _error: conn.disconnect())
-
-    def _get_outbox(self) -> Outbox:
-        with self._lock:
-            if self._outbox is None:
-                self._outbox = Outbox(self.outbox_path)
-            return self._outbox
-
-    def _spool(self, jobs: list[_Job]) -> None:
-        try:
-            self._get_outbox().put((job.queue_name, job.encoded()) for job in jobs)
-        except Exception as exc:
-            raise ProducerError(f"broker unreachable and outbox {self.outbox_path} not writable: {exc}") from exc
-        self._start_forwarder()
+    def _deliver(self, jobs: list[PendingJob]) -> None:
+        self._transport.push(jobs)
 
     def _start_flusher(self) -> None:
         with self._lock:
@@ -529,12 +385,12 @@ class Producer:
                 self._cond.notify_all()
             make_ids_ahead()
 
-    def _spool_after_close(self, batch: list[_Job], exc: Exception) -> None:
+    def _spool_after_close(self, batch: list[PendingJob], exc: Exception) -> None:
         """A batch that was in flight when :meth:`close` stopped waiting, and then failed:
         into the outbox (the next producer on it forwards the jobs), not back into a
         buffer no thread drains any more."""
         try:
-            self._get_outbox().put((job.queue_name, job.encoded()) for job in batch)
+            self._transport.spool(batch, forward=False)
             logger.warning("could not deliver %d buffered job(s) after close (%s); spooled to %s",
                            len(batch), exc, self.outbox_path)
         except Exception as spool_exc:  # noqa: BLE001 - said as loudly as we can; close() has returned
@@ -543,28 +399,3 @@ class Producer:
         with self._cond:
             self._inflight = 0
             self._cond.notify_all()
-
-    def _start_forwarder(self) -> None:
-        with self._lock:
-            if self._forwarder is not None:
-                return
-            self._forwarder = threading.Thread(target=self._forward_loop, name="sessionq-outbox", daemon=True)
-            self._forwarder.start()
-
-    def _forward_loop(self) -> None:
-        interval = DEFAULT_RETRY_INTERVAL
-        while not self._closed:
-            try:
-                self.forward_outbox()
-            except _REDIS_DOWN:
-                time.sleep(interval)
-                interval = min(interval * 2, DEFAULT_MAX_RETRY_INTERVAL)
-                continue
-            except Exception:
-                logger.exception("forwarding the outbox failed")
-                time.sleep(DEFAULT_MAX_RETRY_INTERVAL)
-                continue
-            with self._lock:
-                if self._outbox is None or self._outbox.count() == 0:
-                    self._forwarder = None
-                    return

@@ -1,14 +1,19 @@
-"""The producer's plain path: common, plainly valid save / append / heartbeat payloads
+"""The producer's plain path: common, plainly valid save and append payloads
 canonicalised without building records.
 
-``payloads.normalize`` builds the records (which validate) and turns them back into
-JSON; for the hot jobs :class:`~sessionq.workers.producer.Producer` first tries :data:`PLAIN`,
-whose functions accept only payloads made of exact built-in types that pass every
-check with room to spare, and return exactly what ``normalize`` returns for them
-(tests/test_producer_plain.py compares both). Anything else -- a bad payload included
--- returns None and goes through ``normalize``, which raises the specific error. Only
-fields ``payloads`` still accepts are handled here: a rule added to the records must
-be added here too, or the plain path must step aside for the field.
+A job's ``normalize`` (:mod:`sessionq.workers.jobs`) builds the records (which validate)
+and turns them back into JSON; for saves and appends the producer first tries
+:func:`plain_save` / :func:`plain_append`, which accept only payloads made of exact
+built-in types that pass every check with room to spare, and return exactly what
+``normalize`` returns for them (tests/test_producer_plain.py compares both). Anything
+else -- a bad payload included -- returns None and goes through ``normalize``, which
+raises the specific error. Only fields ``payloads`` still accepts are handled here: a
+rule added to the records must be added here too, or the plain path must step aside
+for the field.
+
+Measured with timeit (a save of 2 messages and metadata, the append of the same
+messages): save 4.1 µs here vs 19.4 µs through ``normalize``, append 2.8 vs 12.7 µs.
+A heartbeat was 3.01 vs 3.06 µs, so it has no plain path.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ _PLAIN_SAVE_FIELDS = payloads._SESSION_FIELDS & {
 _PLAIN_MESSAGE_FIELDS = payloads._MESSAGE_FIELDS & {
     "message_id", "session_id", "role", "content", "created_at", "metadata"}
 _PLAIN_APPEND_FIELDS = {"session_id", "messages"}
-_PLAIN_EVENT_FIELDS = {"mcp_session_id", "at"}
 
 
 def _plain_id(value: Any) -> bool:
@@ -113,7 +117,8 @@ def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str,
     return out
 
 
-def _plain_save(payload: Any) -> dict[str, Any] | None:
+def plain_save(payload: Any) -> dict[str, Any] | None:
+    """The canonical ``save_session`` argument of a plainly valid payload, else None."""
     if type(payload) is not dict or not payload.keys() <= _PLAIN_SAVE_FIELDS:
         return None
     session_id: str = payload.get("session_id")  # type: ignore[assignment]  # checked next
@@ -141,21 +146,12 @@ def _plain_save(payload: Any) -> dict[str, Any] | None:
             "updated_at": updated_iso, "status": status, "metadata": metadata, "messages": messages}
 
 
-def _plain_append(payload: Any) -> dict[str, Any] | None:
+def plain_append(payload: Any) -> dict[str, Any] | None:
+    """The canonical ``append_messages`` argument of a plainly valid payload, else None."""
     if type(payload) is not dict or payload.keys() != _PLAIN_APPEND_FIELDS or not _plain_id(payload["session_id"]):
         return None
     messages = _plain_messages(payload["session_id"], payload["messages"], utc_now_iso())
     return None if messages is None else {"session_id": payload["session_id"], "messages": messages}
-
-
-def _plain_heartbeat(payload: Any) -> dict[str, Any] | None:
-    if type(payload) is not dict or payload.keys() != _PLAIN_EVENT_FIELDS or not _plain_id(payload["mcp_session_id"]):
-        return None
-    at = _plain_time(payload["at"], utc_now_iso())
-    return None if at is None else {"mcp_session_id": payload["mcp_session_id"], "at": at.isoformat()}
-
-
-PLAIN = {"save_session": _plain_save, "append_messages": _plain_append, "heartbeat": _plain_heartbeat}
 
 
 _NOT_CONTAINERS = frozenset({str, int, float, bool, type(None)})
@@ -175,12 +171,13 @@ def _flat_bound(document: dict[str, Any]) -> int:
     return size
 
 
-def deferred_bound(actor_name: str, arg: dict[str, Any]) -> int:
-    """An upper bound of the encoded size of a plain path's argument, or -1 if encoding
-    it later could see the caller's changes (nested containers in metadata).
+def deferred_bound(arg: dict[str, Any]) -> int:
+    """An upper bound of the encoded size of a deferrable job's canonical argument
+    (``Job.deferrable``), or -1 if encoding it later could see the caller's changes
+    (nested containers in metadata).
 
-    Every container of a plain argument is the plain path's own, except the values of
-    the metadata copies: with scalar values only, the argument is a snapshot.
+    Every container of such an argument is its own, except the values of the metadata
+    copies: with scalar values only, the argument is a snapshot.
     """
     size = 256
     for message in arg.get("messages", ()):

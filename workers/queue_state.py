@@ -15,11 +15,12 @@ the queues, so this reads the key layout of ``dramatiq.brokers.redis`` directly
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
-# The queues sessionq declares; keep in step with the broker module's queue names.
-QUEUES: tuple[str, ...] = ("sessions", "maintenance", "bulk")
+from .jobs import QUEUES
+
 # Key prefix of Dramatiq's Redis broker (its ``namespace`` argument).
 DEFAULT_NAMESPACE = "dramatiq"
 

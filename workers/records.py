@@ -8,22 +8,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import dramatiq
-
 from . import payloads
 from .broker import get_store
-from .errors import InvalidPayload
+from .jobs import job_actor
 
 logger = logging.getLogger(__name__)
 
 
-@dramatiq.actor(queue_name="maintenance", throws=(InvalidPayload,))
+@job_actor
 def save_file(payload: dict[str, Any]) -> None:
     """Insert or replace a file record (idempotent)."""
     get_store().save_file(payloads.parse_file(payload))
 
 
-@dramatiq.actor(queue_name="maintenance", throws=(InvalidPayload,))
+@job_actor
 def put_agent_state(payload: dict[str, Any]) -> None:
     """Upsert one agent-state key; an older write than the stored one loses."""
     state = payloads.parse_agent_state(payload)

@@ -11,19 +11,19 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from sessionq.models.errors import NotFound
 
 from . import payloads
 from .broker import get_committer, get_settings, get_store
-from .errors import InvalidPayload, SessionNotReady
+from .errors import SessionNotReady
+from .jobs import job_actor
 
 logger = logging.getLogger(__name__)
 
 
-@dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
+@job_actor
 def save_session(payload: dict[str, Any]) -> None:
     """Upsert a session (export JSON shape) and insert its messages not stored yet.
 
@@ -34,7 +34,7 @@ def save_session(payload: dict[str, Any]) -> None:
     get_committer().save(session, messages, token=CurrentMessage.get_current_message())
 
 
-@dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
+@job_actor
 def append_messages(payload: dict[str, Any]) -> None:
     """Append messages to a saved session; retried while the session's save is still queued."""
     session_id, messages = payloads.parse_append(payload)
@@ -44,15 +44,15 @@ def append_messages(payload: dict[str, Any]) -> None:
         raise SessionNotReady(f"session {session_id!r} does not exist (yet)") from None
 
 
-@dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
+@job_actor
 def heartbeat(payload: dict[str, Any]) -> None:
     """Record a transport session's heartbeat (never moving it backwards)."""
-    mcp_session_id, at = payloads.parse_transport_event(payload, "heartbeat")
+    mcp_session_id, at = payloads.parse_heartbeat(payload)
     if not get_store().heartbeat(mcp_session_id, at):
         logger.debug("heartbeat for unknown or expired transport %s ignored", mcp_session_id)
 
 
-@dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
+@job_actor
 def mark_disconnected(payload: dict[str, Any]) -> None:
     """Mark a transport session disconnected, opening its recovery grace window."""
     mcp_session_id, at, grace_seconds = payloads.parse_disconnect(payload)
@@ -64,7 +64,7 @@ def mark_disconnected(payload: dict[str, Any]) -> None:
         logger.debug("disconnect of %s ignored (unknown, expired or stale)", mcp_session_id)
 
 
-@dramatiq.actor(queue_name="sessions", throws=(InvalidPayload,))
+@job_actor
 def register_transport(payload: dict[str, Any]) -> None:
     """Insert a transport session or update its saved state."""
     get_store().register_transport(payloads.parse_register_transport(payload))

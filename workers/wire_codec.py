@@ -1,5 +1,6 @@
-"""The producer's wire encoding: message JSON, message and Redis ids, and the packed
-``EVALSHA`` that puts jobs on Dramatiq's Redis queues (docs/wire-contract.md).
+"""The producer's wire encoding: message JSON, message and Redis ids, the packed
+``EVALSHA`` that puts jobs on Dramatiq's Redis queues (docs/wire-contract.md), and
+:class:`PendingJob`, a validated job on its way (:mod:`sessionq.workers.pusher` sends it).
 
 Everything here is on the caller's hot path (``Producer.save_session`` and friends),
 so it avoids per-job allocations the standard helpers make: the C JSON encoder is built
@@ -15,11 +16,11 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
-from . import payloads
+from .jobs import JOBS
 
 # Encoded messages end with their (empty) options, so that the Redis id can be
 # appended to the bytes at push time instead of decoding and re-encoding the JSON.
@@ -117,8 +118,8 @@ def bulk(data: bytes) -> bytes:
 # Per actor: the encoded message up to its argument. Messages are encoded in the key
 # order queue_name, actor_name, args, kwargs, message_id, message_timestamp, options.
 _ENVELOPE_HEADS = {
-    actor: encode({"queue_name": queue, "actor_name": actor})[:-1] + ',"args":['
-    for actor, queue in payloads.ACTOR_QUEUES.items()
+    job.name: encode({"queue_name": job.queue, "actor_name": job.name})[:-1] + ',"args":['
+    for job in JOBS.values()
 }
 
 
@@ -133,6 +134,37 @@ def encoded_message(actor_name: str, arg: Any) -> tuple[str, str]:
     """A new message id and the encoded message."""
     message_id = uuid4()
     return message_id, message_text(actor_name, arg, message_id, int(time.time() * 1000))
+
+
+class PendingJob(NamedTuple):
+    """A validated job on its way to the broker: its queue, message id and message JSON
+    (without a Redis id), encoded once -- by the caller, or for a buffered job whose
+    argument is a snapshot, by the producer's flusher."""
+
+    queue_name: str
+    message_id: str
+    #: The message JSON; empty until :meth:`encoded` writes it from :attr:`source`.
+    body: bytes
+    #: (actor name, canonical argument, timestamp in ms) while the argument cannot change
+    #: any more (a snapshot, or a job pushed before its caller returns); else None.
+    source: tuple[str, Any, int] | None = None
+
+    def encoded(self) -> bytes:
+        """The message JSON."""
+        if self.body or self.source is None:
+            return self.body
+        actor_name, arg, timestamp = self.source
+        return message_text(actor_name, arg, self.message_id, timestamp).encode("ascii")
+
+    def message(self) -> Any:
+        """The job as a Dramatiq :class:`~dramatiq.Message` (for a broker other than Redis)."""
+        from dramatiq import Message
+
+        if self.source is None:
+            return Message(**json.loads(self.body))  # spooled, or no longer the job's own argument
+        actor_name, arg, timestamp = self.source
+        return Message(queue_name=self.queue_name, actor_name=actor_name, args=(arg,), kwargs={}, options={},
+                       message_id=self.message_id, message_timestamp=timestamp)
 
 
 def with_redis_id(data: bytes, redis_id: str) -> bytes:

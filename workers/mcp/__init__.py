@@ -7,8 +7,9 @@
 * :class:`RecoverableSessionManager` / :func:`recoverable_http_app` — sessions that
   survive a restart or a hop to another instance instead of answering 404.
 
-Imports only ``models``, ``redis``, ``mcp`` and the standard library (never the
-broker), so importing it has no side effects. See ``docs/mcp.md``.
+Imports only ``models``, the job payload checks (``sessionq.workers.payloads``),
+``redis``, ``mcp`` and the standard library (never the broker), so importing it has
+no side effects. See ``docs/mcp.md``.
 """
 
 from __future__ import annotations

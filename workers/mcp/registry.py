@@ -7,11 +7,11 @@ default sender, :class:`StoreSender`, applies the job to the store in a worker t
 its worker runs :func:`apply_transport_job` (the same code). Reads that must answer
 now (``can_recover``, ``recover``, agent state) go to the store directly, in a thread.
 
-Job names and payloads (the wire contract for other-language servers):
-
-* ``register_transport`` — ``{"session": TransportSession.to_json()}``
-* ``heartbeat`` — ``{"mcp_session_id": str, "at": ISO 8601}``
-* ``mark_disconnected`` — ``{"mcp_session_id": str, "at": ISO 8601, "grace_seconds": float}``
+The jobs are sessionq's own ``register_transport`` (``TransportSession.to_json()``),
+``heartbeat`` (``{"mcp_session_id", "at"}``) and ``mark_disconnected``
+(``{"mcp_session_id", "at", "grace_seconds"}``), payloads as docs/wire-contract.md
+describes them, checked by the same parsers as the actors'
+(:mod:`sessionq.workers.payloads`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from sessionq.models.records import (
     utcnow,
 )
 from sessionq.models.store import Store
+from sessionq.workers import payloads
+from sessionq.workers.errors import InvalidPayload
 
 logger = logging.getLogger(__name__)
 
@@ -50,41 +52,28 @@ TRANSPORT_JOBS = frozenset({JOB_REGISTER, JOB_HEARTBEAT, JOB_DISCONNECT})
 Sender = Callable[[str, dict[str, Any]], "Awaitable[None] | None"]
 
 
-def _when(payload: Mapping[str, Any], name: str = "at") -> datetime:
-    value = payload.get(name)
-    if not isinstance(value, str):
-        raise ValidationError(f"{name}: an ISO 8601 string is required")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValidationError(f"{name}: not an ISO 8601 time: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise ValidationError(f"{name}: a timezone is required")
-    return parsed
+def _unknown_job(name: str) -> InvalidPayload:
+    return InvalidPayload(f"unknown transport job {name!r:.80}; known: {', '.join(sorted(TRANSPORT_JOBS))}")
 
 
 def apply_transport_job(store: Store, name: str, payload: Mapping[str, Any]) -> bool:
-    """Run one registry job against ``store`` (idempotent; what a worker actor calls).
+    """Run one registry job against ``store`` (idempotent), as the actor of the same
+    name does, with the same payload check.
 
     Returns what the store answered (``False``: unknown, expired or stale).
-    Raises :class:`~sessionq.models.errors.ValidationError` on a bad payload (never retry it).
+    Raises :class:`~sessionq.workers.errors.InvalidPayload` on a bad payload or an
+    unknown job (never retry it).
     """
-    if not isinstance(payload, Mapping):
-        raise ValidationError("payload must be a JSON object")
     if name == JOB_REGISTER:
-        store.register_transport(TransportSession.from_json(payload.get("session") or {}))
+        store.register_transport(payloads.parse_register_transport(payload))
         return True
-    session_id = payload.get("mcp_session_id")
-    if not isinstance(session_id, str) or not session_id:
-        raise ValidationError("mcp_session_id: a non-empty string is required")
     if name == JOB_HEARTBEAT:
-        return store.heartbeat(session_id, _when(payload))
+        return store.heartbeat(*payloads.parse_heartbeat(payload))
     if name == JOB_DISCONNECT:
-        grace = payload.get("grace_seconds", DEFAULT_GRACE_PERIOD.total_seconds())
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-            raise ValidationError("grace_seconds: a non-negative number is required")
-        return store.mark_disconnected(session_id, _when(payload), timedelta(seconds=grace))
-    raise ValidationError(f"unknown transport job {name!r}")
+        session_id, at, grace = payloads.parse_disconnect(payload)
+        window = DEFAULT_GRACE_PERIOD if grace is None else timedelta(seconds=grace)
+        return store.mark_disconnected(session_id, at, window)
+    raise _unknown_job(name)
 
 
 class StoreSender:
@@ -118,12 +107,11 @@ class ProducerSender:
         if name == JOB_REGISTER:
             await anyio.to_thread.run_sync(apply_transport_job, self.store, name, payload)
         elif name == JOB_HEARTBEAT:
-            self.producer.heartbeat(payload["mcp_session_id"], _when(payload), buffered=True)
+            self.producer.send_nowait(name, payload)
         elif name == JOB_DISCONNECT:
-            grace = timedelta(seconds=float(payload["grace_seconds"]))
-            self.producer.mark_disconnected(payload["mcp_session_id"], _when(payload), grace=grace)
+            self.producer.send(name, payload)
         else:
-            raise ValidationError(f"unknown registry job {name!r}")
+            raise _unknown_job(name)
 
 
 class SessionRegistry:
@@ -197,7 +185,7 @@ class SessionRegistry:
             conversation_state=conversation_state,
             metadata=metadata or {},
         )
-        await self._send(JOB_REGISTER, {"session": record.to_json()})
+        await self._send(JOB_REGISTER, record.to_json())
 
     async def heartbeat(self, mcp_session_id: str) -> None:
         """Say the session is alive (a job)."""
@@ -308,7 +296,7 @@ async def send_quietly(coro: Awaitable[None], what: str, timeout: float = DEFAUL
     try:
         with anyio.fail_after(timeout):
             await coro
-    except (StoreError, OSError, TimeoutError) as exc:
+    except (StoreError, InvalidPayload, OSError, TimeoutError) as exc:
         logger.warning("%s not recorded: %s", what, exc)
     except Exception:
         logger.exception("%s not recorded", what)
