@@ -24,7 +24,7 @@ from typing import Any
 from dramatiq import Middleware
 
 from .logs import bind_job_context, reset_job_context
-from .metrics import observe_job
+from .metrics import event_metrics, observe_job
 
 
 def session_id_of(message: Any) -> str | None:
@@ -52,6 +52,11 @@ class JobObserver(Middleware):
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        """Build this process's event metrics now, so that a worker that has run no job
+        yet already serves its (zero) series and rates start from a sample."""
+        event_metrics()
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         """Bind the job's log context and start its clock."""
