@@ -33,6 +33,7 @@ from .mongo_aux import MongoKindMixin
 from .mongo_ops import Doc, MongoRecordsMixin
 from .mongo_ops import only_duplicates as _only_duplicates
 from .mongo_ops import translate_errors as _translate_errors
+from .mongo_tasks import MongoTaskOps
 from .mongo_schema import from_us, to_us
 from .records import ChatMessage, ChatSession
 from .store import (
@@ -61,7 +62,7 @@ def _chunks(items: Sequence[Any], size: int = 1000) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-class MongoStore(MongoRecordsMixin, MongoKindMixin, Store):
+class MongoStore(MongoTaskOps, MongoRecordsMixin, MongoKindMixin, Store):
     """A :class:`~sessionq.models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and

@@ -25,6 +25,7 @@ from .sql_base import (
     translate_errors,
 )
 from .sql_ops import SqlRecordOps
+from .sql_tasks import SqlTaskOps
 from .store import (
     DEFAULT_PAGE_SIZE,
     Page,
@@ -39,7 +40,7 @@ __all__ = ["SqlStore", "open_database"]
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlRecordOps, Store):
+class SqlStore(SqlTaskOps, SqlRecordOps, Store):
     """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)

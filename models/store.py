@@ -37,6 +37,7 @@ from .records import (
     StreamEvent,
     TransportSession,
 )
+from .tasks import TaskStore
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)
@@ -95,6 +96,7 @@ class StoreStats:
     transports_by_status: dict[str, int] = field(default_factory=dict)
     agent_states: int = 0
     stream_events: int = 0
+    tasks: int = 0
 
     @property
     def total_sessions(self) -> int:
@@ -113,12 +115,14 @@ class StoreStats:
             "transport_sessions": dict(self.transports_by_status),
             "agent_states": self.agent_states,
             "stream_events": self.stream_events,
+            "tasks": self.tasks,
         }
 
 
-class Store(abc.ABC):
-    """A durable home for sessions, messages, files, transport sessions, agent state
-    and MCP event logs. Backends subclass it; see the module docs for the rules."""
+class Store(TaskStore, abc.ABC):
+    """A durable home for sessions, messages, files, transport sessions, agent state,
+    MCP event logs and MCP tasks (:class:`~sessionq.models.tasks.TaskStore`). Backends
+    subclass it; see the module docs for the rules."""
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.
     backend: str = ""

@@ -46,6 +46,7 @@ def reset_store(store: Store) -> None:
     if isinstance(store, SqlStore):
         for model in reversed(store.m.all()[1:]):
             model.delete().execute()
+        store.mt.delete().execute()  # MCP tasks (models/sql_tasks.py)
         return
     from sessionq.models.mongo import MongoStore
 
