@@ -538,11 +538,13 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 @main.command()
 @click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
-@click.option("--queues", "-Q", multiple=True, type=click.Choice(["sessions", "maintenance", "bulk"]),
-              help="Queues to consume (repeatable; default: all).")
+@click.option("--queues", "-Q", multiple=True, type=click.Choice(["sessions", "maintenance", "bulk", "tasks"]),
+              help="Queues to consume (repeatable; default: all, tasks only with --mcp-app).")
+@click.option("--mcp-app", metavar="MODULE:ATTR", help="The MCPServer whose task tools this worker runs (queue tasks).")
 @click.pass_context
 @user_errors
-def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...]) -> None:
+def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...],
+           mcp_app: str | None) -> None:
     """Run Dramatiq worker processes against the configured broker (graceful on SIGTERM)."""
     app: App = ctx.obj
     if app.settings.queue_url is None:
@@ -554,6 +556,9 @@ def worker(ctx: click.Context, processes: int | None, threads: int | None, queue
     from sessionq.workers.broker import configure
 
     configure(app.settings)  # forked worker processes inherit this broker
+    from sessionq.workers.tool_tasks import worker_queues
+
+    queues = worker_queues(queues, mcp_app)
 
     argv = ["sessionq.workers.actors", "--processes", str(processes or app.settings.worker_processes),
             "--threads", str(threads or app.settings.worker_threads), "--skip-logging"]

@@ -59,6 +59,10 @@ INTERNAL_ERROR = -32603
 DEFAULT_CAS_ATTEMPTS = 50
 # Attempts of one leg of a task when the tool's policy does not say.
 DEFAULT_MAX_ATTEMPTS = 3
+# Milliseconds a worker's claim on a task lasts; the worker renews it every third of that.
+DEFAULT_LEASE_MS = 30_000
+# Milliseconds a dispatched leg may wait for a worker before the sweep dispatches it again.
+DEFAULT_DISPATCH_TIMEOUT_MS = 60_000
 # Longest tool result or input payload kept on a task (bytes of compact JSON).
 MAX_PAYLOAD_BYTES = DEFAULT_MAX_CONTENT_BYTES
 # Longest tool name.

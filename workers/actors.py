@@ -9,6 +9,6 @@ loading Dramatiq's broker. Importing this module starts no thread.
 from __future__ import annotations
 
 from . import broker  # noqa: F401  (must come first: it calls dramatiq.set_broker)
-from . import bulk, exports, maintenance, records, sessions  # noqa: F401
+from . import bulk, exports, maintenance, records, sessions, tool_tasks  # noqa: F401
 
-__all__ = ["broker", "bulk", "exports", "maintenance", "records", "sessions"]
+__all__ = ["broker", "bulk", "exports", "maintenance", "records", "sessions", "tool_tasks"]

@@ -43,8 +43,9 @@ from .middleware import JobObserver
 
 logger = logging.getLogger(__name__)
 
-#: The three queues: saves never wait behind maintenance or bulk work.
-QUEUES = ("sessions", "maintenance", "bulk")
+#: The queues: saves never wait behind maintenance or bulk work; MCP task legs
+#: (``tasks``) run only on workers started with ``--mcp-app``.
+QUEUES = ("sessions", "maintenance", "bulk", "tasks")
 # Key prefix of every Dramatiq key in Redis (Dramatiq's default).
 DEFAULT_NAMESPACE = "dramatiq"
 

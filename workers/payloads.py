@@ -54,6 +54,7 @@ ACTOR_QUEUES: dict[str, str] = {
     "put_agent_state": "maintenance",
     "export_session": "bulk",
     "migrate_batch": "bulk",
+    "run_tool_task": "tasks",
 }
 # Prefix of the environment variables that name stores for bulk jobs (``@NAME``).
 STORE_ENV_PREFIX = "SESSIONQ_STORE_"
@@ -223,6 +224,19 @@ def parse_sweep(kind: Any) -> str:
         raise InvalidPayload(f"run_sweep: {exc}") from None
 
 
+def parse_tool_task(payload: Any) -> tuple[str, int]:
+    """``run_tool_task``: ``{"task_id": str, "leg": int >= 0}`` (one leg of an MCP task)."""
+    data = _object("run_tool_task", payload, {"task_id", "leg"}, ("task_id", "leg"))
+    try:
+        task_id = check_id("task_id", data["task_id"])
+    except ValidationError as exc:
+        raise InvalidPayload(f"run_tool_task: {exc}") from None
+    leg = data["leg"]
+    if isinstance(leg, bool) or not isinstance(leg, int) or not 0 <= leg < 1_000_000:
+        raise InvalidPayload("run_tool_task: leg must be an integer from 0")
+    return task_id, leg
+
+
 def export_filename(session_id: str, fmt: str) -> str:
     """The default file name for an export: the id with unsafe characters replaced."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in session_id)[:200] or "session"
@@ -307,6 +321,9 @@ def normalize(actor_name: str, args: Sequence[Any], export_dir: str | Path = "."
         return parse_file(arg).to_json()
     if actor_name == "put_agent_state":
         return parse_agent_state(arg).to_json()
+    if actor_name == "run_tool_task":
+        task_id, leg = parse_tool_task(arg)
+        return {"task_id": task_id, "leg": leg}
     parse_export(arg, export_dir)
     return dict(arg)
 

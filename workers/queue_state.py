@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 # The queues sessionq declares; keep in step with the broker module's queue names.
-QUEUES: tuple[str, ...] = ("sessions", "maintenance", "bulk")
+QUEUES: tuple[str, ...] = ("sessions", "maintenance", "bulk", "tasks")
 # Key prefix of Dramatiq's Redis broker (its ``namespace`` argument).
 DEFAULT_NAMESPACE = "dramatiq"
 
