@@ -121,7 +121,9 @@ class Cluster:
         """Start a tasks worker (one process)."""
         log = self.tmp / f"worker-{len(self.procs)}.log"
         cmd = [sys.executable, "-m", "sessionq.cli", "worker", "-p", "1", "-t", str(threads),
-               "--mcp-app", "tests.task_app:server", "--queues", *(queues or ("tasks",))]
+               "--mcp-app", "tests.task_app:server"]
+        for queue in queues or ("tasks",):
+            cmd += ["--queues", queue]
         proc = Proc(cmd, self.env, log, lambda p: "ready for action" in p.output()).start()
         self.procs.append(proc)
         return proc
