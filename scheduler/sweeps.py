@@ -95,8 +95,10 @@ def _tasks(store: Store, settings: Settings, now: datetime, dry_run: bool = Fals
     racing on two hosts dispatch a task once). Without a queue the MCP server's own
     in-process executor does the dispatching."""
     deleted = store.delete_expired_tasks(now, batch_size=settings.sweep_batch_size, dry_run=dry_run)
-    if dry_run or settings.queue_url is None:
-        return {"deleted": deleted, "dispatched": store.task_stats(now).expired_leases if dry_run else 0}
+    if settings.queue_url is None:
+        return {"deleted": deleted, "dispatched": 0}
+    if dry_run:  # each stale task is dispatched again (or ended, once out of attempts)
+        return {"deleted": deleted, "dispatched": store.task_stats(now).expired_leases}
     until = now + timedelta(milliseconds=settings.task_dispatch_timeout_ms)
     handed = store.requeue_stale_tasks(now, until, limit=settings.sweep_batch_size)
     if handed:
