@@ -275,17 +275,27 @@ class TaskStore(abc.ABC):
             return None
         return task
 
-    def _transition(self, task_id: str, decide: Decide, now: datetime) -> tuple[McpTask | None, bool]:
+    def _transition(
+        self, task_id: str, decide: Decide, now: datetime, known: McpTask | None = None
+    ) -> tuple[McpTask | None, bool]:
         """Apply ``decide`` to the stored task by compare-and-set: ``(task after, changed)``.
-        ``decide`` returns the fields to change, or ``None`` to leave the task as it is."""
+        ``decide`` returns the fields to change, or ``None`` to leave the task as it is.
+        ``known`` (the task as the caller last wrote or read it) is tried first without
+        a read; if it is stale its compare-and-set fails and the row is read."""
         for _ in range(DEFAULT_CAS_ATTEMPTS):
-            try:
-                current = self.load_task(task_id)
-            except NotFound:
-                return None, False
-            changes = decide(current)
-            if changes is None:
-                return current, False
+            if known is not None and known.task_id == task_id:
+                current, known = known, None
+                changes = decide(current)
+                if changes is None:
+                    continue
+            else:
+                try:
+                    current = self.load_task(task_id)
+                except NotFound:
+                    return None, False
+                changes = decide(current)
+                if changes is None:
+                    return current, False
             if changes.get("status", current.status) != current.status or "status_message" in changes:
                 changes.setdefault("updated_at", max(now, current.last_updated))
             new = current.replace(**changes, version=current.version + 1)
@@ -314,9 +324,12 @@ class TaskStore(abc.ABC):
         task, changed = self._transition(task_id, decide, now)
         return task if changed and task is not None and task.worker_id == worker_id else None
 
-    def renew_task(self, task_id: str, worker_id: str, now: datetime, lease_until: datetime) -> McpTask | None:
+    def renew_task(
+        self, task_id: str, worker_id: str, now: datetime, lease_until: datetime, *, known: McpTask | None = None
+    ) -> McpTask | None:
         """Extend ``worker_id``'s lease (and a limited TTL, so a running task never
-        expires under its worker); the task, or ``None`` once it is no longer held."""
+        expires under its worker); the task, or ``None`` once it is no longer held.
+        ``known``: see :meth:`_transition` (here and in the other worker-side changes)."""
 
         def decide(t: McpTask) -> dict[str, Any] | None:
             if t.status != "working" or t.worker_id != worker_id:
@@ -326,10 +339,12 @@ class TaskStore(abc.ABC):
                 changes["expires_at"] = changes["lease_until"]
             return changes
 
-        task, changed = self._transition(task_id, decide, now)
+        task, changed = self._transition(task_id, decide, now, known)
         return task if changed else None
 
-    def set_task_message(self, task_id: str, worker_id: str, message: str | None, now: datetime) -> bool:
+    def set_task_message(
+        self, task_id: str, worker_id: str, message: str | None, now: datetime, *, known: McpTask | None = None
+    ) -> bool:
         """Set the status message of a task ``worker_id`` holds."""
 
         def decide(t: McpTask) -> dict[str, Any] | None:
@@ -337,7 +352,7 @@ class TaskStore(abc.ABC):
                 return None
             return {"status_message": message}
 
-        return self._transition(task_id, decide, now)[1]
+        return self._transition(task_id, decide, now, known)[1]
 
     def finish_task(
         self,
@@ -348,6 +363,7 @@ class TaskStore(abc.ABC):
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         cancelled: bool = False,
+        known: McpTask | None = None,
     ) -> bool:
         """End a task ``worker_id`` holds: ``completed`` with ``result``, ``failed``
         with ``error``, or ``cancelled``. False if the worker no longer holds it (its
@@ -366,7 +382,7 @@ class TaskStore(abc.ABC):
                 return None
             return end | _released()
 
-        return self._transition(task_id, decide, now)[1]
+        return self._transition(task_id, decide, now, known)[1]
 
     def park_task(
         self,
@@ -377,6 +393,7 @@ class TaskStore(abc.ABC):
         input_requests: dict[str, Any],
         input_keys: dict[str, Any],
         request_state: str | None,
+        known: McpTask | None = None,
     ) -> bool:
         """Move a task ``worker_id`` holds to ``input_required`` with the outstanding
         requests (by wire key), their tool keys and the request state the next leg
@@ -395,10 +412,11 @@ class TaskStore(abc.ABC):
                 "request_state": request_state,
             } | _released()
 
-        return self._transition(task_id, decide, now)[1]
+        return self._transition(task_id, decide, now, known)[1]
 
     def checkpoint_task(
-        self, task_id: str, worker_id: str, now: datetime, request_state: str, dispatch_until: datetime
+        self, task_id: str, worker_id: str, now: datetime, request_state: str, dispatch_until: datetime, *,
+        known: McpTask | None = None,
     ) -> bool:
         """Close a leg that asked for nothing but returned new ``request_state``: the
         next leg runs with it (a checkpoint a retry resumes from)."""
@@ -409,7 +427,7 @@ class TaskStore(abc.ABC):
             return {"request_state": request_state, "input_responses": {}, "leg": t.leg + 1, "attempt": 0,
                     "worker_id": None, "lease_until": dispatch_until}
 
-        return self._transition(task_id, decide, now)[1]
+        return self._transition(task_id, decide, now, known)[1]
 
     def answer_task(
         self, task_id: str, owner: str | None, responses: dict[str, Any], now: datetime, dispatch_until: datetime

@@ -237,3 +237,22 @@ def test_bad_tasks_are_refused_with_one_line() -> None:
         make_task(arguments={"x": "nul\x00"})
     with pytest.raises(ValidationError, match="max_attempts"):
         make_task(max_attempts=0)
+
+
+def test_a_stale_known_copy_costs_a_read_never_a_lost_change(store: Store) -> None:
+    # Given a worker's copy of its claimed task, then a cancellation that changed the row
+    task = store.create_task(make_task())
+    mine = store.claim_task(task.task_id, 0, "w1", T0, T0 + LEASE)
+    assert mine is not None
+    store.request_cancel(task.task_id, "alice", T0)
+    # When the worker renews and finishes with its stale copy
+    renewed = store.renew_task(task.task_id, "w1", T0, T0 + LEASE * 2, known=mine)
+    # Then the renewal read the row again and carries the cancellation
+    assert renewed is not None and renewed.cancel_requested_at == T0 and renewed.lease_until == T0 + LEASE * 2
+    assert store.finish_task(task.task_id, "w1", T0, cancelled=True, known=mine)
+    assert store.load_task(task.task_id).status == "cancelled"
+    # And another worker's copy never ends it
+    other = store.create_task(make_task())
+    copy = store.claim_task(other.task_id, 0, "w1", T0, T0 + LEASE)
+    assert not store.finish_task(other.task_id, "w2", T0, result={"content": []}, known=copy)
+    assert store.load_task(other.task_id).status == "working"

@@ -79,19 +79,19 @@ class QueueExecutor:
     def start(self, server: MCPServer, store: Store) -> None:
         """Nothing to start: workers run the legs."""
 
-    async def dispatch(self, task_id: str, leg: int) -> None:
+    def dispatch(self, task_id: str, leg: int) -> None:
         """Enqueue the leg (a failure is logged: the sweep dispatches it later)."""
         try:
-            await anyio.to_thread.run_sync(self.producer.send, RUN_TOOL_TASK, leg_payload(task_id, leg))
+            self.producer.send(RUN_TOOL_TASK, leg_payload(task_id, leg))
         except Exception as exc:
             logger.warning("task %s: could not enqueue leg %d (the tasks sweep will): %s", task_id, leg, exc)
 
-    async def cancel(self, task_id: str) -> None:
+    def cancel(self, task_id: str) -> None:
         """Publish the cancellation to every tasks worker (they also see it on their next lease renewal)."""
         if self.redis is None:
             return
         try:
-            await anyio.to_thread.run_sync(self.redis.publish, CANCEL_CHANNEL, task_id)
+            self.redis.publish(CANCEL_CHANNEL, task_id)
         except Exception as exc:
             logger.warning("task %s: could not publish its cancellation (seen on the next renewal): %s", task_id, exc)
 
@@ -152,15 +152,15 @@ class InProcessExecutor:
         if not future.cancelled() and future.exception() is not None:
             logger.error("a task leg crashed the in-process executor", exc_info=future.exception())
 
-    async def dispatch(self, task_id: str, leg: int) -> None:
-        """Run the leg on the background loop."""
+    def dispatch(self, task_id: str, leg: int) -> None:
+        """Run the leg on the background loop (thread-safe)."""
         if self._loop is None:
             logger.warning("task %s: executor not started (SessionqTasks.bind was not called)", task_id)
             return
         self._submit(self._run(task_id, leg))
 
-    async def cancel(self, task_id: str) -> None:
-        """Cancel the leg if it runs here."""
+    def cancel(self, task_id: str) -> None:
+        """Cancel the leg if it runs here (thread-safe)."""
         cancel_local(task_id)
 
     async def _run(self, task_id: str, leg: int) -> None:

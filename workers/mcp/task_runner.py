@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import secrets
 import threading
@@ -143,8 +144,47 @@ def fresh_keys(requests: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
     return wire, keys
 
 
-async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn, *args)
+@dataclass
+class _Leg:
+    """One claimed leg: where its state lives and the task as this worker last wrote it
+    (passed as ``known`` to the store, so an end or a renewal is one statement)."""
+
+    store: Store
+    task: McpTask
+    worker_id: str
+    lease_ms: int
+    clock: Clock
+    blocking: bool
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store call: in a worker thread, or right here when this event loop runs
+        nothing else (a Dramatiq worker thread's own loop, before or after the body)."""
+        if self.blocking:
+            return fn(*args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def finish(self, outcome: str, **end: Any) -> str:
+        task = self.task
+        if await self.call(self.store.finish_task, task.task_id, self.worker_id, self.clock(), known=task, **end):
+            logger.info("task %s: %s", task.task_id, outcome)
+            return outcome
+        logger.warning("task %s: no longer held by this worker; its %s outcome is dropped", task.task_id, outcome)
+        return "lost"
+
+    async def park(self, result: InputRequiredResult) -> str:
+        task, store = self.task, self.store
+        if not result.input_requests:
+            state = result.request_state or ""
+            now = self.clock()
+            done = await self.call(store.checkpoint_task, task.task_id, self.worker_id, now, state, now, known=task)
+            return "checkpoint" if done else "lost"
+        requests, keys = fresh_keys(dict(result.input_requests))
+        parked = await self.call(store.park_task, task.task_id, self.worker_id, self.clock(), input_requests=requests,
+                                 input_keys=keys, request_state=result.request_state, known=task)
+        if not parked:
+            return "lost"
+        logger.info("task %s: waiting for input (%s)", task.task_id, ", ".join(sorted(keys.values())))
+        return "input_required"
 
 
 async def run_task(
@@ -156,26 +196,29 @@ async def run_task(
     worker_id: str,
     lease_ms: int = DEFAULT_LEASE_MS,
     clock: Clock = utcnow,
+    blocking: bool = False,
 ) -> str:
     """Run leg ``leg`` of the task (see the module docs) and return what happened:
     ``completed``, ``failed``, ``cancelled``, ``input_required``, ``skipped`` (not
     claimed: a duplicate, finished or cancelled task) or ``lost`` (the lease passed
-    to another attempt meanwhile)."""
+    to another attempt meanwhile). ``blocking``: the event loop runs this leg only,
+    so the claim and the end call the store directly instead of in a thread."""
     while True:
         now = clock()
-        task = await _call(store.claim_task, task_id, leg, worker_id, now, now + timedelta(milliseconds=lease_ms))
+        until = now + timedelta(milliseconds=lease_ms)
+        task = store.claim_task(task_id, leg, worker_id, now, until) if blocking else await anyio.to_thread.run_sync(
+            store.claim_task, task_id, leg, worker_id, now, until)
         if task is None:
             logger.debug("task %s leg %d not claimed (duplicate, finished or held elsewhere)", task_id, leg)
             return "skipped"
-        outcome = await _run_claimed(server, store, task, worker_id=worker_id, lease_ms=lease_ms, clock=clock)
+        outcome = await _run_claimed(server, _Leg(store, task, worker_id, lease_ms, clock, blocking))
         if outcome != "checkpoint":
             return outcome
         leg += 1
 
 
-async def _run_claimed(
-    server: MCPServer, store: Store, task: McpTask, *, worker_id: str, lease_ms: int, clock: Clock
-) -> str:
+async def _run_claimed(server: MCPServer, leg: _Leg) -> str:
+    task = leg.task
     params = CallToolRequestParams(
         name=task.tool, arguments=task.arguments, input_responses=task.input_responses or None,
         request_state=task.request_state,
@@ -183,89 +226,63 @@ async def _run_claimed(
     context: Context[Any, Any] = Context(
         mcp_server=server, input_params=params, subscriptions=getattr(server, "_subscriptions", None)
     )
-    token = _CURRENT.set(TaskContext(task.task_id, task.leg, task.attempt, store, worker_id, clock))
+    token = _CURRENT.set(TaskContext(task.task_id, task.leg, task.attempt, leg.store, leg.worker_id, leg.clock))
     reason: list[str] = []
     try:
         body = asyncio.ensure_future(server.call_tool(task.tool, task.arguments, context))
     finally:
         _CURRENT.reset(token)
     _running.add(task.task_id, body, reason)
-    keeper = asyncio.ensure_future(_keep_lease(store, task, body, reason, worker_id=worker_id, lease_ms=lease_ms,
-                                               clock=clock))
+    keeper = asyncio.ensure_future(_keep_lease(leg, body, reason))
     limit = None if task.time_limit_ms is None else task.time_limit_ms / 1000
     logger.info("task %s: running %r (leg %d, attempt %d of %d)", task.task_id, task.tool, task.leg, task.attempt,
                 task.max_attempts)
     try:
         result: Any = await asyncio.wait_for(body, limit)
     except TimeoutError:
-        error = task_error(f"task exceeded its time limit of {task.time_limit_ms} ms")
-        return await _finish(store, task, worker_id, clock, "failed", error=error)
+        return await leg.finish("failed", error=task_error(f"task exceeded its time limit of {task.time_limit_ms} ms"))
     except asyncio.CancelledError:
         if not reason:  # this runner itself is being stopped: the lease passes, another attempt runs it
             raise
         if reason[0] == "lost":
             logger.warning("task %s: lease lost to another attempt; this attempt's outcome is dropped", task.task_id)
             return "lost"
-        return await _finish(store, task, worker_id, clock, "cancelled", cancelled=True)
+        return await leg.finish("cancelled", cancelled=True)
     except MCPError as exc:
-        error = exc.error.model_dump(mode="json", exclude_none=True)
-        return await _finish(store, task, worker_id, clock, "failed", error=error)
+        return await leg.finish("failed", error=exc.error.model_dump(mode="json", exclude_none=True))
     except Exception as exc:
-        result = result_json(_tool_error(task.tool, exc))
-        return await _finish(store, task, worker_id, clock, "completed", result=result)
+        return await leg.finish("completed", result=result_json(_tool_error(task.tool, exc)))
     finally:
         _running.remove(task.task_id)
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
     if isinstance(result, InputRequiredResult):
-        return await _park(store, task, result, worker_id, clock)
-    return await _finish(store, task, worker_id, clock, "completed", result=result_json(result))
+        return await leg.park(result)
+    return await leg.finish("completed", result=result_json(result))
 
 
-async def _finish(store: Store, task: McpTask, worker_id: str, clock: Clock, outcome: str, **end: Any) -> str:
-    if await _call(lambda: store.finish_task(task.task_id, worker_id, clock(), **end)):
-        logger.info("task %s: %s", task.task_id, outcome)
-        return outcome
-    logger.warning("task %s: no longer held by this worker; its %s outcome is dropped", task.task_id, outcome)
-    return "lost"
-
-
-async def _park(store: Store, task: McpTask, result: InputRequiredResult, worker_id: str, clock: Clock) -> str:
-    if not result.input_requests:
-        state = result.request_state or ""
-        done = await _call(lambda: store.checkpoint_task(task.task_id, worker_id, clock(), state, clock()))
-        return "checkpoint" if done else "lost"
-    requests, keys = fresh_keys(dict(result.input_requests))
-    parked = await _call(lambda: store.park_task(
-        task.task_id, worker_id, clock(), input_requests=requests, input_keys=keys, request_state=result.request_state))
-    if not parked:
-        return "lost"
-    logger.info("task %s: waiting for input (%s)", task.task_id, ", ".join(sorted(keys.values())))
-    return "input_required"
-
-
-async def _keep_lease(
-    store: Store, task: McpTask, body: asyncio.Task[Any], reason: list[str], *, worker_id: str, lease_ms: int,
-    clock: Clock,
-) -> None:
-    """Renew the lease every third of it; cancel the body when a cancellation was
-    requested or the lease was lost (a renewal failing on a store outage keeps
-    trying: the lease is still ours until it passes)."""
-    interval = lease_ms / 3000
+async def _keep_lease(leg: _Leg, body: asyncio.Task[Any], reason: list[str]) -> None:
+    """Renew the lease every third of it (in a thread: the body runs meanwhile); cancel
+    the body when a cancellation was requested or the lease was lost (a renewal
+    failing on a store outage keeps trying: the lease is ours until it passes)."""
+    interval = leg.lease_ms / 3000
+    task_id = leg.task.task_id
     while not body.done():
         await asyncio.sleep(interval)
-        now = clock()
+        now = leg.clock()
+        until = now + timedelta(milliseconds=leg.lease_ms)
         try:
-            until = now + timedelta(milliseconds=lease_ms)
-            held = await _call(store.renew_task, task.task_id, worker_id, now, until)
+            renew = functools.partial(leg.store.renew_task, task_id, leg.worker_id, now, until, known=leg.task)
+            held = await anyio.to_thread.run_sync(renew)
         except Exception as exc:  # a store outage: keep running, try again next beat
-            logger.warning("task %s: lease renewal failed: %s", task.task_id, exc)
+            logger.warning("task %s: lease renewal failed: %s", task_id, exc)
             continue
         if held is None:
             if not reason:
                 reason.append("lost")
             body.cancel()
             return
+        leg.task = held
         if held.cancel_requested_at is not None:
             if not reason:
                 reason.append("cancelled")
