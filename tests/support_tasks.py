@@ -117,11 +117,10 @@ class Cluster:
         self.procs.append(Proc(cmd, self.env, log, up).start())
         return f"http://127.0.0.1:{port}/mcp"
 
-    def worker(self, *queues: str, threads: int = 4) -> Proc:
-        """Start a tasks worker (one process)."""
+    def worker(self, *queues: str, threads: int = 4, app: str = "tests.task_app:server") -> Proc:
+        """Start a tasks worker (one process) running ``app``'s tools."""
         log = self.tmp / f"worker-{len(self.procs)}.log"
-        cmd = [sys.executable, "-m", "sessionq.cli", "worker", "-p", "1", "-t", str(threads),
-               "--mcp-app", "tests.task_app:server"]
+        cmd = [sys.executable, "-m", "sessionq.cli", "worker", "-p", "1", "-t", str(threads), "--mcp-app", app]
         for queue in queues or ("tasks",):
             cmd += ["--queues", queue]
         proc = Proc(cmd, self.env, log, lambda p: "ready for action" in p.output()).start()

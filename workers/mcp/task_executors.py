@@ -180,13 +180,13 @@ class InProcessExecutor:
 
     async def _sweep_forever(self) -> None:
         while True:
+            await asyncio.sleep(self.sweep_interval)  # a restarted server's leases pass meanwhile
             try:
                 handed = await self.sweep()
                 if handed:
                     logger.info("tasks sweep: dispatched %d stale task(s) again", handed)
             except Exception as exc:  # the store may be down for a while; the next sweep tries again
                 logger.warning("tasks sweep failed: %s", exc)
-            await asyncio.sleep(self.sweep_interval)
 
     def close(self) -> None:
         """Stop the background loop (running legs are abandoned: their leases pass)."""
