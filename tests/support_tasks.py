@@ -151,7 +151,7 @@ async def task_client(url: str, token: str = "alice", *, tasks: bool = True, mod
     headers = {"authorization": f"Bearer {token}"}
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0)) as http:
         extensions = [SessionqTasksClient(poll_interval=0.05, timeout=WAIT)] if tasks else []
-        async with Client(streamable_http_client(url, http_client=http), mode=mode,  # type: ignore[arg-type]
+        async with Client(streamable_http_client(url, http_client=http), mode=mode,
                           extensions=extensions, **client_options) as client:
             yield client
 

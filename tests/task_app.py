@@ -20,7 +20,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
-from mcp_types import ElicitRequest, ElicitRequestFormParams, InputRequiredResult
+from mcp_types import ElicitRequest, ElicitRequestFormParams, ElicitResult, InputRequiredResult
+from pydantic import AnyHttpUrl
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -56,7 +57,7 @@ settings = Settings.load()
 tasks = SessionqTasks.from_settings(settings, tools=POLICIES)
 server = tasks.bind(MCPServer(
     "sessionq-task-tests", extensions=[tasks], token_verifier=Tokens(),
-    auth=AuthSettings(issuer_url="http://127.0.0.1/", resource_server_url=None),
+    auth=AuthSettings(issuer_url=AnyHttpUrl("http://127.0.0.1/"), resource_server_url=None),
 ))
 
 
@@ -118,19 +119,22 @@ def _question(text: str) -> ElicitRequest:
     return ElicitRequest(params=ElicitRequestFormParams(message=text, requested_schema=schema))
 
 
+def _answer(ctx: Context, key: str) -> str:
+    response = (ctx.input_responses or {})[key]
+    assert isinstance(response, ElicitResult) and response.content is not None
+    return str(response.content["v"])
+
+
 @server.tool()
 async def ask(ctx: Context) -> str | InputRequiredResult:
     """Ask for a name and a colour (two requests), then a mood in a second round."""
-    answers = ctx.input_responses or {}
     if ctx.request_state is None:
         return InputRequiredResult(input_requests={"name": _question("name?"), "colour": _question("colour?")},
                                    request_state="round-1")
     if ctx.request_state == "round-1":
-        name = answers["name"].content["v"]  # type: ignore[union-attr,index]
-        colour = answers["colour"].content["v"]  # type: ignore[union-attr,index]
-        return InputRequiredResult(input_requests={"mood": _question("mood?")}, request_state=f"{name}|{colour}")
-    mood = answers["mood"].content["v"]  # type: ignore[union-attr,index]
-    return f"{ctx.request_state}|{mood}"
+        state = f"{_answer(ctx, 'name')}|{_answer(ctx, 'colour')}"
+        return InputRequiredResult(input_requests={"mood": _question("mood?")}, request_state=state)
+    return f"{ctx.request_state}|{_answer(ctx, 'mood')}"
 
 
 @server.custom_route("/healthz", methods=["GET"])

@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
-from mcp_types import Request
+from mcp_types import CallToolResult, Request
 
 from sessionq.models import Settings, Store
 from sessionq.scheduler.sweeps import run_sweep
@@ -103,7 +103,7 @@ async def test_tool_errors_complete_with_is_error_and_protocol_errors_fail(clust
         assert refused.value.code == -32099
         # Bad arguments never become a task: the SDK's inline validation error
         bad = await client.session.call_tool("echo", {"text": {"not": "a string"}}, allow_claimed=True)
-        assert not isinstance(bad, CreateTaskResult) and bad.is_error  # type: ignore[union-attr]
+        assert isinstance(bad, CallToolResult) and bad.is_error
 
 
 async def test_undeclared_clients_get_inline_results_or_32021(
@@ -144,8 +144,9 @@ async def test_task_ids_are_checked_against_the_header_and_the_principal(cluster
             with pytest.raises(MCPError) as missing:
                 await call()
             assert missing.value.code == -32602
-    for method, params in (("tasks/update", {"taskId": task_id, "inputResponses": {}}),
-                           ("tasks/cancel", {"taskId": task_id})):
+    calls: list[tuple[str, dict[str, object]]] = [("tasks/update", {"taskId": task_id, "inputResponses": {}}),
+                                                  ("tasks/cancel", {"taskId": task_id})]
+    for method, params in calls:
         reply = modern_post(b, method, params, token="bob", name=task_id)
         assert reply["error"]["code"] == -32602, method  # type: ignore[index]
 

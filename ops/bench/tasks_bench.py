@@ -223,7 +223,7 @@ def _t3(store: Any, count: int) -> tuple[float, float]:
             t = time.perf_counter()
             result = await extension._get(ctx, params)
             handler.append(time.perf_counter() - t)
-            assert result is not None and result["status"] == "completed"
+            assert isinstance(result, dict) and result["status"] == "completed"
             t = time.perf_counter()
             row = db.execute_sql(sql, (task.task_id,)).fetchone()
             raw.append(time.perf_counter() - t)
