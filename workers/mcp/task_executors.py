@@ -191,9 +191,18 @@ class InProcessExecutor:
     def close(self) -> None:
         """Stop the background loop (running legs are abandoned: their leases pass)."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            loop = self._loop
+
+            def stop() -> None:
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+                loop.call_soon(loop.stop)  # after the cancelled tasks had their turn
+
+            loop.call_soon_threadsafe(stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if self._loop is not None and not self._thread.is_alive():
+                self._loop.close()
         self._loop = self._thread = None
 
 

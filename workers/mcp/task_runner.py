@@ -45,6 +45,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, InputRequiredResult, TextContent
 
+from sessionq.models.errors import ValidationError
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
 from sessionq.models.tasks import DEFAULT_LEASE_MS, McpTask, task_error
@@ -164,8 +165,15 @@ class _Leg:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     async def finish(self, outcome: str, **end: Any) -> str:
-        task = self.task
-        if await self.call(self.store.finish_task, task.task_id, self.worker_id, self.clock(), known=task, **end):
+        task, finish = self.task, self.store.finish_task
+        try:
+            done = await self.call(finish, task.task_id, self.worker_id, self.clock(), known=task, **end)
+        except ValidationError as exc:  # e.g. a result over the size limit: the task fails, the worker goes on
+            logger.warning("task %s: its %s outcome cannot be stored: %s", task.task_id, outcome, exc)
+            error = task_error(f"the tool's outcome cannot be stored: {exc}")
+            outcome = "failed"
+            done = await self.call(finish, task.task_id, self.worker_id, self.clock(), known=task, error=error)
+        if done:
             logger.info("task %s: %s", task.task_id, outcome)
             return outcome
         logger.warning("task %s: no longer held by this worker; its %s outcome is dropped", task.task_id, outcome)

@@ -308,7 +308,11 @@ class SessionqTasks(Extension):
         owner = self._admit(ctx, params.task_id)
         responses = {key: value.model_dump(by_alias=True, mode="json", exclude_none=True)
                      for key, value in params.input_responses.items()}
-        if await self._in_store_thread(self._answer, params.task_id, owner, responses) is None:
+        try:
+            answered = await self._in_store_thread(self._answer, params.task_id, owner, responses)
+        except ValidationError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=f"inputResponses rejected: {exc}") from None
+        if answered is None:
             raise _not_found()
         return {"resultType": "complete"}
 

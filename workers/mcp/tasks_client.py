@@ -27,7 +27,7 @@ from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, ErrorData, InputRequest, Request, RequestParams, Result
-from pydantic import ConfigDict, TypeAdapter
+from pydantic import TypeAdapter
 
 from .tasks import TASKS_EXTENSION
 
@@ -50,8 +50,6 @@ class TaskCancelled(RuntimeError):
 
 class CreateTaskResult(Result):
     """A ``tools/call`` answered with a task handle (``resultType: "task"``)."""
-
-    model_config = ConfigDict(extra="allow")
 
     result_type: Literal["task"] = "task"
     task_id: str
