@@ -447,10 +447,12 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 @click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
 @click.option("--queues", "-Q", multiple=True, type=click.Choice(QUEUES),
-              help="Queues to consume (repeatable; default: all).")
+              help="Queues to consume (repeatable; default: all, tasks only with --mcp-app).")
+@click.option("--mcp-app", metavar="MODULE:ATTR", help="The MCPServer whose task tools this worker runs (queue tasks).")
 @click.pass_context
 @user_errors
-def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...]) -> None:
+def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...],
+           mcp_app: str | None) -> None:
     """Run Dramatiq worker processes against the configured broker (graceful on SIGTERM)."""
     app: App = ctx.obj
     if app.settings.queue_url is None:
@@ -462,6 +464,9 @@ def worker(ctx: click.Context, processes: int | None, threads: int | None, queue
     from sessionq.workers.broker import configure
 
     configure(app.settings)  # forked worker processes inherit this broker
+    from sessionq.workers.tool_tasks import worker_queues
+
+    queues = worker_queues(queues, mcp_app)
 
     argv = ["sessionq.workers.actors", "--processes", str(processes or app.settings.worker_processes),
             "--threads", str(threads or app.settings.worker_threads), "--skip-logging"]
@@ -635,6 +640,56 @@ def dlq_purge(app: App, yes: bool) -> None:
     if not yes and not click.confirm(f"delete {letters.count()} dead letter(s)?"):
         raise click.ClickException("aborted")
     click.echo(f"purged {letters.purge()} dead letter(s)")
+
+
+@main.group("tasks")
+def tasks_group() -> None:
+    """Durable MCP tasks (SEP-2663): list, show, cancel."""
+
+
+@tasks_group.command("list")
+@click.option("--status", type=click.Choice(["working", "input_required", "completed", "failed", "cancelled"]))
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@user_errors
+def tasks_list(app: App, status: str | None, limit: int, as_json: bool) -> None:
+    """Tasks in task_id order, optionally of one status."""
+    from sessionq.workers.task_admin import list_tasks
+
+    rows = list_tasks(app.store, status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['task_id']}  {row['status']:<14} {row['tool']:<24} attempt {row['attempt']:<5} "
+                   f"created {row['created_at']}")
+    click.echo(f"{len(rows)} task(s)", err=True)
+
+
+@tasks_group.command("show")
+@click.argument("task_id")
+@pass_app
+@user_errors
+def tasks_show(app: App, task_id: str) -> None:
+    """Every field of one task, as JSON."""
+    from sessionq.workers.task_admin import show_task
+
+    click.echo(json.dumps(show_task(app.store, task_id), indent=2, ensure_ascii=False))
+
+
+@tasks_group.command("cancel")
+@click.argument("task_id")
+@pass_app
+@user_errors
+def tasks_cancel(app: App, task_id: str) -> None:
+    """Cancel a task (a running one is cancelled by its worker; a final one stays)."""
+    from sessionq.workers.task_admin import cancel_task
+
+    client = _scheduler_redis(app.settings, required=False)
+    task = cancel_task(app.store, task_id, redis=client)
+    state = "cancellation requested (running)" if task.status == "working" else task.status
+    click.echo(f"task {task_id}: {state}")
 
 
 if __name__ == "__main__":  # pragma: no cover

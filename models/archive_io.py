@@ -2,16 +2,16 @@
 memory stays flat.
 
 Two formats, both carrying sessions with their messages, then file records,
-transport sessions and agent state (:mod:`sessionq.models.kinds`; the short-lived MCP event
-log is not exported):
+transport sessions, agent state and MCP tasks (:mod:`sessionq.models.kinds`; the
+short-lived MCP event log is not exported):
 
-* **JSON Lines** (``sessionq-jsonl`` version 2): the first line is a header
-  ``{"format": "sessionq-jsonl", "version": 2, ...}``, then one record per line,
+* **JSON Lines** (``sessionq-jsonl`` version 3): the first line is a header
+  ``{"format": "sessionq-jsonl", "version": 3, ...}``, then one record per line,
   each session (``"type": "session"``) followed by its messages (``"type": "message"``),
-  then the ``"file"``, ``"transport"`` and ``"agent_state"`` records. Every field of
+  then the ``"file"``, ``"transport"``, ``"agent_state"`` and ``"task"`` records. Every field of
   the records is kept, ``seq`` and ``message_count`` included.
-* **Plain JSON**: ``{"format": "sessionq-json", "version": 2, "sessions": [...],
-  "files": [...], "transports": [...], "agent_states": [...]}`` where each session
+* **Plain JSON**: ``{"format": "sessionq-json", "version": 3, "sessions": [...],
+  "files": [...], "transports": [...], "agent_states": [...], "tasks": [...]}`` where each session
   has the single-session export shape (``session_id``, ``model``, ``created_at``,
   ``updated_at``, ``status``, ``metadata``, ``messages`` with ``message_id``,
   ``role``, ``content``, ``created_at``) and the other arrays hold records as
@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_JSONL = "sessionq-jsonl"
 FORMAT_JSON = "sessionq-json"
-# Version 2 added the file, transport and agent_state records; version 1 files still import.
-FORMAT_VERSION = 2
+# Version 2 added the file, transport and agent_state records, version 3 the task
+# records; files of every earlier version still import.
+FORMAT_VERSION = 3
 # Records per import_records call during an import.
 DEFAULT_IMPORT_BATCH = 500
 # Messages read per page while exporting.
@@ -247,7 +248,7 @@ def _record_types() -> str:
 
 
 def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import a ``sessionq-jsonl`` stream (version 1 or 2); bad lines are reported by
+    """Import a ``sessionq-jsonl`` stream (version 1 to 3); bad lines are reported by
     line number."""
     report = ImportReport()
     importer = _Importer(store, report, batch)

@@ -2,7 +2,7 @@
 
 Migration, verification, export/import and backup/restore move every durable record
 kind: sessions with their messages (:meth:`Store.import_records`) and the kinds
-described here — file records, transport sessions and agent state — through the
+described here — file records, transport sessions, agent state and MCP tasks — through the
 generic :meth:`Store.list_kind`, :meth:`Store.find_kind` and :meth:`Store.import_kind`.
 The MCP event log is left out on purpose: it is a short-lived replay buffer
 (trimmed every few minutes), not state to carry between backends.
@@ -20,6 +20,8 @@ makes imports safe to repeat and never regress data:
   than the last heartbeat); and at the same instant ``disconnected`` is later than
   a live status and ``expired`` (set by the grace sweep without touching any time)
   is later than ``disconnected``.
+* **MCP tasks** — ``version``, which every compare-and-set change of a task
+  increments (:mod:`sessionq.models.tasks`).
 
 A stored record is replaced by an incoming one only when the incoming version is
 not older and some field differs, exactly as sessions are imported: re-importing
@@ -36,6 +38,7 @@ from typing import Any, Generic, TypeVar
 
 from .errors import ValidationError
 from .records import AgentState, FileRecord, Record, TransportSession
+from .tasks import McpTask
 
 R = TypeVar("R", bound=Record)
 Key = tuple[str, ...]
@@ -135,8 +138,9 @@ TRANSPORTS: RecordKind[TransportSession] = RecordKind(
 AGENT_STATES: RecordKind[AgentState] = RecordKind(
     "agent_state", "agent_states", AgentState, ("agent_id", "key"), lambda a: (a.updated_at,)
 )
+TASKS: RecordKind[McpTask] = RecordKind("task", "tasks", McpTask, ("task_id",), lambda t: (t.version,))
 #: Every kind, in the order bulk operations move them (after sessions and messages).
-KINDS: tuple[RecordKind[Any], ...] = (FILES, TRANSPORTS, AGENT_STATES)
+KINDS: tuple[RecordKind[Any], ...] = (FILES, TRANSPORTS, AGENT_STATES, TASKS)
 #: Kinds by singular and by plural name.
 KINDS_BY_NAME: dict[str, RecordKind[Any]] = {k.name: k for k in KINDS} | {k.plural: k for k in KINDS}
 

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import yaml
 
 from sessionq.errors import ConfigError
+from .tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_LEASE_MS
 
 ENV_CONFIG_FILE = "SESSIONQ_CONFIG"
 # The store used when nothing is configured: a SQLite file in the working directory.
@@ -116,6 +117,10 @@ class Settings:
     transport_interval: int = _setting(300, "SESSIONQ_TRANSPORT_INTERVAL", help="seconds between transport sweeps")
     file_interval: int = _setting(3600, "SESSIONQ_FILE_INTERVAL", help="seconds between file/agent-state sweeps")
     event_trim_interval: int = _setting(600, "SESSIONQ_EVENT_TRIM_INTERVAL", help="seconds between event-log trims")
+    task_interval: int = _setting(30, "SESSIONQ_TASK_INTERVAL", help="seconds between MCP task sweeps (expiry, lost leases)")
+    task_lease_ms: int = _setting(DEFAULT_LEASE_MS, "SESSIONQ_TASK_LEASE", help="MCP task lease (ms) a worker renews")
+    task_dispatch_timeout_ms: int = _setting(DEFAULT_DISPATCH_TIMEOUT_MS, "SESSIONQ_TASK_DISPATCH_TIMEOUT",
+                                             help="ms a queued MCP task waits for a worker before it is sent again")
     scheduler_lease_seconds: float = _setting(30.0, "SESSIONQ_SCHEDULER_LEASE_SECONDS",
                                               help="scheduler leader lease; a dead leader is replaced within it")
     sweep_batch_size: int = _setting(1000, "SESSIONQ_SWEEP_BATCH_SIZE", help="rows per sweep statement")

@@ -48,6 +48,7 @@ from .records import (
     StreamEvent,
     TransportSession,
 )
+from .tasks import TaskStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,6 +112,7 @@ class StoreStats:
     transports_by_status: dict[str, int] = field(default_factory=dict)
     agent_states: int = 0
     stream_events: int = 0
+    tasks: int = 0
 
     @property
     def total_sessions(self) -> int:
@@ -129,12 +131,14 @@ class StoreStats:
             "transport_sessions": dict(self.transports_by_status),
             "agent_states": self.agent_states,
             "stream_events": self.stream_events,
+            "tasks": self.tasks,
         }
 
 
-class Store(abc.ABC):
-    """A durable home for sessions, messages, files, transport sessions, agent state
-    and MCP event logs. Backends subclass it; see the module docs for the rules."""
+class Store(TaskStore, abc.ABC):
+    """A durable home for sessions, messages, files, transport sessions, agent state,
+    MCP event logs and MCP tasks (:class:`~sessionq.models.tasks.TaskStore`). Backends
+    subclass it; see the module docs for the rules."""
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.
     backend: str = ""

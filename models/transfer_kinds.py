@@ -34,6 +34,7 @@ _COUNTS: dict[str, Callable[[StoreStats], int]] = {
     "files": lambda stats: stats.total_files,
     "transports": lambda stats: sum(stats.transports_by_status.values()),
     "agent_states": lambda stats: stats.agent_states,
+    "tasks": lambda stats: stats.tasks,
 }
 
 

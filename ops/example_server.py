@@ -1,13 +1,17 @@
-"""An MCP server whose sessions survive restarts: the sessionq integration end to end.
+"""An MCP server whose sessions survive restarts and whose long tool runs as a durable
+task: the sessionq integration end to end, for both protocol generations.
 
-    python ops/example_server.py --port 8765                       # SQLite + in-memory events
+    python ops/example_server.py --port 8765                       # SQLite, everything in-process
     REDIS_URL=redis://127.0.0.1:6379/0 python ops/example_server.py --port 8765
+    REDIS_URL=... sessionq worker --queues tasks --mcp-app ops.example_server:server
 
 Settings come from the environment like every sessionq component (``STORAGE_URL``,
 ``REDIS_URL``, ``SESSION_TTL``, ``MAX_EVENTS_PER_SESSION``, ``SESSION_COMPRESSION``,
-``SESSIONQ_GRACE_MINUTES``, ``SESSIONQ_MAX_RECOVERY_ATTEMPTS``...). With ``REDIS_URL``
-the event log is on Redis Streams, otherwise in the store. Kill it, start it again on
-the same port: connected clients keep their session id and carry on.
+``SESSIONQ_GRACE_MINUTES``, ``SESSIONQ_MAX_RECOVERY_ATTEMPTS``, ``SESSIONQ_TASK_*``...).
+With ``REDIS_URL`` the event log is on Redis Streams and the ``render`` task runs on a
+tasks worker (the third line), otherwise the log is in the store and ``render`` runs
+in this process. Kill it, start it again on the same port: 2025-11-25 clients keep
+their session id and carry on, 2026-07-28 clients keep polling their tasks.
 """
 
 from __future__ import annotations
@@ -28,30 +32,33 @@ from starlette.responses import JSONResponse
 # Runnable as a plain script from a checkout (the package is not installed there).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sessionq.models import Settings, open_store
+from sessionq.models import Settings, Store, open_store
 from sessionq.workers.mcp import (
     RecoverableSessionManager,
     RedisEventStore,
+    SessionqTasks,
     SessionRegistry,
     StoreEventStore,
+    TaskPolicy,
+    current_task,
     recoverable_http_app,
     request_session_id,
 )
 
 logger = logging.getLogger("sessionq.example")
 
+#: The tools that run as durable tasks for 2026-07-28 clients declaring the extension.
+TASK_TOOLS = {"render": TaskPolicy(mode="optional", ttl_ms=3_600_000, poll_interval_ms=500, max_attempts=3)}
 
-def build_app(
-    settings: Settings, *, retry_ms: int | None = None, event_log: str = "auto", via_queue: bool = False
-) -> Any:
-    """The Starlette app: an MCPServer with a few tools, recoverable sessions, resumable streams."""
-    store = open_store(settings)
-    store.upgrade()
+
+def build_server(
+    settings: Settings, store: Store, *, via_queue: bool = False
+) -> tuple[MCPServer, SessionRegistry, list[RecoverableSessionManager]]:
+    """The MCPServer with its tools, its session registry, and the list its session
+    manager is added to once the app is built."""
     registry = SessionRegistry.from_settings(store, settings, via_queue=via_queue)
-    use_redis = event_log == "redis" or (event_log == "auto" and settings.redis_url)
-    event_store = RedisEventStore.from_settings(settings) if use_redis else StoreEventStore(store)
-
-    server = MCPServer("sessionq-example")
+    tasks = SessionqTasks.from_settings(settings, tools=TASK_TOOLS, store=store)
+    server = tasks.bind(MCPServer("sessionq-example", extensions=[tasks]))
     managers: list[RecoverableSessionManager] = []
 
     @server.tool()
@@ -89,6 +96,30 @@ def build_app(
         """A value :func:`remember` kept, or an empty string."""
         return str(await registry.get_agent_state(request_session_id(ctx) or "anonymous", key, ""))
 
+    @server.tool()
+    async def render(frames: int = 10, seconds_per_frame: float = 1.0) -> dict[str, Any]:
+        """Render ``frames`` frames, slowly: a durable task for 2026-07-28 clients that
+        declared the Tasks extension (poll it from any replica), inline for the others."""
+        task = current_task()
+        for frame in range(1, frames + 1):
+            await anyio.sleep(seconds_per_frame)
+            if task is not None:
+                await task.set_status(f"frame {frame} of {frames}")
+        return {"frames": frames, "attempt": task.attempt if task else 0, "pid": os.getpid()}
+
+    return server, registry, managers
+
+
+def build_app(
+    settings: Settings, *, retry_ms: int | None = None, event_log: str = "auto", via_queue: bool = False
+) -> Any:
+    """The Starlette app: the MCPServer, recoverable sessions, resumable streams, durable tasks."""
+    store = open_store(settings)
+    store.upgrade()
+    server, registry, managers = build_server(settings, store, via_queue=via_queue)
+    use_redis = event_log == "redis" or (event_log == "auto" and settings.redis_url)
+    event_store = RedisEventStore.from_settings(settings) if use_redis else StoreEventStore(store)
+
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"event_store": event_store.mode, "pid": os.getpid()})
@@ -96,6 +127,22 @@ def build_app(
     app = recoverable_http_app(server, registry=registry, event_store=event_store, retry_interval=retry_ms)
     managers.append(cast(RecoverableSessionManager, server.session_manager))
     return app
+
+
+_worker_server: MCPServer | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``server``: the MCPServer built from the environment's settings, for
+    ``sessionq worker --queues tasks --mcp-app ops.example_server:server`` (built on
+    first access, so importing this module opens nothing)."""
+    global _worker_server
+    if name != "server":
+        raise AttributeError(name)
+    if _worker_server is None:
+        settings = Settings.load()
+        _worker_server = build_server(settings, open_store(settings))[0]
+    return _worker_server
 
 
 def main(argv: list[str] | None = None) -> None:

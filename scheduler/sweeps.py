@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 # How long past expiry the aggressive sweep purges a session.
 DEFAULT_AGGRESSIVE_PURGE_AFTER = timedelta(hours=1)
+# The queue and job of one MCP task leg (sessionq.workers.tool_tasks).
+TASKS_QUEUE = "tasks"
+TASKS_ACTOR = "run_tool_task"
 
 Sweep = Callable[[Store, Settings, datetime, bool], dict[str, int]]
 
@@ -89,6 +92,31 @@ def _events(store: Store, settings: Settings, now: datetime, dry_run: bool = Fal
     return {"deleted": deleted}
 
 
+def _tasks(store: Store, settings: Settings, now: datetime, dry_run: bool = False) -> dict[str, int]:
+    """Delete MCP tasks past their TTL; with a queue, dispatch again every ``working``
+    task whose lease (or dispatch deadline) passed, or fail it once it used its
+    attempts (:meth:`Store.requeue_stale_tasks`: one compare-and-set each, so sweeps
+    racing on two hosts dispatch a task once). Without a queue the MCP server's own
+    in-process executor does the dispatching."""
+    deleted = store.delete_expired_tasks(now, batch_size=settings.sweep_batch_size, dry_run=dry_run)
+    if settings.queue_url is None:
+        return {"deleted": deleted, "dispatched": 0}
+    if dry_run:  # each stale task is dispatched again (or ended, once out of attempts)
+        return {"deleted": deleted, "dispatched": store.task_stats(now).expired_leases}
+    until = now + timedelta(milliseconds=settings.task_dispatch_timeout_ms)
+    handed = store.requeue_stale_tasks(now, until, limit=settings.sweep_batch_size)
+    if handed:
+        import dramatiq
+
+        broker = dramatiq.get_broker()
+        for task in handed:
+            # By name, like the scheduler's own sends: the scheduler never imports actor modules.
+            args = ({"task_id": task.task_id, "leg": task.leg},)
+            broker.enqueue(dramatiq.Message(queue_name=TASKS_QUEUE, actor_name=TASKS_ACTOR, args=args, kwargs={},
+                                            options={}))
+    return {"deleted": deleted, "dispatched": len(handed)}
+
+
 SWEEPS: dict[str, Sweep] = {
     "expire_sessions": _expire_sessions,
     "aggressive_cleanup": _aggressive_cleanup,
@@ -96,6 +124,7 @@ SWEEPS: dict[str, Sweep] = {
     "files": _files,
     "agent_state": _agent_state,
     "events": _events,
+    "tasks": _tasks,
 }
 SWEEP_KINDS = tuple(SWEEPS)
 
@@ -108,6 +137,7 @@ def schedule_for(settings: Settings) -> dict[str, int]:
         "files": settings.file_interval,
         "agent_state": settings.file_interval,
         "events": settings.event_trim_interval,
+        "tasks": settings.task_interval,
     }
     if settings.aggressive_cleanup:
         plan["aggressive_cleanup"] = settings.aggressive_interval

@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from sessionq.models import AgentState, ChatMessage, ChatSession, FileRecord, Store, TransportSession
+from sessionq.models.tasks import McpTask
 from tests.conftest import T0, make_store, reset_store
 
 #: The repository root, the working directory of CLI subprocesses.
@@ -63,9 +64,9 @@ AGENT_VALUES: list[object] = [{"plan": [1, 2], "done": False}, "text ✓", 42, N
 
 
 def fill_kinds(store: Store, count: int, *, prefix: str = "") -> None:
-    """``count`` file records, transport sessions and agent-state entries, written
-    through the store's ordinary write paths, with varied fields and every transport
-    status: live, disconnected, recovered and expired."""
+    """``count`` file records, transport sessions, agent-state entries and MCP tasks,
+    written through the store's ordinary write paths, with varied fields, every
+    transport status (live, disconnected, recovered, expired) and every task status."""
     for i in range(count):
         store.save_file(
             FileRecord(
@@ -95,7 +96,28 @@ def fill_kinds(store: Store, count: int, *, prefix: str = "") -> None:
                 expires_at=T0 + timedelta(days=7) if i % 4 == 0 else None,
             )
         )
+        fill_task(store, f"{prefix}task{i:04d}", i)
     store.expire_transports(T0 + timedelta(hours=1))
+
+
+def fill_task(store: Store, task_id: str, i: int) -> None:
+    """One MCP task, left in the ``i % 6``-th state: queued, running, input_required,
+    completed, failed, cancelled."""
+    lease = T0 + timedelta(minutes=1)
+    store.create_task(McpTask(task_id, "slow", owner=f"o{i % 2}" if i % 3 else None, arguments={"n": i, "$k.x": "ü"},
+                              created_at=T0, expires_at=T0 + timedelta(days=1) if i % 2 else None, lease_until=lease))
+    if i % 6 == 0:
+        return
+    store.claim_task(task_id, 0, "w1", T0, lease)
+    if i % 6 == 2:
+        store.park_task(task_id, "w1", T0, input_requests={"q.1": {"method": "elicitation/create"}},
+                        input_keys={"q.1": "q"}, request_state=f"state {i}")
+    elif i % 6 == 3:
+        store.finish_task(task_id, "w1", T0, result={"content": [{"type": "text", "text": f"done {i}"}]})
+    elif i % 6 == 4:
+        store.finish_task(task_id, "w1", T0, error={"code": -32603, "message": "boom"})
+    elif i % 6 == 5:
+        store.request_cancel(task_id, store.load_task(task_id).owner, T0)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -119,9 +119,9 @@ def test_killed_migration_of_the_other_kinds_resumes_after_the_finished_ones(tmp
                    "--checkpoint", str(checkpoint), "--verify")
     assert resumed.returncode == 0, resumed.stderr
     left = 9 - saved["counts"]["transports"]
-    assert f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states (resumed after" in resumed.stdout
+    assert f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states, 9 tasks (resumed after" in resumed.stdout
     assert "EQUAL" in resumed.stdout and "transports source=9 destination=9" in resumed.stdout
-    assert json.loads(checkpoint.read_text())["counts"] == {"files": 9, "transports": 9, "agent_states": 9}
+    assert json.loads(checkpoint.read_text())["counts"] == {"files": 9, "transports": 9, "agent_states": 9, "tasks": 9}
 
 
 def test_verify_exit_codes(tmp_path: Path) -> None:
@@ -161,14 +161,16 @@ def test_export_all_and_import_with_a_bad_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "rejected line 4: not JSON" in result.stderr
     assert "read 5 sessions / 24 messages, 4 files, 4 transports, 4 agent states" in result.stdout
-    assert "inserted 24 messages, 4 files written, 4 transports written, 4 agent states written; 1 rejected" in result.stdout
+    assert ("inserted 24 messages, 4 files written, 4 transports written, 4 agent states written, 4 tasks written; "
+            "1 rejected") in result.stdout
     # And a clean file imports with exit 0, also as plain JSON
     as_json = tmp_path / "all.json"
     assert runner.invoke(main, ["--storage-url", source, "export-all", "-o", str(as_json)]).exit_code == 0
     assert as_json.read_text(encoding="utf-8").startswith('{"format": "sessionq-json"')
     clean = runner.invoke(main, ["--storage-url", target, "import", str(as_json)])
     assert clean.exit_code == 0, clean.output
-    assert "inserted 1 messages, 0 files written, 0 transports written, 0 agent states written; 0 rejected" in clean.stdout
+    assert ("inserted 1 messages, 0 files written, 0 transports written, 0 agent states written, 0 tasks written; "
+            "0 rejected") in clean.stdout
 
 
 def test_import_of_a_foreign_file_is_one_line_error(tmp_path: Path) -> None:
@@ -195,7 +197,7 @@ def test_backup_keeps_n_and_restore(tmp_path: Path) -> None:
     assert "3 sessions, 15 messages, 3 files, 3 transports, 3 agent states" in result.stdout
     restored = runner.invoke(main, ["--storage-url", target, "restore", str(backups[-1])])
     assert restored.exit_code == 0, restored.output
-    assert "3 files written, 3 transports written, 3 agent states written; 0 rejected" in restored.stdout
+    assert "3 files written, 3 transports written, 3 agent states written, 3 tasks written; 0 rejected" in restored.stdout
     assert runner.invoke(main, ["verify", "--from", source, "--to", target]).exit_code == 0
 
 

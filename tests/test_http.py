@@ -81,7 +81,7 @@ def test_health_reports_counts_queues_and_sweeps(pg_store: Store, redis_client: 
     assert (body["total_sessions"], body["active_sessions"], body["archived_sessions"], body["expired_sessions"]) == (4, 2, 1, 1)
     assert body["transport_sessions"] == {"active": 1, "disconnected": 1}
     assert body["queue_depths"]["sessions"] == {"ready": 3, "in_flight": 0, "delayed": 0}
-    assert body["dead_letters"] == {"sessions": 0, "maintenance": 0, "bulk": 1}
+    assert body["dead_letters"] == {"sessions": 0, "maintenance": 0, "bulk": 1, "tasks": 0}
     assert body["sweeps"]["expire_sessions"]["counts"] == {"expired": 4, "purged": 1}
     assert body["sweeps"]["expire_sessions"]["ok"] is True and body["sweeps"]["expire_sessions"]["failing"] is False
     assert body["event_store"] == "memory"

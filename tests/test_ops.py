@@ -78,6 +78,21 @@ def test_compose_services_and_commands() -> None:
     assert not missing, missing
 
 
+def test_compose_runs_the_example_mcp_server_and_its_tasks_workers() -> None:
+    services = compose()["services"]
+    mcp, tasks = services["mcp"], services["tasks-worker"]
+    # The example server and its task workers see the same ops/ directory (not in the image)
+    assert mcp["entrypoint"] == ["python", "ops/example_server.py"]
+    assert mcp["volumes"] == tasks["volumes"] and mcp["working_dir"] == tasks["working_dir"]
+    mount = mcp["volumes"][0].split(":")
+    assert mount[0] == "./" and mount[1] == f"{mcp['working_dir']}/ops"
+    # ... and the workers run its tools on the tasks queue, against the same store and Redis
+    assert tasks["command"] == ["worker", "--queues", "tasks", "--mcp-app", "ops.example_server:server"]
+    assert resolve(tasks["command"]).name == "worker"
+    assert tasks["environment"]["REDIS_URL"] == mcp["environment"]["REDIS_URL"]
+    assert tasks["environment"]["STORAGE_URL"] == mcp["environment"]["STORAGE_URL"]
+
+
 def test_dockerfile_runs_as_non_root_with_a_health_check() -> None:
     text = (OPS / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM python:3.11-slim" in text

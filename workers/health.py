@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sessionq.models import Settings, Store, StoreStats, open_store, utcnow
 from sessionq.models.errors import StoreUnavailable
 from sessionq.models.settings import is_redis_url, storage_backend
+from sessionq.models.tasks import TaskStats
 from sessionq.scheduler.status import SweepBook, SweepRun
 
 from .logs import redact
@@ -62,6 +63,8 @@ class HealthReport:
     timestamp: datetime
     backend: str = ""
     stats: StoreStats | None = None
+    #: MCP task counts, the oldest working task's age and expired leases (None if unknown).
+    tasks: TaskStats | None = None
     queues: dict[str, QueueDepth] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -90,6 +93,7 @@ class HealthReport:
             "expired_sessions": counts.get("expired_sessions"),
             "archived_sessions": counts.get("archived_sessions"),
             "transport_sessions": counts.get("transport_sessions"),
+            "tasks": self.tasks.to_json() if self.tasks is not None else None,
             "queue_depths": {name: depth.to_json() for name, depth in self.queues.items()},
             "dead_letters": {name: depth.dead for name, depth in self.queues.items()},
             "sweeps": {kind: _sweep_json(run) for kind, run in self.sweeps.items()},
@@ -248,6 +252,7 @@ class HealthChecker:
         """Run every probe (in parallel, within ``timeout`` seconds) and report."""
         deadline = time.monotonic() + self.timeout
         store_future = self._submit("store", self._store_stats)
+        tasks_future = self._submit("tasks", lambda: self.store.task_stats(utcnow()))
         broker_future: Future[Any] | None = None
         if self.broker_client is not None:
             client = self.broker_client
@@ -264,6 +269,8 @@ class HealthChecker:
             report.stats = value
         else:
             report.problems.append(f"database {report.database}: {value}")
+        state, value = self._wait(tasks_future, deadline)
+        report.tasks = value if state == OK else None
         if broker_future is not None:
             report.broker, value = self._wait(broker_future, deadline)
             if report.broker == OK:

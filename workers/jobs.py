@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 import dramatiq
 
@@ -88,6 +88,11 @@ def _export(arg: Any, export_dir: str | Path) -> Any:
     return dict(arg)
 
 
+def _tool_task(arg: Any, export_dir: str | Path) -> Any:
+    task_id, leg = payloads.parse_tool_task(arg)
+    return {"task_id": task_id, "leg": leg}
+
+
 def _record(parse: Callable[[Any], Any]) -> Normalize:
     """The canonical form of a job whose payload is one record: its ``to_json``."""
     return lambda arg, export_dir: parse(arg).to_json()
@@ -111,6 +116,8 @@ JOBS: Mapping[str, Job] = _table(
     Job("put_agent_state", "maintenance", _record(payloads.parse_agent_state)),
     Job("export_session", "bulk", _export),
     Job("migrate_batch", "bulk", _record(payloads.parse_migrate_batch)),
+    # One leg of an MCP task; consumed only by workers started with --mcp-app.
+    Job("run_tool_task", "tasks", _tool_task),
 )
 
 #: The queues, in the table's order (the order a worker's queues are declared in).
@@ -139,11 +146,29 @@ def normalize(name: str, args: Sequence[Any], export_dir: str | Path = ".") -> A
     return job.normalize(single_argument(name, args), export_dir)
 
 
-def job_actor(fn: Callable[P, R]) -> dramatiq.Actor[P, R]:
+@overload
+def job_actor(fn: Callable[P, R], /) -> dramatiq.Actor[P, R]: ...
+
+
+@overload
+def job_actor(
+    *, throws: tuple[type[BaseException], ...] = (), **options: Any
+) -> Callable[[Callable[P, R]], dramatiq.Actor[P, R]]: ...
+
+
+def job_actor(
+    fn: Callable[P, R] | None = None, /, *, throws: tuple[type[BaseException], ...] = (), **options: Any
+) -> Any:
     """Declare ``fn`` as the actor of the job of the same name, on that job's queue; an
-    :class:`InvalidPayload` dead-letters the message at once (never retried).
+    :class:`InvalidPayload` (or one of ``throws``) dead-letters the message at once (never
+    retried). ``@job_actor`` or ``@job_actor(time_limit=..., ...)`` (Dramatiq actor options).
 
     Call it from a job module only, after :mod:`sessionq.workers.broker` is imported
     (Dramatiq declares the actor on the current broker).
     """
-    return dramatiq.actor(queue_name=job_named(fn.__name__).queue, throws=(InvalidPayload,))(fn)
+
+    def declare(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
+        queue = job_named(f.__name__).queue
+        return dramatiq.actor(queue_name=queue, throws=(InvalidPayload, *throws), **options)(f)
+
+    return declare(fn) if fn is not None else declare

@@ -169,6 +169,7 @@ def observe_sweep(kind: str, *, ok: bool, seconds: float, rows: int = 0) -> None
 
 _STATUSES = ("active", "archived", "expired")
 _TRANSPORT_STATUSES = ("active", "disconnected", "recovered", "expired")
+_TASK_STATUSES = ("working", "input_required", "completed", "failed", "cancelled")
 
 
 def state_metrics(report: HealthReport | None) -> list[Metric]:
@@ -188,8 +189,13 @@ def state_metrics(report: HealthReport | None) -> list[Metric]:
                                       labels=["kind"])
     sweep_time = GaugeMetricFamily("sessionq_sweep_last_run_timestamp_seconds", "Unix time the last run of a sweep ended.",
                                    labels=["kind"])
+    tasks = GaugeMetricFamily("sessionq_mcp_tasks", "MCP tasks (SEP-2663) by status.", labels=["status"])
+    task_age = GaugeMetricFamily("sessionq_mcp_task_oldest_working_seconds", "Age of the oldest working MCP task.")
+    task_leases = GaugeMetricFamily("sessionq_mcp_task_expired_leases",
+                                    "Working MCP tasks whose lease passed (lost workers not yet swept).")
     families: list[Metric] = [healthy, up, sessions, transports, depth, dead,
-                              sweep_ok, sweep_failures, sweep_rows, sweep_seconds, sweep_time]
+                              sweep_ok, sweep_failures, sweep_rows, sweep_seconds, sweep_time,
+                              tasks, task_age, task_leases]
     if report is None:
         return families
     healthy.add_metric([], 1.0 if report.healthy else 0.0)
@@ -203,6 +209,11 @@ def state_metrics(report: HealthReport | None) -> list[Metric]:
             sessions.add_metric([status], float(report.stats.sessions_by_status.get(status, 0)))
         for status in sorted(set(_TRANSPORT_STATUSES) | set(report.stats.transports_by_status)):
             transports.add_metric([status], float(report.stats.transports_by_status.get(status, 0)))
+    if report.tasks is not None:
+        for status in _TASK_STATUSES:
+            tasks.add_metric([status], float(report.tasks.by_status.get(status, 0)))
+        task_age.add_metric([], report.tasks.oldest_working_seconds)
+        task_leases.add_metric([], float(report.tasks.expired_leases))
     for name, queue in report.queues.items():
         depth.add_metric([name, "ready"], float(queue.ready))
         depth.add_metric([name, "delayed"], float(queue.delayed))

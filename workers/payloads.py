@@ -230,6 +230,19 @@ _EXPORT_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 _MAX_EXPORT_STEM = 240
 
 
+def parse_tool_task(payload: Any) -> tuple[str, int]:
+    """``run_tool_task``: ``{"task_id": str, "leg": int >= 0}`` (one leg of an MCP task)."""
+    data = _object("run_tool_task", payload, {"task_id", "leg"}, ("task_id", "leg"))
+    try:
+        task_id = check_id("task_id", data["task_id"])
+    except ValidationError as exc:
+        raise InvalidPayload(f"run_tool_task: {exc}") from None
+    leg = data["leg"]
+    if isinstance(leg, bool) or not isinstance(leg, int) or not 0 <= leg < 1_000_000:
+        raise InvalidPayload("run_tool_task: leg must be an integer from 0")
+    return task_id, leg
+
+
 def export_filename(session_id: str, fmt: str) -> str:
     """The default file name for an export: the percent-encoded id (README, "Producer API")."""
     stem = "".join(c if c in _EXPORT_NAME_SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in session_id)

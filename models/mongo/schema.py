@@ -35,8 +35,9 @@ TRANSPORTS = "sessionq_transports"
 AGENT_STATE = "sessionq_agent_state"
 EVENTS = "sessionq_events"
 COUNTERS = "sessionq_counters"
+TASKS = "sessionq_tasks"
 #: Every data collection (the schema collection excluded).
-DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS)
+DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -144,9 +145,16 @@ def _v2_event_log(db: Database[Any]) -> None:
     db[EVENTS].create_index([("mcp_session_id", ASCENDING), ("_id", DESCENDING)], name="session_newest")
 
 
+def _v3_mcp_tasks(db: Database[Any]) -> None:
+    from .tasks import create_task_indexes  # the task documents live beside the store part using them
+
+    create_task_indexes(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages (unique per session and seq), files, transports, agent state", _v1_core),
     Migration(2, "MCP event log", _v2_event_log),
+    Migration(3, "MCP tasks (SEP-2663)", _v3_mcp_tasks),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -32,6 +32,7 @@ from .database import (
 )
 from .kinds import MongoKinds
 from .records import MongoRecords
+from .tasks import MongoTasks
 from .schema import from_us, to_us
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 EVENT_COUNTER = "event_id"
 
 
-class MongoStore(MongoRecords, MongoKinds, Store):
+class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
     """A :class:`~sessionq.models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and
@@ -315,4 +316,5 @@ class MongoStore(MongoRecords, MongoKinds, Store):
             transports_by_status=transports,
             agent_states=self._agent.count_documents({}),
             stream_events=self._events.count_documents({}),
+            tasks=self._tasks.count_documents({}),
         )

@@ -274,11 +274,18 @@ def _v4_case_sensitive_ids(db: pw.Database, m: Models) -> None:
     )
 
 
+def _v5_mcp_tasks(db: pw.Database, m: Models) -> None:
+    from .tasks import create_task_table  # the tasks model lives beside the store part using it
+
+    create_task_table(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages, files, transport sessions, agent state", _v1_core_tables),
     Migration(2, "MCP event log", _v2_event_log),
     Migration(3, "index messages by created_at for export windows", _v3_message_time_index),
     Migration(4, "case-sensitive ids on MySQL/MariaDB (binary collation)", _v4_case_sensitive_ids),
+    Migration(5, "MCP tasks (SEP-2663)", _v5_mcp_tasks),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -24,11 +24,12 @@ from . import schema
 from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
 from .kinds import SqlKinds
 from .records import SqlRecords
+from .tasks import SqlTasks
 
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlRecords, SqlKinds, Store):
+class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
     """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
@@ -54,6 +55,7 @@ class SqlStore(SqlRecords, SqlKinds, Store):
         self.backend = cast(str, dialect)
         self.use_copy = True
         self.m = schema.build_models(database, self.backend)
+        self._init_tasks()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class SqlStore(SqlRecords, SqlKinds, Store):
         with self._txn():
             for model in reversed(self.m.all()[1:]):
                 model.delete().execute()
+            self.mt.delete().execute()
 
 
     # -- MCP event log ---------------------------------------------------------------------
@@ -243,6 +246,7 @@ class SqlStore(SqlRecords, SqlKinds, Store):
             transports_by_status={k: int(v) for k, v in transports.items()},
             agent_states=int(m.AgentState.select().count()),
             stream_events=int(m.Event.select().count()),
+            tasks=int(self.mt.select().count()),
         )
 
     def _batched(

@@ -13,6 +13,7 @@ from .queue_bench import bench_drain, bench_enqueue
 from .events_bench import bench_event_store
 from .transfer_bench import bench_migrate
 from .store_bench import bench_append_cost, bench_purge
+from .tasks_bench import bench_tasks
 
 BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P1": bench_enqueue,
@@ -21,6 +22,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P4": bench_migrate,
     "P5": bench_purge,
     "P6": bench_event_store,
+    "T": bench_tasks,  # MCP tasks: T1, T2, T3
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 

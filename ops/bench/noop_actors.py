@@ -19,3 +19,9 @@ import sessionq.workers.actors  # noqa: F401  (the configured broker, first)
 def bench_noop(payload: dict[str, Any]) -> None:
     """Receive a save payload and do nothing."""
     del payload
+
+
+@dramatiq.actor(queue_name="tasks")
+def bench_task_noop(payload: dict[str, Any]) -> None:
+    """Receive a task leg's payload and do nothing (the T2 ceiling: a bare job on the tasks queue)."""
+    del payload

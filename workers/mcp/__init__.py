@@ -6,6 +6,8 @@
   recover, agent state; writes go out as jobs through an injectable sender.
 * :class:`RecoverableSessionManager` / :func:`recoverable_http_app` — sessions that
   survive a restart or a hop to another instance instead of answering 404.
+* :class:`SessionqTasks` / :class:`TaskPolicy` — durable tasks (SEP-2663) at protocol
+  2026-07-28, run on sessionq's workers; :class:`SessionqTasksClient` is the client half.
 
 Imports only ``models``, the job payload checks (``sessionq.workers.payloads``),
 ``redis``, ``mcp`` and the standard library (never the broker), so importing it has
@@ -37,6 +39,9 @@ try:
         recoverable_http_app,
         request_session_id,
     )
+    from .task_runner import current_task
+    from .tasks import SessionqTasks, TaskPolicy
+    from .tasks_client import SessionqTasksClient
 except ImportError as exc:  # the mcp 1.x line: event stores and registry only
     _recovery_missing: ImportError | None = exc
 else:
@@ -50,7 +55,8 @@ def __getattr__(name: str) -> Any:
 
 
 _RECOVERY_NAMES = frozenset(
-    {"RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id"}
+    {"RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id",
+     "SessionqTasks", "SessionqTasksClient", "TaskPolicy", "current_task"}
 )
 
 __all__ = [
@@ -64,9 +70,13 @@ __all__ = [
     "RecoverableSessionManager",
     "RedisEventStore",
     "SessionRegistry",
+    "SessionqTasks",
+    "SessionqTasksClient",
     "StoreEventStore",
     "StoreSender",
+    "TaskPolicy",
     "apply_transport_job",
+    "current_task",
     "install",
     "recoverable_http_app",
     "request_session_id",

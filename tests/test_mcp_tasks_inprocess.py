@@ -1,0 +1,119 @@
+"""Task legs' edge cases with the SDK client in-process (no HTTP): time limits,
+checkpoints, outcomes too big to keep, and refused input responses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import InputRequiredResult
+
+from sessionq.models import Store, open_store
+from sessionq.workers.mcp import SessionqTasks, SessionqTasksClient, TaskPolicy
+from sessionq.workers.mcp.task_executors import InProcessExecutor
+from sessionq.workers.mcp.tasks_client import (
+    CreateTaskResult,
+    call_tool_as_task,
+    get_task,
+    update_task,
+    wait_for_task,
+)
+from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A migrated SQLite store."""
+    store = open_store(f"sqlite:///{tmp_path / 'tasks.db'}")
+    store.upgrade()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def client(store: Store) -> AsyncIterator[Client]:
+    """An in-process client at 2026-07-28 of a server with a few task tools."""
+    policies = {name: TaskPolicy(poll_interval_ms=10) for name in ("huge", "resumable", "waits")}
+    policies["slow"] = TaskPolicy(poll_interval_ms=10, time_limit_ms=200)
+    executor = InProcessExecutor(lease_ms=3000, sweep_interval=60)
+    tasks = SessionqTasks(store, tools=policies, executor=executor)
+    server = tasks.bind(MCPServer("inprocess", extensions=[tasks]))
+
+    @server.tool()
+    async def huge() -> str:
+        """A result over the 4 MiB a task keeps."""
+        return "x" * (5 * 1024 * 1024)
+
+    @server.tool()
+    async def slow() -> str:
+        """Longer than its time limit."""
+        await anyio.sleep(30)
+        return "too late"
+
+    @server.tool()
+    async def resumable(ctx: Context) -> str | InputRequiredResult:
+        """A checkpoint (state, no question), then the result."""
+        if ctx.request_state is None:
+            return InputRequiredResult(request_state="half way")
+        return f"resumed from {ctx.request_state}"
+
+    @server.tool()
+    async def waits(ctx: Context) -> str | InputRequiredResult:
+        """One question."""
+        from mcp_types import ElicitRequest, ElicitRequestFormParams
+
+        if ctx.request_state is None:
+            question = ElicitRequest(params=ElicitRequestFormParams(message="v?", requested_schema={
+                "type": "object", "properties": {"v": {"type": "string"}}}))
+            return InputRequiredResult(input_requests={"v": question}, request_state="asked")
+        return "answered"
+
+    async with Client(server, mode="2026-07-28", extensions=[SessionqTasksClient(poll_interval=0.01)]) as connected:
+        yield connected
+    executor.close()
+
+
+async def start(client: Client, tool: str) -> str:
+    """Start a task, return its id."""
+    handle = await call_tool_as_task(client.session, tool, {})
+    assert isinstance(handle, CreateTaskResult)
+    return handle.task_id
+
+
+async def test_a_leg_past_its_time_limit_fails(client: Client) -> None:
+    done = await wait_for_task(client.session, await start(client, "slow"), poll_interval=0.01, timeout=30)
+    assert done.status == "failed"
+    assert done.error == {"code": -32603, "message": "task exceeded its time limit of 200 ms"}
+
+
+async def test_an_outcome_too_big_to_keep_fails_the_task_instead_of_the_worker(client: Client) -> None:
+    done = await wait_for_task(client.session, await start(client, "huge"), poll_interval=0.01, timeout=30)
+    assert done.status == "failed" and done.error is not None
+    assert done.error["code"] == -32603 and "cannot be stored: result" in done.error["message"]
+
+
+async def test_a_checkpoint_runs_the_next_leg_with_the_kept_state(client: Client, store: Store) -> None:
+    task_id = await start(client, "resumable")
+    done = await wait_for_task(client.session, task_id, poll_interval=0.01, timeout=30)
+    assert done.call_tool_result().structured_content == {"result": "resumed from half way"}
+    assert store.load_task(task_id).leg == 1
+
+
+async def test_input_responses_a_store_cannot_keep_are_refused_with_one_line(client: Client) -> None:
+    task_id = await start(client, "waits")
+    while (state := await get_task(client.session, task_id)).status != "input_required":
+        await anyio.sleep(0.01)
+    (key,) = state.input_requests or {}
+    with pytest.raises(MCPError) as refused:
+        await update_task(client.session, task_id, {key: {"action": "accept", "content": {"v": "nul\x00"}}})
+    assert refused.value.code == -32602 and refused.value.message.startswith("inputResponses rejected: ")
+    await update_task(client.session, task_id, {key: {"action": "accept", "content": {"v": "fine"}}})
+    done = await wait_for_task(client.session, task_id, poll_interval=0.01, timeout=30)
+    assert done.call_tool_result().structured_content == {"result": "answered"}
