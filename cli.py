@@ -684,9 +684,15 @@ def tasks_show(app: App, task_id: str) -> None:
 @user_errors
 def tasks_cancel(app: App, task_id: str) -> None:
     """Cancel a task (a running one is cancelled by its worker; a final one stays)."""
+    from sessionq.errors import StoreUnavailable
+    from sessionq.scheduler.lease import connect_redis
     from sessionq.workers.task_admin import cancel_task
 
-    client = _scheduler_redis(app.settings, required=False)
+    try:
+        client = connect_redis(app.settings)
+    except StoreUnavailable as exc:
+        click.echo(f"warning: {exc}; the running worker sees the cancellation at its next lease renewal", err=True)
+        client = None
     task = cancel_task(app.store, task_id, redis=client)
     state = "cancellation requested (running)" if task.status == "working" else task.status
     click.echo(f"task {task_id}: {state}")

@@ -39,7 +39,7 @@ def test_every_actor_consumes_the_queue_of_its_job() -> None:
     for name, actor in actors.items():
         assert actor.queue_name == JOBS[name].queue, name
         assert InvalidPayload in actor.options["throws"]
-    assert QUEUES == ("sessions", "maintenance", "bulk")
+    assert QUEUES == ("sessions", "maintenance", "bulk", "tasks")
 
 
 def test_the_producer_and_the_mcp_package_load_no_broker() -> None:
@@ -64,6 +64,7 @@ def _samples(now: str) -> dict[str, Any]:
         "export_session": {"session_id": "s", "format": "markdown", "path": "out/s.md"},
         "migrate_batch": {"source": "@A", "destination": "@B", "kind": "files", "after": None, "until": "f9",
                           "limit": 10},
+        "run_tool_task": {"task_id": "t" * 43, "leg": 2},
     }
 
 

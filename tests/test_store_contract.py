@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from sessionq.models import AgentState, ChatMessage, Conflict, FileRecord, NotFound, Store, TransportSession, ValidationError
+from sessionq.models.tasks import McpTask, new_task_id
 from tests.conftest import T0, messages, session
 
 
@@ -398,6 +399,8 @@ def test_clear_deletes_every_record_and_keeps_the_schema(store: Store) -> None:
     store.register_transport(TransportSession("t", created_at=T0))
     store.put_agent_state(AgentState("a", "k", 1, updated_at=T0))
     store.append_event("mcp", "s", {"i": 1}, T0)
+    store.create_task(McpTask(task_id=new_task_id(), tool="t", owner=None, arguments={}, created_at=T0,
+                              expires_at=T0 + timedelta(hours=1)))
     version = store.schema_version()
     # When it is cleared
     store.clear()
@@ -405,6 +408,7 @@ def test_clear_deletes_every_record_and_keeps_the_schema(store: Store) -> None:
     assert store.stats().to_json() == {
         "total_sessions": 0, "active_sessions": 0, "archived_sessions": 0, "expired_sessions": 0,
         "total_messages": 0, "total_files": 0, "transport_sessions": {}, "agent_states": 0, "stream_events": 0,
+        "tasks": 0,
     }
     assert store.schema_version() == version and store.upgrade() == []
     assert store.save_session(session("s1"), messages("s1", 2)).messages_inserted == 2
