@@ -15,7 +15,9 @@ Everything runs as real processes against the real services.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -101,9 +103,18 @@ def unready_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, 
 
 
 def sessionq(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a subprocess, with only the environment given."""
-    return subprocess.run([*cli_command(*args)], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT, check=False)
+    """The real CLI in a subprocess (its own process group), with only the environment
+    given; a command still running after COMMAND_TIMEOUT is killed, children included,
+    and fails the test: it never gave up."""
+    proc = subprocess.Popen([*cli_command(*args)], cwd=cwd, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"`sessionq {' '.join(args)}` still running after {COMMAND_TIMEOUT}s:\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize(
@@ -216,8 +227,8 @@ def test_worker_scheduler_and_serve_wait_for_redis_alike(command: str, tmp_path:
 def test_a_worker_does_not_start_on_a_store_that_does_not_exist(tmp_path: Path) -> None:
     # Given a PostgreSQL URL naming a database that does not exist
     url = with_password(_with_database(POSTGRES_URL, f"missing_{uuid.uuid4().hex[:8]}"))
-    # When a worker starts on it
-    result = sessionq("worker", "--wait", "2", cwd=tmp_path, STORAGE_URL=url, REDIS_URL=REDIS_URL)
+    # When a worker starts on it (the wait from the environment)
+    result = sessionq("worker", cwd=tmp_path, STORAGE_URL=url, REDIS_URL=REDIS_URL, SESSIONQ_STARTUP_WAIT="2")
     # Then it is not "ready for action": it waits for the store, then exits 1 naming it
     assert result.returncode == 1, result.stderr
     assert f"store {redact_url(url)} does not answer (attempt 1)" in result.stderr
