@@ -16,6 +16,7 @@ with no schema yet, gets its schema instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -129,9 +130,9 @@ def services_of(settings: Settings, *, store: bool) -> list[Service]:
         services.append(Service(f"store {redact_url(settings.storage_url)}", ping_store))
     for url in dict.fromkeys(u for u in (settings.redis_url, settings.queue_url) if u):
         if is_redis_url(url):
-            services.append(Service(f"Redis {redact_url(url)}", lambda url=url: _ping_redis(url)))
+            services.append(Service(f"Redis {redact_url(url)}", functools.partial(_ping_redis, url)))
         elif is_amqp_url(url):
-            services.append(Service(f"broker {redact_url(url)}", lambda url=url: _connect_amqp(url)))
+            services.append(Service(f"broker {redact_url(url)}", functools.partial(_connect_amqp, url)))
     return services
 
 
