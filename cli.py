@@ -26,6 +26,11 @@ from sessionq.workers.jobs import QUEUES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Commands that run until stopped: they log at INFO unless told otherwise; the others
+# (one-shot commands, whose output is their result) log warnings and errors only.
+LONG_RUNNING = frozenset({"worker", "scheduler", "serve", "up"})
+
+
 @dataclass
 class App:
     """What every command shares: the settings and, opened on first use, the store."""
@@ -35,9 +40,22 @@ class App:
 
     @property
     def store(self) -> Store:
-        """The configured store (opened lazily, closed when the command ends)."""
+        """The configured store, its schema checked (opened on first use, closed when the
+        command ends): a missing or outdated schema is one line naming ``sessionq db upgrade``."""
+        return self.open_store(check_schema=True)
+
+    def open_store(self, *, check_schema: bool = True) -> Store:
+        """The configured store; ``check_schema=False`` for the commands that bring the
+        schema up to date themselves (``db``, ``import``, ``restore``)."""
         if self._store is None:
-            self._store = open_store(self.settings)
+            store = open_store(self.settings)
+            if check_schema:
+                try:
+                    store.check_schema(create=True)
+                except BaseException:
+                    store.close()
+                    raise
+            self._store = store
         return self._store
 
     def close(self) -> None:
@@ -61,6 +79,8 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except SessionqError as exc:
             raise click.ClickException(redact(str(exc))) from None
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): click ends quietly
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
@@ -68,11 +88,21 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def configure_logging(settings: Settings) -> None:
-    """Install the process's log handler (only the CLI configures handlers)."""
+def configure_logging(settings: Settings, command: str | None = None) -> None:
+    """Install the process's log handler (only the CLI configures handlers); unless
+    ``log_level`` is set, INFO for a long-running ``command``, WARNING for the others."""
     from sessionq.workers.logs import configure
 
-    configure(settings)
+    configure(settings, default_level="INFO" if command in LONG_RUNNING else "WARNING")
+
+
+def wait_option(func: F) -> F:
+    """``--wait SECONDS``: how long a long-running command waits at start for its services."""
+    return click.option(
+        "--wait", "wait", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+        help="Wait this long at start for the store and Redis to answer, then exit 1 "
+             "(default: SESSIONQ_STARTUP_WAIT, 60).",
+    )(func)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -88,7 +118,7 @@ def main(ctx: click.Context, config_file: str | None, storage_url: str | None, r
         settings = Settings.load(config_file, storage_url=storage_url, redis_url=redis_url)
     except SessionqError as exc:
         raise click.ClickException(str(exc)) from None
-    configure_logging(settings)
+    configure_logging(settings, ctx.invoked_subcommand)
     app = App(settings)
     ctx.obj = app
     ctx.call_on_close(app.close)
@@ -105,8 +135,9 @@ def db() -> None:
 @user_errors
 def db_upgrade(app: App, target: int | None) -> None:
     """Apply pending schema migrations (idempotent)."""
-    applied = app.store.upgrade(target)
-    version = app.store.schema_version()
+    store = app.open_store(check_schema=False)
+    applied = store.upgrade(target)
+    version = store.schema_version()
     if applied:
         click.echo(f"applied {', '.join(map(str, applied))}; schema at version {version}")
     else:
@@ -118,9 +149,10 @@ def db_upgrade(app: App, target: int | None) -> None:
 @user_errors
 def db_status(app: App) -> None:
     """Print the schema version and whether migrations are pending."""
-    current, latest = app.store.schema_version(), app.store.latest_schema_version()
+    store = app.open_store(check_schema=False)
+    current, latest = store.schema_version(), store.latest_schema_version()
     state = "up to date" if current >= latest else f"{latest - current} migration(s) pending"
-    click.echo(f"backend {app.store.backend}: schema version {current} of {latest} ({state})")
+    click.echo(f"backend {store.backend}: schema version {current} of {latest} ({state})")
     if current < latest:
         sys.exit(1)
 
@@ -159,9 +191,10 @@ def stats(app: App, as_json: bool) -> None:
 
 
 @main.command("scheduler")
+@wait_option
 @pass_app
 @user_errors
-def scheduler_command(app: App) -> None:
+def scheduler_command(app: App, wait: float | None) -> None:
     """Enqueue the periodic sweeps (long-running; stop with SIGTERM or Ctrl-C).
 
     Run as many replicas as you like against one Redis: a lease makes one of them
@@ -173,7 +206,9 @@ def scheduler_command(app: App) -> None:
 
     from sessionq.scheduler.lease import connect_redis
     from sessionq.scheduler.runner import SweepScheduler, dramatiq_send
+    from sessionq.workers.startup import wait_until_ready
 
+    wait_until_ready(app.settings, store=False, wait=wait)
     redis_client = connect_redis(app.settings)
     if redis_client is None:
         logging.getLogger(__name__).warning(
@@ -183,8 +218,6 @@ def scheduler_command(app: App) -> None:
     from sessionq.workers.broker import configure
 
     configure(app.settings)  # the broker of these settings (--redis-url / --config included)
-    # APScheduler logs every job run at INFO; each tick already logs what it enqueued.
-    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.getLogger().level))
     runner = SweepScheduler(dramatiq_send(), settings=app.settings, redis=redis_client)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -224,13 +257,14 @@ def cleanup(app: App, aggressive: bool, dry_run: bool, kind: str | None) -> None
 @main.command()
 @click.option("--host", envvar="SESSIONQ_HTTP_HOST", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", envvar="SESSIONQ_HTTP_PORT", type=int, help="Port to bind (default 8080).")
+@wait_option
 @pass_app
 @user_errors
-def serve(app: App, host: str | None, port: int | None) -> None:
+def serve(app: App, host: str | None, port: int | None, wait: float | None) -> None:
     """Serve GET /session-health and GET /metrics (Bearer token: SESSIONQ_API_TOKEN)."""
     from sessionq.workers.http import serve as serve_http
 
-    serve_http(app.settings, host, port)
+    serve_http(app.settings, host, port, wait=wait)
 
 
 @main.command()
@@ -249,6 +283,8 @@ def health(app: App, timeout: float | None) -> None:
 
 # Checkpoint file `sessionq migrate` writes (and `--resume` reads) when none is given.
 DEFAULT_CHECKPOINT = "sessionq-migrate.checkpoint.json"
+# Differences `sessionq verify` lists after its summary unless --all.
+DEFAULT_SHOWN_DIFFERENCES = 20
 
 
 def _per_kind(counts: dict[str, int], suffix: str = "") -> str:
@@ -313,8 +349,13 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
         Checkpoint.load_for(path, labels)  # refuse another migration's checkpoint before touching a store
     with open_pair(source, destination, upgrade=True) as (src, dst):
         click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
-        report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
-                         pause=pause, labels=labels)
+        try:
+            report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
+                             pause=pause, labels=labels)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: every batch up to the checkpoint ({path}) is done; run the same command "
+                       "with --resume to continue from there", err=True)
+            sys.exit(130)
         start = f" (resumed after {report.resumed_from!r})" if report.resumed_from else ""
         click.echo(
             f"migrated {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}{start} "
@@ -323,7 +364,7 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
         )
         if check:
             result = verify(src, dst, show_progress=progress)
-            for line in describe(result):
+            for line in describe(result, limit=DEFAULT_SHOWN_DIFFERENCES):
                 click.echo(line)
             if not result.equal:
                 sys.exit(1)
@@ -333,15 +374,17 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 @click.option("--from", "source", required=True, help="Source store URL.")
 @click.option("--to", "destination", required=True, help="Destination store URL.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--all", "all_", is_flag=True,
+              help=f"List every difference found (default: the first {DEFAULT_SHOWN_DIFFERENCES}).")
 @user_errors
-def verify_command(source: str, destination: str, progress: bool | None) -> None:
+def verify_command(source: str, destination: str, progress: bool | None, all_: bool) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
     agent state record by record and by digest); exit 1 on any difference."""
     from sessionq.models.transfer import describe, open_pair, verify
 
     with open_pair(source, destination) as (src, dst):
         result = verify(src, dst, show_progress=progress)
-    for line in describe(result):
+    for line in describe(result, limit=None if all_ else DEFAULT_SHOWN_DIFFERENCES):
         click.echo(line)
     if not result.equal:
         sys.exit(1)
@@ -375,8 +418,9 @@ def import_command(app: App, file: str) -> None:
 
     from sessionq.models.archive_io import import_file
 
-    app.store.upgrade()
-    report = import_file(app.store, Path(file))
+    store = app.open_store(check_schema=False)
+    store.upgrade()
+    report = import_file(store, Path(file))
     _echo_import(report, f"imported {file}")
     if report.error_count:
         sys.exit(1)
@@ -409,8 +453,9 @@ def restore_command(app: App, file: str) -> None:
 
     from sessionq.models.archive_io import restore
 
-    app.store.upgrade()
-    report = restore(app.store, Path(file))
+    store = app.open_store(check_schema=False)
+    store.upgrade()
+    report = restore(store, Path(file))
     _echo_import(report, f"restored {file}")
     if report.error_count:
         sys.exit(1)
@@ -449,10 +494,11 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 @click.option("--queues", "-Q", multiple=True, type=click.Choice(QUEUES),
               help="Queues to consume (repeatable; default: all, tasks only with --mcp-app).")
 @click.option("--mcp-app", metavar="MODULE:ATTR", help="The MCPServer whose task tools this worker runs (queue tasks).")
+@wait_option
 @click.pass_context
 @user_errors
 def worker(ctx: click.Context, processes: int | None, threads: int | None, queues: tuple[str, ...],
-           mcp_app: str | None) -> None:
+           mcp_app: str | None, wait: float | None) -> None:
     """Run Dramatiq worker processes against the configured broker (graceful on SIGTERM)."""
     app: App = ctx.obj
     if app.settings.queue_url is None:
@@ -462,11 +508,13 @@ def worker(ctx: click.Context, processes: int | None, threads: int | None, queue
     from dramatiq.cli import make_argument_parser
 
     from sessionq.workers.broker import configure
+    from sessionq.workers.startup import wait_until_ready
 
     configure(app.settings)  # forked worker processes inherit this broker
     from sessionq.workers.tool_tasks import worker_queues
 
     queues = worker_queues(queues, mcp_app)
+    wait_until_ready(app.settings, wait=wait)
 
     argv = ["sessionq.workers.actors", "--processes", str(processes or app.settings.worker_processes),
             "--threads", str(threads or app.settings.worker_threads), "--skip-logging"]
@@ -521,15 +569,18 @@ def export_command(app: App, session_id: str, fmt: str, output: str | None) -> N
 
 @main.command("archive")
 @click.argument("session_id")
+@click.option("--force", is_flag=True, help="Enqueue without looking the session up in the store first.")
 @pass_app
 @user_errors
-def archive_command(app: App, session_id: str) -> None:
-    """Archive a session (an archive_session job; embedded: waits until done)."""
+def archive_command(app: App, session_id: str, force: bool) -> None:
+    """Archive a session (an archive_session job; embedded: waits until done).
+
+    An unknown session is an error here and now (exit 1), not a job that dead-letters
+    later; --force enqueues anyway (e.g. for a save still queued)."""
     from sessionq.models import utcnow
 
-    if app.settings.queue_url is None:
-        app.store.upgrade()
-        app.store.load_session(session_id)  # embedded: an unknown id is an error now, not a retried job
+    if not force:
+        app.store.load_session(session_id)
     (job_id,) = _run_jobs(app, [("archive_session", {"session_id": session_id, "at": utcnow()})])
     click.echo(f"{'archived' if app.settings.queue_url is None else 'enqueued archive of'} {session_id}; job {job_id}")
 
@@ -624,9 +675,10 @@ def dlq_requeue(app: App, ids: tuple[str, ...], all_: bool) -> None:
     if not ids and not all_:
         raise click.ClickException("give dead-letter ids or --all")
     moved = _dead_letters(app).requeue(None if all_ else ids)
-    if ids and moved < len(ids):
-        click.echo(f"requeued {moved} of {len(ids)}; the others were not found", err=True)
     click.echo(f"requeued {moved} job(s)")
+    wanted = len(set(ids))
+    if ids and not all_ and moved < wanted:
+        raise click.ClickException(f"{wanted - moved} of {wanted} id(s) are not dead letters (see `sessionq dlq list`)")
 
 
 @dlq.command("purge")
@@ -637,8 +689,9 @@ def dlq_requeue(app: App, ids: tuple[str, ...], all_: bool) -> None:
 def dlq_purge(app: App, yes: bool) -> None:
     """Delete every dead letter."""
     letters = _dead_letters(app)
-    if not yes and not click.confirm(f"delete {letters.count()} dead letter(s)?"):
-        raise click.ClickException("aborted")
+    count = letters.count()
+    if count and not yes:
+        click.confirm(f"delete {count} dead letter(s)?", abort=True)  # declining: "Aborted!", exit 1
     click.echo(f"purged {letters.purge()} dead letter(s)")
 
 

@@ -8,7 +8,8 @@ The hierarchy (each class stated here once; ``sessionq.models.errors`` and
     │   ├── ValidationError         a record or value failed validation
     │   ├── NotFound                no record with that id
     │   ├── Conflict                not allowed in the record's current state
-    │   └── StoreUnavailable        unreachable or timed out (transient: retry)
+    │   ├── StoreUnavailable        unreachable or timed out (transient: retry)
+    │   └── SchemaOutdated          schema missing or behind: run `sessionq db upgrade`
     ├── ConfigError                 a setting is invalid or missing
     └── JobError                    jobs and the producer
         ├── InvalidPayload          malformed job arguments (never retried)
@@ -29,6 +30,7 @@ __all__ = [
     "JobError",
     "NotFound",
     "ProducerError",
+    "SchemaOutdated",
     "SessionNotReady",
     "SessionqError",
     "StoreError",
@@ -60,6 +62,12 @@ class Conflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """The backend could not be reached or timed out; the operation may be retried."""
+
+
+class SchemaOutdated(StoreError):
+    """The store answers, but its schema is missing or older than this sessionq's; the
+    message names the store (password masked) and says to run ``sessionq db upgrade``.
+    Not transient: waiting does not help, an upgrade does."""
 
 
 class ConfigError(SessionqError, ValueError):

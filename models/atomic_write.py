@@ -14,10 +14,12 @@ was checked about its path before. POSIX only (``dir_fd``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +28,8 @@ from .errors import ValidationError
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Write errors that name no file but are about the one being written (disk or quota full).
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # Longest part of the destination's name kept in a temporary name (NAME_MAX is 255 bytes).
 _MAX_TEMPORARY_STEM = 200
 
@@ -85,7 +89,11 @@ def atomic_text_file(path: Path, *, root: Path | None = None, compress: bool = F
     """
     dir_fd = open_directory(path.parent, root=root)
     try:
-        temporary, fd = _create_temporary(path.name, dir_fd)
+        _refuse_special(path, dir_fd)
+        try:
+            temporary, fd = _create_temporary(path.name, dir_fd)
+        except OSError as exc:
+            raise _about(exc, path) from None
         try:
             with os.fdopen(fd, "wb") as raw:
                 layer = gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw) if compress else raw
@@ -97,9 +105,28 @@ def atomic_text_file(path: Path, *, root: Path | None = None, compress: bool = F
                     if compress:
                         layer.close()  # writes the gzip trailer; ``raw`` stays open
             os.replace(temporary, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary, dir_fd=dir_fd)
+            if isinstance(exc, OSError) and (temporary in (exc.filename, exc.filename2) or exc.errno in _FULL):
+                raise _about(exc, path) from None
             raise
     finally:
         os.close(dir_fd)
+
+
+def _about(exc: OSError, path: Path) -> OSError:
+    """The same error about the user's ``path``, not the temporary name they never chose."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def _refuse_special(path: Path, dir_fd: int) -> None:
+    """Raise :class:`~sessionq.models.errors.ValidationError` if ``path`` is a device, a
+    pipe, a socket or a directory: the rename would replace it (``-o /dev/null``, as root,
+    would turn the device into a file). A symlink is replaced, never followed."""
+    try:
+        mode = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise ValidationError(f"{path} is not a regular file: write to a file instead")

@@ -12,10 +12,20 @@ from sessionq.errors import (
     ConfigError,
     Conflict,
     NotFound,
+    SchemaOutdated,
     SessionqError,
     StoreError,
     StoreUnavailable,
     ValidationError,
 )
 
-__all__ = ["ConfigError", "Conflict", "NotFound", "SessionqError", "StoreError", "StoreUnavailable", "ValidationError"]
+__all__ = [
+    "ConfigError",
+    "Conflict",
+    "NotFound",
+    "SchemaOutdated",
+    "SessionqError",
+    "StoreError",
+    "StoreUnavailable",
+    "ValidationError",
+]

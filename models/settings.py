@@ -15,9 +15,11 @@ and the named stores of bulk jobs (``@NAME``, :meth:`Settings.resolve_store`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +33,10 @@ from .tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_LEASE_MS
 ENV_CONFIG_FILE = "SESSIONQ_CONFIG"
 # The store used when nothing is configured: a SQLite file in the working directory.
 DEFAULT_STORAGE_URL = "sqlite:///sessionq.db"
+# Seconds a long-running command waits at start for its store and Redis (`--wait`).
+DEFAULT_STARTUP_WAIT = 60.0
+#: Names a log level may have (``log_level``, ``SESSIONQ_LOG_LEVEL``), any case.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Prefix of the environment variables naming stores for bulk jobs: SESSIONQ_STORE_ARCHIVE=url is @archive.
 STORE_ENV_PREFIX = "SESSIONQ_STORE_"
 
@@ -138,7 +144,12 @@ class Settings:
     http_host: str = _setting("127.0.0.1", "SESSIONQ_HTTP_HOST", help="address sessionq serve binds")
     http_port: int = _setting(8080, "SESSIONQ_HTTP_PORT", help="port sessionq serve binds")
     log_format: str = _setting("text", "SESSIONQ_LOG_FORMAT", help="text or json")
-    log_level: str = _setting("INFO", "SESSIONQ_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    log_level: str | None = _setting(
+        None, "SESSIONQ_LOG_LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR; unset: INFO for worker, scheduler, serve and up, WARNING for the rest")
+    startup_wait_seconds: float = _setting(
+        DEFAULT_STARTUP_WAIT, "SESSIONQ_STARTUP_WAIT",
+        help="seconds worker, scheduler and serve wait at start for the store and Redis to answer (0: no wait)")
     group_commit_delay_ms: float = _setting(2.0, "SESSIONQ_GROUP_COMMIT_DELAY_MS",
                                             help="ms a save batch waits for more saves once the queue is empty (0: none)")
     prometheus_multiproc_dir: str | None = _setting(
@@ -159,6 +170,8 @@ class Settings:
             raise ConfigError(f"storage_url: unsupported scheme {scheme!r} (use sqlite, postgresql, mysql or mongodb)")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        if self.log_level is not None and self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r:.80}")
         if self.min_pool_size > self.max_pool_size:
             raise ConfigError("min_pool_size: must not exceed max_pool_size")
         if self.http_port > 65535:
@@ -201,15 +214,17 @@ class Settings:
         ``config_file`` defaults to ``$SESSIONQ_CONFIG``; ``None`` overrides are ignored.
         """
         env = os.environ if environ is None else environ
+        known = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         path = config_file or env.get(ENV_CONFIG_FILE)
         if path:
             values.update(read_config_file(path))
+            if set(values) - known:
+                raise ConfigError(f"config file {path}: unknown setting(s): {unknown_settings(set(values) - known)}")
         values.update(_from_environment(env))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        if set(values) - known:
+            raise ConfigError(f"unknown setting(s): {unknown_settings(set(values) - known)}")
         return cls(**values)
 
     def redacted(self) -> dict[str, Any]:
@@ -240,14 +255,40 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config file {p}: cannot parse: {first}") from None
+        raise ConfigError(f"config file {p}: cannot parse: {_parse_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: must hold a mapping of setting names to values")
     data = data.get("sessionq", data) if isinstance(data.get("sessionq"), dict) else data
     return {str(k).lower().replace("-", "_"): v for k, v in data.items()}
+
+
+# tomllib ends its messages with where: "Invalid value (at line 3, column 9)".
+_TOML_WHERE = re.compile(r"^(?P<what>.*?) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+
+
+def _parse_error(exc: Exception) -> str:
+    """``line L, column C: what`` for a YAML or TOML syntax error (1-based, as editors count)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context or 'invalid syntax'}"
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    where = _TOML_WHERE.match(first)
+    return f"line {where['line']}, column {where['column']}: {where['what']}" if where else first
+
+
+def unknown_settings(names: Iterable[str]) -> str:
+    """``storge_url (did you mean storage_url?), colour`` for names that are not settings,
+    each with the closest setting name when one is close enough."""
+    known = [f.name for f in dataclasses.fields(Settings)]
+    out = []
+    for name in sorted(names):
+        shown = name if name.isprintable() and len(name) <= 80 else f"{name!r:.80}"
+        close = difflib.get_close_matches(name, known, n=1)
+        out.append(f"{shown} (did you mean {close[0]}?)" if close else shown)
+    return ", ".join(out)
 
 
 def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
@@ -286,8 +327,8 @@ def _seed_storage_url(env: Mapping[str, str]) -> str | None:
 
 
 _TRUE = {"1", "true", "yes", "on"}
-# Numeric settings for which 0 means something (any port; no retries; no gather delay).
-_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms"})
+# Numeric settings for which 0 means something (any port; no retries; no gather delay; no wait).
+_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms", "startup_wait_seconds"})
 _FALSE = {"0", "false", "no", "off", ""}
 
 

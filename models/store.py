@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
-from .errors import NotFound, StoreUnavailable, ValidationError
+from .errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
 from .kinds import (
     AGENT_STATES,
     DEFAULT_IMPORT_CHUNK,
@@ -142,6 +142,11 @@ class Store(TaskStore, abc.ABC):
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.
     backend: str = ""
+    #: Where the store lives, for messages: its URL with the password masked (set by the backend).
+    location: str = ""
+    #: True for a store that makes its own schema on first use (SQLite, the embedded default)
+    #: instead of asking for ``sessionq db upgrade``; see :meth:`check_schema`.
+    creates_schema: bool = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -159,6 +164,26 @@ class Store(TaskStore, abc.ABC):
     @abc.abstractmethod
     def latest_schema_version(self) -> int:
         """The version :meth:`upgrade` brings this backend to."""
+
+    def check_schema(self, *, create: bool = False) -> None:
+        """Raise :class:`~sessionq.errors.SchemaOutdated` unless the schema is at
+        :meth:`latest_schema_version`; the message names :attr:`location` and says to run
+        ``sessionq db upgrade``. Every entry point calls this once, at start, on the store
+        it serves.
+
+        With ``create``, a store that :attr:`creates_schema` and has no schema at all yet
+        is given one now instead (a SQLite file sessionq has just created); a schema that
+        is behind is never upgraded here: other processes may still run the old version.
+        """
+        current, latest = self.schema_version(), self.latest_schema_version()
+        if current >= latest:
+            return
+        if current == 0 and create and self.creates_schema:
+            logger.info("creating the sessionq schema in %s", self.location)
+            self.upgrade()
+            return
+        state = "has no sessionq schema" if current == 0 else f"is at schema version {current} of {latest}"
+        raise SchemaOutdated(f"store {self.location} {state}: run `sessionq db upgrade`")
 
     @abc.abstractmethod
     def ping(self) -> None:

@@ -40,7 +40,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sessionq.errors import NotFound, SessionqError, ValidationError
+from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationError
 
 from .atomic_write import atomic_text_file
 from .kinds import KINDS
@@ -77,7 +77,8 @@ def open_url(url: str, role: str) -> Store:
 @contextmanager
 def open_pair(source: str, destination: str, *, upgrade: bool = False) -> Iterator[tuple[Store, Store]]:
     """Open and ping the stores at ``source`` and ``destination`` (see :func:`open_url`),
-    bring the destination's schema up to date if ``upgrade``, and close both at the end."""
+    check their schemas (:class:`~sessionq.errors.SchemaOutdated` names the role), or
+    bring the destination's up to date if ``upgrade``, and close both at the end."""
     with ExitStack() as stack:
         src = open_url(source, "source")
         stack.callback(src.close)
@@ -85,6 +86,11 @@ def open_pair(source: str, destination: str, *, upgrade: bool = False) -> Iterat
         stack.callback(dst.close)
         if upgrade:
             dst.upgrade()
+        for role, store in (("source", src), ("destination", dst)):
+            try:
+                store.check_schema()
+            except SchemaOutdated as exc:
+                raise SchemaOutdated(f"{role} {exc}") from None
         yield src, dst
 
 
@@ -476,8 +482,9 @@ def _describe_message_difference(a: ChatMessage | None, b: ChatMessage | None) -
     return f"seq {a.seq} ({a.message_id!r}) differs in {', '.join(names)}"
 
 
-def describe(report: VerifyReport) -> Iterator[str]:
-    """Human-readable lines for a report (summary first)."""
+def describe(report: VerifyReport, *, limit: int | None = None) -> Iterator[str]:
+    """Human-readable lines for a report: the summary, then the differences (the first
+    ``limit`` of them; ``None``: all that were kept), then how many more there are."""
     verdict = "EQUAL" if report.equal else f"{report.difference_count} DIFFERENCE(S)"
     others = "".join(f", {name} source={c.source} destination={c.destination}" for name, c in report.kinds.items())
     checked = "".join(f" / {c.checked} {name}" for name, c in report.kinds.items())
@@ -486,7 +493,10 @@ def describe(report: VerifyReport) -> Iterator[str]:
         f"messages source={report.source_messages} destination={report.destination_messages}{others}, "
         f"checked {report.sessions_checked} sessions / {report.messages_checked} messages{checked}"
     )
-    yield from (f"  - {line}" for line in report.differences)
-    if report.difference_count > len(report.differences):
-        yield f"  ... and {report.difference_count - len(report.differences)} more"
+    shown = report.differences if limit is None else report.differences[:limit]
+    yield from (f"  - {line}" for line in shown)
+    if report.difference_count > len(shown):
+        hidden, listed = report.difference_count - len(shown), len(report.differences) - len(shown)
+        hint = "" if not listed else " (--all lists them)" if listed == hidden else f" (--all lists {listed} of them)"
+        yield f"  ... and {hidden} more{hint}"
 

@@ -20,7 +20,7 @@ CLASSES = [getattr(errors, name) for name in errors.__all__]
 
 def test_every_error_is_a_sessionq_error() -> None:
     assert {cls.__name__ for cls in CLASSES} == {
-        "SessionqError", "StoreError", "ValidationError", "NotFound", "Conflict", "StoreUnavailable",
+        "SessionqError", "StoreError", "ValidationError", "NotFound", "Conflict", "StoreUnavailable", "SchemaOutdated",
         "ConfigError", "JobError", "InvalidPayload", "TransientJobError", "SessionNotReady", "ProducerError",
     }
     for cls in CLASSES:
@@ -30,8 +30,10 @@ def test_every_error_is_a_sessionq_error() -> None:
 def test_the_hierarchy() -> None:
     assert not issubclass(errors.ConfigError, errors.StoreError)
     assert issubclass(errors.ConfigError, ValueError)
-    for cls in (errors.ValidationError, errors.NotFound, errors.Conflict, errors.StoreUnavailable):
+    for cls in (errors.ValidationError, errors.NotFound, errors.Conflict, errors.StoreUnavailable,
+                errors.SchemaOutdated):
         assert issubclass(cls, errors.StoreError)
+    assert not issubclass(errors.SchemaOutdated, errors.StoreUnavailable)  # waiting does not help
     for cls in (errors.InvalidPayload, errors.TransientJobError, errors.SessionNotReady, errors.ProducerError):
         assert issubclass(cls, errors.JobError) and not issubclass(cls, errors.StoreError)
     assert issubclass(errors.SessionNotReady, errors.TransientJobError)

@@ -115,14 +115,20 @@ def test_r6_no_secret_in_any_log_line(pg_store: Store, tmp_path: Path, request: 
     logs = {name: tmp_path / f"serve-{name}.log" for name in ("up", "down")}
     procs = []
     try:
-        for name, url in (("up", reachable), ("down", unreachable)):
-            proc, port = _serve(url, logs[name])
-            procs.append(proc)
-            # When clients send wrong tokens, tokens in the query string, and the real one
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {PLANTED_TOKEN}"}):
-                    http.get("/session-health", headers=headers)
-                    http.get(f"/metrics?token={PLANTED_TOKEN}", headers=headers)
+        proc, port = _serve(reachable, logs["up"])
+        procs.append(proc)
+        # When clients send wrong tokens, tokens in the query string, and the real one
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {PLANTED_TOKEN}"}):
+                http.get("/session-health", headers=headers)
+                http.get(f"/metrics?token={PLANTED_TOKEN}", headers=headers)
+        # And the one on the unreachable database waits for it, a line per attempt, then gives up
+        with logs["down"].open("wb") as out:
+            down = subprocess.run([*cli_command("serve", "--port", str(free_port()), "--wait", "2")], cwd=ROOT,
+                                  env=subprocess_env(STORAGE_URL=unreachable, REDIS_URL=REDIS_URL,
+                                                     SESSIONQ_API_TOKEN=PLANTED_TOKEN, SESSIONQ_LOG_LEVEL="DEBUG"),
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False)
+        assert down.returncode == 1 and "does not answer" in logs["down"].read_text(errors="replace")
         # And `sessionq health` reports the unreachable database
         health = subprocess.run([*cli_command("health", "--timeout", "2")], cwd=ROOT, capture_output=True, text=True,
                                 env=subprocess_env(STORAGE_URL=unreachable, REDIS_URL=REDIS_URL,

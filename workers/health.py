@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionq.models import Settings, Store, StoreStats, open_store, utcnow
 from sessionq.models.errors import StoreUnavailable
-from sessionq.models.settings import is_redis_url, storage_backend
+from sessionq.models.settings import is_redis_url, redact_url, storage_backend
 from sessionq.models.tasks import TaskStats
 from sessionq.scheduler.status import SweepBook, SweepRun
 
@@ -163,6 +163,7 @@ class HealthChecker:
         self.timeout = timeout
         self.event_store_mode = event_store_mode
         self._store = store
+        self._schema_current = False
         self._owned: list[Any] = []
         self._store_lock = threading.Lock()
         if redis_client is None and settings.redis_url:
@@ -188,6 +189,7 @@ class HealthChecker:
         with self._store_lock:
             if self._store is None:
                 self._store = open_store(with_connect_timeout(self.settings.storage_url), max_pool_size=2)
+                self._store.location = redact_url(self.settings.storage_url)  # as configured, without the timeouts
                 self._owned.append(self._store)
             return self._store
 
@@ -237,11 +239,20 @@ class HealthChecker:
 
     def _store_stats(self) -> StoreStats:
         try:
-            return self.store.stats()
+            return self._checked_stats()
         except StoreUnavailable:
             # A pooled connection cut by a database restart fails once and is dropped;
             # one fresh attempt tells a dead database from a stale connection.
-            return self.store.stats()
+            return self._checked_stats()
+
+    def _checked_stats(self) -> StoreStats:
+        # Until the schema was once found current (it never goes back), a missing or
+        # outdated one is the answer ("error", naming `sessionq db upgrade`), not whatever
+        # error a query on missing tables happens to raise.
+        if not self._schema_current:
+            self.store.check_schema(create=True)
+            self._schema_current = True
+        return self.store.stats()
 
     def _ping_broker_socket(self) -> None:
         parts = urlsplit(str(self.broker_url))

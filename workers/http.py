@@ -156,11 +156,23 @@ def listen(settings: Settings, host: str | None = None, port: int | None = None)
     return settings, sock
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None, **app_options: Any) -> None:
-    """Serve the app with uvicorn until SIGINT/SIGTERM (in-flight requests finish first)."""
+def serve(
+    settings: Settings, host: str | None = None, port: int | None = None, *, wait: float | None = None,
+    **app_options: Any,
+) -> None:
+    """Bind, wait for the store and Redis (up to ``wait`` seconds, see
+    :func:`~sessionq.workers.startup.wait_until_ready`), then serve the app with uvicorn
+    until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
+    from .startup import wait_until_ready
+
     settings, sock = listen(settings, host, port)
+    try:
+        wait_until_ready(settings, wait=wait)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(settings, **app_options)
     host, port = settings.http_host, sock.getsockname()[1]
     logger.info("serving %s and %s on http://%s:%d", HEALTH_PATH, METRICS_PATH, host, port)

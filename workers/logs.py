@@ -236,8 +236,12 @@ def _secrets(settings: Settings) -> tuple[str, ...]:
     return tuple(v for v in values if v)
 
 
-def configure(settings: Settings, *, stream: Any = None) -> logging.Handler:
-    """Install one stderr handler on the root logger per the settings; return it."""
+def configure(settings: Settings, *, stream: Any = None, default_level: str = "INFO") -> logging.Handler:
+    """Install one stderr handler on the root logger per the settings; return it.
+
+    ``default_level`` applies when ``settings.log_level`` is unset: the CLI passes
+    ``WARNING`` for its one-shot commands, whose results are their output.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactingFilter(_secrets(settings)))
@@ -247,5 +251,9 @@ def configure(settings: Settings, *, stream: Any = None) -> logging.Handler:
         root.removeHandler(old)
     handler._sessionq = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(settings.log_level.upper())
+    level = logging.getLevelName((settings.log_level or default_level).upper())
+    root.setLevel(level)
+    # APScheduler logs each job it adds and runs at INFO ("Adding job tentatively ...");
+    # the scheduler logs what each tick enqueued itself.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, level))
     return handler

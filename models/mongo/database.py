@@ -5,6 +5,7 @@ that every part of :class:`~sessionq.models.mongo.MongoStore` shares."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from datetime import UTC
 from typing import Any, TypeVar, cast
@@ -63,6 +64,18 @@ def first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+# Where PyMongo's server-selection message stops saying what went wrong and starts
+# describing its configuration and topology (one long line per server).
+_SELECTION_DETAIL = re.compile(r" \(configured timeouts: [^)]*\)|, Timeout: .*$")
+
+
+def connection_failure(exc: BaseException) -> str:
+    """What a connection failure says, without PyMongo's timeouts and topology dump:
+    ``host:port: [Errno 111] Connection refused``."""
+    lines = str(exc).strip().splitlines()
+    return _SELECTION_DETAIL.sub("", lines[0])[:300] if lines else type(exc).__name__
+
+
 def translate_errors(method: F) -> F:
     """Map PyMongo errors to the store's error hierarchy (transient ones to StoreUnavailable)."""
 
@@ -73,7 +86,7 @@ def translate_errors(method: F) -> F:
         except StoreError:
             raise
         except (ConnectionFailure, ExecutionTimeout, WTimeoutError) as exc:
-            raise StoreUnavailable(f"mongodb unavailable: {first_line(exc)}") from exc
+            raise StoreUnavailable(f"mongodb unavailable: {connection_failure(exc)}") from exc
         except DuplicateKeyError as exc:
             raise Conflict(f"duplicate key: {first_line(exc)}") from exc
         except BSONError as exc:

@@ -20,6 +20,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.collection import Collection
 
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
+from ..settings import redact_url
 from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
 from . import schema as ms
 from .database import (
@@ -64,6 +65,7 @@ class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
             client = open_client(url, max_pool_size=max_pool_size, min_pool_size=min_pool_size)
         self._client = client
         self._db = client[database] if database else client.get_default_database(default=DEFAULT_DATABASE)
+        self.location = redact_url(url) if url else f"mongodb database {self._db.name!r}"
         self._sessions = self._db[ms.SESSIONS]
         self._messages = self._db[ms.MESSAGES]
         self._files = self._db[ms.FILES]

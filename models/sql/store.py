@@ -19,6 +19,7 @@ import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
+from ..settings import redact_url
 from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
 from . import schema
 from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
@@ -53,6 +54,8 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         self._db = database
         self._pooled = isinstance(database, PooledPostgresqlDatabase | PooledMySQLDatabase)
         self.backend = cast(str, dialect)
+        self.location = redact_url(url) if url else f"{self.backend} database {database.database!r}"
+        self.creates_schema = self.backend == "sqlite"
         self.use_copy = True
         self.m = schema.build_models(database, self.backend)
         self._init_tasks()

@@ -165,6 +165,8 @@ class RecoverableSessionManager(StreamableHTTPSessionManager):
         self.recovered_count = 0
         #: The recovered record (saved state) of each live session this process re-created.
         self.recovered_sessions: dict[str, TransportSession] = {}
+        #: Why sessions cannot be recorded (the store's schema), found once at start; reported by :meth:`health`.
+        self.store_problem: str | None = None
 
     @classmethod
     def replacing(
@@ -206,11 +208,15 @@ class RecoverableSessionManager(StreamableHTTPSessionManager):
             "event_store": getattr(self.event_store, "mode", "none" if self.event_store is None else "custom"),
             "live_sessions": len(self._server_instances),
             "recovered_sessions": self.recovered_count,
+            "store": "none" if self.registry is None else "error" if self.store_problem else "ok",
+            "problems": [self.store_problem] if self.store_problem else [],
         }
 
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
         """Run the SDK manager and, with a registry, the heartbeat loop."""
+        if self.registry is not None:
+            self.store_problem = await anyio.to_thread.run_sync(self.registry.check_store)
         async with super().run(), anyio.create_task_group() as tg:
             if self.registry is not None and self.heartbeat:
                 tg.start_soon(self._heartbeats)

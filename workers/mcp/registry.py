@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from sessionq.models.errors import Conflict, NotFound, StoreError, ValidationError
+from sessionq.models.errors import Conflict, NotFound, SchemaOutdated, StoreError, ValidationError
 from sessionq.models.records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -157,6 +157,20 @@ class SessionRegistry:
             max_attempts=settings.max_recovery_attempts,
             heartbeat_interval=float(settings.heartbeat_seconds),
         )
+
+    def check_store(self) -> str | None:
+        """Check the store's schema once (blocking; the manager runs it in a thread at
+        start): ``None`` if it is current, else the problem, also logged at ERROR, since
+        every session would go unrecorded and answer 404 after a restart."""
+        try:
+            self.store.check_schema(create=True)
+        except SchemaOutdated as exc:
+            logger.error("MCP sessions will not be recorded: %s", exc)
+            return str(exc)
+        except StoreError as exc:
+            logger.warning("cannot check the store's schema: %s", exc)
+            return None
+        return None
 
     async def _send(self, name: str, payload: dict[str, Any]) -> None:
         result = self.send(name, payload)
