@@ -32,7 +32,7 @@ from tests.support_mcp import (  # noqa: F401  (fixtures)
     session_keys,
     text_of,
 )
-from sessionq.workers.mcp.event_store import format_event_id
+from sessionq.workers.mcp.event_log import format_event_id
 
 pytestmark = pytest.mark.anyio
 
