@@ -293,3 +293,16 @@ def test_a_pushed_id_without_a_message_is_not_left_unacked(broker: SessionqRedis
     # Then the good one ran and the empty id is not held unacked for ever
     assert list(message.args) == [0]
     assert _unacked(broker) == 0
+
+
+def test_the_sweep_expires_old_dead_letters(broker: SessionqRedisBroker, redis_client: Any) -> None:
+    import time
+
+    # Given two dead letters of queue q, one older than the dead-message TTL
+    now = int(time.time() * 1000)
+    redis_client.zadd("dramatiq:q.XQ", {"old": now - broker.dead_message_ttl - 1000, "new": now})
+    redis_client.hset("dramatiq:q.XQ.msgs", mapping={"old": b"{}", "new": b"{}"})
+    # When a worker sweeps, then only the old one is gone
+    assert broker.expire_dead_letters() == 1
+    assert redis_client.zrange("dramatiq:q.XQ", 0, -1) == [b"new"]
+    assert redis_client.hkeys("dramatiq:q.XQ.msgs") == [b"new"]

@@ -23,7 +23,8 @@ Imported only when a ``redis://`` queue URL is configured (see :mod:`sessionq.wo
 3. **Messages of a dead worker.** Dramatiq gives a dead worker's unacked messages back
    only during its "maintenance", which a Redis command runs with a chance of
    ``maintenance_chance`` per million (0.1 % by default): after a ``kill -9`` they sat
-   for many minutes. Every consumer thread therefore runs a sweep every
+   for many minutes (the same maintenance expires old dead letters). Every consumer
+   thread therefore runs a sweep every
    :data:`DEFAULT_SWEEP_INTERVAL` seconds (at most a quarter of the heartbeat timeout),
    the first one as the worker starts: it refreshes this worker's heartbeat and
    requeues the unacked messages of every worker whose heartbeat is older than the
@@ -145,6 +146,20 @@ for _ = 1, tonumber(ARGV[3]) do
 end
 return out
 """
+    # Dramatiq's maintenance for dead letters older than ARGV[1] (ms), up to 1,000 per queue.
+    # KEYS = pairs of a queue's dead-letter set and its messages.
+    _EXPIRE_DEAD_LETTERS = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  local ids = redis.call('zrangebyscore', KEYS[i], 0, ARGV[1], 'LIMIT', 0, 1000)
+  if #ids > 0 then
+    redis.call('zrem', KEYS[i], unpack(ids))
+    redis.call('hdel', KEYS[i + 1], unpack(ids))
+    n = n + #ids
+  end
+end
+return n
+"""
     # Requeue a dead worker's unacked messages (dispatch.lua's maintenance, for one
     # worker and the named queues) unless it spoke since ARGV[3]; then forget its heartbeat.
     # KEYS = heartbeats; ARGV = namespace, worker id, cutoff (ms), queue names...
@@ -176,6 +191,7 @@ return n
         self._ack_many = self.client.register_script(self._ACK_MANY)
         self._fetch = self.client.register_script(self._FETCH)
         self._requeue_dead = self.client.register_script(self._REQUEUE_DEAD)
+        self._expire_dead_letters = self.client.register_script(self._EXPIRE_DEAD_LETTERS)
         #: Messages requeued by :meth:`reclaim_orphans` since start (for tests and logs).
         self.reclaimed = 0
         #: Seconds between two sweeps for dead workers (:meth:`sweep_if_due`).
@@ -300,8 +316,13 @@ return n
         return messages
 
     def sweep_if_due(self) -> None:
-        """Run :meth:`requeue_dead_workers` if this process has not for :attr:`sweep_interval`
-        seconds (consumer threads call this before each fetch; one of them does the work)."""
+        """Run :meth:`requeue_dead_workers` and :meth:`expire_dead_letters` if this process
+        has not for :attr:`sweep_interval` seconds (consumer threads call this before
+        each fetch; one of them does the work).
+
+        Dramatiq ran both as the random maintenance of its fetch, which this broker's
+        fetch replaces (see :meth:`do_fetch`).
+        """
         now = time.monotonic()
         with self._lock:
             if now < self._next_sweep:
@@ -309,6 +330,7 @@ return n
             self._next_sweep = now + self.sweep_interval
         try:
             self.requeue_dead_workers()
+            self.expire_dead_letters()
         except redis.ConnectionError as exc:
             with self._lock:
                 self._next_sweep = 0.0
@@ -349,6 +371,16 @@ return n
                 logger.warning("requeued %d message(s) left unacked by worker %s (no heartbeat for %d s)",
                                requeued, worker, self.heartbeat_timeout // 1000)
         return total
+
+    def expire_dead_letters(self) -> int:
+        """Delete the dead letters of this broker's queues older than ``dead_message_ttl``
+        (up to 1,000 per queue and call); return how many."""
+        keys: list[str] = []
+        for queue in sorted(self.queues):
+            keys += [f"{self.namespace}:{queue}.XQ", f"{self.namespace}:{queue}.XQ.msgs"]
+        if not keys:
+            return 0
+        return int(self._expire_dead_letters(keys=keys, args=[int(time.time() * 1000) - self.dead_message_ttl]))
 
 
 def _with_pushed_id(data: bytes, redis_id: str, queue_name: str) -> bytes:
