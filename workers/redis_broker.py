@@ -331,12 +331,10 @@ return n
         try:
             self.requeue_dead_workers()
             self.expire_dead_letters()
-        except redis.ConnectionError as exc:
-            with self._lock:
-                self._next_sweep = 0.0
-            raise ConnectionClosed(exc) from None
-        except redis.RedisError as exc:
-            logger.error("the sweep for dead workers failed: %s", exc)
+        except redis.ConnectionError as exc:  # the fetch that follows fails too and says so
+            logger.warning("the sweep for dead workers could not reach Redis: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must never stop the consumer
+            logger.error("the sweep for dead workers failed: %s: %s", type(exc).__name__, exc)
 
     def requeue_dead_workers(self) -> int:
         """Refresh this worker's heartbeat; requeue the unacked messages of every worker
