@@ -299,13 +299,14 @@ return n
         an id pushed without a message is dropped instead of being held unacked.
         """
         queue = f"{self.namespace}:{queue_name}"
-        reply = self._fetch(keys=[f"{self.namespace}:__heartbeats__", queue, self.acks_key(queue_name), f"{queue}.msgs"],
-                            args=[int(time.time() * 1000), self.broker_id, prefetch])
+        keys = [f"{self.namespace}:__heartbeats__", queue, self.acks_key(queue_name), f"{queue}.msgs"]
+        reply = self._fetch(keys=keys, args=[int(time.time() * 1000), self.broker_id, prefetch])
         messages: list[bytes] = []
         for raw_id, data in zip(reply[::2], reply[1::2]):
             redis_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             if data is None:
-                logger.error("message %s on queue %s has no body (pushed without its HSET); dropped", redis_id, queue_name)
+                logger.error("message %s on queue %s has no body (pushed without its HSET); dropped",
+                             redis_id, queue_name)
                 self.client.srem(self.acks_key(queue_name), raw_id)
                 continue
             fixed = _with_pushed_id(data, redis_id, queue_name)
@@ -363,7 +364,8 @@ return n
                 queues[worker].add(queue)
         total = 0
         for worker in sorted(dead):
-            requeued = int(self._requeue_dead(keys=[heartbeats], args=[self.namespace, worker, cutoff, *sorted(queues[worker])]))
+            args = [self.namespace, worker, cutoff, *sorted(queues[worker])]
+            requeued = int(self._requeue_dead(keys=[heartbeats], args=args))
             if requeued > 0:
                 total += requeued
                 logger.warning("requeued %d message(s) left unacked by worker %s (no heartbeat for %d s)",
