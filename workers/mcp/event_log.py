@@ -42,6 +42,8 @@ DEFAULT_MEMORY_SESSIONS = 10_000
 GET_STREAM = "_GET_stream"
 # JSON-RPC code of the terminal error sent for a request whose events are gone.
 LOST_REQUEST_CODE = -32603
+# Seconds a replay waits, at its end, for writes of its stream still in flight.
+DEFAULT_SETTLE_TIMEOUT = 1.0
 
 # 1.x passes a RootModel, 2.x a plain union member; one adapter parses both.
 MESSAGE_ADAPTER: TypeAdapter[Any] = (
@@ -232,6 +234,9 @@ class Replays:
     delivered. So a replay opens its tail before its first read, ``store_event`` hands
     every stored event to the tails of its stream, and the replay sends what its tail
     caught until the tail is empty and returns without awaiting anything in between.
+    It first waits for the writes of its stream still in flight (:meth:`writing`): a
+    write the replay read in the log but whose writer had not resumed yet would
+    otherwise reach the router after the hand-over and be delivered twice.
     The SDK's priming event, which follows in the same step, stores nothing: its id
     is the replay's last event (:meth:`resume_cursor`), a cursor the client may resume
     from, so no round trip to the log delays the hand-over, and a request already
@@ -242,6 +247,34 @@ class Replays:
         self._running: dict[str, list[Replay]] = {}
         # stream id -> (task that replayed it, its cursor), until the SDK's priming event.
         self._resumed: dict[str, tuple[Any, str]] = {}
+        # stream id -> writes in flight, and the event a settling replay waits on.
+        self._writes: dict[str, int] = {}
+        self._settled: dict[str, anyio.Event] = {}
+
+    @contextmanager
+    def writing(self, stream_id: str) -> Iterator[None]:
+        """Wrap one ``store_event`` write (and its :meth:`stored` call) of ``stream_id``."""
+        self._writes[stream_id] = self._writes.get(stream_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._writes[stream_id] -= 1
+            if not self._writes[stream_id]:
+                del self._writes[stream_id]
+                settled = self._settled.pop(stream_id, None)
+                if settled is not None:
+                    settled.set()
+
+    async def finish(self, replay: Replay) -> None:
+        """End a replay: send its tail until the tail is empty and no write of its stream
+        is in flight (waiting at most :data:`DEFAULT_SETTLE_TIMEOUT` for those; past it
+        an event may be delivered twice, never lost). Returns with the tail empty."""
+        deadline = anyio.current_time() + DEFAULT_SETTLE_TIMEOUT
+        await replay.catch_up()
+        while self._writes.get(replay.stream_id) and anyio.current_time() < deadline:
+            with anyio.move_on_after(deadline - anyio.current_time()):  # only the wait, never a send
+                await self._settled.setdefault(replay.stream_id, anyio.Event()).wait()
+            await replay.catch_up()
 
     @contextmanager
     def start(self, ref: EventRef, last_event_id: str, send_callback: EventCallback) -> Iterator[Replay]:

@@ -184,8 +184,9 @@ class RedisEventStore(EventStore):
         cursor = self._replays.resume_cursor(stream_id) if message is None else None
         if cursor is not None:
             return cursor
-        event_id = await self._append(stream_id, message)
-        self._replays.stored(stream_id, event_id, message)
+        with self._replays.writing(stream_id):
+            event_id = await self._append(stream_id, message)
+            self._replays.stored(stream_id, event_id, message)
         return event_id
 
     async def _append(self, stream_id: StreamId, message: Any) -> EventId:
@@ -239,7 +240,7 @@ class RedisEventStore(EventStore):
             if replay.sent == 0 and ref.stream_id != GET_STREAM and not await self._known(session_id, ref):
                 reason = "events of this request are no longer available"
                 await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
-            await replay.catch_up()
+            await self._replays.finish(replay)
         return ref.stream_id
 
     async def fail_open_requests(self, reason: str = "request lost: the server restarted") -> int:

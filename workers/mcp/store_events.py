@@ -78,8 +78,9 @@ class StoreEventStore(EventStore):
         cursor = self._replays.resume_cursor(stream_id) if message is None else None
         if cursor is not None:
             return cursor
-        event_id = await self._append(stream_id, message)
-        self._replays.stored(stream_id, event_id, message)
+        with self._replays.writing(stream_id):
+            event_id = await self._append(stream_id, message)
+            self._replays.stored(stream_id, event_id, message)
         return event_id
 
     async def _append(self, stream_id: StreamId, message: Any) -> EventId:
@@ -108,14 +109,14 @@ class StoreEventStore(EventStore):
             if ref.in_memory:
                 await replay.send([(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
                                    for e in self.memory.after(session_id, ref.stream_id, ref.order)])
-                await replay.catch_up()
+                await self._replays.finish(replay)
                 return ref.stream_id
             known = await self._replay_stored(session_id, ref, replay)
             await replay.catch_up()
             if not known and ref.stream_id != GET_STREAM:
                 reason = "events of this request are no longer available"
                 await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
-            await replay.catch_up()
+            await self._replays.finish(replay)
         return ref.stream_id
 
     async def _replay_stored(self, session_id: str, ref: EventRef, replay: Replay) -> bool:
