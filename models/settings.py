@@ -139,7 +139,7 @@ class Settings:
     worker_heartbeat_timeout_ms: int = _setting(60_000, "SESSIONQ_WORKER_HEARTBEAT_TIMEOUT",
                                                 help="silence (ms) after which a dead worker's jobs are redelivered")
     worker_maintenance_chance: int = _setting(1000, "SESSIONQ_WORKER_MAINTENANCE_CHANCE",
-                                              help="per-million chance a Redis call runs that redelivery")
+                                              help="per-million chance a Dramatiq Redis call runs its own maintenance")
     worker_prometheus: bool = _setting(False, "SESSIONQ_WORKER_PROMETHEUS", help="workers export Dramatiq's metrics")
     http_host: str = _setting("127.0.0.1", "SESSIONQ_HTTP_HOST", help="address sessionq serve binds")
     http_port: int = _setting(8080, "SESSIONQ_HTTP_PORT", help="port sessionq serve binds")

@@ -75,7 +75,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Start the server and wait until it answers its health route."""
-        env = dict(os.environ, REDIS_URL=REDIS_URL, SESSIONQ_LOG_LEVEL="INFO", **self.env)
+        env = {**os.environ, "REDIS_URL": REDIS_URL, "SESSIONQ_LOG_LEVEL": "INFO", **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, str(EXAMPLE_SERVER), "--port", str(self.port), "--storage-url", self.storage_url]
         if self.retry_ms is not None:

@@ -32,7 +32,7 @@ from tests.support_mcp import (  # noqa: F401  (fixtures)
     session_keys,
     text_of,
 )
-from sessionq.workers.mcp.event_store import format_event_id
+from sessionq.workers.mcp.event_log import format_event_id
 
 pytestmark = pytest.mark.anyio
 
@@ -98,11 +98,12 @@ async def test_sse_stream_drop_resumes_with_last_event_id(
         assert any(method == "GET" and last_id for method, last_id in recorder.requests)
 
         # And a raw resume from that request's priming event replays the stored events
-        # without any stored priming event (only the SDK's fresh one after the replay)
+        # without any stored priming event (only the SDK's fresh one after the replay,
+        # whose id is the replay's last event: a resumed stream stores no priming row)
         log = entries(redis_db, session_keys(session_id)[0])
         stream = next(f[b"s"] for _, f in log if b"done 5" in f.get(b"m", b""))
         primings = [eid.decode() for eid, f in log if f[b"s"] == stream and b"m" not in f]
-        assert len(primings) >= 2  # the request's own and the client's resumed stream
+        assert len(primings) == 1  # the request's own
         last_event_id = format_event_id(primings[0], stream.decode())
         events = await anyio.to_thread.run_sync(read_sse, server.port, session_id, last_event_id, b"done 5")
         data = [e.get("data", "") for e in events]

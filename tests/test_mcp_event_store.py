@@ -34,7 +34,7 @@ from sessionq.workers.mcp import (
     apply_transport_job,
 )
 from sessionq.workers.mcp import store_events as store_events_module
-from sessionq.workers.mcp.event_store import GET_STREAM, parse_event_id
+from sessionq.workers.mcp.event_log import GET_STREAM, parse_event_id
 
 pytestmark = pytest.mark.anyio
 
@@ -125,6 +125,54 @@ async def test_replay_sends_the_events_after_the_id_on_that_stream_only(any_stor
     assert all(e.message is not None and e.event_id for e in from_priming.events)
     assert from_priming.events[-1].event_id == last
     assert [parse_event_id(e.event_id or "") is not None for e in from_priming.events] == [True] * 4
+
+
+async def test_events_stored_while_a_replay_sends_are_replayed_too(any_store: Any) -> None:
+    # Given a request stream with two notifications, and a tool still emitting: each
+    # time the replay hands an event to the client, the server stores the next one
+    view = any_store.for_session("sess-live")
+    priming = await view.store_event("1", None)
+    await view.store_event("1", note(1))
+    await view.store_event("1", note(2))
+    emitted = iter([note(3), note(4), response(1)])
+
+    class Emitting(Collector):
+        async def __call__(self, event: EventMessage) -> None:
+            await super().__call__(event)
+            following = next(emitted, None)
+            if following is not None:
+                await view.store_event("1", following)
+
+    # When the client resumes from the priming event
+    got = Emitting()
+    await view.replay_events_after(priming, got)
+
+    # Then the replay also sent what was stored while it ran (the SDK hands the stream
+    # over to live delivery only when the replay returns), each event once
+    assert got.data == ["n1", "n2", "n3", "n4", "response"]
+
+
+async def test_the_priming_event_of_a_resumed_stream_is_the_replays_last_event(any_store: Any) -> None:
+    # Given an answered request
+    view = any_store.for_session("sess-resumed")
+    priming = await view.store_event("1", None)
+    await view.store_event("1", note(1))
+    last = await view.store_event("1", response(1))
+
+    # When a client resumes it and the SDK primes the resumed stream right after the replay
+    got = Collector()
+    assert await view.replay_events_after(priming, got) == "1"
+    cursor = await view.store_event("1", None)
+
+    # Then the priming id is the replay's last event, nothing is stored for it, and a
+    # resume from it replays nothing
+    assert cursor == last
+    again = Collector()
+    await view.replay_events_after(cursor, again)
+    assert again.data == []
+    # And a priming event that follows no replay is stored as before
+    fresh = await view.store_event("2", None)
+    assert fresh not in (cursor, last) and parse_event_id(fresh) is not None
 
 
 async def test_sessions_do_not_see_each_others_events(any_store: Any) -> None:
@@ -288,6 +336,27 @@ async def test_open_requests_are_ended_on_recovery(redis_db: redis.Redis) -> Non
     assert ended == 1
     assert got.data == ["error"]
     assert await view.fail_open_requests() == 0
+    await view.aclose()
+
+
+async def test_a_request_with_a_response_is_never_ended_on_recovery(
+    redis_db: redis.Redis,  # noqa: F811
+) -> None:
+    # Given request 1 answered although still marked open (an older version primed a
+    # resumed stream again; or its priming and its response went to different logs)
+    view = RedisEventStore(url=REDIS_URL).for_session("sess-answered")
+    priming = await view.store_event("1", None)
+    await view.store_event("1", response(1))
+    redis_db.sadd(view.open_key(), "1")
+
+    # When the session is recovered
+    ended = await view.fail_open_requests()
+
+    # Then the request is not ended, its mark is gone, and a replay has one response
+    got = Collector()
+    await view.replay_events_after(priming, got)
+    assert ended == 0 and not redis_db.sismember(view.open_key(), "1")
+    assert got.data == ["response"]
     await view.aclose()
 
 

@@ -9,6 +9,7 @@ worker still holds or has already acked.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Iterator
 
@@ -202,3 +203,106 @@ def test_ack_many_acks_a_batch_and_the_threads_own_acks_only_do_the_bookkeeping(
     assert _unacked(broker) == 0 and broker.client.hlen("dramatiq:q.msgs") == 0
     # And nothing is left marked: a later ack of one of those ids goes to Redis again
     assert not any(broker.take_early_ack(i) for i in early)
+
+
+def _heartbeat_age(broker: SessionqRedisBroker, worker_id: str, age_ms: int) -> None:
+    """Pretend ``worker_id`` last spoke ``age_ms`` ago (as a killed worker would have)."""
+    import time
+
+    broker.client.zadd("dramatiq:__heartbeats__", {worker_id: int(time.time() * 1000) - age_ms})
+
+
+def test_a_dead_workers_unacked_messages_are_requeued_by_the_next_sweep(broker: SessionqRedisBroker) -> None:
+    _send(broker, 3)
+    # Given a worker that fetched three messages and was then killed (no ack, no requeue)
+    dead = SessionqRedisBroker(url=REDIS_URL, middleware=[])
+    try:
+        dead.declare_queue("q")
+        _take(dead.consume("q", prefetch=3, timeout=100), 3)
+        assert _unacked(dead) == 3 and broker.client.llen("dramatiq:q") == 0
+        # ... and another that fetched one and is alive
+        _send(broker, 1)
+        alive = broker.consume("q", prefetch=1, timeout=100)
+        [held] = _take(alive, 1)
+        # When the dead one's heartbeat is older than the timeout and a live worker sweeps
+        _heartbeat_age(broker, dead.broker_id, broker.heartbeat_timeout + 1000)
+        requeued = broker.requeue_dead_workers()
+        # Then its three are back on the queue, its heartbeat is gone, the live one's message stays
+        assert requeued == 3 and broker.client.llen("dramatiq:q") == 3 and _unacked(dead) == 0
+        assert broker.client.zscore("dramatiq:__heartbeats__", dead.broker_id) is None
+        assert _unacked(broker) == 1
+        alive.ack(held)
+        # And a second sweep finds nothing more to do
+        assert broker.requeue_dead_workers() == 0
+    finally:
+        dead.close()
+
+
+def test_every_consumer_sweeps_for_dead_workers_without_any_random_maintenance(redis_client: Any) -> None:
+    # Given a dead worker's unacked messages, on queues of this deployment and another
+    dead = SessionqRedisBroker(url=REDIS_URL, middleware=[])
+    try:
+        for queue in ("q", "other"):
+            dead.declare_queue(queue)
+            dead.enqueue(dramatiq.Message(queue_name=queue, actor_name="job", args=(), kwargs={}, options={}))
+            _take(dead.consume(queue, prefetch=1, timeout=100), 1)
+        _heartbeat_age(dead, dead.broker_id, 120_000)
+        # When a worker (maintenance never drawn) starts its first consumer of "q"
+        live = SessionqRedisBroker(url=REDIS_URL, middleware=[], maintenance_chance=0)
+        try:
+            live.declare_queue("q")
+            consumer = live.consume("q", prefetch=1, timeout=100)
+            # Then the dead worker's message of "q" is delivered to it ...
+            [message] = _take(consumer, 1)
+            consumer.ack(message)
+            # ... and the one of the queue it does not consume is back on that queue
+            assert redis_client.llen("dramatiq:other") == 1
+            assert redis_client.keys("dramatiq:__acks__.*") == []
+        finally:
+            live.close()
+    finally:
+        dead.close()
+
+
+def test_a_message_whose_envelope_id_differs_from_its_pushed_id_is_acked(
+    broker: SessionqRedisBroker, redis_client: Any
+) -> None:
+    # Given a foreign producer that pushed id A with an envelope naming id B
+    body = {"queue_name": "q", "actor_name": "job", "args": [1], "kwargs": {},
+            "options": {"redis_message_id": "envelope-id"}, "message_id": str(uuid.uuid4()),
+            "message_timestamp": 1}
+    redis_client.hset("dramatiq:q.msgs", "pushed-id", json.dumps(body))
+    redis_client.rpush("dramatiq:q", "pushed-id")
+    # When a consumer takes and acks it
+    consumer = broker.consume("q", prefetch=1, timeout=100)
+    [message] = _take(consumer, 1)
+    assert message.options["redis_message_id"] == "pushed-id"
+    consumer.ack(message)
+    # Then nothing is left unacked or stored (it is not stuck in the worker's unacked set)
+    assert _unacked(broker) == 0 and redis_client.hlen("dramatiq:q.msgs") == 0
+
+
+def test_a_pushed_id_without_a_message_is_not_left_unacked(broker: SessionqRedisBroker, redis_client: Any) -> None:
+    # Given an id pushed without its message (a foreign producer's half-written job), then a good one
+    redis_client.rpush("dramatiq:q", "no-body")
+    _send(broker, 1)
+    # When a consumer fetches both
+    consumer = broker.consume("q", prefetch=2, timeout=100)
+    [message] = _take(consumer, 1)
+    consumer.ack(message)
+    # Then the good one ran and the empty id is not held unacked for ever
+    assert list(message.args) == [0]
+    assert _unacked(broker) == 0
+
+
+def test_the_sweep_expires_old_dead_letters(broker: SessionqRedisBroker, redis_client: Any) -> None:
+    import time
+
+    # Given two dead letters of queue q, one older than the dead-message TTL
+    now = int(time.time() * 1000)
+    redis_client.zadd("dramatiq:q.XQ", {"old": now - broker.dead_message_ttl - 1000, "new": now})
+    redis_client.hset("dramatiq:q.XQ.msgs", mapping={"old": b"{}", "new": b"{}"})
+    # When a worker sweeps, then only the old one is gone
+    assert broker.expire_dead_letters() == 1
+    assert redis_client.zrange("dramatiq:q.XQ", 0, -1) == [b"new"]
+    assert redis_client.hkeys("dramatiq:q.XQ.msgs") == [b"new"]

@@ -21,9 +21,10 @@ configured already (the CLI's ``--redis-url`` / ``--config``, the embedded runti
 Worker tuning comes from :class:`~sessionq.models.settings.Settings` (environment names in
 brackets, milliseconds): ``worker_heartbeat_timeout_ms``
 (``SESSIONQ_WORKER_HEARTBEAT_TIMEOUT``, 60000: silence after which a Redis worker counts
-as dead and its unacked messages are redelivered), ``worker_maintenance_chance``
-(``SESSIONQ_WORKER_MAINTENANCE_CHANCE``, per million Redis calls that run that
-redelivery), ``job_max_retries`` / ``job_min_backoff_ms`` / ``job_max_backoff_ms`` /
+as dead and its unacked messages are redelivered by the next sweep of a live worker,
+see :mod:`sessionq.workers.redis_broker`), ``worker_maintenance_chance``
+(``SESSIONQ_WORKER_MAINTENANCE_CHANCE``, per million of Dramatiq's own Redis calls
+that run its maintenance), ``job_max_retries`` / ``job_min_backoff_ms`` / ``job_max_backoff_ms`` /
 ``job_time_limit_ms`` (``SESSIONQ_JOB_*``) and ``worker_prometheus``
 (``SESSIONQ_WORKER_PROMETHEUS``).
 """

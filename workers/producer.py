@@ -13,7 +13,10 @@
 * ``send_nowait`` (``buffered=True`` on the helpers) appends to an in-memory buffer and
   returns; a background thread pipelines the buffer to Redis, a burst at a time (it
   lets jobs gather for ``DEFAULT_LINGER``, 2 ms). ``flush``/``close`` wait for it
-  (``close`` is also registered with ``atexit``).
+  (``close`` is also registered with ``atexit``). Until the flusher pushed it, a
+  buffered job lives only in this process: a crash (SIGKILL) loses it — measured, up
+  to tens of milliseconds after the call (docs/producer.md). ``send`` is durable when
+  it returns, and so is every buffered job once ``flush`` returned.
 * The outbox: when Redis is unreachable, jobs are spooled to a SQLite file
   (``settings.outbox_path``) and forwarded, oldest first, once Redis answers again —
   also by the next producer started on the same file after a restart.
@@ -148,7 +151,8 @@ class Producer:
     def send(self, actor_name: str, *args: Any) -> str:
         """Validate and enqueue one job now; return its message id.
 
-        If Redis is unreachable the job is spooled to the outbox (still accepted).
+        When it returns, the job is in Redis and survives a crash of this process. If
+        Redis is unreachable the job is spooled to the outbox (still accepted, as durably).
         Raises :class:`InvalidPayload` for a bad payload.
         """
         job = self._build(actor_name, args)
@@ -157,6 +161,10 @@ class Producer:
 
     def send_nowait(self, actor_name: str, *args: Any) -> str:
         """Validate a job and buffer it for the background flusher; return its message id.
+
+        The job is durable only once the flusher pushed (or spooled) it, usually
+        within milliseconds; a crash of this process before that (SIGKILL) loses it.
+        Call :meth:`flush` where that matters, or use :meth:`send`.
 
         Raises :class:`ProducerError` while buffered jobs can be neither pushed nor
         spooled (the buffer would only grow): the job is not accepted.
@@ -179,6 +187,8 @@ class Producer:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every buffered job is in Redis or the outbox; False on timeout.
+
+        Once it returned True, those jobs survive a crash of this process.
 
         Raises :class:`ProducerError` if buffered jobs can be neither pushed nor spooled
         (they stay buffered; :meth:`close` tries to spool them once more).

@@ -19,6 +19,24 @@ Imported only when a ``redis://`` queue URL is configured (see :mod:`sessionq.wo
    heartbeating, so they would sit there until it is restarted. Each consumer after a
    queue's first therefore requeues every unacked id of its queue that this process
    does not hold (see :meth:`SessionqRedisBroker.consume`).
+
+3. **Messages of a dead worker.** Dramatiq gives a dead worker's unacked messages back
+   only during its "maintenance", which a Redis command runs with a chance of
+   ``maintenance_chance`` per million (0.1 % by default): after a ``kill -9`` they sat
+   for many minutes (the same maintenance expires old dead letters). Every consumer
+   thread therefore runs a sweep every
+   :data:`DEFAULT_SWEEP_INTERVAL` seconds (at most a quarter of the heartbeat timeout),
+   the first one as the worker starts: it refreshes this worker's heartbeat and
+   requeues the unacked messages of every worker whose heartbeat is older than the
+   timeout (:meth:`SessionqRedisBroker.requeue_dead_workers`). A killed worker's jobs
+   are back within the heartbeat timeout plus one sweep interval.
+
+4. **Messages whose envelope names another id.** Dramatiq acks the Redis id written in
+   the envelope (``options.redis_message_id``), while the worker's unacked set holds
+   the id the producer pushed; a foreign producer that wrote two different ids had
+   its message acked in vain and left unacked for ever. The fetch returns the pushed
+   id with each message (:meth:`SessionqRedisBroker.do_fetch`) and the envelope is
+   corrected to it; an id pushed without its message is dropped from the unacked set.
 """
 
 from __future__ import annotations
@@ -36,6 +54,12 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 
 logger = logging.getLogger(__name__)
 
+#: Longest pause (seconds) between two sweeps for dead workers of one process.
+DEFAULT_SWEEP_INTERVAL = 5.0
+# The tail our producer and the wire codec give every message: its options are last and
+# hold only the Redis id (checked without decoding the message).
+_OPTIONS_TAIL = b'"options":{"redis_message_id":"%s"}}'
+
 
 class SessionqConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer that buries undecodable messages and reports what it holds."""
@@ -43,6 +67,7 @@ class SessionqConsumer(_RedisConsumer):
     broker: SessionqRedisBroker
 
     def __next__(self) -> Any:
+        self.broker.sweep_if_due()
         try:
             message = super().__next__()
         except DecodeError as exc:
@@ -106,6 +131,56 @@ class SessionqRedisBroker(RedisBroker):
         "if redis.call('srem', KEYS[1], ARGV[i]) > 0 then redis.call('hdel', KEYS[2], ARGV[i]) end "
         "end return #ARGV"
     )
+    # Dramatiq's fetch (dispatch.lua, "fetch": heartbeat, move up to N ids from the queue
+    # to the unacked set) that returns each pushed id with its message (false: none).
+    # KEYS = heartbeats, queue, unacked set, messages; ARGV = now (ms), worker id, N.
+    _FETCH = """
+redis.call('zadd', KEYS[1], ARGV[1], ARGV[2])
+local out = {}
+for _ = 1, tonumber(ARGV[3]) do
+  local id = redis.call('lpop', KEYS[2])
+  if not id then break end
+  redis.call('sadd', KEYS[3], id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('hget', KEYS[4], id)
+end
+return out
+"""
+    # Dramatiq's maintenance for dead letters older than ARGV[1] (ms), up to 1,000 per queue.
+    # KEYS = pairs of a queue's dead-letter set and its messages.
+    _EXPIRE_DEAD_LETTERS = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  local ids = redis.call('zrangebyscore', KEYS[i], 0, ARGV[1], 'LIMIT', 0, 1000)
+  if #ids > 0 then
+    redis.call('zrem', KEYS[i], unpack(ids))
+    redis.call('hdel', KEYS[i + 1], unpack(ids))
+    n = n + #ids
+  end
+end
+return n
+"""
+    # Requeue a dead worker's unacked messages (dispatch.lua's maintenance, for one
+    # worker and the named queues) unless it spoke since ARGV[3]; then forget its heartbeat.
+    # KEYS = heartbeats; ARGV = namespace, worker id, cutoff (ms), queue names...
+    _REQUEUE_DEAD = """
+local beat = redis.call('zscore', KEYS[1], ARGV[2])
+if beat and tonumber(beat) > tonumber(ARGV[3]) then return -1 end
+local n = 0
+for i = 4, #ARGV do
+  local queue = ARGV[1] .. ':' .. ARGV[i]
+  local acks = ARGV[1] .. ':__acks__.' .. ARGV[2] .. '.' .. ARGV[i]
+  for _, id in ipairs(redis.call('smembers', acks)) do
+    if redis.call('hexists', queue .. '.msgs', id) == 1 then
+      redis.call('rpush', queue, id)
+      n = n + 1
+    end
+  end
+  redis.call('del', acks)
+end
+redis.call('zrem', KEYS[1], ARGV[2])
+return n
+"""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -114,8 +189,14 @@ class SessionqRedisBroker(RedisBroker):
         self._consumed: set[str] = set()
         self._early_acked: set[str] = set()
         self._ack_many = self.client.register_script(self._ACK_MANY)
+        self._fetch = self.client.register_script(self._FETCH)
+        self._requeue_dead = self.client.register_script(self._REQUEUE_DEAD)
+        self._expire_dead_letters = self.client.register_script(self._EXPIRE_DEAD_LETTERS)
         #: Messages requeued by :meth:`reclaim_orphans` since start (for tests and logs).
         self.reclaimed = 0
+        #: Seconds between two sweeps for dead workers (:meth:`sweep_if_due`).
+        self.sweep_interval = min(DEFAULT_SWEEP_INTERVAL, self.heartbeat_timeout / 4000)
+        self._next_sweep = 0.0
 
     @property
     def consumer_class(self) -> type:
@@ -209,3 +290,117 @@ class SessionqRedisBroker(RedisBroker):
             logger.warning("requeued %d message(s) on queue %s left unacked by a failed consumer",
                            len(orphans), queue_name)
         return len(orphans)
+
+    def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes]:
+        """Up to ``prefetch`` messages of ``queue_name``, moved to this worker's unacked set.
+
+        What Dramatiq's fetch does, except that each message's envelope carries the id
+        it was pushed under (the one in the unacked set, which its ack must remove) and
+        an id pushed without a message is dropped instead of being held unacked.
+        """
+        queue = f"{self.namespace}:{queue_name}"
+        keys = [f"{self.namespace}:__heartbeats__", queue, self.acks_key(queue_name), f"{queue}.msgs"]
+        reply = self._fetch(keys=keys, args=[int(time.time() * 1000), self.broker_id, prefetch])
+        messages: list[bytes] = []
+        for raw_id, data in zip(reply[::2], reply[1::2]):
+            redis_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            if data is None:
+                logger.error("message %s on queue %s has no body (pushed without its HSET); dropped",
+                             redis_id, queue_name)
+                self.client.srem(self.acks_key(queue_name), raw_id)
+                continue
+            fixed = _with_pushed_id(data, redis_id, queue_name)
+            if fixed is not data:
+                # Stored too, so that a dead letter or a requeue carries the same envelope.
+                self.client.hset(f"{queue}.msgs", raw_id, fixed)
+            messages.append(fixed)
+        return messages
+
+    def sweep_if_due(self) -> None:
+        """Run :meth:`requeue_dead_workers` and :meth:`expire_dead_letters` if this process
+        has not for :attr:`sweep_interval` seconds (consumer threads call this before
+        each fetch; one of them does the work).
+
+        Dramatiq ran both as the random maintenance of its fetch, which this broker's
+        fetch replaces (see :meth:`do_fetch`).
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_sweep:
+                return
+            self._next_sweep = now + self.sweep_interval
+        try:
+            self.requeue_dead_workers()
+            self.expire_dead_letters()
+        except redis.ConnectionError as exc:  # the fetch that follows fails too and says so
+            logger.warning("the sweep for dead workers could not reach Redis: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a failed sweep must never stop the consumer
+            logger.error("the sweep for dead workers failed: %s: %s", type(exc).__name__, exc)
+
+    def requeue_dead_workers(self) -> int:
+        """Refresh this worker's heartbeat; requeue the unacked messages of every worker
+        whose heartbeat is older than ``heartbeat_timeout``; return how many.
+
+        The dead worker's unacked sets of this broker's queues are emptied, and those of
+        any other queue it consumed (found with one ``SCAN``, only when a worker died);
+        its heartbeat is then removed, so it is handled once. A worker that spoke again
+        since (a long pause, not a death) is left alone.
+        """
+        now = int(time.time() * 1000)
+        cutoff = now - self.heartbeat_timeout
+        heartbeats = f"{self.namespace}:__heartbeats__"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(heartbeats, {self.broker_id: now})
+        pipe.zrangebyscore(heartbeats, 0, cutoff)
+        _, stale = pipe.execute()
+        dead = {w.decode() if isinstance(w, bytes) else str(w) for w in stale} - {self.broker_id}
+        if not dead:
+            return 0
+        queues = {worker: set(self.queues) | set(self.delay_queues) for worker in dead}
+        prefix = f"{self.namespace}:__acks__."
+        for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
+            worker, _, queue = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix):].partition(".")
+            if worker in queues and queue:
+                queues[worker].add(queue)
+        total = 0
+        for worker in sorted(dead):
+            args = [self.namespace, worker, cutoff, *sorted(queues[worker])]
+            requeued = int(self._requeue_dead(keys=[heartbeats], args=args))
+            if requeued > 0:
+                total += requeued
+                logger.warning("requeued %d message(s) left unacked by worker %s (no heartbeat for %d s)",
+                               requeued, worker, self.heartbeat_timeout // 1000)
+        return total
+
+    def expire_dead_letters(self) -> int:
+        """Delete the dead letters of this broker's queues older than ``dead_message_ttl``
+        (up to 1,000 per queue and call); return how many."""
+        keys: list[str] = []
+        for queue in sorted(self.queues):
+            keys += [f"{self.namespace}:{queue}.XQ", f"{self.namespace}:{queue}.XQ.msgs"]
+        if not keys:
+            return 0
+        return int(self._expire_dead_letters(keys=keys, args=[int(time.time() * 1000) - self.dead_message_ttl]))
+
+
+def _with_pushed_id(data: bytes, redis_id: str, queue_name: str) -> bytes:
+    """``data`` itself, or a corrected copy whose ``options.redis_message_id`` is the id
+    it was pushed under.
+
+    Messages this package wrote end with exactly that id (no decoding needed). An
+    envelope that cannot be read, or whose options are not an object, is returned as
+    it is: the consumer dead-letters what it cannot decode.
+    """
+    if data.endswith(_OPTIONS_TAIL % redis_id.encode()):
+        return data
+    try:
+        envelope = json.loads(data)
+    except ValueError:
+        return data
+    options = envelope.get("options") if isinstance(envelope, dict) else None
+    if not isinstance(options, dict) or options.get("redis_message_id") == redis_id:
+        return data
+    logger.warning("message %s on queue %s named Redis id %r in its envelope; using the id it was pushed under",
+                   redis_id, queue_name, str(options.get("redis_message_id"))[:100])
+    options["redis_message_id"] = redis_id
+    return json.dumps(envelope, separators=(",", ":")).encode()

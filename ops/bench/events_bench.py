@@ -31,7 +31,7 @@ async def _run(events: int, calls: int) -> tuple[list[float], list[float], list[
     from redis import asyncio as aioredis
 
     from sessionq.workers.mcp import RedisEventStore
-    from sessionq.workers.mcp.event_store import MESSAGE_ADAPTER, encode_message
+    from sessionq.workers.mcp.event_log import MESSAGE_ADAPTER, encode_message
 
     client = aioredis.Redis.from_url(BENCH_REDIS_URL)
     await client.flushdb()  # the bench's own db only

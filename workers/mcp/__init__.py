@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .event_store import MemoryEventLog, RedisEventStore
+from .event_log import MemoryEventLog
+from .event_store import RedisEventStore
 from .registry import (
     JOB_DISCONNECT,
     JOB_HEARTBEAT,

@@ -7,9 +7,8 @@ database) hands out one view per session with ``for_session(mcp_session_id)``, a
 only views store or replay events.
 :class:`~sessionq.workers.mcp.recovery.RecoverableSessionManager` gives every session its view.
 
-An event id is ``<position>.<base64url(stream id)>``: the stream is known from the id
-alone, so a client resuming after its events expired gets a terminal error for its
-request instead of an empty stream it would reconnect to forever.
+Event ids, message encoding, the memory fallback and the replay hand-over live in
+:mod:`sessionq.workers.mcp.event_log`.
 
 Redis layout per MCP session: a stream ``<prefix>:events:<id>`` whose entries are
 ``{s: stream id, m: JSON message (absent for priming events), z: "1" if zlib'd}`` and a
@@ -22,18 +21,12 @@ in-process log (``mode == "memory"``) and Redis is tried again after ``retry_aft
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import re
 import time
-import zlib
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
-import mcp.types
 from mcp.server.streamable_http import (
     EventCallback,
     EventId,
@@ -41,175 +34,32 @@ from mcp.server.streamable_http import (
     EventStore,
     StreamId,
 )
-from pydantic import TypeAdapter
 from redis import asyncio as aioredis
+
+from .event_log import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_REPLAY_PAGE,
+    DEFAULT_TTL,
+    GET_STREAM,
+    EventRef,
+    MemoryEventLog,
+    Replays,
+    decode_message,
+    encode_message,
+    format_event_id,
+    is_final,
+    lost_request_error,
+    parse_event_id,
+)
 
 logger = logging.getLogger(__name__)
 
 # Key prefix of the per-session Redis keys.
 DEFAULT_KEY_PREFIX = "sessionq:mcp"
-# Events kept per MCP session (MAX_EVENTS_PER_SESSION).
-DEFAULT_MAX_EVENTS = 1000
-# Seconds a session's log is kept after its last event (SESSION_TTL).
-DEFAULT_TTL = 3600
 # Seconds between attempts to go back to Redis after it failed.
 DEFAULT_RETRY_AFTER = 30.0
 # Seconds to wait for Redis to connect or answer before falling back to memory.
 DEFAULT_SOCKET_TIMEOUT = 1.0
-# Events read per page while replaying (memory stays flat on long logs).
-DEFAULT_REPLAY_PAGE = 200
-# Sessions the in-memory fallback keeps (least recently written are dropped first).
-DEFAULT_MEMORY_SESSIONS = 10_000
-# The SDK's stream id of the standalone GET stream (never a request).
-GET_STREAM = "_GET_stream"
-# JSON-RPC code of the terminal error sent for a request whose events are gone.
-LOST_REQUEST_CODE = -32603
-
-# 1.x passes a RootModel, 2.x a plain union member; one adapter parses both.
-MESSAGE_ADAPTER: TypeAdapter[Any] = (
-    getattr(mcp.types, "jsonrpc_message_adapter", None) or TypeAdapter(mcp.types.JSONRPCMessage)
-)
-_POSITION = re.compile(r"^(m?)(\d+)-(\d+)$")
-
-
-class EventRef(NamedTuple):
-    """A parsed event id: where the event sits and which stream it belongs to."""
-
-    order: tuple[int, int]
-    stream_id: str
-    in_memory: bool
-
-    @property
-    def position(self) -> str:
-        """The Redis entry id (``ms-seq``) of the event, or its memory equivalent."""
-        return f"{self.order[0]}-{self.order[1]}"
-
-
-def _b64(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def format_event_id(position: str, stream_id: str) -> str:
-    """``<position>.<base64url(stream id)>`` (visible ASCII, safe in an SSE ``id:``)."""
-    return f"{position}.{_b64(stream_id)}"
-
-
-def parse_event_id(event_id: str) -> EventRef | None:
-    """The :class:`EventRef` of an id this module made, or ``None`` for anything else."""
-    position, _, encoded = event_id.partition(".")
-    match = _POSITION.match(position)
-    if not match or not encoded:
-        return None
-    try:
-        stream_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return EventRef((int(match[2]), int(match[3])), stream_id, bool(match[1]))
-
-
-def encode_message(message: Any, *, compress: bool) -> tuple[bytes, bool]:
-    """The stored bytes of a message and whether they are zlib-compressed."""
-    raw = message.model_dump_json(by_alias=True, exclude_unset=True).encode()
-    return (zlib.compress(raw), True) if compress else (raw, False)
-
-
-def decode_message(raw: bytes, *, compressed: bool) -> Any:
-    """The message :func:`encode_message` stored (either form, whatever the current setting)."""
-    return MESSAGE_ADAPTER.validate_json(zlib.decompress(raw) if compressed else raw)
-
-
-def is_final(message: Any) -> bool:
-    """True for a response or error: the last event of a request's stream."""
-    inner = getattr(message, "root", message)
-    return isinstance(inner, mcp.types.JSONRPCResponse | mcp.types.JSONRPCError)
-
-
-def lost_request_error(stream_id: str, reason: str) -> Any:
-    """A JSON-RPC error that ends a request stream whose response will never come
-    (the client maps it onto its own request id)."""
-    request_id: int | str = int(stream_id) if stream_id.lstrip("-").isdigit() else stream_id
-    return MESSAGE_ADAPTER.validate_python(
-        {"jsonrpc": "2.0", "id": request_id, "error": {"code": LOST_REQUEST_CODE, "message": reason}}
-    )
-
-
-@dataclass
-class _MemoryEvent:
-    order: tuple[int, int]
-    stream_id: str
-    message: Any
-
-
-@dataclass
-class _MemoryLog:
-    events: deque[_MemoryEvent]
-    open: set[str] = field(default_factory=set)
-    touched: float = field(default_factory=time.monotonic)
-
-
-class MemoryEventLog:
-    """The bounded in-process log used while the real one is down (one per root store)."""
-
-    def __init__(self, *, max_events: int, ttl: float, max_sessions: int = DEFAULT_MEMORY_SESSIONS) -> None:
-        self.max_events = max_events
-        self.ttl = ttl
-        self.max_sessions = max_sessions
-        self._logs: OrderedDict[str, _MemoryLog] = OrderedDict()
-        self._last: tuple[int, int] = (0, 0)
-
-    def append(self, session_id: str, stream_id: str, message: Any) -> str:
-        """Store one event; return its id (``m<ms>-<seq>.<stream>``, ordered like Redis ids)."""
-        now_ms = int(time.time() * 1000)
-        order = (now_ms, 0) if now_ms > self._last[0] else (self._last[0], self._last[1] + 1)
-        self._last = order
-        log = self._logs.pop(session_id, None) or _MemoryLog(deque(maxlen=self.max_events))
-        log.events.append(_MemoryEvent(order, stream_id, message))
-        if message is None and stream_id != GET_STREAM:
-            log.open.add(stream_id)
-        elif is_final(message):
-            log.open.discard(stream_id)
-        log.touched = time.monotonic()
-        self._logs[session_id] = log
-        self._evict()
-        return format_event_id(f"m{order[0]}-{order[1]}", stream_id)
-
-    def has(self, session_id: str, order: tuple[int, int]) -> bool:
-        """True if the session's log still holds the event at ``order``."""
-        log = self._logs.get(session_id)
-        return log is not None and any(e.order == order for e in log.events)
-
-    def after(self, session_id: str, stream_id: str, order: tuple[int, int]) -> list[_MemoryEvent]:
-        """The session's events of ``stream_id`` ordered after ``order`` (priming ones too)."""
-        log = self._logs.get(session_id)
-        if log is None:
-            return []
-        return [e for e in log.events if e.stream_id == stream_id and e.order > order]
-
-    def open_streams(self, session_id: str) -> set[str]:
-        """Request streams of the session primed here and not answered yet."""
-        log = self._logs.get(session_id)
-        return set(log.open) if log else set()
-
-    def __len__(self) -> int:
-        return sum(len(log.events) for log in self._logs.values())
-
-    def _evict(self) -> None:
-        deadline = time.monotonic() - self.ttl
-        while self._logs:
-            oldest_id, oldest = next(iter(self._logs.items()))
-            if len(self._logs) <= self.max_sessions and oldest.touched >= deadline:
-                return
-            del self._logs[oldest_id]
-
-
-async def send_replayable(events: list[tuple[tuple[int, int], str, Any]], send_callback: EventCallback) -> int:
-    """Send ``(order, event id, message)`` events in order, skipping priming ones; return how many."""
-    sent = 0
-    for _, event_id, message in sorted(events, key=lambda e: e[0]):
-        if message is not None:
-            await send_callback(EventMessage(message, event_id))
-            sent += 1
-    return sent
 
 
 @dataclass
@@ -276,6 +126,7 @@ class RedisEventStore(EventStore):
         self._shared = _RedisShared(client, ttl, max_events, compress, key_prefix, retry_after,
                                     MemoryEventLog(max_events=max_events, ttl=ttl))
         self.session_id: str | None = None
+        self._replays = Replays()
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> RedisEventStore:
@@ -295,6 +146,7 @@ class RedisEventStore(EventStore):
         view = object.__new__(RedisEventStore)
         view._shared = self._shared
         view.session_id = session_id
+        view._replays = Replays()
         return view
 
     @property
@@ -325,7 +177,19 @@ class RedisEventStore(EventStore):
         await self._shared.redis.aclose()
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        """Append an event to this session's log and return its id; never raises."""
+        """Append an event to this session's log and return its id; never raises.
+
+        The SDK's priming event of a stream just replayed is not stored (see :class:`Replays`).
+        """
+        cursor = self._replays.resume_cursor(stream_id) if message is None else None
+        if cursor is not None:
+            return cursor
+        with self._replays.writing(stream_id):
+            event_id = await self._append(stream_id, message)
+            self._replays.stored(stream_id, event_id, message)
+        return event_id
+
+    async def _append(self, stream_id: StreamId, message: Any) -> EventId:
         session_id = self._session()
         if self.mode == "redis":
             shared = self._shared
@@ -364,26 +228,31 @@ class RedisEventStore(EventStore):
         ref = parse_event_id(last_event_id)
         if ref is None:
             return None
-        sent = 0
-        memory_events = [(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
-                         for e in self.memory.after(session_id, ref.stream_id, ref.order)]
-        pending: list[tuple[tuple[int, int], str, Any]] = []
-        async for order, event_id, message in self._redis_after(session_id, ref):
-            while memory_events and memory_events[0][0] < order:
-                pending.append(memory_events.pop(0))
-            pending.append((order, event_id, message))
-            sent += await send_replayable(pending, send_callback)
-            pending = []
-        sent += await send_replayable(memory_events, send_callback)
-        if sent == 0 and ref.stream_id != GET_STREAM and not await self._known(session_id, ref):
-            reason = "events of this request are no longer available"
-            await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
+        with self._replays.start(ref, last_event_id, send_callback) as replay:
+            memory_events = [(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
+                             for e in self.memory.after(session_id, ref.stream_id, ref.order)]
+            async for order, event_id, message in self._redis_after(session_id, ref):
+                earlier = [e for e in memory_events if e[0] < order]
+                memory_events = memory_events[len(earlier):]
+                await replay.send([*earlier, (order, event_id, message)])
+            await replay.send(memory_events)
+            await replay.catch_up()
+            if replay.sent == 0 and ref.stream_id != GET_STREAM and not await self._known(session_id, ref):
+                reason = "events of this request are no longer available"
+                await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
+            await self._replays.finish(replay)
         return ref.stream_id
 
     async def fail_open_requests(self, reason: str = "request lost: the server restarted") -> int:
         """End every request stream primed but not answered with an error event (call it
         when a session is recovered after its process died: those responses never come).
-        Returns how many streams were ended."""
+        Returns how many streams were ended.
+
+        Only a request whose response is nowhere in the log is ended: a stream marked
+        open although answered (an older version primed resumed streams, or the
+        priming and the response went to different logs while Redis failed) would
+        otherwise replay two responses for one request id.
+        """
         session_id = self._session()
         streams = self.memory.open_streams(session_id)
         try:
@@ -391,9 +260,16 @@ class RedisEventStore(EventStore):
                         for s in await self.redis.smembers(self.open_key(session_id))}
         except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
             self._fall_back(exc)
-        for stream_id in sorted(streams):
+        answered = await self._answered(session_id, streams) if streams else set()
+        for stream_id in sorted(streams - answered):
             await self.store_event(stream_id, lost_request_error(stream_id, reason))
-        return len(streams)
+        if answered:
+            self.memory.forget_open(session_id, answered)
+            try:
+                await self.redis.srem(self.open_key(session_id), *answered)
+            except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
+                self._fall_back(exc)
+        return len(streams - answered)
 
     async def forget(self) -> None:
         """Delete this session's log (the client ended the session: nothing will resume)."""
@@ -401,6 +277,26 @@ class RedisEventStore(EventStore):
             await self.redis.delete(self.key(), self.open_key())
         except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
             self._fall_back(exc)
+
+    async def _answered(self, session_id: str, streams: set[str]) -> set[str]:
+        """The streams among ``streams`` whose response (or error) is in the log."""
+        answered = self.memory.answered(session_id, streams)
+        wanted = {s.encode() for s in streams}
+        start = "-"
+        while True:
+            try:
+                rows: Any = await self.redis.xrange(self.key(session_id), min=start, max="+", count=DEFAULT_REPLAY_PAGE)
+            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+                self._fall_back(exc)
+                return answered
+            for _, fields in rows:
+                stream = fields.get(b"s")
+                if (stream in wanted and b"m" in fields and stream.decode() not in answered
+                        and is_final(decode_message(fields[b"m"], compressed=fields.get(b"z") == b"1"))):
+                    answered.add(stream.decode())
+            if len(rows) < DEFAULT_REPLAY_PAGE:
+                return answered
+            start = "(" + rows[-1][0].decode()
 
     async def _known(self, session_id: str, ref: EventRef) -> bool:
         if ref.in_memory:

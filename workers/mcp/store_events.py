@@ -1,7 +1,9 @@
 """MCP resumability logs in the sessionq store (SQL or MongoDB) through the Store contract.
 
 For deployments that want the log in the database rather than on Redis; same event
-ids, replay and memory fallback as :mod:`sessionq.workers.mcp.event_store`.
+ids, replay (losing nothing to a tool still emitting, see
+:class:`~sessionq.workers.mcp.event_store.Replays`) and memory fallback as
+:mod:`sessionq.workers.mcp.event_store`.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from mcp.server.streamable_http import (
 
 from sessionq.models.store import Store
 
-from .event_store import (
+from .event_log import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_REPLAY_PAGE,
     DEFAULT_TTL,
     GET_STREAM,
     MESSAGE_ADAPTER,
+    EventRef,
     MemoryEventLog,
+    Replay,
+    Replays,
     encode_message,
     format_event_id,
     lost_request_error,
     parse_event_id,
-    send_replayable,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,12 +54,14 @@ class StoreEventStore(EventStore):
         self.memory = MemoryEventLog(max_events=max_events, ttl=ttl)
         self.session_id: str | None = None
         self._health = {"failing": False}
+        self._replays = Replays()
 
     def for_session(self, session_id: str) -> StoreEventStore:
         """A view of this store that keeps the events of one MCP session."""
         view = object.__new__(StoreEventStore)
         view.__dict__.update(self.__dict__)
         view.session_id = session_id
+        view._replays = Replays()
         return view
 
     @property
@@ -64,7 +70,20 @@ class StoreEventStore(EventStore):
         return "memory" if self._health["failing"] else "store"
 
     async def store_event(self, stream_id: StreamId, message: Any) -> EventId:
-        """Append an event to this session's log (in a worker thread); never raises."""
+        """Append an event to this session's log (in a worker thread); never raises.
+
+        The SDK's priming event of a stream just replayed is not stored (see
+        :class:`~sessionq.workers.mcp.event_store.Replays`).
+        """
+        cursor = self._replays.resume_cursor(stream_id) if message is None else None
+        if cursor is not None:
+            return cursor
+        with self._replays.writing(stream_id):
+            event_id = await self._append(stream_id, message)
+            self._replays.stored(stream_id, event_id, message)
+        return event_id
+
+    async def _append(self, stream_id: StreamId, message: Any) -> EventId:
         session_id = self._session()
         try:
             payload = None if message is None else json.loads(encode_message(message, compress=False)[0])
@@ -86,11 +105,22 @@ class StoreEventStore(EventStore):
         ref = parse_event_id(last_event_id)
         if ref is None:
             return None
-        if ref.in_memory:
-            events = [(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
-                      for e in self.memory.after(session_id, ref.stream_id, ref.order)]
-            await send_replayable(events, send_callback)
-            return ref.stream_id
+        with self._replays.start(ref, last_event_id, send_callback) as replay:
+            if ref.in_memory:
+                await replay.send([(e.order, format_event_id(f"m{e.order[0]}-{e.order[1]}", e.stream_id), e.message)
+                                   for e in self.memory.after(session_id, ref.stream_id, ref.order)])
+                await self._replays.finish(replay)
+                return ref.stream_id
+            known = await self._replay_stored(session_id, ref, replay)
+            await replay.catch_up()
+            if not known and ref.stream_id != GET_STREAM:
+                reason = "events of this request are no longer available"
+                await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
+            await self._replays.finish(replay)
+        return ref.stream_id
+
+    async def _replay_stored(self, session_id: str, ref: EventRef, replay: Replay) -> bool:
+        """Send the stored events after ``ref``, page by page; return whether ``ref`` is known."""
         cursor, known = str(ref.order[0]), False
         while True:
             try:
@@ -99,22 +129,19 @@ class StoreEventStore(EventStore):
                 )
             except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
                 logger.warning("cannot replay MCP events: %s", exc)
-                return ref.stream_id
+                return True
             if found is None:
-                break
+                return known
             known = True
             _, page = found
-            for event in page:
-                if event.message is not None:
-                    message = MESSAGE_ADAPTER.validate_python(event.message)
-                    await send_callback(EventMessage(message, format_event_id(f"{event.event_id}-0", ref.stream_id)))
+            await replay.send([
+                ((int(event.event_id), 0), format_event_id(f"{event.event_id}-0", ref.stream_id),
+                 None if event.message is None else MESSAGE_ADAPTER.validate_python(event.message))
+                for event in page
+            ])
             if len(page) < DEFAULT_REPLAY_PAGE:
-                break
+                return known
             cursor = page[-1].event_id
-        if not known and ref.stream_id != GET_STREAM:
-            reason = "events of this request are no longer available"
-            await send_callback(EventMessage(lost_request_error(ref.stream_id, reason), None))
-        return ref.stream_id
 
     def _session(self) -> str:
         if self.session_id is None:
