@@ -95,7 +95,7 @@ class RecordKind(Generic[R]):
         after another until its page is full, so that every query is a single index
         range on any backend (an ``OR`` of column comparisons would make the database
         scan every key of the current agent again on each page)."""
-        pairs = list(zip(self.key_fields, key))
+        pairs = list(zip(self.key_fields, key, strict=False))
         return [(tuple(pairs[:depth]), pairs[depth]) for depth in range(len(pairs) - 1, -1, -1)]
 
     def check_key(self, key: Any) -> Key:

@@ -184,7 +184,7 @@ def test_export_file_names_are_injective_and_reversible() -> None:
     names = [payloads.export_filename(i, "json") for i in ids]
     # Then each id has its own file name: a plain name, at most 255 bytes, not hidden
     assert len(set(names)) == len(ids)
-    for session_id, name in zip(ids, names):
+    for session_id, name in zip(ids, names, strict=False):
         assert "/" not in name and not name.startswith(".") and len(name.encode()) <= 255
         stem = name.removesuffix(".json")
         if "~" not in stem:  # short enough: the name decodes back to the id

@@ -59,7 +59,7 @@ def test_migrate_chain_sqlite_postgresql_mongodb_mysql_sqlite(src: Store, tmp_pa
         for store in servers:
             reset_store(store)
         # When each store is migrated into the next, in small batches
-        for a, b in zip(chain, chain[1:]):
+        for a, b in zip(chain, chain[1:], strict=False):
             hop = f"{a.backend} -> {b.backend}"
             report = migrate(a, b, batch_size=4, message_chunk=4)
             # Then every hop copies every kind and verifies equal (fields, seq, counts, checksums, digests)
@@ -197,7 +197,7 @@ def test_an_older_copy_migrated_or_restored_again_never_regresses_newer_records(
 def test_import_records_keeps_fields_and_is_idempotent(store: Store) -> None:
     # Given records exported from elsewhere, with their own seq and message_count
     s = session("s1", at=T0 + timedelta(hours=1), created_at=T0, status="archived").replace(message_count=7)
-    msgs = [m.replace(seq=seq) for m, seq in zip(messages("s1", 2), (6, 7))]
+    msgs = [m.replace(seq=seq) for m, seq in zip(messages("s1", 2), (6, 7), strict=False)]
     # When imported twice
     first = store.import_records([s], msgs)
     second = store.import_records([s], msgs)

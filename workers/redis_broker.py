@@ -302,7 +302,7 @@ return n
         keys = [f"{self.namespace}:__heartbeats__", queue, self.acks_key(queue_name), f"{queue}.msgs"]
         reply = self._fetch(keys=keys, args=[int(time.time() * 1000), self.broker_id, prefetch])
         messages: list[bytes] = []
-        for raw_id, data in zip(reply[::2], reply[1::2]):
+        for raw_id, data in zip(reply[::2], reply[1::2], strict=False):
             redis_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             if data is None:
                 logger.error("message %s on queue %s has no body (pushed without its HSET); dropped",

@@ -234,7 +234,7 @@ class MongoKinds(MongoStoreBase):
             raise ValidationError("limit must be at least 1")
         layout, collection = self._layout(kind)
         order = [(path, ASCENDING) for path in layout.key_paths]
-        paths = dict(zip(kind.key_fields, layout.key_paths))
+        paths = dict(zip(kind.key_fields, layout.key_paths, strict=False))
         if cursor is None:
             docs = list(collection.find({}).sort(order).limit(limit + 1))
         else:
@@ -282,7 +282,7 @@ class MongoKinds(MongoStoreBase):
             if current is None:
                 ops.append(InsertOne(layout.to_doc(record)))
             elif kind.replaces(record, layout.from_doc(current)):
-                where = dict(zip(layout.key_paths, key)) | {name: current.get(name) for name in layout.guard}
+                where = dict(zip(layout.key_paths, key, strict=False)) | {name: current.get(name) for name in layout.guard}
                 ops.append(ReplaceOne(where, layout.to_doc(record)))
         if not ops:
             return 0, True

@@ -195,7 +195,7 @@ class SqlRecords(SqlStoreBase):
             'ORDER BY "session_id" FOR UPDATE',
             ids,
         )
-        return [{f.name: f.python_value(v) for f, v in zip(fields, row)} for row in cursor.fetchall()]
+        return [{f.name: f.python_value(v) for f, v in zip(fields, row, strict=False)} for row in cursor.fetchall()]
 
     def _insert_sql(self, model: Any, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]] | None:
         """A multi-row INSERT of rows keyed by field name (all with the same keys) as
