@@ -32,10 +32,11 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from .atomic_write import atomic_text_file
 from .errors import StoreError, StoreUnavailable, ValidationError
@@ -303,7 +304,7 @@ def import_json(store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH)
     importer = _Importer(store, report, batch)
     top: dict[str, Any] = {}
     found = False
-    numbers = {name: 0 for name in ("sessions", *_BY_SECTION)}
+    numbers = dict.fromkeys(("sessions", *_BY_SECTION), 0)
     for section, data in iter_members(fp, numbers):
         if section not in numbers:
             top[section] = data
@@ -409,7 +410,7 @@ def backup(store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: date
     if keep < 1:
         raise ValidationError("keep must be at least 1")
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = directory / f"{BACKUP_PREFIX}{stamp}.jsonl.gz"
     serial = 0
     while path.exists():

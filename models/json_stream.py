@@ -6,7 +6,8 @@ with chosen arrays yielded one element at a time, so that memory holds one eleme
 from __future__ import annotations
 
 import json
-from typing import IO, Any, Collection, Iterator
+from collections.abc import Collection, Iterator
+from typing import IO, Any
 
 from .errors import ValidationError
 

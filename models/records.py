@@ -8,9 +8,10 @@ valid; :meth:`to_json` / :meth:`from_json` round-trip through JSON-compatible di
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from .errors import Conflict, ValidationError
 from .validation import (
@@ -40,7 +41,7 @@ R = TypeVar("R", bound="Record")
 
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Record:

@@ -34,11 +34,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationError
 

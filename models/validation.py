@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ValidationError
@@ -25,8 +25,8 @@ DEFAULT_MAX_JSON_BYTES = 1024 * 1024
 # Deepest nesting accepted in a metadata / state document.
 DEFAULT_MAX_JSON_DEPTH = 32
 # Earliest and latest instants a record may carry.
-MIN_DATETIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MAX_DATETIME = datetime(2200, 1, 1, tzinfo=timezone.utc)
+MIN_DATETIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_DATETIME = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def check_id(name: str, value: Any) -> str:
@@ -95,7 +95,7 @@ def check_datetime(name: str, value: Any) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(f"{name} must be timezone-aware (naive datetimes are ambiguous)")
     try:
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
     except OverflowError:  # 9999-12-31T23:59:59-01:00 is past the last instant a datetime holds
         raise ValidationError(f"{name} must be between 1970 and 2200; got {value.isoformat()}") from None
     if not MIN_DATETIME <= value < MAX_DATETIME:

@@ -25,8 +25,9 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -50,7 +51,7 @@ DEFAULT_QUEUE = "maintenance"
 DEFAULT_ACTOR = "run_sweep"
 
 Send = Callable[[str], str]
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # KEYS: the tick's key, then the earlier ticks' keys newest first. ARGV: the value,
 # the earlier ticks' value, the expiry. Returns how many earlier ticks it claimed,
@@ -192,12 +193,12 @@ class SweepScheduler:
         self._keeper: threading.Thread | None = None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max(1, len(self.schedule)))},
-            timezone=timezone.utc,
+            timezone=UTC,
         )
         for kind, interval in self.schedule.items():
             self._scheduler.add_job(
                 self.fire,
-                IntervalTrigger(seconds=interval, start_date=_EPOCH, timezone=timezone.utc),
+                IntervalTrigger(seconds=interval, start_date=_EPOCH, timezone=UTC),
                 args=[kind],
                 id=f"sweep-{kind}",
                 name=f"enqueue run_sweep({kind!r}) every {interval}s",

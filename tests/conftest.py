@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ SERVICE_URLS = {"postgresql": POSTGRES_URL, "mysql": MYSQL_URL, "mongodb": MONGO
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
 ALL_BACKENDS = SQL_BACKENDS + ["mongodb"]
 
-T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def service_missing(name: str, error: BaseException) -> None:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ from sessionq.models import Store
 BYSTANDER = "bystander"
 BYSTANDERS = (BYSTANDER, "bystander-2")
 MIB = 1024 * 1024
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 SESSION_FIELDS = {"session_id", "model", "created_at", "updated_at", "status", "metadata", "messages"}
 SQL_ID = "x';DROP/**/TABLE/**/sessionq_sessions;--"
 SQL_TEXT = "Robert'); DROP TABLE sessionq_messages; -- \" OR 1=1 /*"
@@ -63,9 +64,9 @@ def _nest(depth: int) -> dict[str, Any]:
 _letters = st.text(alphabet=string.ascii_letters, min_size=1, max_size=12)
 _naive = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2025, 1, 1)).map(lambda d: d.isoformat())
 _future = st.datetimes(min_value=datetime(2100, 1, 1), max_value=datetime(2199, 1, 1),
-                       timezones=st.just(timezone.utc)).map(lambda d: d.isoformat())
+                       timezones=st.just(UTC)).map(lambda d: d.isoformat())
 _ancient = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(1969, 12, 1),
-                        timezones=st.just(timezone.utc)).map(lambda d: d.isoformat())
+                        timezones=st.just(UTC)).map(lambda d: d.isoformat())
 _bad_id = st.text(min_size=1, max_size=40).filter(lambda s: not re.fullmatch(r"[\x21-\x7e]+", s))
 
 

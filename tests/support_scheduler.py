@@ -19,8 +19,6 @@ import time
 import uuid
 from typing import Any
 
-
-
 # Redis list the replica processes record their sends onto.
 SENDS_KEY = "sessionq-test:sends"
 

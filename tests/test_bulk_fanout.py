@@ -6,17 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import redis
-
 import pytest
+import redis
 
 from sessionq.models import open_store
 from sessionq.models.kinds import KINDS
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.jobs import normalize
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, session
 from tests.support_bulk import fill_kinds
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
-from sessionq.workers.errors import InvalidPayload
-from sessionq.workers.jobs import normalize
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -12,10 +12,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from sessionq.cli import main
-from sessionq.models import open_store
-from tests.conftest import POSTGRES_URL, make_store, reset_store
-from sessionq.models import AgentState
-from tests.conftest import T0
+from sessionq.models import AgentState, open_store
+from tests.conftest import POSTGRES_URL, T0, make_store, reset_store
 from tests.support_bulk import REPO_ROOT, cli_command, cli_env, fill, fill_kinds
 
 

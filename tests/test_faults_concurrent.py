@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from sessionq.models import ChatMessage, ChatSession, Settings, Store, open_store, utcnow
+from sessionq.workers.producer import Producer
 from tests.conftest import MONGO_URL, POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_faults import SessionqWorker, assert_no_secrets, record_figures, wait_until, with_password
 from tests.support_jobs import dead_letters, pending_jobs
-from sessionq.workers.producer import Producer
 
 WINDOW = 5
 

@@ -74,8 +74,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -83,6 +84,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionq.models import Settings, Store
+from sessionq.workers.errors import InvalidPayload
+from sessionq.workers.jobs import JOBS
+from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, messages, reset_store, session
 from tests.support_faults import SessionqWorker, assert_no_secrets, record_figures, wait_until, with_password
 from tests.support_hostile import (
@@ -97,9 +101,6 @@ from tests.support_hostile import (
     examples,
 )
 from tests.support_jobs import pending_jobs
-from sessionq.workers.errors import InvalidPayload
-from sessionq.workers.jobs import JOBS
-from sessionq.workers.producer import Producer
 
 ERROR_CLASSES = [c for c in PAYLOAD_CLASSES if c.error is not None]
 ACCEPTED_CLASSES = [c for c in PAYLOAD_CLASSES if c.error is None]

@@ -17,21 +17,21 @@ import random
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 import redis
 
 from sessionq.models import Settings, Store
+from sessionq.workers.http import create_app
+from sessionq.workers.logs import RedactingFilter
 from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, figures_path, record_figures, with_password
 from tests.support_http import ServerThread, cli_command, dead_port, free_port, subprocess_env, with_port
 from tests.support_jobs import ROOT
 from tests.support_services import wait_port
-from sessionq.workers.http import create_app
-from sessionq.workers.logs import RedactingFilter
 
 PROBES_PER_LENGTH = 40
 

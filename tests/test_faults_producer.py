@@ -14,12 +14,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from sessionq.models import Settings, Store
+from sessionq.workers.errors import InvalidPayload, ProducerError
+from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL, make_store, reset_store
 from tests.support_faults import (
     SessionqWorker,
@@ -30,8 +33,6 @@ from tests.support_faults import (
     with_password,
 )
 from tests.support_services import PrivateRedis
-from sessionq.workers.errors import InvalidPayload, ProducerError
-from sessionq.workers.producer import Producer
 
 
 def _dead_redis_url() -> str:

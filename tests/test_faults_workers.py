@@ -19,9 +19,10 @@ under pytest's base temp dir; every worker log is scanned for the planted secret
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg2
 import pytest
@@ -165,8 +166,7 @@ def test_r8_kill9_worker_with_default_settings_jobs_come_back_within_the_heartbe
     sessions = 1000
     jobs = _workload("r8-", sessions, 0)
     url = with_password(POSTGRES_URL)
-    defaults = {name: "" for name in ("SESSIONQ_WORKER_HEARTBEAT_TIMEOUT", "SESSIONQ_WORKER_MAINTENANCE_CHANCE",
-                                      "SESSIONQ_JOB_MIN_BACKOFF", "SESSIONQ_JOB_MAX_BACKOFF")}
+    defaults = dict.fromkeys(("SESSIONQ_WORKER_HEARTBEAT_TIMEOUT", "SESSIONQ_WORKER_MAINTENANCE_CHANCE", "SESSIONQ_JOB_MIN_BACKOFF", "SESSIONQ_JOB_MAX_BACKOFF"), "")
     # Given 1,000 save jobs and a worker with the default settings draining them
     _push(redis_client, jobs)
     first = SessionqWorker(url, REDIS_URL, log=tmp_path / "worker-1.log", threads=8, env=defaults)

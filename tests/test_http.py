@@ -15,6 +15,8 @@ import redis
 from sessionq.models import Settings, Store, TransportSession, open_store
 from sessionq.models.errors import ConfigError
 from sessionq.scheduler.status import SweepBook
+from sessionq.workers.health import HealthChecker
+from sessionq.workers.http import check_bind, create_app, is_loopback
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, session
 from tests.support_http import (
     STARTUP_TIMEOUT,
@@ -28,8 +30,6 @@ from tests.support_http import (
     subprocess_env,
     with_port,
 )
-from sessionq.workers.health import HealthChecker
-from sessionq.workers.http import check_bind, create_app, is_loopback
 
 __all__ = ["pg_store"]
 

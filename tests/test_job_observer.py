@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dramatiq
 import pytest
@@ -12,9 +13,8 @@ from dramatiq import Message, Worker
 from dramatiq.brokers.redis import RedisBroker
 
 from sessionq.workers.logs import ContextFilter, current_context
-from sessionq.workers.metrics import JOBS, JOB_SECONDS
+from sessionq.workers.metrics import JOB_SECONDS, JOBS
 from sessionq.workers.middleware import JobObserver, session_id_of
-
 
 # Seconds to wait for the worker to settle the messages of one test.
 SETTLE_TIMEOUT = 30.0
@@ -104,8 +104,8 @@ def test_outcomes_and_context(broker: RedisBroker, redis_client: Any, records: R
     # And the actor's log line carried the job's context
     saving = [r for r in records.records if r.getMessage() == "saving"]
     assert len(saving) == 1
-    assert (getattr(saving[0], "job_id"), getattr(saving[0], "actor"), getattr(saving[0], "queue"),
-            getattr(saving[0], "session_id")) == (message.message_id, "obs_ok", "sessions", "s-77")
+    assert (saving[0].job_id, saving[0].actor, saving[0].queue,
+            saving[0].session_id) == (message.message_id, "obs_ok", "sessions", "s-77")
     # And the dead one sits in Dramatiq's dead-letter set
     assert redis_client.zcard("dramatiq:sessions.XQ") == 1
     assert current_context() == {}

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pytest
 
 from sessionq.models import ChatSession, Settings, Store, StoreUnavailable, WriteResult, open_store, utcnow
 from sessionq.models.store import SessionWrite
-from tests.conftest import T0, messages, session
 from sessionq.workers import broker as broker_module
 from sessionq.workers import middleware as middleware_module
 from sessionq.workers.embedded import EmbeddedRuntime
 from sessionq.workers.groupcommit import GroupCommitter
 from sessionq.workers.outbox import Outbox
 from sessionq.workers.producer import Producer
+from tests.conftest import T0, messages, session
 
 
 def _settings(tmp_path: Path) -> Settings:

@@ -9,9 +9,10 @@ wire are dead-lettered with their reason while the worker keeps going.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

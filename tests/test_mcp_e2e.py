@@ -21,6 +21,7 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from sessionq.models import open_store, utcnow
+from sessionq.workers.mcp.event_log import format_event_id
 from tests.support_mcp import (  # noqa: F401  (fixtures)
     RoundRobin,
     ServerProcess,
@@ -32,7 +33,6 @@ from tests.support_mcp import (  # noqa: F401  (fixtures)
     session_keys,
     text_of,
 )
-from sessionq.workers.mcp.event_log import format_event_id
 
 pytestmark = pytest.mark.anyio
 

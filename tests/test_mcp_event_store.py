@@ -19,14 +19,6 @@ from mcp.types import (
 
 from sessionq.models import Store, open_store
 from sessionq.workers.errors import InvalidPayload
-from tests.conftest import REDIS_URL, SQL_BACKENDS, T0, make_store, reset_store
-from tests.support_mcp import (  # noqa: F401  (fixtures)
-    anyio_backend,
-    dead_redis_url,
-    entries,
-    free_port,
-    redis_db,
-)
 from sessionq.workers.mcp import (
     RedisEventStore,
     SessionRegistry,
@@ -35,6 +27,14 @@ from sessionq.workers.mcp import (
 )
 from sessionq.workers.mcp import store_events as store_events_module
 from sessionq.workers.mcp.event_log import GET_STREAM, parse_event_id
+from tests.conftest import REDIS_URL, SQL_BACKENDS, T0, make_store, reset_store
+from tests.support_mcp import (  # noqa: F401  (fixtures)
+    anyio_backend,
+    dead_redis_url,
+    entries,
+    free_port,
+    redis_db,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -15,14 +15,14 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import Receive, Scope, Send
 
 from sessionq.models import Store
-from tests.conftest import make_store
-from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
 from sessionq.workers.mcp import (
     RecoverableSessionManager,
     SessionRegistry,
     StoreEventStore,
     recoverable_http_app,
 )
+from tests.conftest import make_store
+from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import redis
 
 from sessionq.models import Settings, open_store, utcnow
+from sessionq.workers.mcp.registry import ProducerSender, SessionRegistry
 from tests.conftest import REDIS_URL
 from tests.support_jobs import WorkerProcess, wait_drained
-from sessionq.workers.mcp.registry import ProducerSender, SessionRegistry
 
 
 def test_registry_jobs_travel_through_the_queue(tmp_path: Path, redis_client: redis.Redis) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -17,8 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sessionq.models import Settings, Store
 from sessionq.scheduler.status import SweepBook
-from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
-from tests.support_http import REPO_ROOT, ServerThread, pg_store, subprocess_env
 from sessionq.workers.http import create_app
 from sessionq.workers.metrics import (
     DRAMATIQ_METRICS,
@@ -30,6 +29,8 @@ from sessionq.workers.metrics import (
     timed_job,
 )
 from sessionq.workers.queue_state import QUEUES, read_queues
+from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
+from tests.support_http import REPO_ROOT, ServerThread, pg_store, subprocess_env
 
 __all__ = ["pg_store"]
 
@@ -149,9 +150,8 @@ def test_timed_job_counts_errors_and_reraises() -> None:
     # When one block succeeds and one raises
     with timed_job("timed_actor"):
         pass
-    with pytest.raises(RuntimeError):
-        with timed_job("timed_actor"):
-            raise RuntimeError("x")
+    with pytest.raises(RuntimeError), timed_job("timed_actor"):
+        raise RuntimeError("x")
     # Then each was counted under its outcome
     assert JOBS.labels("timed_actor", "ok")._value.get() == oks + 1
     assert JOBS.labels("timed_actor", "error")._value.get() == errors + 1

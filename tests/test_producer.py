@@ -19,10 +19,10 @@ import pytest
 import redis
 
 from sessionq.models import ChatMessage, ChatSession, Settings
-from tests.conftest import POSTGRES_URL, REDIS_URL, T0, make_store, reset_store
-from tests.support_jobs import ROOT, WorkerProcess, child_env, pending_jobs, wait_drained
 from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.producer import Producer
+from tests.conftest import POSTGRES_URL, REDIS_URL, T0, make_store, reset_store
+from tests.support_jobs import ROOT, WorkerProcess, child_env, pending_jobs, wait_drained
 
 
 def _dead_redis_url() -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -37,7 +37,7 @@ def _mask_now(value: Any) -> Any:
         for key, item in value.items():
             if key in NOW_KEYS and isinstance(item, str):
                 at = datetime.fromisoformat(item)
-                if abs(at - datetime.now(timezone.utc)) < timedelta(minutes=1):
+                if abs(at - datetime.now(UTC)) < timedelta(minutes=1):
                     item = "NOW"
             out[key] = _mask_now(item)
         return out
@@ -97,10 +97,10 @@ def _mutations(rng: random.Random, base: Any) -> Any:
     value = copy.deepcopy(base)
     odd: list[Any] = [None, "", " ", "a b", "x" * 256, "x\x00", "é", 3, 2.5, True, [], {}, ["x"], T,
                       "2999-01-01T00:00:00+00:00", "2026-01-01T00:00:00", "yesterday", "\ud800",
-                      datetime(2026, 1, 1), datetime(2026, 1, 1, tzinfo=timezone.utc), "robot", "user",
+                      datetime(2026, 1, 1), datetime(2026, 1, 1, tzinfo=UTC), "robot", "user",
                       "active", {"a.b": 1}, {"$x": 1}, {"ok": [1, {"n": None}]}, "1969-12-31T23:59:59+00:00",
-                      (datetime.now(timezone.utc) + timedelta(days=2)).isoformat(),
-                      datetime.now(timezone.utc) + timedelta(hours=12), "2025-06-01T00:00:00-05:00"]
+                      (datetime.now(UTC) + timedelta(days=2)).isoformat(),
+                      datetime.now(UTC) + timedelta(hours=12), "2025-06-01T00:00:00-05:00"]
     targets: list[dict[str, Any]] = [value]
     for m in value.get("messages", []) if isinstance(value.get("messages"), list) else []:
         if isinstance(m, dict):
@@ -262,8 +262,8 @@ def test_now_iso_is_utcnow_isoformat(monkeypatch: pytest.MonkeyPatch) -> None:
     for ns in (0, 1_767_268_800_000_000_000, 1_767_268_800_123_456_789, 1_767_268_799_999_999_999,
                1_767_268_800_000_000_999, 1_767_268_800_000_001_000, 4_102_444_799_999_999_000):
         monkeypatch.setattr(time_module, "time_ns", lambda ns=ns: ns)
-        expected = datetime.fromtimestamp(ns // 10**9, timezone.utc).replace(microsecond=ns // 1000 % 10**6)
+        expected = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
         assert producer_plain.utc_now_iso() == expected.isoformat()
     monkeypatch.undo()
-    before = datetime.now(timezone.utc)
-    assert before <= datetime.fromisoformat(producer_plain.utc_now_iso()) <= datetime.now(timezone.utc)
+    before = datetime.now(UTC)
+    assert before <= datetime.fromisoformat(producer_plain.utc_now_iso()) <= datetime.now(UTC)

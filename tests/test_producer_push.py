@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
 
-from tests.support_services import PrivateRedis
 from sessionq.workers.producer import Producer
+from tests.support_services import PrivateRedis
 
 
 @pytest.fixture

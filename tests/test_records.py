@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessionq.models import AgentState, ChatMessage, ChatSession, FileRecord, StreamEvent, TransportSession, ValidationError
+from sessionq.models import (
+    AgentState,
+    ChatMessage,
+    ChatSession,
+    FileRecord,
+    StreamEvent,
+    TransportSession,
+    ValidationError,
+)
 from tests.conftest import T0
 
 RECORDS = [
@@ -39,7 +47,7 @@ def test_json_round_trip(record: object) -> None:
         (lambda: ChatSession("s", status="paused"), "status must be one of"),
         (lambda: ChatSession("s", created_at=datetime(2026, 1, 1)), "timezone-aware"),
         (lambda: ChatSession("s", created_at="yesterday"), "ISO 8601"),  # type: ignore[arg-type]
-        (lambda: ChatSession("s", created_at=datetime(9000, 1, 1, tzinfo=timezone.utc)), "between 1970 and 2200"),
+        (lambda: ChatSession("s", created_at=datetime(9000, 1, 1, tzinfo=UTC)), "between 1970 and 2200"),
         (lambda: ChatSession("s", created_at=T0, updated_at=T0 - timedelta(1)), "earlier than created_at"),
         (lambda: ChatSession("s", metadata={"$where": 1}), "may not start with '$'"),
         (lambda: ChatSession("s", metadata={"a.b": 1}), "contain '.'"),
@@ -86,8 +94,8 @@ def test_from_json_rejects_unknown_and_missing_fields() -> None:
 def test_datetimes_are_normalised_to_utc() -> None:
     plus_two = timezone(timedelta(hours=2))
     s = ChatSession("s", created_at=datetime(2026, 1, 1, 14, 0, tzinfo=plus_two))
-    assert s.created_at == datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-    assert s.created_at.tzinfo is timezone.utc
+    assert s.created_at == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert s.created_at.tzinfo is UTC
     assert ChatSession("s", created_at="2026-01-01T12:00:00Z").created_at == s.created_at  # type: ignore[arg-type]
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import dramatiq
 import pytest
 
-from tests.conftest import REDIS_URL
 from sessionq.workers.redis_broker import SessionqRedisBroker
+from tests.conftest import REDIS_URL
 
 
 @pytest.fixture

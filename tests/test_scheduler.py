@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from sessionq.models import Settings
 from sessionq.scheduler.lease import DEFAULT_LEASE_KEY, LocalLease, RedisLease, sweep_guard
 from sessionq.scheduler.runner import DEFAULT_TICK_PREFIX, SweepScheduler, dramatiq_send

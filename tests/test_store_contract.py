@@ -6,7 +6,16 @@ from datetime import timedelta
 
 import pytest
 
-from sessionq.models import AgentState, ChatMessage, Conflict, FileRecord, NotFound, Store, TransportSession, ValidationError
+from sessionq.models import (
+    AgentState,
+    ChatMessage,
+    Conflict,
+    FileRecord,
+    NotFound,
+    Store,
+    TransportSession,
+    ValidationError,
+)
 from sessionq.models.tasks import McpTask, new_task_id
 from tests.conftest import T0, messages, session
 

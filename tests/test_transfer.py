@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import gzip
 import json
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from sessionq.models import AgentState, ChatMessage, FileRecord, NotFound, Store, TransportSession, ValidationError, open_store
+from sessionq.models import (
+    AgentState,
+    ChatMessage,
+    FileRecord,
+    NotFound,
+    Store,
+    TransportSession,
+    ValidationError,
+    open_store,
+)
 from sessionq.models.archive_io import backup, export_file, import_file, list_backups, restore
-from sessionq.models.kinds import AGENT_STATES, FILES, KINDS, TRANSPORTS
+from sessionq.models.kinds import FILES, KINDS
 from sessionq.models.sql import SqlStore
 from sessionq.models.transfer import migrate, migrate_batch, plan_batches, session_checksum, verify
 from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
@@ -344,7 +354,7 @@ def test_plain_json_single_session_and_errors(dst: Store, tmp_path: Path) -> Non
 
 def test_backup_rotation_and_restore_into_another_backend(src: Store, tmp_path: Path) -> None:
     # Given four backups a minute apart, two in the same second, keeping 3
-    when = datetime(2026, 3, 1, 10, 0, 0, tzinfo=timezone.utc)
+    when = datetime(2026, 3, 1, 10, 0, 0, tzinfo=UTC)
     directory = tmp_path / "backups"
     reports = [backup(src, directory, keep=3, now=when + timedelta(minutes=i)) for i in range(3)]
     same_second = backup(src, directory, keep=3, now=when + timedelta(minutes=2))

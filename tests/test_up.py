@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from sessionq.models import Settings, open_store
+from sessionq.workers.producer import Producer
 from tests.conftest import REDIS_URL, messages, session
 from tests.support_jobs import ROOT, child_env
 from tests.support_services import free_port, wait_port
-from sessionq.workers.producer import Producer
 
 
 def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client: redis.Redis) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 from sessionq.models import ChatMessage, ChatSession, Settings, utcnow
 

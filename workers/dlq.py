@@ -10,9 +10,10 @@ dead-message TTL (7 days).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from sessionq.errors import ConfigError
 from sessionq.models import Settings
@@ -90,7 +91,7 @@ class DeadLetters:
                     queue=queue,
                     actor_name=str(data.get("actor_name", "?")),
                     message_id=str(data.get("message_id", "?")),
-                    dead_lettered_at=datetime.fromtimestamp(score / 1000, timezone.utc),
+                    dead_lettered_at=datetime.fromtimestamp(score / 1000, UTC),
                     reason=str(options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"),
                     args=list(data.get("args", [])),
                 )

@@ -32,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from sessionq.models import ChatMessage, ChatSession, Store
 from sessionq.models.errors import StoreUnavailable

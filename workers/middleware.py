@@ -36,7 +36,7 @@ def session_id_of(message: Any) -> str | None:
 
 
 class _Running:
-    __slots__ = ("started", "seconds", "failed", "skipped", "token")
+    __slots__ = ("failed", "seconds", "skipped", "started", "token")
 
     def __init__(self, token: Token[dict[str, str] | None] | None) -> None:
         self.started = time.perf_counter()

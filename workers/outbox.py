@@ -14,8 +14,8 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ export can be enqueued again unchanged.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sessionq.models.errors import ConfigError, ValidationError

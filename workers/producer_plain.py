@@ -19,7 +19,7 @@ A heartbeat was 3.01 vs 3.06 µs, so it has no plain path.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sessionq.models.errors import ValidationError
@@ -63,7 +63,7 @@ def utc_now_iso() -> str:
     second, micro = ns // 1_000_000_000, ns // 1000 % 1_000_000  # datetime.now floors too
     cached, text = _Clock.second
     if cached != second:
-        text = datetime.fromtimestamp(second, timezone.utc).isoformat()[:-6]  # without +00:00
+        text = datetime.fromtimestamp(second, UTC).isoformat()[:-6]  # without +00:00
         _Clock.second = (second, text)
     return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"  # isoformat drops .000000
 

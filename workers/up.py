@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sessionq.models import Settings
 

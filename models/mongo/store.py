@@ -33,8 +33,8 @@ from .database import (
 )
 from .kinds import MongoKinds
 from .records import MongoRecords
-from .tasks import MongoTasks
 from .schema import from_us, to_us
+from .tasks import MongoTasks
 
 logger = logging.getLogger(__name__)
 

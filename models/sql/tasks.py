@@ -16,7 +16,6 @@ round trip), which put ``tools/call`` -> handle at 2.4x the inline call and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import datetime
 from typing import Any

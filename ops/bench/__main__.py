@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from .events_bench import bench_event_store
 from .harness import Result, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
-from .events_bench import bench_event_store
-from .transfer_bench import bench_migrate
 from .store_bench import bench_append_cost, bench_purge
 from .tasks_bench import bench_tasks
+from .transfer_bench import bench_migrate
 
 BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P1": bench_enqueue,

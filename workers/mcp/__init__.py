@@ -25,8 +25,8 @@ from .registry import (
     JOB_HEARTBEAT,
     JOB_REGISTER,
     TRANSPORT_JOBS,
-    SessionRegistry,
     ProducerSender,
+    SessionRegistry,
     StoreSender,
     apply_transport_job,
 )
