@@ -80,7 +80,7 @@ def read_sse(port: int, session_id: str, last_event_id: str, until: bytes) -> li
 
 
 async def test_sse_stream_drop_resumes_with_last_event_id(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a server with a Redis event log and a client on 2025-11-25
     server = servers(retry_ms=200)
@@ -123,7 +123,7 @@ async def test_sse_stream_drop_resumes_with_last_event_id(
 
 
 async def test_server_killed_and_restarted_client_keeps_its_session(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a client in a session with a server that will be killed (SSE retry 3 s)
     server = servers(retry_ms=3000)
@@ -158,7 +158,7 @@ async def test_server_killed_and_restarted_client_keeps_its_session(
 
 
 async def test_a_request_cut_by_a_crash_ends_with_an_error_and_the_session_goes_on(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a client waiting on a slow tool (a tick every 0.5 s) when the server dies
     server = servers(retry_ms=1500)
@@ -186,7 +186,7 @@ async def test_a_request_cut_by_a_crash_ends_with_an_error_and_the_session_goes_
 
 
 async def test_two_instances_without_sticky_routing_share_a_session(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given two instances on one Redis and store, and a balancer that alternates requests
     first, second = servers(), servers()
@@ -205,7 +205,7 @@ async def test_two_instances_without_sticky_routing_share_a_session(
 
 
 async def test_heartbeats_then_a_clean_shutdown_opens_the_grace_window(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a server that heartbeats every second and a client in a session
     server = servers(env={"SESSIONQ_HEARTBEAT_SECONDS": "1"})
@@ -240,7 +240,7 @@ async def test_heartbeats_then_a_clean_shutdown_opens_the_grace_window(
 
 @pytest.mark.parametrize("why", ["past grace", "out of attempts"])
 async def test_unrecoverable_session_gets_404_and_the_client_reinitializes(
-    why: str, servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    why: str, servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a client in a session whose server dies
     server = servers()
@@ -281,7 +281,7 @@ async def test_unrecoverable_session_gets_404_and_the_client_reinitializes(
 
 
 async def test_sessionless_clients_are_untouched(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis
 ) -> None:
     # Given a server with the integration and a client on the sessionless 2026-07-28 protocol
     server = servers()

@@ -75,7 +75,7 @@ class Collector:
 
 
 @pytest.fixture
-async def redis_store(redis_db: redis.Redis) -> Any:  # noqa: F811
+async def redis_store(redis_db: redis.Redis) -> Any:
     """A root Redis event store on the test database."""
     store = RedisEventStore(url=REDIS_URL, ttl=600, max_events=1000)
     yield store
@@ -83,7 +83,7 @@ async def redis_store(redis_db: redis.Redis) -> Any:  # noqa: F811
 
 
 @pytest.fixture(params=["redis", *SQL_BACKENDS])
-async def any_store(request: pytest.FixtureRequest, redis_db: redis.Redis, tmp_path: Path) -> Any:  # noqa: F811
+async def any_store(request: pytest.FixtureRequest, redis_db: redis.Redis, tmp_path: Path) -> Any:
     """Each event store kind: Redis, and the Store one on every SQL backend."""
     if request.param == "redis":
         root = RedisEventStore(url=REDIS_URL)
@@ -233,7 +233,7 @@ async def test_the_root_store_refuses_unscoped_events(redis_store: RedisEventSto
         await redis_store.store_event("1", note(1))
 
 
-async def test_redis_log_is_capped(redis_db: redis.Redis) -> None:  # noqa: F811
+async def test_redis_log_is_capped(redis_db: redis.Redis) -> None:
     # Given a store that keeps about 50 events per session
     root = RedisEventStore(url=REDIS_URL, max_events=50)
     view = root.for_session("sess-cap")
@@ -256,7 +256,7 @@ async def test_redis_log_is_capped(redis_db: redis.Redis) -> None:  # noqa: F811
     await root.aclose()
 
 
-async def test_redis_log_expires_and_each_write_refreshes_it(redis_db: redis.Redis) -> None:  # noqa: F811
+async def test_redis_log_expires_and_each_write_refreshes_it(redis_db: redis.Redis) -> None:
     # Given a store with a 100 s TTL and a session log about to expire
     root = RedisEventStore(url=REDIS_URL, ttl=100)
     view = root.for_session("sess-ttl")
@@ -273,7 +273,7 @@ async def test_redis_log_expires_and_each_write_refreshes_it(redis_db: redis.Red
     await root.aclose()
 
 
-async def test_compressed_events_are_zlib_and_mixed_logs_replay(redis_db: redis.Redis) -> None:  # noqa: F811
+async def test_compressed_events_are_zlib_and_mixed_logs_replay(redis_db: redis.Redis) -> None:
     # Given a session written first without, then with compression (the setting changed)
     plain = RedisEventStore(url=REDIS_URL, compress=False).for_session("sess-z")
     packed = RedisEventStore(url=REDIS_URL, compress=True).for_session("sess-z")
@@ -318,7 +318,7 @@ async def test_fails_over_to_memory_when_redis_is_down() -> None:
     await root.aclose()
 
 
-async def test_open_requests_are_ended_on_recovery(redis_db: redis.Redis) -> None:  # noqa: F811
+async def test_open_requests_are_ended_on_recovery(redis_db: redis.Redis) -> None:
     # Given a session with request 1 answered and request 2 primed but never answered
     # (its process died)
     view = RedisEventStore(url=REDIS_URL).for_session("sess-lost")
@@ -340,7 +340,7 @@ async def test_open_requests_are_ended_on_recovery(redis_db: redis.Redis) -> Non
 
 
 async def test_a_request_with_a_response_is_never_ended_on_recovery(
-    redis_db: redis.Redis,  # noqa: F811
+    redis_db: redis.Redis,
 ) -> None:
     # Given request 1 answered although still marked open (an older version primed a
     # resumed stream again; or its priming and its response went to different logs)

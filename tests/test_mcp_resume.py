@@ -124,7 +124,7 @@ async def legacy_client(url: str, transport: CuttingTransport, logs: list[Any]) 
 
 @pytest.mark.parametrize("event_log", ["redis", "store"])
 async def test_resuming_while_a_tool_emits_loses_no_event(
-    event_log: str, servers: Callable[..., ServerProcess], redis_db: redis.Redis,  # noqa: F811
+    event_log: str, servers: Callable[..., ServerProcess], redis_db: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a client on a legacy handshake version that reconnects 50 ms after a drop,
@@ -169,7 +169,7 @@ def resume_raw(port: int, session_id: str, last_event_id: str) -> list[dict[str,
 
 
 async def test_an_answered_request_resumed_then_recovered_keeps_one_response(
-    servers: Callable[..., ServerProcess], redis_db: redis.Redis,  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: redis.Redis,
 ) -> None:
     # Given a request answered in full (protocol 2025-11-25: it was primed first)
     server = servers(retry_ms=200)

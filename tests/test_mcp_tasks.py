@@ -63,7 +63,7 @@ def modern_post(url: str, method: str, params: dict[str, object], *, token: str 
 
 
 async def test_discover_advertises_the_extension_and_tasks_run_across_replicas(
-    cluster: tuple[str, str], pg_store: Store  # noqa: F811
+    cluster: tuple[str, str], pg_store: Store
 ) -> None:
     a, b = cluster
     # Given a client on replica A and one on replica B, both declaring the extension
@@ -107,7 +107,7 @@ async def test_tool_errors_complete_with_is_error_and_protocol_errors_fail(clust
 
 
 async def test_undeclared_clients_get_inline_results_or_32021(
-    cluster: tuple[str, str], pg_store: Store  # noqa: F811
+    cluster: tuple[str, str], pg_store: Store
 ) -> None:
     a, _ = cluster
     async with task_client(a, tasks=False) as plain:
@@ -158,7 +158,7 @@ class TaskResultRequest(Request[TaskIdParams, Literal["tasks/result"]]):
     params: TaskIdParams
 
 
-async def test_a_legacy_client_is_untouched(cluster: tuple[str, str], pg_store: Store) -> None:  # noqa: F811
+async def test_a_legacy_client_is_untouched(cluster: tuple[str, str], pg_store: Store) -> None:
     a, _ = cluster
     # Given a 2025-11-25 client (initialize handshake, sessions)
     async with task_client(a, tasks=False, mode="legacy") as legacy:
@@ -176,7 +176,7 @@ async def test_a_legacy_client_is_untouched(cluster: tuple[str, str], pg_store: 
 
 
 async def test_an_expired_task_is_not_found_and_is_swept(
-    cluster: tuple[str, str], pg_store: Store, tmp_path: Path  # noqa: F811
+    cluster: tuple[str, str], pg_store: Store, tmp_path: Path
 ) -> None:
     a, b = cluster
     async with task_client(a) as client, task_client(b) as other:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_render_runs_as_a_task_on_a_worker_and_inline_for_a_session_client(
-    servers: Callable[..., ServerProcess], redis_db: object, tmp_path: Path  # noqa: F811
+    servers: Callable[..., ServerProcess], redis_db: object, tmp_path: Path
 ) -> None:
     # Given the example server and a tasks worker importing its server from the environment
     server = servers()

@@ -59,7 +59,7 @@ def started(marker: Path, attempt: int) -> bool:
 
 
 async def test_a_killed_worker_s_task_runs_again_once_or_fails_under_a_one_attempt_policy(
-    nodes: Cluster, pg_store: Store, tmp_path: Path  # noqa: F811
+    nodes: Cluster, pg_store: Store, tmp_path: Path
 ) -> None:
     a = nodes.replica()
     first = nodes.worker()
@@ -85,7 +85,7 @@ async def test_a_killed_worker_s_task_runs_again_once_or_fails_under_a_one_attem
 
 
 async def test_a_killed_replica_loses_no_task_and_lost_queue_messages_are_dispatched_by_the_sweep(
-    nodes: Cluster, pg_store: Store, tmp_path: Path, redis_client: redis.Redis  # noqa: F811
+    nodes: Cluster, pg_store: Store, tmp_path: Path, redis_client: redis.Redis
 ) -> None:
     replica_a, replica_b = nodes.replica(), nodes.replica()
     async with task_client(replica_a) as on_a, task_client(replica_b) as on_b:
@@ -121,7 +121,7 @@ async def test_a_killed_replica_loses_no_task_and_lost_queue_messages_are_dispat
 
 
 async def test_cancel_from_another_replica_in_every_state(
-    nodes: Cluster, pg_store: Store, tmp_path: Path  # noqa: F811
+    nodes: Cluster, pg_store: Store, tmp_path: Path
 ) -> None:
     replica_a, replica_b = nodes.replica(), nodes.replica()
     async with task_client(replica_a) as on_a, task_client(replica_b) as on_b:
@@ -177,7 +177,7 @@ def key_for(state: TaskState, tool_key: str) -> str:
     return key
 
 
-async def test_input_legs_are_answered_across_replicas(nodes: Cluster, pg_store: Store) -> None:  # noqa: F811
+async def test_input_legs_are_answered_across_replicas(nodes: Cluster, pg_store: Store) -> None:
     replica_a, replica_b = nodes.replica(), nodes.replica()
     nodes.worker()
     async with task_client(replica_a) as on_a, task_client(replica_b) as on_b:

@@ -84,7 +84,7 @@ class _TickWatcher(threading.Thread):
 
 
 @pytest.mark.slow
-def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis_client: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis_client: Any, tmp_path: Path) -> None:
     # Given three scheduler replicas on one Redis, ticking every 1 s and 2 s, lease 2 s
     watcher = _TickWatcher(redis_client)
     watcher.start()

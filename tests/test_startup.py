@@ -236,7 +236,7 @@ def test_a_worker_does_not_start_on_a_store_that_does_not_exist(tmp_path: Path) 
     assert "does not exist" in result.stderr and PLANTED_PASSWORD not in result.stderr
 
 
-def test_a_worker_whose_redis_comes_up_while_it_waits_does_its_work(pg_store: Store, tmp_path: Path) -> None:  # noqa: F811
+def test_a_worker_whose_redis_comes_up_while_it_waits_does_its_work(pg_store: Store, tmp_path: Path) -> None:
     # Given a worker started before its Redis (the wait from the environment this time)
     redis_server = PrivateRedis()
     storage_url = with_password(POSTGRES_URL)

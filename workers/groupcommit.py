@@ -156,7 +156,7 @@ class GroupCommitter:
                             if time.monotonic() - last > HOLD_IDLE:
                                 release()
                             hold()
-                        except Exception as exc:  # noqa: BLE001 - the save itself then reports the outage
+                        except Exception as exc:  # the save itself then reports the outage
                             logger.debug("could not hold a connection for the flusher: %s", exc)
                     self._commit(batch)
                     last = time.monotonic()
@@ -164,7 +164,7 @@ class GroupCommitter:
             if release is not None:
                 try:
                     release()
-                except Exception as exc:  # noqa: BLE001 - a broken connection is dropped anyway
+                except Exception as exc:  # a broken connection is dropped anyway
                     logger.debug("could not release the flusher's connection: %s", exc)
 
     def _gather(self) -> tuple[list[_Write], bool]:
@@ -241,5 +241,5 @@ class GroupCommitter:
         if tokens and self.after_commit is not None:
             try:
                 self.after_commit(tokens)
-            except Exception as exc:  # noqa: BLE001 - the threads then ack their jobs themselves
+            except Exception as exc:  # the threads then ack their jobs themselves
                 logger.warning("early ack of %d committed saves failed: %s", len(tokens), exc)

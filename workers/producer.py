@@ -403,7 +403,7 @@ class Producer:
             self._transport.spool(batch, forward=False)
             logger.warning("could not deliver %d buffered job(s) after close (%s); spooled to %s",
                            len(batch), exc, self.outbox_path)
-        except Exception as spool_exc:  # noqa: BLE001 - said as loudly as we can; close() has returned
+        except Exception as spool_exc:  # said as loudly as we can; close() has returned
             logger.error("%d buffered job(s) could be neither delivered (%s) nor spooled after close: %s",
                          len(batch), exc, spool_exc)
         with self._cond:

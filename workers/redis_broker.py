@@ -335,7 +335,7 @@ return n
             self.expire_dead_letters()
         except redis.ConnectionError as exc:  # the fetch that follows fails too and says so
             logger.warning("the sweep for dead workers could not reach Redis: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - a failed sweep must never stop the consumer
+        except Exception as exc:  # a failed sweep must never stop the consumer
             logger.error("the sweep for dead workers failed: %s: %s", type(exc).__name__, exc)
 
     def requeue_dead_workers(self) -> int:

@@ -137,5 +137,5 @@ def rollback(db: pw.Database) -> None:
     """Roll the transaction back after a failure (a broken connection is left to the caller)."""
     try:
         db.rollback()
-    except Exception as exc:  # noqa: BLE001 - the original error matters more
+    except Exception as exc:  # the original error matters more
         logger.debug("rollback after a failed save batch failed: %s", exc)

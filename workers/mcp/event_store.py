@@ -213,7 +213,7 @@ class RedisEventStore(EventStore):
                     args=[shared.max_events, shared.ttl, stream_id, open_op, *fields],
                 )
                 return format_event_id(entry.decode() if isinstance(entry, bytes) else str(entry), stream_id)
-            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+            except Exception as exc:  # never raise into the SDK's router (module docs)
                 self._fall_back(exc)
         return self.memory.append(session_id, stream_id, message)
 
@@ -258,7 +258,7 @@ class RedisEventStore(EventStore):
         try:
             streams |= {s.decode() if isinstance(s, bytes) else str(s)
                         for s in await self.redis.smembers(self.open_key(session_id))}
-        except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+        except Exception as exc:  # never raise into the SDK's router (module docs)
             self._fall_back(exc)
         answered = await self._answered(session_id, streams) if streams else set()
         for stream_id in sorted(streams - answered):
@@ -267,7 +267,7 @@ class RedisEventStore(EventStore):
             self.memory.forget_open(session_id, answered)
             try:
                 await self.redis.srem(self.open_key(session_id), *answered)
-            except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
+            except Exception as exc:  # the TTL removes it anyway
                 self._fall_back(exc)
         return len(streams - answered)
 
@@ -275,7 +275,7 @@ class RedisEventStore(EventStore):
         """Delete this session's log (the client ended the session: nothing will resume)."""
         try:
             await self.redis.delete(self.key(), self.open_key())
-        except Exception as exc:  # noqa: BLE001 - the TTL removes it anyway
+        except Exception as exc:  # the TTL removes it anyway
             self._fall_back(exc)
 
     async def _answered(self, session_id: str, streams: set[str]) -> set[str]:
@@ -286,7 +286,7 @@ class RedisEventStore(EventStore):
         while True:
             try:
                 rows: Any = await self.redis.xrange(self.key(session_id), min=start, max="+", count=DEFAULT_REPLAY_PAGE)
-            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+            except Exception as exc:  # never raise into the SDK's router (module docs)
                 self._fall_back(exc)
                 return answered
             for _, fields in rows:
@@ -303,7 +303,7 @@ class RedisEventStore(EventStore):
             return self.memory.has(session_id, ref.order)
         try:
             rows: Any = await self.redis.xrange(self.key(session_id), min=ref.position, max=ref.position, count=1)
-        except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+        except Exception as exc:  # never raise into the SDK's router (module docs)
             self._fall_back(exc)
             return True
         return bool(rows)
@@ -315,7 +315,7 @@ class RedisEventStore(EventStore):
         while True:
             try:
                 rows: Any = await self.redis.xrange(key, min=f"({start}", max="+", count=DEFAULT_REPLAY_PAGE)
-            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+            except Exception as exc:  # never raise into the SDK's router (module docs)
                 self._fall_back(exc)
                 return
             for entry_id, fields in rows:

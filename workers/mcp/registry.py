@@ -212,7 +212,7 @@ class SessionRegistry:
             try:
                 await self.heartbeat(session_id)
                 sent += 1
-            except Exception as exc:  # noqa: BLE001 - one failed heartbeat must not stop the others
+            except Exception as exc:  # one failed heartbeat must not stop the others
                 logger.warning("heartbeat of an MCP session not sent: %s", exc)
         return sent
 

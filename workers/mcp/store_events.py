@@ -92,7 +92,7 @@ class StoreEventStore(EventStore):
             )
             self._health["failing"] = False
             return format_event_id(f"{event.event_id}-0", stream_id)
-        except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+        except Exception as exc:  # never raise into the SDK's router (module docs)
             if not self._health["failing"]:
                 logger.warning("store event log unavailable (%s: %s); keeping MCP events in memory",
                                type(exc).__name__, exc)
@@ -127,7 +127,7 @@ class StoreEventStore(EventStore):
                 found = await anyio.to_thread.run_sync(
                     partial(self.store.events_after, session_id, cursor, limit=DEFAULT_REPLAY_PAGE)
                 )
-            except Exception as exc:  # noqa: BLE001 - never raise into the SDK's router (module docs)
+            except Exception as exc:  # never raise into the SDK's router (module docs)
                 logger.warning("cannot replay MCP events: %s", exc)
                 return True
             if found is None:
