@@ -351,7 +351,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
             if text in _FALSE:
                 return False
             raise ValueError("expected true or false")
-        if kind.startswith("int") or kind.startswith("float"):
+        if kind.startswith(("int", "float")):
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             number = int(str(value).strip()) if kind.startswith("int") else float(str(value).strip())

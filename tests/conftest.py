@@ -28,7 +28,7 @@ MONGO_URL = os.environ.get("SESSIONQ_TEST_MONGO_URL", "mongodb://127.0.0.1:27017
 
 SERVICE_URLS = {"postgresql": POSTGRES_URL, "mysql": MYSQL_URL, "mongodb": MONGO_URL}
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
-ALL_BACKENDS = SQL_BACKENDS + ["mongodb"]
+ALL_BACKENDS = [*SQL_BACKENDS, "mongodb"]
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

@@ -157,7 +157,7 @@ def pg_ledger(url: str, prefix: str) -> Ledger:
                 ledger.seqs.setdefault(sid, []).append(seq)
             cur.execute("SELECT session_id, message_count FROM sessionq_sessions WHERE session_id LIKE %s",
                         (prefix + "%",))
-            ledger.message_count = {sid: count for sid, count in cur}
+            ledger.message_count = dict(cur)
     finally:
         conn.close()
     return ledger

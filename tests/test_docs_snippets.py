@@ -200,7 +200,7 @@ def test_extractor_reads_fences_lines_and_marks(tmp_path: Path) -> None:
         (3, "x = 1\n", False), (8, "y = x\n", True), (11, "```\nz = 3\n", False),
     ]
     doc.write_text("```python\nnever closed\n")
-    with pytest.raises(ValueError, match="doc.md:1: code fence never closed"):
+    with pytest.raises(ValueError, match=r"doc\.md:1: code fence never closed"):
         python_blocks(doc)
 
 

@@ -191,7 +191,7 @@ IMPORT_CLASSES: dict[str, tuple[st.SearchStrategy[bytes], str]] = {
         lambda n: (HEADER + _session_line("imp-a")[:n] + "\n" + _session_line("imp-b")).encode()),
         r"not JSON|unknown record type|malformed"),
     "import_unknown_version": (st.integers(4, 10**6).map(
-        lambda v: ('{"format":"sessionq-jsonl","version":%d}\n' % v + _session_line("imp-a")).encode()),
+        lambda v: (f'{{"format":"sessionq-jsonl","version":{v}}}\n' + _session_line("imp-a")).encode()),
         r"unsupported sessionq-jsonl version"),
     "import_duplicate_ids": (st.just((HEADER + _session_line("imp-a") + _session_line("imp-a")
                                       + _message_line("imp-a", "m1", 1) + _message_line("imp-a", "m1", 1)).encode()),

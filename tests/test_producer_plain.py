@@ -106,7 +106,7 @@ def _mutations(rng: random.Random, base: Any) -> Any:
         if isinstance(m, dict):
             targets.append(m)
     target = rng.choice(targets)
-    keys = list(target) + ["created_at", "updated_at", "metadata", "status", "model", "session_id", "extra", "seq"]
+    keys = [*target, "created_at", "updated_at", "metadata", "status", "model", "session_id", "extra", "seq"]
     key = rng.choice(keys)
     if rng.random() < 0.1:
         target.pop(key, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -190,7 +191,7 @@ def test_transport_versions_follow_the_state_machine() -> None:
     # A recovery counts even when its clock is behind the disconnect
     recovered = live.replace(status="recovered", recovery_attempts=1, last_heartbeat=T0)
     chain = [live, gone, expired]
-    for older, newer in zip(chain, chain[1:], strict=False):
+    for older, newer in pairwise(chain):
         assert TRANSPORTS.replaces(newer, older) and not TRANSPORTS.replaces(older, newer)
     assert TRANSPORTS.replaces(revived, gone) and not TRANSPORTS.replaces(gone, revived)
     assert TRANSPORTS.replaces(recovered, expired) and not TRANSPORTS.replaces(expired, recovered)

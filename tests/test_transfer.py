@@ -6,6 +6,7 @@ import gzip
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def test_migrate_chain_sqlite_postgresql_mongodb_mysql_sqlite(src: Store, tmp_pa
         for store in servers:
             reset_store(store)
         # When each store is migrated into the next, in small batches
-        for a, b in zip(chain, chain[1:], strict=False):
+        for a, b in pairwise(chain):
             hop = f"{a.backend} -> {b.backend}"
             report = migrate(a, b, batch_size=4, message_chunk=4)
             # Then every hop copies every kind and verifies equal (fields, seq, counts, checksums, digests)

@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import redis
 
@@ -62,7 +62,7 @@ class _RandomBlock:
     at = 0
 
     #: Ids made ahead by the flusher between its round trips (taken by any thread).
-    ready: collections.deque[str] = collections.deque()
+    ready: ClassVar[collections.deque[str]] = collections.deque()
 
     @classmethod
     def reset(cls) -> None:

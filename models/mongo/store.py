@@ -275,8 +275,8 @@ class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
         recent = [{"$match": {"created_at": {"$gte": cutoff}}}] if dry_run else []
         over = list(
             self._events.aggregate(
-                recent
-                + [
+                [
+                    *recent,
                     {"$group": {"_id": "$mcp_session_id", "n": {"$sum": 1}}},
                     {"$match": {"n": {"$gt": max_per_session}}},
                 ]

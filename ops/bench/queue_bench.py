@@ -101,7 +101,7 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
             producer.flush()
             beat99s.append(_quantile(beats, 0.99) * 1e6)
             buffered = []
-            for i, p in enumerate(payloads):
+            for p in payloads:
                 t = time.perf_counter()
                 producer.save_session(p, buffered=True)
                 buffered.append(time.perf_counter() - t)
@@ -141,7 +141,8 @@ class WorkerPool:
 
     def __init__(self, processes: int, threads: int = 8) -> None:
         self.processes, self.threads = processes, threads
-        self.log = tempfile.NamedTemporaryFile(prefix="sessionq-bench-workers-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed by stop())
+            prefix="sessionq-bench-workers-", suffix=".log", delete=False)
         env = dict(os.environ)
         for name in ("SESSIONQ_BROKER_URL", "SESSIONQ_REDIS_URL", "SESSIONQ_STORAGE_URL", "SESSIONQ_CONFIG"):
             env.pop(name, None)
