@@ -490,7 +490,8 @@ def _run_jobs(app: App, jobs: list[tuple[str, Any]]) -> list[str]:
 
 
 @main.command()
-@click.option("--processes", "-p", type=click.IntRange(1), help="Worker processes (default: settings.worker_processes).")
+@click.option("--processes", "-p", type=click.IntRange(1),
+              help="Worker processes (default: settings.worker_processes).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="Threads per process (default: settings.worker_threads).")
 @click.option("--queues", "-Q", multiple=True, type=click.Choice(QUEUES),
               help="Queues to consume (repeatable; default: all, tasks only with --mcp-app).")
@@ -591,7 +592,8 @@ def archive_command(app: App, session_id: str, force: bool) -> None:
 @click.option("--threads", "-t", type=click.IntRange(1), help="Worker threads (default: settings.worker_threads).")
 @click.option("--no-http", is_flag=True, help="Do not serve /session-health and /metrics.")
 @click.option("--host", envvar="SESSIONQ_HTTP_HOST", help="Address the HTTP side binds (default 127.0.0.1).")
-@click.option("--port", envvar="SESSIONQ_HTTP_PORT", type=int, help="Port the HTTP side binds (default 8080; 0: any free).")
+@click.option("--port", envvar="SESSIONQ_HTTP_PORT", type=int,
+              help="Port the HTTP side binds (default 8080; 0: any free).")
 @pass_app
 @user_errors
 def up(app: App, demo: bool, threads: int | None, no_http: bool, host: str | None, port: int | None) -> None:

@@ -197,7 +197,9 @@ class _Importer:
         elif isinstance(record, ChatMessage):
             self.report.messages_read += 1
             if record.session_id in self.failed_sessions:
-                self.report.error(where, f"skipped: its session was rejected ({self.failed_sessions[record.session_id]})")
+                self.report.error(
+                    where, f"skipped: its session was rejected ({self.failed_sessions[record.session_id]})"
+                )
                 return
         else:
             self.report.kinds_read[_kind_of(record).plural] += 1
@@ -270,7 +272,9 @@ def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMP
             header_seen = True
             continue
         kind = data.pop("type", None) if isinstance(data, dict) else None
-        session_id = data.get("session_id") if isinstance(data, dict) and isinstance(data.get("session_id"), str) else None
+        session_id = (
+            data.get("session_id") if isinstance(data, dict) and isinstance(data.get("session_id"), str) else None
+        )
         try:
             if kind == "session":
                 importer.add(where, ChatSession.from_json(data))

@@ -15,7 +15,9 @@ from .errors import ValidationError
 DEFAULT_READ_CHUNK = 1 << 16
 
 
-def iter_members(fp: IO[str], streamed: Collection[str], *, chunk: int = DEFAULT_READ_CHUNK) -> Iterator[tuple[str, Any]]:
+def iter_members(
+    fp: IO[str], streamed: Collection[str], *, chunk: int = DEFAULT_READ_CHUNK
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(key, value)`` for the members of the top-level JSON object in file
     order, except that a member named in ``streamed`` must be an array and yields
     ``(key, element)`` once per element instead. Malformed JSON raises

@@ -205,7 +205,9 @@ class TransportSession(Record):
         check_id("mcp_session_id", self.mcp_session_id)
         check_choice("status", self.status, TRANSPORT_STATUSES)
         self._set("created_at", check_datetime("created_at", self.created_at))
-        heartbeat = self.created_at if self.last_heartbeat is None else check_datetime("last_heartbeat", self.last_heartbeat)
+        heartbeat = (
+            self.created_at if self.last_heartbeat is None else check_datetime("last_heartbeat", self.last_heartbeat)
+        )
         self._set("last_heartbeat", heartbeat)
         self._set("disconnected_at", check_optional_datetime("disconnected_at", self.disconnected_at))
         self._set("grace_expires_at", check_optional_datetime("grace_expires_at", self.grace_expires_at))

@@ -99,10 +99,12 @@ class Settings:
     storage_url: str = _setting(DEFAULT_STORAGE_URL, "STORAGE_URL", "SESSIONQ_STORAGE_URL", secret=True,
                                 help="store URL: sqlite:///path, postgresql://, mysql://, mongodb://")
     min_pool_size: int = _setting(1, "STORAGE_MIN_POOL_SIZE", help="connections opened up front (MongoDB minPoolSize)")
-    max_pool_size: int = _setting(20, "STORAGE_MAX_POOL_SIZE", help="largest connection pool (PostgreSQL/MySQL/MongoDB)")
+    max_pool_size: int = _setting(20, "STORAGE_MAX_POOL_SIZE",
+                                  help="largest connection pool (PostgreSQL/MySQL/MongoDB)")
     auto_save: bool = _setting(True, "STORAGE_AUTO_SAVE", help="MCP integration saves sessions as they change")
     expiry_hours: float = _setting(72.0, "STORAGE_EXPIRY_HOURS", help="idle hours before a session expires")
-    retention_hours: float = _setting(24.0, "SESSIONQ_RETENTION_HOURS", help="hours an expired session is kept before purge")
+    retention_hours: float = _setting(24.0, "SESSIONQ_RETENTION_HOURS",
+                                      help="hours an expired session is kept before purge")
     redis_url: str | None = _setting(None, "REDIS_URL", "SESSIONQ_REDIS_URL", secret=True,
                                      help="Redis for the queue, leases and the event store; unset = embedded mode")
     broker_url: str | None = _setting(None, "SESSIONQ_BROKER_URL", secret=True,
@@ -111,20 +113,24 @@ class Settings:
     max_events_per_session: int = _setting(1000, "MAX_EVENTS_PER_SESSION", help="events kept per MCP session stream")
     session_compression: bool = _setting(False, "SESSION_COMPRESSION", help="zlib-compress stored MCP events")
     aggressive_cleanup: bool = _setting(False, "MCP_AGGRESSIVE_CLEANUP", help="extra purge sweep every 10 minutes")
-    api_token: str | None = _setting(None, "SESSIONQ_API_TOKEN", secret=True, help="Bearer token for the HTTP endpoints")
+    api_token: str | None = _setting(None, "SESSIONQ_API_TOKEN", secret=True,
+                                     help="Bearer token for the HTTP endpoints")
     export_dir: str = _setting("exports", "SESSIONQ_EXPORT_DIR", help="directory export jobs write into")
     outbox_path: str = _setting("sessionq-outbox.db", "SESSIONQ_OUTBOX_PATH", help="producer spool while Redis is down")
-    grace_minutes: float = _setting(10.0, "SESSIONQ_GRACE_MINUTES", help="recovery window after a transport disconnects")
+    grace_minutes: float = _setting(10.0, "SESSIONQ_GRACE_MINUTES",
+                                    help="recovery window after a transport disconnects")
     heartbeat_seconds: int = _setting(30, "SESSIONQ_HEARTBEAT_SECONDS", help="MCP transport heartbeat interval")
     stale_heartbeat_seconds: int = _setting(120, "SESSIONQ_STALE_HEARTBEAT_SECONDS",
                                             help="silence after which a live transport is marked disconnected")
-    max_recovery_attempts: int = _setting(3, "SESSIONQ_MAX_RECOVERY_ATTEMPTS", help="recoveries allowed per transport session")
+    max_recovery_attempts: int = _setting(3, "SESSIONQ_MAX_RECOVERY_ATTEMPTS",
+                                          help="recoveries allowed per transport session")
     expiry_interval: int = _setting(3600, "SESSIONQ_EXPIRY_INTERVAL", help="seconds between session-expiry sweeps")
     aggressive_interval: int = _setting(600, "SESSIONQ_AGGRESSIVE_INTERVAL", help="seconds between aggressive sweeps")
     transport_interval: int = _setting(300, "SESSIONQ_TRANSPORT_INTERVAL", help="seconds between transport sweeps")
     file_interval: int = _setting(3600, "SESSIONQ_FILE_INTERVAL", help="seconds between file/agent-state sweeps")
     event_trim_interval: int = _setting(600, "SESSIONQ_EVENT_TRIM_INTERVAL", help="seconds between event-log trims")
-    task_interval: int = _setting(30, "SESSIONQ_TASK_INTERVAL", help="seconds between MCP task sweeps (expiry, lost leases)")
+    task_interval: int = _setting(30, "SESSIONQ_TASK_INTERVAL",
+                                  help="seconds between MCP task sweeps (expiry, lost leases)")
     task_lease_ms: int = _setting(DEFAULT_LEASE_MS, "SESSIONQ_TASK_LEASE", help="MCP task lease (ms) a worker renews")
     task_dispatch_timeout_ms: int = _setting(DEFAULT_DISPATCH_TIMEOUT_MS, "SESSIONQ_TASK_DISPATCH_TIMEOUT",
                                              help="ms a queued MCP task waits for a worker before it is sent again")
@@ -133,8 +139,10 @@ class Settings:
     sweep_batch_size: int = _setting(1000, "SESSIONQ_SWEEP_BATCH_SIZE", help="rows per sweep statement")
     worker_processes: int = _setting(1, "SESSIONQ_WORKER_PROCESSES", help="worker processes")
     worker_threads: int = _setting(8, "SESSIONQ_WORKER_THREADS", help="threads per worker process")
-    job_max_retries: int = _setting(10, "SESSIONQ_JOB_MAX_RETRIES", help="retries of a transient failure before a dead letter")
-    job_min_backoff_ms: int = _setting(1000, "SESSIONQ_JOB_MIN_BACKOFF", help="first retry delay (ms), doubling per attempt")
+    job_max_retries: int = _setting(10, "SESSIONQ_JOB_MAX_RETRIES",
+                                    help="retries of a transient failure before a dead letter")
+    job_min_backoff_ms: int = _setting(1000, "SESSIONQ_JOB_MIN_BACKOFF",
+                                       help="first retry delay (ms), doubling per attempt")
     job_max_backoff_ms: int = _setting(300_000, "SESSIONQ_JOB_MAX_BACKOFF", help="longest retry delay (ms)")
     job_time_limit_ms: int = _setting(600_000, "SESSIONQ_JOB_TIME_LIMIT", help="longest a job may run (ms)")
     worker_heartbeat_timeout_ms: int = _setting(60_000, "SESSIONQ_WORKER_HEARTBEAT_TIMEOUT",
@@ -151,8 +159,9 @@ class Settings:
     startup_wait_seconds: float = _setting(
         DEFAULT_STARTUP_WAIT, "SESSIONQ_STARTUP_WAIT",
         help="seconds worker, scheduler and serve wait at start for the store and Redis to answer (0: no wait)")
-    group_commit_delay_ms: float = _setting(2.0, "SESSIONQ_GROUP_COMMIT_DELAY_MS",
-                                            help="ms a save batch waits for more saves once the queue is empty (0: none)")
+    group_commit_delay_ms: float = _setting(
+        2.0, "SESSIONQ_GROUP_COMMIT_DELAY_MS",
+        help="ms a save batch waits for more saves once the queue is empty (0: none)")
     prometheus_multiproc_dir: str | None = _setting(
         None, "PROMETHEUS_MULTIPROC_DIR",
         help="directory worker processes write their metrics into (prometheus_client reads the same "

@@ -284,7 +284,9 @@ class Store(TaskStore, abc.ABC):
                 return
             after = page[-1].seq
 
-    def iter_messages_of(self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[ChatMessage]:
+    def iter_messages_of(
+        self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[ChatMessage]:
         """Every message of several sessions, streamed page by page: grouped by
         session, each session's in ``seq`` order (the sessions' order may differ).
 
@@ -455,7 +457,9 @@ class Store(TaskStore, abc.ABC):
         sorts (as an integer) after every earlier event of the store."""
 
     @abc.abstractmethod
-    def events_after(self, mcp_session_id: str, event_id: str, *, limit: int = 10_000) -> tuple[str, list[StreamEvent]] | None:
+    def events_after(
+        self, mcp_session_id: str, event_id: str, *, limit: int = 10_000
+    ) -> tuple[str, list[StreamEvent]] | None:
         """``(stream_id, events)`` — the events of ``event_id``'s stream that follow it,
         in order — or ``None`` if the event is unknown to this session."""
 
@@ -480,7 +484,9 @@ class Store(TaskStore, abc.ABC):
         return how many sessions."""
 
     @abc.abstractmethod
-    def expire_transports(self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False) -> int:
+    def expire_transports(
+        self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False
+    ) -> int:
         """Set ``disconnected`` transport sessions whose grace deadline is ``<= now`` to ``expired``."""
 
     @abc.abstractmethod
@@ -496,7 +502,9 @@ class Store(TaskStore, abc.ABC):
         """Mark live sessions with ``last_heartbeat < heartbeat_before`` disconnected at ``now``."""
 
     @abc.abstractmethod
-    def delete_expired_files(self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False) -> int:
+    def delete_expired_files(
+        self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False
+    ) -> int:
         """Delete file records with ``expires_at <= now``."""
 
     @abc.abstractmethod

@@ -304,7 +304,9 @@ def migrate(
         moved[1] += messages
         bar.update(sessions)
         elapsed = max(time.monotonic() - started, 1e-9)
-        bar.set_postfix(messages=str(earlier_messages + moved[1]), msg_rate=f"{moved[1] / elapsed:.0f}/s", refresh=False)
+        bar.set_postfix(
+            messages=str(earlier_messages + moved[1]), msg_rate=f"{moved[1] / elapsed:.0f}/s", refresh=False
+        )
 
     try:
         cursor = state.last_session_id

@@ -144,7 +144,9 @@ class MemoryTicks:
                 self._claims.pop((kind, t), None)
 
 
-def dramatiq_send(broker: Any | None = None, *, queue_name: str = DEFAULT_QUEUE, actor_name: str = DEFAULT_ACTOR) -> Send:
+def dramatiq_send(
+    broker: Any | None = None, *, queue_name: str = DEFAULT_QUEUE, actor_name: str = DEFAULT_ACTOR
+) -> Send:
     """A ``send(kind)`` that enqueues ``run_sweep(kind)`` by name and returns the message id.
 
     It builds the Dramatiq message itself, so the scheduler never imports actor
@@ -154,7 +156,9 @@ def dramatiq_send(broker: Any | None = None, *, queue_name: str = DEFAULT_QUEUE,
 
     def send(kind: str) -> str:
         target = broker if broker is not None else dramatiq.get_broker()
-        message: Any = dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(kind,), kwargs={}, options={})
+        message: Any = dramatiq.Message(
+            queue_name=queue_name, actor_name=actor_name, args=(kind,), kwargs={}, options={}
+        )
         return str(target.enqueue(message).message_id)
 
     return send
@@ -264,7 +268,9 @@ class SweepScheduler:
         """Start firing in background threads (returns at once)."""
         logger.info(
             "scheduler %s starting: %s (lease ttl %.1fs)",
-            self.lease.token, ", ".join(f"{k} every {v}s" for k, v in self.schedule.items()) or "nothing", self.lease.ttl,
+            self.lease.token,
+            ", ".join(f"{k} every {v}s" for k, v in self.schedule.items()) or "nothing",
+            self.lease.ttl,
         )
         self._stop.clear()
         self._scheduler.start()

@@ -25,7 +25,9 @@ from .producer import Producer
 DEFAULT_DEMO_THREADS = 4
 
 
-def _conversation(session_id: str, lines: list[tuple[str, str]], start: int = 0, *, since: datetime) -> list[ChatMessage]:
+def _conversation(
+    session_id: str, lines: list[tuple[str, str]], start: int = 0, *, since: datetime
+) -> list[ChatMessage]:
     """Messages ``m{start}``... of a conversation begun at ``since``, message ``n`` at ``since + n`` seconds."""
     return [
         ChatMessage(message_id=f"m{start + i}", session_id=session_id, role=role, content=text,
@@ -71,7 +73,8 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, directory: str 
         # The follow-up waits for the first save: messages are stored in arrival order.
         runtime.join(30)
         more = _conversation("demo-weather", [("user", "And tomorrow?"), ("assistant", "Clouds, 19 °C.")], 2, since=now)
-        echo(f"   append_messages demo-weather  {len(more)} messages   job {producer.append_messages('demo-weather', more)}")
+        job = producer.append_messages("demo-weather", more)
+        echo(f"   append_messages demo-weather  {len(more)} messages   job {job}")
         producer.save_session(ChatSession(session_id="demo-weather", model="demo-model", created_at=now,
                                           updated_at=more[-1].created_at, metadata={"source": "sessionq up --demo"}),
                               more)
@@ -82,7 +85,8 @@ def run_demo(settings: Settings, echo: Callable[[str], None], *, directory: str 
             s = store.load_session(session_id)
             echo(f"   stored {s.session_id:<17} status={s.status:<8} messages={s.message_count}")
 
-        echo(f"\n2. sweep: run_sweep('expire_sessions') on the 'maintenance' queue (idle > {settings.expiry_hours:g} h)")
+        echo("\n2. sweep: run_sweep('expire_sessions') on the 'maintenance' queue "
+             f"(idle > {settings.expiry_hours:g} h)")
         producer.run_sweep("expire_sessions")
         runtime.join(30)
         from sessionq.scheduler.status import SweepBook

@@ -92,7 +92,9 @@ class DeadLetters:
                     actor_name=str(data.get("actor_name", "?")),
                     message_id=str(data.get("message_id", "?")),
                     dead_lettered_at=datetime.fromtimestamp(score / 1000, UTC),
-                    reason=str(options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"),
+                    reason=str(
+                        options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"
+                    ),
                     args=list(data.get("args", [])),
                 )
 

@@ -58,7 +58,8 @@ def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
     if fmt == "markdown":
         out.write(f"# Session {session.session_id}\n\n")
         out.write(f"- **Model:** {session.model}\n- **Status:** {session.status}\n")
-        out.write(f"- **Created:** {session.created_at.isoformat()}\n- **Updated:** {session.last_activity.isoformat()}\n")
+        out.write(f"- **Created:** {session.created_at.isoformat()}\n"
+                  f"- **Updated:** {session.last_activity.isoformat()}\n")
         if session.metadata:
             out.write(f"- **Metadata:** `{json.dumps(session.metadata, ensure_ascii=False)}`\n")
         for message in store.iter_messages(session_id):

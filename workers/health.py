@@ -171,7 +171,9 @@ class HealthChecker:
             redis_client = _redis_client(settings.redis_url, timeout)
             self._owned.append(redis_client)
         self.redis_client = redis_client
-        self.broker_url = settings.broker_url if settings.broker_url and settings.broker_url != settings.redis_url else None
+        self.broker_url = (
+            settings.broker_url if settings.broker_url and settings.broker_url != settings.redis_url else None
+        )
         if broker_client is None and self.broker_url is None:
             broker_client = redis_client
         elif broker_client is None and is_redis_url(self.broker_url):
@@ -257,7 +259,8 @@ class HealthChecker:
 
     def _ping_broker_socket(self) -> None:
         parts = urlsplit(str(self.broker_url))
-        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), timeout=DEFAULT_CONNECT_TIMEOUT):
+        address = (parts.hostname or "localhost", parts.port or 5672)
+        with socket.create_connection(address, timeout=DEFAULT_CONNECT_TIMEOUT):
             pass
 
     def check(self) -> HealthReport:

@@ -161,7 +161,10 @@ class RedactingFilter(logging.Filter):
         for secret in self.secrets:
             message = message.replace(secret, "***")
         if total > DEFAULT_MAX_MESSAGE_CHARS:
-            message = f"{message[:DEFAULT_MAX_MESSAGE_CHARS]}... ({total - DEFAULT_MAX_MESSAGE_CHARS} more characters cut)"
+            message = (
+                f"{message[:DEFAULT_MAX_MESSAGE_CHARS]}... "
+                f"({total - DEFAULT_MAX_MESSAGE_CHARS} more characters cut)"
+            )
         record.msg, record.args = message, None
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
@@ -199,7 +202,8 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={escape_controls(v)}" for k, v in fields.items())
         detail = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
         if record.stack_info:
-            detail = f"{detail}\n{self.formatStack(record.stack_info)}" if detail else self.formatStack(record.stack_info)
+            stack = self.formatStack(record.stack_info)
+            detail = f"{detail}\n{stack}" if detail else stack
         if detail:
             line += "".join(f"\n  {escape_controls(part)}" for part in detail.splitlines())
         return line

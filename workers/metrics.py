@@ -178,18 +178,20 @@ def state_metrics(report: HealthReport | None) -> list[Metric]:
     healthy = GaugeMetricFamily("sessionq_healthy", "1 when /session-health would answer 200.")
     up = GaugeMetricFamily("sessionq_up", "1 when a component answers (database, broker, redis).", labels=["component"])
     sessions = GaugeMetricFamily("sessionq_sessions", "Chat sessions by status.", labels=["status"])
-    transports = GaugeMetricFamily("sessionq_transport_sessions", "MCP transport sessions by status.", labels=["status"])
+    transports = GaugeMetricFamily("sessionq_transport_sessions", "MCP transport sessions by status.",
+                                   labels=["status"])
     depth = GaugeMetricFamily("sessionq_queue_depth", "Messages per queue by state (ready, delayed, in_flight).",
                               labels=["queue", "state"])
     dead = GaugeMetricFamily("sessionq_dead_letters", "Dead-lettered messages per queue.", labels=["queue"])
     sweep_ok = GaugeMetricFamily("sessionq_sweep_last_ok", "1 if the last run of a sweep succeeded.", labels=["kind"])
     sweep_failures = GaugeMetricFamily("sessionq_sweep_consecutive_failures",
                                        "Failures in a row of a sweep (0 after a success).", labels=["kind"])
-    sweep_rows = GaugeMetricFamily("sessionq_sweep_last_rows", "Rows touched by the last run of a sweep.", labels=["kind"])
+    sweep_rows = GaugeMetricFamily("sessionq_sweep_last_rows", "Rows touched by the last run of a sweep.",
+                                   labels=["kind"])
     sweep_seconds = GaugeMetricFamily("sessionq_sweep_last_duration_seconds", "Duration of the last run of a sweep.",
                                       labels=["kind"])
-    sweep_time = GaugeMetricFamily("sessionq_sweep_last_run_timestamp_seconds", "Unix time the last run of a sweep ended.",
-                                   labels=["kind"])
+    sweep_time = GaugeMetricFamily("sessionq_sweep_last_run_timestamp_seconds",
+                                   "Unix time the last run of a sweep ended.", labels=["kind"])
     tasks = GaugeMetricFamily("sessionq_mcp_tasks", "MCP tasks (SEP-2663) by status.", labels=["status"])
     task_age = GaugeMetricFamily("sessionq_mcp_task_oldest_working_seconds", "Age of the oldest working MCP task.")
     task_leases = GaugeMetricFamily("sessionq_mcp_task_expired_leases",

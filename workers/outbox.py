@@ -78,7 +78,9 @@ class Outbox:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    rows = self._db.execute("SELECT id, queue, data FROM outbox ORDER BY id LIMIT ?", (batch,)).fetchall()
+                    rows = self._db.execute(
+                        "SELECT id, queue, data FROM outbox ORDER BY id LIMIT ?", (batch,)
+                    ).fetchall()
                     if rows:
                         send([(queue, bytes(data)) for _, queue, data in rows])
                         self._db.execute("DELETE FROM outbox WHERE id <= ?", (rows[-1][0],))

@@ -265,7 +265,9 @@ def parse_export(payload: Any, export_dir: str | Path) -> ExportRequest:
     try:
         target = (root / name).resolve()
     except (OSError, RuntimeError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
-        raise InvalidPayload(f"export path {name!r:.200} cannot be resolved (a symlink loop or an unreadable directory)") from None
+        raise InvalidPayload(
+            f"export path {name!r:.200} cannot be resolved (a symlink loop or an unreadable directory)"
+        ) from None
     if target == root or not target.is_relative_to(root):
         raise InvalidPayload(f"export path {name!r:.200} is outside the export directory")
     return ExportRequest(session_id, fmt, target)

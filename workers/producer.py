@@ -293,7 +293,8 @@ class Producer:
 
     def register_transport(self, session: TransportSession | Mapping[str, Any], *, buffered: bool = False) -> str:
         """Insert a transport session or update its saved state."""
-        return self._send(buffered, "register_transport", session.to_json() if isinstance(session, TransportSession) else session)
+        payload = session.to_json() if isinstance(session, TransportSession) else session
+        return self._send(buffered, "register_transport", payload)
 
     def archive(self, session_id: str, at: datetime | None = None, *, buffered: bool = False) -> str:
         """Archive a session."""

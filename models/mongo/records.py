@@ -192,7 +192,10 @@ class MongoRecords(MongoStoreBase):
                 if doc["message_id"] in pending.get(doc["session_id"], {}):
                     known.add((doc["session_id"], doc["message_id"]))
                     note(doc)
-        bases = {d["_id"]: int(d.get("message_count", 0)) for d in self._sessions.find({"_id": {"$in": sids}}, {"message_count": 1})}
+        bases = {
+            d["_id"]: int(d.get("message_count", 0))
+            for d in self._sessions.find({"_id": {"$in": sids}}, {"message_count": 1})
+        }
         missing = [sid for sid in sids if sid not in bases]
         if missing:
             raise NotFound(f"session {missing[0]!r} does not exist")
@@ -258,7 +261,9 @@ class MongoRecords(MongoStoreBase):
         """Drop messages stored meanwhile and renumber the rest after the highest stored seq."""
         sids = sorted({d["session_id"] for d in docs})
         query = {"session_id": {"$in": sids}, "message_id": {"$in": sorted({d["message_id"] for d in docs})}}
-        stored = {(d["session_id"], d["message_id"]) for d in self._messages.find(query, {"session_id": 1, "message_id": 1})}
+        stored = {
+            (d["session_id"], d["message_id"]) for d in self._messages.find(query, {"session_id": 1, "message_id": 1})
+        }
         tops: dict[str, int] = {}
         for sid in sids:
             top = self._messages.find_one({"session_id": sid}, {"seq": 1}, sort=[("seq", DESCENDING)])
@@ -289,7 +294,8 @@ class MongoRecords(MongoStoreBase):
             for sid, old in stored.items():
                 doc = incoming[sid]
                 changed = doc["updated_at"] >= old["updated_at"] and any(old.get(k) != v for k, v in doc.items())
-                if changed and self._sessions.replace_one({"_id": sid, "updated_at": old["updated_at"]}, doc).matched_count:
+                guard = {"_id": sid, "updated_at": old["updated_at"]}
+                if changed and self._sessions.replace_one(guard, doc).matched_count:
                     written += 1
         self._check_sessions_exist({m.session_id for m in messages} - set(incoming))
         inserted = 0

@@ -309,7 +309,8 @@ class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
             by_status[group["_id"]] = int(group["n"])
             messages += int(group["m"])
         transports = {
-            g["_id"]: int(g["n"]) for g in self._transports.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
+            g["_id"]: int(g["n"])
+            for g in self._transports.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
         }
         return StoreStats(
             sessions_by_status=by_status,

@@ -55,7 +55,9 @@ class SqlKinds(SqlStoreBase):
     """Files, transport sessions and agent state: one at a time and in bulk
     (:meth:`Store.list_kind`, :meth:`Store.find_kind`, the rounds of :meth:`Store.import_kind`)."""
 
-    def _upsert(self, model: type[pw.Model], row: dict[str, Any], target: list[pw.Field], preserve: list[pw.Field]) -> None:
+    def _upsert(
+        self, model: type[pw.Model], row: dict[str, Any], target: list[pw.Field], preserve: list[pw.Field]
+    ) -> None:
         """INSERT, or on a key conflict overwrite the ``preserve`` columns with the new values."""
         conflict_target = None if self.backend == "mysql" else target
         model.insert(**row).on_conflict(conflict_target=conflict_target, preserve=preserve).execute()
@@ -149,7 +151,9 @@ class SqlKinds(SqlStoreBase):
                 return True
             if row["last_heartbeat"] > at:
                 return False
-            self._update_transport(mcp_session_id, status="disconnected", disconnected_at=at, grace_expires_at=at + grace)
+            self._update_transport(
+                mcp_session_id, status="disconnected", disconnected_at=at, grace_expires_at=at + grace
+            )
             return True
 
     @translate_errors

@@ -229,7 +229,8 @@ class SqlRecords(SqlStoreBase):
         with self._txn():
             stored: dict[str, dict[str, Any]] = {}
             for chunk in chunked(list(incoming), DEFAULT_CHUNK):
-                stored.update((row["session_id"], row) for row in S.select().where(S.session_id.in_(list(chunk))).dicts())
+                found_rows = S.select().where(S.session_id.in_(list(chunk))).dicts()
+                stored.update((row["session_id"], row) for row in found_rows)
             new = [row for sid, row in incoming.items() if sid not in stored]
             for session_rows in chunked(new, DEFAULT_CHUNK):
                 written += int(S.insert_many(session_rows).on_conflict_ignore().as_rowcount().execute())
@@ -365,7 +366,9 @@ class SqlRecords(SqlStoreBase):
             for row in query.dicts()
         ]
 
-    def iter_messages_of(self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[ChatMessage]:
+    def iter_messages_of(
+        self, session_ids: Sequence[str], *, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[ChatMessage]:
         """See :meth:`Store.iter_messages_of`: one keyset-paged query over ``(session_id, seq)``."""
         ids = list(dict.fromkeys(session_ids))
         after: tuple[str, int] | None = None

@@ -114,7 +114,9 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         return probe.replace(event_id=str(event_id))
 
     @translate_errors
-    def events_after(self, mcp_session_id: str, event_id: str, *, limit: int = 10_000) -> tuple[str, list[StreamEvent]] | None:
+    def events_after(
+        self, mcp_session_id: str, event_id: str, *, limit: int = 10_000
+    ) -> tuple[str, list[StreamEvent]] | None:
         """See :meth:`Store.events_after`."""
         E = self.m.Event
         if not event_id.isdigit():
@@ -161,7 +163,9 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         return self._batched(S, S.delete, where, batch_size, dry_run)
 
     @translate_errors
-    def expire_transports(self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False) -> int:
+    def expire_transports(
+        self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False
+    ) -> int:
         """See :meth:`Store.expire_transports`."""
         T_ = self.m.Transport
         where = (T_.status == "disconnected") & (T_.grace_expires_at <= now)
@@ -184,7 +188,9 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         return self._batched(T_, lambda: T_.update(**changes), where, batch_size, dry_run)
 
     @translate_errors
-    def delete_expired_files(self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False) -> int:
+    def delete_expired_files(
+        self, now: datetime, *, batch_size: int = DEFAULT_SWEEP_BATCH_SIZE, dry_run: bool = False
+    ) -> int:
         """See :meth:`Store.delete_expired_files`."""
         F_ = self.m.File
         return self._batched(F_, F_.delete, F_.expires_at <= now, batch_size, dry_run)
@@ -237,10 +243,14 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
     def stats(self) -> StoreStats:
         """See :meth:`Store.stats`."""
         m = self.m
-        by_status = dict(m.Session.select(m.Session.status, pw.fn.COUNT(m.Session.session_id)).group_by(m.Session.status).tuples())
+        by_status = dict(
+            m.Session.select(m.Session.status, pw.fn.COUNT(m.Session.session_id)).group_by(m.Session.status).tuples()
+        )
         messages = m.Session.select(pw.fn.SUM(m.Session.message_count)).scalar() or 0
         transports = dict(
-            m.Transport.select(m.Transport.status, pw.fn.COUNT(m.Transport.mcp_session_id)).group_by(m.Transport.status).tuples()
+            m.Transport.select(m.Transport.status, pw.fn.COUNT(m.Transport.mcp_session_id))
+            .group_by(m.Transport.status)
+            .tuples()
         )
         return StoreStats(
             sessions_by_status={k: int(v) for k, v in by_status.items()},

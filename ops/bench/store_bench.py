@@ -111,7 +111,9 @@ def bench_purge(*, quick: bool) -> Result:
                 )
             raw.append(rows / (time.perf_counter() - t))
         return ratio_result(
-            "P5", f"purge {sessions:,} expired sessions + {sessions * per_session:,} messages, batches of 1000 vs one DELETE",
+            "P5",
+            f"purge {sessions:,} expired sessions + {sessions * per_session:,} messages, "
+            "batches of 1000 vs one DELETE",
             ours, raw, "rows/s", goal_op=">=", goal=0.5, higher_is_better=True,
         )
     finally:

@@ -135,7 +135,8 @@ def bench_migrate(*, quick: bool) -> list[Result]:
         growth = big["peak_rss_mb"] - base_rss
         rss = Result("P4-rss", f"migration peak RSS at {large_n:,} vs {small_n:,} messages",
                      big["peak_rss_mb"], base_rss, "MB", big["peak_rss_mb"] / base_rss,
-                     f"growth <= {RSS_GROWTH_GOAL_MB:g} MB", growth <= RSS_GROWTH_GOAL_MB, [big["peak_rss_mb"], *small_rss],
+                     f"growth <= {RSS_GROWTH_GOAL_MB:g} MB", growth <= RSS_GROWTH_GOAL_MB,
+                     [big["peak_rss_mb"], *small_rss],
                      notes=f"growth {growth:.1f} MB; {large_n:,}-message migration at "
                            f"{big['rows'] / big['seconds']:,.0f} rows/s")
         return [rows, rss]

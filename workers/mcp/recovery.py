@@ -327,7 +327,9 @@ class RecoverableSessionManager(StreamableHTTPSessionManager):
                 idle_scope = transport.idle_scope or anyio.CancelScope()
                 with idle_scope:
                     if SDK_V2:
-                        dispatcher = JSONRPCDispatcher(read_stream, write_stream, inline_methods=frozenset({"initialize"}))
+                        dispatcher = JSONRPCDispatcher(
+                            read_stream, write_stream, inline_methods=frozenset({"initialize"})
+                        )
                         connection = Connection.for_loop(dispatcher, session_id=session_id)
                         if recovered is not None:
                             restore(connection, recovered.transport_state, fallback_version)
