@@ -282,7 +282,7 @@ class MongoKinds(MongoStoreBase):
             if current is None:
                 ops.append(InsertOne(layout.to_doc(record)))
             elif kind.replaces(record, layout.from_doc(current)):
-                where = dict(zip(layout.key_paths, key, strict=False))
+                where: dict[str, Any] = dict(zip(layout.key_paths, key, strict=False))
                 where |= {name: current.get(name) for name in layout.guard}
                 ops.append(ReplaceOne(where, layout.to_doc(record)))
         if not ops:
