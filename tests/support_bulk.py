@@ -72,14 +72,16 @@ def fill_kinds(store: Store, count: int, *, prefix: str = "") -> None:
             FileRecord(
                 f"{prefix}f{i:04d}", "gemini", f"files/{i}", display_name=f"doc {i} 🎉", size=i * 100,
                 mime_type="text/plain", uploaded_at=T0 + timedelta(seconds=i),
-                expires_at=T0 + timedelta(days=30) if i % 3 == 0 else None, metadata={"n": i, "tags": ["a", f"t{i % 2}"]},
+                expires_at=T0 + timedelta(days=30) if i % 3 == 0 else None,
+                metadata={"n": i, "tags": ["a", f"t{i % 2}"]},
             )
         )
         tid = f"{prefix}t{i:04d}"
         store.register_transport(
             TransportSession(
                 tid, created_at=T0, working_directory=f"/srv/{i}", transport_state={"i": i} if i % 2 else None,
-                agent_context={"who": "zoë"}, conversation_state={"turns": [i, i + 1]}, metadata={"client": f"c{i % 3}"},
+                agent_context={"who": "zoë"}, conversation_state={"turns": [i, i + 1]},
+                metadata={"client": f"c{i % 3}"},
             )
         )
         store.heartbeat(tid, T0 + timedelta(seconds=i))

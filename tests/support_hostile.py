@@ -124,7 +124,8 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
     PayloadClass("naive_datetime", _at_fields(_naive), r"timezone-aware"),
     PayloadClass("far_future_date", _at_fields(_future), r"in the future"),
     PayloadClass("pre_epoch_date", _at_fields(_ancient), r"between 1970 and 2200"),
-    PayloadClass("extreme_utc_offset", _at_fields(st.sampled_from(["9999-12-31T23:59:59-01:00", "9999-12-31T23:00:00-23:59",
+    PayloadClass("extreme_utc_offset", _at_fields(st.sampled_from(["9999-12-31T23:59:59-01:00",
+                                                                   "9999-12-31T23:00:00-23:59",
                                                                    "0001-01-01T00:00:00+01:00"])),
                  r"between 1970 and 2200"),
     PayloadClass("malformed_datetime", _at_fields(_letters), r"not an ISO 8601"),
@@ -146,7 +147,8 @@ PAYLOAD_CLASSES: list[PayloadClass] = [
         "append_messages", {"session_id": BYSTANDER, "messages": [_msg(message_id=f"m{i}") for i in range(n)]})),
         r"the limit is 10000"),
     PayloadClass("empty_string", st.sampled_from([
-        _save(session_id=""), _save_msgs(_msg(message_id="")), ("heartbeat", {"mcp_session_id": "", "at": NOW.isoformat()}),
+        _save(session_id=""), _save_msgs(_msg(message_id="")),
+        ("heartbeat", {"mcp_session_id": "", "at": NOW.isoformat()}),
     ]), r"must not be empty"),
     PayloadClass("invisible_or_unicode_id", _bad_id.map(lambda i: _save(session_id=i)), r"visible ASCII"),
     PayloadClass("cross_session_message", st.just(("save_session", {

@@ -123,7 +123,9 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
     storage_url = f"sqlite:///{tmp_path / 'sessions.db'}"
 
-    def make(*, port: int | None = None, retry_ms: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+    def make(
+        *, port: int | None = None, retry_ms: int | None = None, env: dict[str, str] | None = None
+    ) -> ServerProcess:
         server = ServerProcess(port or free_port(), storage_url, retry_ms=retry_ms, env=env,
                                log_path=tmp_path / "server.log")
         started.append(server)

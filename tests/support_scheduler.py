@@ -50,7 +50,8 @@ def main() -> None:
     from sessionq.models import Settings
     from sessionq.scheduler.runner import SweepScheduler
 
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s {os.getpid()} %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s {os.getpid()} %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     client = redis.Redis.from_url(os.environ["SESSIONQ_TEST_REDIS_URL"], socket_timeout=10)
     schedule = {str(k): int(v) for k, v in json.loads(os.environ["SESSIONQ_TEST_SCHEDULE"]).items()}

@@ -133,7 +133,8 @@ class PrivatePostgres:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         opts = f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=on"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-o", opts, "-w", "-t", "60", "-l", str(self.dir.parent / "pg.log"), "start")
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-o", opts, "-w", "-t", "60",
+                  "-l", str(self.dir.parent / "pg.log"), "start")
         wait_port(self.port)
 
     def stop(self, mode: str = "fast") -> None:

@@ -117,7 +117,10 @@ def test_killed_migration_of_the_other_kinds_resumes_after_the_finished_ones(tmp
                    "--checkpoint", str(checkpoint), "--verify")
     assert resumed.returncode == 0, resumed.stderr
     left = 9 - saved["counts"]["transports"]
-    assert f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states, 9 tasks (resumed after" in resumed.stdout
+    assert (
+        f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states, 9 tasks (resumed after"
+        in resumed.stdout
+    )
     assert "EQUAL" in resumed.stdout and "transports source=9 destination=9" in resumed.stdout
     assert json.loads(checkpoint.read_text())["counts"] == {"files": 9, "transports": 9, "agent_states": 9, "tasks": 9}
 
@@ -195,7 +198,9 @@ def test_backup_keeps_n_and_restore(tmp_path: Path) -> None:
     assert "3 sessions, 15 messages, 3 files, 3 transports, 3 agent states" in result.stdout
     restored = runner.invoke(main, ["--storage-url", target, "restore", str(backups[-1])])
     assert restored.exit_code == 0, restored.output
-    assert "3 files written, 3 transports written, 3 agent states written, 3 tasks written; 0 rejected" in restored.stdout
+    assert (
+        "3 files written, 3 transports written, 3 agent states written, 3 tasks written; 0 rejected" in restored.stdout
+    )
     assert runner.invoke(main, ["verify", "--from", source, "--to", target]).exit_code == 0
 
 

@@ -22,7 +22,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGE_", "REDIS_", "SESSIONQ_API"))}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=60)
+    return subprocess.run([sys.executable, "-m", "sessionq.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=60)
 
 
 def test_db_upgrade_then_status(tmp_path: Path) -> None:
@@ -78,7 +79,9 @@ def test_config_show_redacts_secrets() -> None:
 def test_user_errors_are_one_line_without_traceback() -> None:
     bad_setting = run("stats", env={"STORAGE_EXPIRY_HOURS": "soon"})
     assert bad_setting.returncode != 0
-    assert bad_setting.stderr.strip() == "Error: expiry_hours: invalid value 'soon': could not convert string to float: 'soon'"
+    assert bad_setting.stderr.strip() == (
+        "Error: expiry_hours: invalid value 'soon': could not convert string to float: 'soon'"
+    )
     unreachable = run("--storage-url", "postgresql://app:pw123456@127.0.0.1:1/x", "stats")
     assert unreachable.returncode == 1
     last = unreachable.stderr.strip().splitlines()[-1]

@@ -243,11 +243,13 @@ def test_r4_hostile_wire_messages_are_dead_lettered_and_change_nothing(
         expected[rid] = (kind, WIRE_REASONS[kind])
         pushed += 1
     pipe.execute()
-    good = {"session_id": "good-after", "model": "m", "messages": [{"message_id": "g", "role": "user", "content": "ok"}]}
+    good = {"session_id": "good-after", "model": "m",
+            "messages": [{"message_id": "g", "role": "user", "content": "ok"}]}
     rid = str(uuid.uuid4())
     redis_client.hset("dramatiq:sessions.msgs", rid, json.dumps({
         "queue_name": "sessions", "actor_name": "save_session", "args": [good], "kwargs": {},
-        "options": {"redis_message_id": rid}, "message_id": str(uuid.uuid4()), "message_timestamp": int(time.time() * 1000)}))
+        "options": {"redis_message_id": rid}, "message_id": str(uuid.uuid4()),
+        "message_timestamp": int(time.time() * 1000)}))
     redis_client.rpush("dramatiq:sessions", rid)
     # When a real worker drains the queues
     worker = SessionqWorker(with_password(POSTGRES_URL), REDIS_URL, log=tmp_path / "worker.log",

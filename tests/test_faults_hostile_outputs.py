@@ -233,7 +233,9 @@ def test_hostile_payloads_on_the_wire_are_dead_lettered_without_traceback_or_for
     finally:
         worker.stop()
     # Then every job is dead-lettered with its clear reason ...
-    reasons = sorted(d["options"]["dead_letter_reason"] for q in ("sessions", "bulk") for d in dead_letters(redis_client, q))
+    reasons = sorted(
+        d["options"]["dead_letter_reason"] for q in ("sessions", "bulk") for d in dead_letters(redis_client, q)
+    )
     assert len(reasons) == 4, reasons
     assert sum("between 1970 and 2200" in r for r in reasons) == 2, reasons
     assert sum("symlink loop" in r for r in reasons) == 1, reasons

@@ -48,7 +48,8 @@ HTTP_CLASSES: dict[str, st.SearchStrategy[Request]] = {
         lambda b: ("/session-health", {"Authorization": b"Bearer " + PLANTED_TOKEN.encode()[:5] + b + b"\x00\xff"})),
     "http_path_traversal": st.sampled_from([
         "/session-health/../metrics", "/../session-health", "/%2e%2e/session-health", "/session-health%00",
-        "//session-health", "/session-health/..%2f..%2fetc%2fpasswd", "/static/../../etc/passwd"]).map(lambda p: (p, {})),
+        "//session-health", "/session-health/..%2f..%2fetc%2fpasswd", "/static/../../etc/passwd",
+    ]).map(lambda p: (p, {})),
     "http_sql_query_string": st.sampled_from(["'%20OR%201=1--", "1;DROP%20TABLE%20sessionq_sessions", "%27%22%3B"]).map(
         lambda q: (f"/session-health?session_id={q}", {})),
 }
@@ -128,8 +129,10 @@ CONFIG_CLASSES: dict[str, tuple[st.SearchStrategy[Callable[[Path], Path]], str]]
     "config_invalid_syntax": (st.sampled_from([
         _config("c.yaml", "a: [[[["), _config("c.yaml", "key: value\n  bad indent: : :"), _config("c.toml", "a = = 1"),
         _config("c.toml", "[section\nx=1")]), r"cannot parse"),
-    "config_wrong_type": (st.tuples(st.sampled_from(_ints), st.sampled_from(["[1, 2]", "{a: 1}", "'many'", "true"])).map(
-        lambda kv: _config("c.yaml", f"{kv[0]}: {kv[1]}")), r"(max_pool_size|sweep_batch_size|worker_threads|session_ttl)"),
+    "config_wrong_type": (
+        st.tuples(st.sampled_from(_ints), st.sampled_from(["[1, 2]", "{a: 1}", "'many'", "true"])).map(
+            lambda kv: _config("c.yaml", f"{kv[0]}: {kv[1]}")),
+        r"(max_pool_size|sweep_batch_size|worker_threads|session_ttl)"),
     "config_negative_size": (st.tuples(st.sampled_from(_ints), st.integers(max_value=0)).map(
         lambda kv: _config("c.yaml", f"{kv[0]}: {kv[1]}")), r"must be positive"),
     "config_unknown_key": (st.text(alphabet=string.ascii_lowercase, min_size=3, max_size=12).filter(
@@ -256,7 +259,8 @@ def test_r4_hostile_import_files_are_rejected_per_record(
 def test_r4_import_with_invalid_utf8_through_the_cli_is_not_a_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_bytes((HEADER + _session_line("imp-a", model="M")).encode().replace(b'"M"', b'"\xff\xfe"'))
-    done = subprocess.run([sys.executable, "-m", "sessionq.cli", "import", str(path)], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sessionq.cli", "import", str(path)], cwd=ROOT,
+                          capture_output=True, text=True,
                           env=child_env(STORAGE_URL=f"sqlite:///{tmp_path / 's.db'}"), timeout=60)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

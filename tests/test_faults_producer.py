@@ -124,7 +124,8 @@ def test_r3_redis_goes_away_mid_stream_and_comes_back(
     scanned = assert_no_secrets([(p.name, p.read_text(errors="replace")) for p in tmp_path.glob("worker*.log")]
                                 + [("caplog", caplog.text)])
     record_figures(request, "R3", jobs_sent=total, accepted_ids=len(set(ids)), sent_while_down=up_at - down_at,
-                   spooled_peak=spooled_peak, left_unacked=stuck, persisted=len(ledger.per_message), duplicated=ledger.duplicated,
+                   spooled_peak=spooled_peak, left_unacked=stuck, persisted=len(ledger.per_message),
+                   duplicated=ledger.duplicated,
                    lost=total - len(ledger.per_message), log_lines_scanned=scanned)
     assert len(set(ids)) == total
     assert spooled_peak >= up_at - down_at

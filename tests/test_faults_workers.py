@@ -166,7 +166,8 @@ def test_r8_kill9_worker_with_default_settings_jobs_come_back_within_the_heartbe
     sessions = 1000
     jobs = _workload("r8-", sessions, 0)
     url = with_password(POSTGRES_URL)
-    defaults = dict.fromkeys(("SESSIONQ_WORKER_HEARTBEAT_TIMEOUT", "SESSIONQ_WORKER_MAINTENANCE_CHANCE", "SESSIONQ_JOB_MIN_BACKOFF", "SESSIONQ_JOB_MAX_BACKOFF"), "")
+    defaults = dict.fromkeys(("SESSIONQ_WORKER_HEARTBEAT_TIMEOUT", "SESSIONQ_WORKER_MAINTENANCE_CHANCE",
+                              "SESSIONQ_JOB_MIN_BACKOFF", "SESSIONQ_JOB_MAX_BACKOFF"), "")
     # Given 1,000 save jobs and a worker with the default settings draining them
     _push(redis_client, jobs)
     first = SessionqWorker(url, REDIS_URL, log=tmp_path / "worker-1.log", threads=8, env=defaults)

@@ -78,7 +78,8 @@ def test_health_reports_counts_queues_and_sweeps(pg_store: Store, redis_client: 
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "healthy" and body["database"] == "ok" and body["broker"] == "ok"
-    assert (body["total_sessions"], body["active_sessions"], body["archived_sessions"], body["expired_sessions"]) == (4, 2, 1, 1)
+    counts = (body["total_sessions"], body["active_sessions"], body["archived_sessions"], body["expired_sessions"])
+    assert counts == (4, 2, 1, 1)
     assert body["transport_sessions"] == {"active": 1, "disconnected": 1}
     assert body["queue_depths"]["sessions"] == {"ready": 3, "in_flight": 0, "delayed": 0}
     assert body["dead_letters"] == {"sessions": 0, "maintenance": 0, "bulk": 1, "tasks": 0}
@@ -100,7 +101,9 @@ def test_missing_or_wrong_token_is_401(pg_store: Store, redis_client: Any, heade
     app = create_app(settings(), store=pg_store, redis_client=redis_client)
     with ServerThread(app) as server:
         # When either endpoint is asked without the right Bearer token
-        responses = [httpx.get(server.url + path, headers=headers, timeout=30) for path in ("/session-health", "/metrics")]
+        responses = [
+            httpx.get(server.url + path, headers=headers, timeout=30) for path in ("/session-health", "/metrics")
+        ]
     # Then both refuse with 401 and a Bearer challenge, revealing nothing
     for response in responses:
         assert response.status_code == 401
@@ -236,7 +239,9 @@ def test_embedded_mode_needs_no_redis(tmp_path: Any) -> None:
     # Then it is healthy with an embedded broker and no event store
     assert response.status_code == 200
     body = response.json()
-    assert (body["broker"], body["redis"], body["event_store"], body["total_sessions"]) == ("embedded", "none", "none", 1)
+    assert (body["broker"], body["redis"], body["event_store"], body["total_sessions"]) == (
+        "embedded", "none", "none", 1
+    )
 
 
 def test_non_loopback_bind_needs_a_token() -> None:

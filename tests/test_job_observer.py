@@ -75,7 +75,9 @@ def test_outcomes_and_context(broker: RedisBroker, redis_client: Any, records: R
         raise ValueError("permanent")
 
     ok = dramatiq.actor(broker=broker, queue_name="sessions", max_retries=0)(obs_ok)
-    flaky = dramatiq.actor(broker=broker, queue_name="sessions", max_retries=3, min_backoff=10, max_backoff=20)(obs_flaky)
+    flaky = dramatiq.actor(
+        broker=broker, queue_name="sessions", max_retries=3, min_backoff=10, max_backoff=20
+    )(obs_flaky)
     dead = dramatiq.actor(broker=broker, queue_name="sessions", max_retries=0)(obs_dead)
     before = {(a, o): count(a, o) for a in ("obs_ok", "obs_flaky", "obs_dead") for o in ("ok", "retry", "dead")}
     runs_before = JOB_SECONDS.labels("obs_ok")._sum.get()

@@ -103,7 +103,8 @@ def test_far_future_times_and_long_graces_are_refused_by_the_registry_jobs(tmp_p
         # Given transport jobs a foreign server got wrong: each time too far ahead, a grace over the cap
         cases: list[tuple[str, dict[str, Any], str]] = [
             ("register_transport", {"mcp_session_id": "t1", "last_heartbeat": FAR}, FAR_HEARTBEAT),
-            ("register_transport", {"mcp_session_id": "t1", "status": "disconnected", "disconnected_at": now.isoformat(),
+            ("register_transport", {"mcp_session_id": "t1", "status": "disconnected",
+                                    "disconnected_at": now.isoformat(),
                                     "grace_expires_at": (now + timedelta(days=30)).isoformat()},
              r"^grace_expires_at .* is more than 7 days \(the longest grace\) and a day in the future$"),
             ("heartbeat", {"mcp_session_id": "t1", "at": FAR}, r"^at 2150-01-01T00:00:00\+00:00 is more than a day"),
@@ -131,7 +132,8 @@ def test_a_far_future_transport_heartbeat_is_dead_lettered_by_the_worker(tmp_pat
     try:
         # Given the job written by a producer that skipped the checks
         runtime.broker.enqueue(dramatiq.Message(
-            queue_name="sessions", actor_name="register_transport", args=({"mcp_session_id": "t1", "last_heartbeat": FAR},),
+            queue_name="sessions", actor_name="register_transport",
+            args=({"mcp_session_id": "t1", "last_heartbeat": FAR},),
             kwargs={}, options={}))
         # When the worker runs it
         runtime.join(60)

@@ -98,7 +98,8 @@ def test_up_demo_runs_with_no_services(tmp_path: Path) -> None:
     times = [datetime.fromisoformat(m["created_at"]) for m in data["messages"]]
     assert ids == ["m0", "m1", "m2", "m3"]
     assert times == sorted(times) and len(set(times)) == len(times), times
-    assert datetime.fromisoformat(data["created_at"]) <= times[0] <= times[-1] <= datetime.fromisoformat(data["updated_at"])
+    created, updated = datetime.fromisoformat(data["created_at"]), datetime.fromisoformat(data["updated_at"])
+    assert created <= times[0] <= times[-1] <= updated
     assert datetime.fromisoformat(data["updated_at"]) <= datetime.now(UTC)
 
 
@@ -109,8 +110,9 @@ def test_worker_command_and_dlq(tmp_path: Path, redis_client: redis.Redis) -> No
     push_raw(redis_client, [("save_session", {"session_id": "w-1"}), ("save_session", {"session_id": "w 2"}),
                             ("append_messages", {"session_id": "w-1"})])
     log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "--storage-url", POSTGRES_URL, "--redis-url", REDIS_URL,
-                             "worker", "--processes", "1", "--threads", "2"], cwd=ROOT, env=child_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "--storage-url", POSTGRES_URL,
+                             "--redis-url", REDIS_URL, "worker", "--processes", "1", "--threads", "2"],
+                            cwd=ROOT, env=child_env(),
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_drained(redis_client)

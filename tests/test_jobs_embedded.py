@@ -65,7 +65,8 @@ def test_transport_file_and_agent_state_jobs(embedded: tuple[EmbeddedRuntime, Pr
     producer.heartbeat("t1", now - timedelta(seconds=30))
     runtime.join(30)
     producer.mark_disconnected("t1", now)
-    producer.save_file({"file_id": "f1", "provider_name": "p", "uri": "file:///x", "expires_at": (now - timedelta(seconds=1)).isoformat()})
+    producer.save_file({"file_id": "f1", "provider_name": "p", "uri": "file:///x",
+                        "expires_at": (now - timedelta(seconds=1)).isoformat()})
     producer.put_agent_state({"agent_id": "a", "key": "k", "value": {"n": 1}})
     runtime.join(30)
     store = broker_module.get_store()
@@ -301,7 +302,8 @@ def test_importing_the_job_system_starts_no_thread() -> None:
     from tests.support_jobs import ROOT, child_env
 
     # Given a fresh interpreter, when every job module is imported (as `dramatiq sessionq.workers.actors` does)
-    code = "import threading, sessionq.workers.actors, sessionq.workers.producer, sessionq.workers.embedded, sessionq.workers.dlq; print(threading.active_count())"
+    code = ("import threading, sessionq.workers.actors, sessionq.workers.producer, sessionq.workers.embedded, "
+            "sessionq.workers.dlq; print(threading.active_count())")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     # Then only the main thread runs
     assert done.returncode == 0, done.stderr

@@ -53,9 +53,9 @@ def _jobs(tag: str) -> tuple[list[tuple[str, Any]], dict[str, str]]:
         msgs = [_message(i, base + timedelta(seconds=i)) for i in range(MESSAGES_PER_SAVE)]
         for version in (1, 2):
             at = base + timedelta(minutes=version)
-            jobs.append(("save_session", {"session_id": sid, "model": f"model-v{version}", "created_at": base.isoformat(),
-                                          "updated_at": at.isoformat(), "status": "active",
-                                          "metadata": {"version": version}, "messages": msgs}))
+            jobs.append(("save_session", {"session_id": sid, "model": f"model-v{version}",
+                                          "created_at": base.isoformat(), "updated_at": at.isoformat(),
+                                          "status": "active", "metadata": {"version": version}, "messages": msgs}))
         newest_model[sid] = "model-v2"
         for a in range(APPENDS):
             start = MESSAGES_PER_SAVE + a * MESSAGES_PER_APPEND
@@ -67,7 +67,9 @@ def _jobs(tag: str) -> tuple[list[tuple[str, Any]], dict[str, str]]:
     return jobs, newest_model
 
 
-def test_every_message_stored_exactly_once(backend: tuple[Store, str], redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_every_message_stored_exactly_once(
+    backend: tuple[Store, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     store, url = backend
     # Given thousands of jobs: two saves per session in random order, appends that may
     # arrive before their session exists, and a third of all jobs delivered twice
@@ -97,10 +99,13 @@ def test_every_message_stored_exactly_once(backend: tuple[Store, str], redis_cli
 BAD_PAYLOADS: list[tuple[str, Any, str]] = [
     ("save_session", {"model": "m"}, "missing required field(s): session_id"),
     ("save_session", {"session_id": 42}, "session_id must be a string"),
-    ("save_session", {"session_id": "s", "messages": [{"message_id": "m", "role": "robot", "content": "x"}]}, "role must be one of"),
+    ("save_session", {"session_id": "s", "messages": [{"message_id": "m", "role": "robot", "content": "x"}]},
+     "role must be one of"),
     ("save_session", {"session_id": "has space"}, "visible ASCII"),
     ("save_session", {"session_id": "s", "metadata": {"$where": 1}}, "may not start with '$'"),
-    ("save_session", {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]}, "the limit is"),
+    ("save_session",
+     {"session_id": "s", "messages": [{"message_id": "m", "role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]},
+     "the limit is"),
     ("save_session", "not an object", "must be a JSON object"),
     ("append_messages", {"session_id": "s", "messages": "nope"}, "messages must be a JSON array"),
     ("heartbeat", {"mcp_session_id": "t", "at": (utcnow() + timedelta(days=3)).isoformat()}, "in the future"),
@@ -126,7 +131,7 @@ def test_bad_payloads_are_dead_lettered_with_reason(
         assert worker.alive()
     finally:
         worker.stop()
-    letters = dead_letters(redis_client) + dead_letters(redis_client, "maintenance") + dead_letters(redis_client, "bulk")
+    letters = [m for queue in ("sessions", "maintenance", "bulk") for m in dead_letters(redis_client, queue)]
     reasons = [m["options"]["dead_letter_reason"] for m in letters]
     assert len(reasons) == len(BAD_PAYLOADS) + 1
     for _, _, expected in BAD_PAYLOADS:

@@ -30,14 +30,17 @@ def capture() -> Iterator[tuple[io.StringIO, list[logging.Handler]]]:
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_urls_and_bearer_tokens_are_redacted(capture: tuple[io.StringIO, list[logging.Handler]], log_format: str) -> None:
+def test_urls_and_bearer_tokens_are_redacted(
+    capture: tuple[io.StringIO, list[logging.Handler]], log_format: str
+) -> None:
     # Given logging configured with a token that never appears with "Bearer" in front of it
     stream, _ = capture
     configure(Settings(log_format=log_format, api_token="tok-9f8e7d6c"), stream=stream)
     log = logging.getLogger("sessionq.test")
     # When lines carry a connection string, an Authorization header, the bare token and a traceback
     log.warning("connecting to %s with header Authorization: %s", SECRET_URL, BEARER)
-    log.info("token is tok-9f8e7d6c; redis at redis://:r3dis-pw@cache:6379/0; Authorization: Basic dXNlcjpiYXNpYy1wdw==")
+    log.info("token is tok-9f8e7d6c; redis at redis://:r3dis-pw@cache:6379/0; "
+             "Authorization: Basic dXNlcjpiYXNpYy1wdw==")
     try:
         raise RuntimeError(f"cannot reach {SECRET_URL}")
     except RuntimeError:
@@ -69,7 +72,7 @@ def test_job_context_tags_every_line(capture: tuple[io.StringIO, list[logging.Ha
     lines = stream.getvalue().splitlines()
     if log_format == "json":
         records = [json.loads(line) for line in lines]
-        assert records[0]["job_id"] == "j-1" and records[0]["actor"] == "save_session" and records[0]["session_id"] == "s-42"
+        assert (records[0]["job_id"], records[0]["actor"], records[0]["session_id"]) == ("j-1", "save_session", "s-42")
         assert "session_id" not in records[1] and records[1]["queue"] == "sessions"
         assert "job_id" not in records[2]
     else:
@@ -93,7 +96,9 @@ def test_job_context_is_per_thread() -> None:
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_control_characters_cannot_forge_log_lines(capture: tuple[io.StringIO, list[logging.Handler]], log_format: str) -> None:
+def test_control_characters_cannot_forge_log_lines(
+    capture: tuple[io.StringIO, list[logging.Handler]], log_format: str
+) -> None:
     # Given logging configured
     stream, _ = capture
     configure(Settings(log_format=log_format), stream=stream)
@@ -119,7 +124,8 @@ def test_control_characters_cannot_forge_log_lines(capture: tuple[io.StringIO, l
         assert len(heads) == 2, out
         assert heads[0].endswith(f"\\x1b[2K\\x00\\x7f\\x85 end session_id=s1\\n{forged}")
         assert "x\\n2030-01-01" in heads[0] and "\\r" in heads[0]
-        assert lines[2] == "  Traceback (most recent call last):" and lines[-2:] == ["  ValueError: bad field x", f"  {forged}"]
+        assert lines[2] == "  Traceback (most recent call last):"
+        assert lines[-2:] == ["  ValueError: bad field x", f"  {forged}"]
 
 
 REDACTED = [
@@ -142,7 +148,8 @@ REDACTED = [
     ("Authorization: Bearer eyJhbGciOi.secretpayload.sig sent", "Authorization: Bearer *** sent"),
     ("header Authorization: Basic dXNlcjpiYXNpYy1wdw== refused", "header Authorization: Basic *** refused"),
     ("GET /x?token=abc123&page=2 HTTP/1.1", "GET /x?token=***&page=2 HTTP/1.1"),
-    ("dsn 'host=db user=app password=hunter2 dbname=x' refused", "dsn 'host=db user=app password=*** dbname=x' refused"),
+    ("dsn 'host=db user=app password=hunter2 dbname=x' refused",
+     "dsn 'host=db user=app password=*** dbname=x' refused"),
     ("dsn host=db password='two words' port=5432", "dsn host=db password='***' port=5432"),
     ("Server=db;Password=pa$$;Database=x", "Server=db;Password=***;Database=x"),
     ("(password=hunter2)", "(password=***)"),

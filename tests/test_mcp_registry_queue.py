@@ -38,7 +38,9 @@ def test_registry_jobs_travel_through_the_queue(tmp_path: Path, redis_client: re
         # Then the worker applied the heartbeat, and the session is recoverable
         saved = store.load_transport("mcp-q1")
         assert saved.last_heartbeat is not None and saved.last_heartbeat > saved.created_at
-        assert (saved.transport_state, saved.working_directory, saved.status) == ({"proto": "2025-11-25"}, "/srv", "active")
+        assert (saved.transport_state, saved.working_directory, saved.status) == (
+            {"proto": "2025-11-25"}, "/srv", "active"
+        )
         assert store.can_recover("mcp-q1", utcnow())
         # When the client ends the session (grace 0) through the queue
         asyncio.run(registry.disconnect("mcp-q1", grace=timedelta(0)))

@@ -82,8 +82,12 @@ def test_metrics_parse_and_move(pg_store: Store, redis_client: Any, dramatiq_bro
         observe_sweep("expire_sessions", ok=False, seconds=0.1)
         SweepBook(redis_client).record("expire_sessions", ok=False, duration=0.1, error="boom")
         for i in range(3):
-            dramatiq_broker.enqueue(Message(queue_name="sessions", actor_name="save_session", args=(i,), kwargs={}, options={}))
-        dramatiq_broker.enqueue(Message(queue_name="bulk", actor_name="export", args=(), kwargs={}, options={}), delay=60_000)
+            dramatiq_broker.enqueue(
+                Message(queue_name="sessions", actor_name="save_session", args=(i,), kwargs={}, options={})
+            )
+        dramatiq_broker.enqueue(
+            Message(queue_name="bulk", actor_name="export", args=(), kwargs={}, options={}), delay=60_000
+        )
         consumer = dramatiq_broker.consume("sessions", prefetch=1, timeout=1000)
         fetched = next(iter(consumer))
         assert fetched is not None
@@ -121,7 +125,9 @@ def test_queue_state_matches_a_real_dramatiq_broker(redis_client: Any, dramatiq_
     # Given messages enqueued, one fetched but not acked, one delayed, through Dramatiq itself
     for i in range(2):
         dramatiq_broker.enqueue(Message(queue_name="maintenance", actor_name="sweep", args=(i,), kwargs={}, options={}))
-    dramatiq_broker.enqueue(Message(queue_name="maintenance", actor_name="sweep", args=(), kwargs={}, options={}), delay=60_000)
+    dramatiq_broker.enqueue(
+        Message(queue_name="maintenance", actor_name="sweep", args=(), kwargs={}, options={}), delay=60_000
+    )
     consumer = dramatiq_broker.consume("maintenance", prefetch=1, timeout=1000)
     assert next(iter(consumer)) is not None
     # When the queues are read without the broker

@@ -166,7 +166,9 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def test_metric_name_walker_finds_nested_selectors() -> None:
-    expr = promql_parser.parse('sum by (a) (rate(x_total[5m])) / ignoring(s) clamp_min(y{s="1"}, 1) > 2 and absent(up == 1)')
+    expr = promql_parser.parse(
+        'sum by (a) (rate(x_total[5m])) / ignoring(s) clamp_min(y{s="1"}, 1) > 2 and absent(up == 1)'
+    )
     assert sorted(metric_names(expr)) == ["up", "x_total", "y"]
 
 

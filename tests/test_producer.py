@@ -113,7 +113,8 @@ import sys
 from sessionq.workers.producer import Producer
 p = Producer()
 for i in range(int(sys.argv[1])):
-    payload = {"session_id": f"o-{i}", "model": "m", "messages": [{"message_id": "a", "role": "user", "content": str(i)}]}
+    payload = {"session_id": f"o-{i}", "model": "m",
+               "messages": [{"message_id": "a", "role": "user", "content": str(i)}]}
     if i % 2:
         p.save_session(payload)
     else:

@@ -120,7 +120,8 @@ def test_any_text_content_is_stored_or_clearly_rejected(text: str) -> None:
         assert message.content == text
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)))
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda c: st.lists(c) | st.dictionaries(st.text(), c)))
 def test_any_json_metadata_is_accepted_or_clearly_rejected(value: object) -> None:
     try:
         s = ChatSession("s", created_at=T0, metadata={"v": value})

@@ -71,7 +71,8 @@ def test_a_dead_holders_lease_lapses_and_a_renewed_one_does_not(redis_client: An
 
 def test_only_the_leader_fires_and_each_tick_fires_once(redis_client: Any) -> None:
     # Given a leader and a follower scheduling "files" every 60 s
-    leader = SweepScheduler(recording_send(redis_client), schedule={"files": 60}, redis=redis_client, lease=_leader(redis_client))
+    leader = SweepScheduler(recording_send(redis_client), schedule={"files": 60}, redis=redis_client,
+                            lease=_leader(redis_client))
     follower = SweepScheduler(recording_send(redis_client), schedule={"files": 60}, redis=redis_client,
                               lease=RedisLease(redis_client, ttl=5))
     assert not follower.lease.maintain()
@@ -93,8 +94,10 @@ def test_only_the_leader_fires_and_each_tick_fires_once(redis_client: Any) -> No
 def test_a_paused_old_leader_cannot_fire_a_tick_the_new_leader_fired(redis_client: Any) -> None:
     # Given two schedulers that both believe they lead (a paused leader whose lease
     # passed to another while it slept)
-    old = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client, lease=LocalLease())
-    new = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client, lease=_leader(redis_client))
+    old = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client,
+                         lease=LocalLease())
+    new = SweepScheduler(recording_send(redis_client), schedule={"transports": 10}, redis=redis_client,
+                         lease=_leader(redis_client))
     # When both fire the same tick
     fired = [new.fire("transports", now=NOW + 0.1), old.fire("transports", now=NOW + 0.2)]
     # Then only one message went out
@@ -113,7 +116,10 @@ def test_missed_ticks_are_covered_once_by_the_next_firing(redis_client: Any) -> 
     # Then one message covers ticks n+2..n+5 (the 30 s catch-up window), and tick
     # n+1, beyond the window, stays unclaimed
     assert len(read_sends(redis_client)) == 2
-    states = [(redis_client.get(f"{DEFAULT_TICK_PREFIX}transports:{t}") or b"-").decode().split(":")[0] for t in range(n, n + 6)]
+    states = [
+        (redis_client.get(f"{DEFAULT_TICK_PREFIX}transports:{t}") or b"-").decode().split(":")[0]
+        for t in range(n, n + 6)
+    ]
     assert states == ["sent", "-", "coalesced", "coalesced", "coalesced", "sent"]
     # ... and none of the covered ticks can fire again
     for t in range(n + 2, n + 6):
@@ -160,7 +166,8 @@ def test_embedded_scheduler_fires_each_tick_once_without_redis() -> None:
 
 def test_schedule_comes_from_settings() -> None:
     # Given settings with aggressive cleanup on and custom intervals
-    settings = Settings(aggressive_cleanup=True, transport_interval=7, aggressive_interval=11, scheduler_lease_seconds=4)
+    settings = Settings(aggressive_cleanup=True, transport_interval=7, aggressive_interval=11,
+                        scheduler_lease_seconds=4)
     # When a scheduler is built from them
     s = SweepScheduler(lambda kind: "x", settings=settings)
     # Then every sweep is scheduled with its interval, and the lease period applies
@@ -177,7 +184,8 @@ def test_dramatiq_send_lands_on_the_maintenance_queue(redis_client: Any) -> None
     broker = RedisBroker(url=REDIS_URL)
     broker.declare_queue("maintenance")
     try:
-        s = SweepScheduler(dramatiq_send(broker), schedule={"events": 600}, redis=redis_client, lease=_leader(redis_client))
+        s = SweepScheduler(dramatiq_send(broker), schedule={"events": 600}, redis=redis_client,
+                           lease=_leader(redis_client))
         # When the scheduler fires a tick of the events sweep
         message_id = s.fire("events", now=NOW)
         # Then one run_sweep("events") message waits on Dramatiq's maintenance queue

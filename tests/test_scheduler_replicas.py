@@ -150,7 +150,8 @@ def test_three_replicas_fire_each_tick_once_and_a_killed_leader_hands_over(redis
         missed = [t for t in ticks if per_tick[t] == 0 and t not in coalesced]
         takeover_ticks = range(math.floor(killed_at / interval), math.floor((killed_at + takeover) / interval) + 1)
         figures[kind] = {
-            "ticks": len(ticks), "sends": sum(per_tick[t] for t in ticks), "duplicates": len(duplicates), "missed": len(missed),
+            "ticks": len(ticks), "sends": sum(per_tick[t] for t in ticks),
+            "duplicates": len(duplicates), "missed": len(missed),
             "coalesced_at_takeover": len([t for t in coalesced if t in takeover_ticks]),
             "coalesced_late_elsewhere": len([t for t in coalesced if t not in takeover_ticks]),
             "claimed_not_sent": len(unsent),

@@ -181,7 +181,9 @@ def test_messages_of_many_sessions_stream_grouped_in_seq_order(store: Store) -> 
     # When their messages are streamed in pages smaller than a session, ids repeated and unknown
     got = list(store.iter_messages_of(["b", "a", "Z", "b", "missing"], page_size=3))
     # Then each message comes once, each session's together and in seq order
-    assert sorted((m.session_id, m.seq) for m in got) == [("Z", i) for i in range(1, 8)] + [("b", i) for i in range(1, 6)]
+    assert sorted((m.session_id, m.seq) for m in got) == [
+        *(("Z", i) for i in range(1, 8)), *(("b", i) for i in range(1, 6))
+    ]
     groups = [m.session_id for i, m in enumerate(got) if i == 0 or got[i - 1].session_id != m.session_id]
     assert sorted(groups) == ["Z", "b"]
     for sid in ("Z", "b"):
@@ -279,7 +281,9 @@ def test_transport_sweeps_respect_boundaries(store: Store) -> None:
     now = T0 + timedelta(minutes=5)
     assert store.disconnect_stale_transports(T0 + timedelta(seconds=120), now, batch_size=2) == 3
     statuses = {t: store.load_transport(t).status for t in ("t0", "t1", "t2", "t3", "t4")}
-    assert statuses == {"t0": "disconnected", "t1": "disconnected", "t2": "disconnected", "t3": "active", "t4": "active"}
+    assert statuses == {
+        "t0": "disconnected", "t1": "disconnected", "t2": "disconnected", "t3": "active", "t4": "active"
+    }
     # Their grace ends at now + 10 min, inclusive
     assert store.expire_transports(now + timedelta(minutes=10) - timedelta(microseconds=1)) == 0
     assert store.expire_transports(now + timedelta(minutes=10)) == 3

@@ -60,7 +60,8 @@ def test_purging_100k_expired_sessions_runs_in_batches_with_flat_memory(pg_store
     started = time.perf_counter()
     with db.atomic():
         db.execute_sql(
-            "INSERT INTO sessionq_sessions (session_id, model, status, created_at, updated_at, metadata, message_count) "
+            "INSERT INTO sessionq_sessions "
+            "(session_id, model, status, created_at, updated_at, metadata, message_count) "
             "SELECT 'bulk-' || g, 'gpt-test', 'expired', %s, %s, '{}'::jsonb, %s FROM generate_series(1, %s) AS g",
             (expired_at - timedelta(days=1), expired_at, MESSAGES_PER_SESSION, SESSIONS),
         )
@@ -77,7 +78,8 @@ def test_purging_100k_expired_sessions_runs_in_batches_with_flat_memory(pg_store
     # ... and a few live sessions that must survive
     for i in range(5):
         live = f"live-{i}"
-        pg_store.save_session(session(live, at=NOW - timedelta(hours=1)), messages(live, 3, at=NOW - timedelta(hours=2)))
+        pg_store.save_session(session(live, at=NOW - timedelta(hours=1)),
+                              messages(live, 3, at=NOW - timedelta(hours=2)))
     # ... with every statement the store sends counted
     statements: list[str] = []
     execute_sql = db.execute_sql

@@ -110,7 +110,9 @@ def event_ids(store: Store, mcp_session_id: str) -> list[int]:
     return [e.id for e in E.select().where(E.mcp_session_id == mcp_session_id).order_by(E.id)]
 
 
-def expected_changes(store: Store, kind: str) -> tuple[dict[str, int], dict[str, set[Any]], dict[str, dict[Any, dict[str, Any]]]]:
+def expected_changes(
+    store: Store, kind: str
+) -> tuple[dict[str, int], dict[str, set[Any]], dict[str, dict[Any, dict[str, Any]]]]:
     """(counts, deleted keys per table, changed columns per row per table) of one sweep."""
     deleted: dict[str, set[Any]] = {}
     changed: dict[str, dict[Any, dict[str, Any]]] = {}

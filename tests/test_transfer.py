@@ -166,7 +166,9 @@ def test_verify_reports_every_difference(src: Store, dst: Store) -> None:
     assert "message count differs" in text
     assert "files count differs: source 9, destination 8" in text
     assert "file 'f0001': missing in destination" in text
-    assert "agent_state ('a3', 'k0003'): differs in value, updated_at (first: source None, destination 'changed')" in text
+    assert (
+        "agent_state ('a3', 'k0003'): differs in value, updated_at (first: source None, destination 'changed')" in text
+    )
     assert "transport 'zz-transport': only in destination" in text
     assert "transport 't0005': differs in working_directory (first: source '/srv/5', destination '/elsewhere')" in text
     assert "transports count differs: source 9, destination 10" in text
@@ -260,7 +262,7 @@ def test_jsonl_header_and_record_shape(src: Store, tmp_path: Path) -> None:
     assert [json.loads(line)["type"] for line in lines[1:7]] == ["session"] + ["message"] * 5
     assert len(lines) == 1 + 30 + 150 + 4 * KIND_COUNT
     tail = [json.loads(line)["type"] for line in lines[181:]]
-    assert tail == ["file"] * KIND_COUNT + ["transport"] * KIND_COUNT + ["agent_state"] * KIND_COUNT + ["task"] * KIND_COUNT
+    assert tail == [kind for kind in ("file", "transport", "agent_state", "task") for _ in range(KIND_COUNT)]
 
 
 def test_version_1_archives_without_the_other_kinds_still_import(src: Store, tmp_path: Path) -> None:
@@ -285,7 +287,9 @@ def test_version_1_archives_without_the_other_kinds_still_import(src: Store, tmp
         result = verify(src, target)
         assert (result.sessions_checked, result.messages_checked) == (30, 150)
         assert {c.destination for c in result.kinds.values()} == {0}
-        kinds_only = ("files ", "transports ", "agent_states ", "tasks ", "file ", "transport ", "agent_state ", "task ")
+        kinds_only = (
+            "files ", "transports ", "agent_states ", "tasks ", "file ", "transport ", "agent_state ", "task "
+        )
         assert all(line.startswith(kinds_only) for line in result.differences), result.differences[:3]
         target.close()
 
@@ -398,8 +402,8 @@ def test_postgresql_copy_import_keeps_hostile_text_exactly(tmp_path: Path) -> No
     ]
     try:
         extra = [
-            ChatMessage(f"n{i}", "copy", "user", tricky[i % len(tricky)], created_at=T0 + timedelta(seconds=1, microseconds=i),
-                        metadata={"j": i}, seq=len(batch) + i + 1)
+            ChatMessage(f"n{i}", "copy", "user", tricky[i % len(tricky)],
+                        created_at=T0 + timedelta(seconds=1, microseconds=i), metadata={"j": i}, seq=len(batch) + i + 1)
             for i in range(DEFAULT_COPY_THRESHOLD)
         ]
         # When it is imported twice, then once more overlapping with new messages
@@ -407,7 +411,8 @@ def test_postgresql_copy_import_keeps_hostile_text_exactly(tmp_path: Path) -> No
         second = pg.import_records([], batch)
         third = pg.import_records([], batch[-20:] + extra)
         # Then every message comes back exactly, once: the direct COPY and its fallback agree
-        assert (first.messages_inserted, second.messages_inserted, third.messages_inserted) == (len(batch), 0, len(extra))
+        inserted = (first.messages_inserted, second.messages_inserted, third.messages_inserted)
+        assert inserted == (len(batch), 0, len(extra))
         assert pg.load_messages("copy") == batch + extra
     finally:
         reset_store(pg)

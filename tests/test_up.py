@@ -29,7 +29,8 @@ def test_up_runs_worker_scheduler_and_http_on_redis(tmp_path: Path, redis_client
         SESSIONQ_SCHEDULER_LEASE_SECONDS="1", SESSIONQ_TRANSPORT_INTERVAL="2",
     )
     log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "up", "--threads", "2"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "sessionq.cli", "up", "--threads", "2"], cwd=ROOT, env=env,
+                            stdout=log, stderr=log)
     try:
         wait_port(port, timeout=60)
         # When a producer sends a save to the queue

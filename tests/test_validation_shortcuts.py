@@ -55,7 +55,8 @@ EDGE_DOCUMENTS: list[Any] = [
     OrderedDict(a=1), MappingProxyType({"a": 1}), [1], "x", 3, {"k" * 1024: 1}, {"k" * 1025: 1},
     {"a": "\n\"\\\x01" * 10}, _nested(DEFAULT_MAX_JSON_DEPTH - 1), _nested(DEFAULT_MAX_JSON_DEPTH),
     _nested(DEFAULT_MAX_JSON_DEPTH + 1), {"a": [[[[]]]]}, {"a": True, "b": False},
-    _nested(DEFAULT_MAX_JSON_DEPTH - 1, "s"), _nested(DEFAULT_MAX_JSON_DEPTH, "s"), _nested(DEFAULT_MAX_JSON_DEPTH + 1, "s"),
+    _nested(DEFAULT_MAX_JSON_DEPTH - 1, "s"), _nested(DEFAULT_MAX_JSON_DEPTH, "s"),
+    _nested(DEFAULT_MAX_JSON_DEPTH + 1, "s"),
     {"a": "x" * 5000}, {"a": "é" * 10},
 ]
 
