@@ -40,6 +40,12 @@ def build_source(messages: int) -> Path:
     sessions = messages // MESSAGES_PER_SESSION
     path = WORKDIR / f"src-{sessions}x{MESSAGES_PER_SESSION}.db"
     if path.exists():
+        # A source cached by an older sessionq gets the tables added since (its rows stay).
+        cached = SqlStore(f"sqlite:///{path}")
+        try:
+            cached.upgrade()
+        finally:
+            cached.close()
         return path
     WORKDIR.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
