@@ -202,3 +202,36 @@ class SqlStoreBase:
 
     def _locked(self, query: Any) -> Any:
         return query if self.backend == "sqlite" else query.for_update()
+
+    def _batched(
+        self,
+        model: type[pw.Model],
+        build: Callable[[], pw.Query],
+        where: pw.Expression,
+        batch_size: int,
+        dry_run: bool = False,
+    ) -> int:
+        """Run an UPDATE/DELETE over the rows matching ``where`` in batches of ``batch_size``,
+        each batch in its own transaction, until a batch affects fewer rows.
+
+        ``dry_run`` only counts the matching rows (in the database)."""
+        if dry_run:
+            return int(model.select().where(where).count())
+        pk = model._meta.primary_key
+        if isinstance(pk, pw.CompositeKey):
+            key: Any = pw.Tuple(*[model._meta.fields[name] for name in pk.field_names])
+            key_select = [model._meta.fields[name] for name in pk.field_names]
+        else:
+            key, key_select = pk, [pk]
+        total = 0
+        while True:
+            query = build()
+            if self.backend == "mysql":
+                query = query.where(where).limit(batch_size)
+            else:
+                query = query.where(key.in_(model.select(*key_select).where(where).limit(batch_size)))
+            with self._db.atomic():
+                count = int(query.execute())
+            total += count
+            if count < batch_size:
+                return total

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
@@ -53,7 +52,7 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             raise ValueError("SqlStore needs the dialect of a ready database")
         self._db = database
         self._pooled = isinstance(database, PooledPostgresqlDatabase | PooledMySQLDatabase)
-        self.backend = cast(str, dialect)
+        self.backend = dialect
         self.location = redact_url(url) if url else f"{self.backend} database {database.database!r}"
         self.creates_schema = self.backend == "sqlite"
         self.use_copy = True
@@ -261,36 +260,3 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             stream_events=int(m.Event.select().count()),
             tasks=int(self.mt.select().count()),
         )
-
-    def _batched(
-        self,
-        model: type[pw.Model],
-        build: Callable[[], pw.Query],
-        where: pw.Expression,
-        batch_size: int,
-        dry_run: bool = False,
-    ) -> int:
-        """Run an UPDATE/DELETE over the rows matching ``where`` in batches of ``batch_size``,
-        each batch in its own transaction, until a batch affects fewer rows.
-
-        ``dry_run`` only counts the matching rows (in the database)."""
-        if dry_run:
-            return int(model.select().where(where).count())
-        pk = model._meta.primary_key
-        if isinstance(pk, pw.CompositeKey):
-            key: Any = pw.Tuple(*[model._meta.fields[name] for name in pk.field_names])
-            key_select = [model._meta.fields[name] for name in pk.field_names]
-        else:
-            key, key_select = pk, [pk]
-        total = 0
-        while True:
-            query = build()
-            if self.backend == "mysql":
-                query = query.where(where).limit(batch_size)
-            else:
-                query = query.where(key.in_(model.select(*key_select).where(where).limit(batch_size)))
-            with self._db.atomic():
-                count = int(query.execute())
-            total += count
-            if count < batch_size:
-                return total
