@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -63,12 +63,12 @@ def storage_backend(url: str) -> str | None:
     return STORAGE_SCHEMES.get(_scheme(url))
 
 
-def is_redis_url(url: str | None) -> bool:
+def is_redis_url(url: str | None) -> TypeGuard[str]:
     """True if ``url`` names a Redis server (``redis://``, ``rediss://``, ``unix://``)."""
     return bool(url) and _scheme(str(url)) in REDIS_SCHEMES
 
 
-def is_amqp_url(url: str | None) -> bool:
+def is_amqp_url(url: str | None) -> TypeGuard[str]:
     """True if ``url`` names an AMQP broker (``amqp://``, ``amqps://``)."""
     return bool(url) and _scheme(str(url)) in AMQP_SCHEMES
 

@@ -142,7 +142,7 @@ def listen(settings: Settings, host: str | None = None, port: int | None = None)
     not local) is a one-line :class:`ConfigError` too. ``port=0`` picks a free port:
     read it from the socket.
     """
-    overrides = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
     settings = dataclasses.replace(settings, **overrides) if overrides else settings
     host, port = settings.http_host, settings.http_port
     check_bind(settings, host)

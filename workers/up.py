@@ -44,7 +44,7 @@ class AllInOne:
         host: str | None = None,
         port: int | None = None,
     ) -> None:
-        overrides = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
+        overrides: dict[str, Any] = {k: v for k, v in (("http_host", host), ("http_port", port)) if v is not None}
         self.settings = dataclasses.replace(settings, **overrides) if overrides else settings
         self.threads = threads or settings.worker_threads
         self.with_http, self.with_scheduler = http, scheduler
