@@ -34,8 +34,8 @@ def test_the_hierarchy() -> None:
                 errors.SchemaOutdated):
         assert issubclass(cls, errors.StoreError)
     assert not issubclass(errors.SchemaOutdated, errors.StoreUnavailable)  # waiting does not help
-    for cls in (errors.InvalidPayload, errors.TransientJobError, errors.SessionNotReady, errors.ProducerError):
-        assert issubclass(cls, errors.JobError) and not issubclass(cls, errors.StoreError)
+    for job_cls in (errors.InvalidPayload, errors.TransientJobError, errors.SessionNotReady, errors.ProducerError):
+        assert issubclass(job_cls, errors.JobError) and not issubclass(job_cls, errors.StoreError)
     assert issubclass(errors.SessionNotReady, errors.TransientJobError)
 
 
@@ -63,11 +63,12 @@ def test_transient_errors_retry_and_a_session_not_ready_logs_no_failure() -> Non
                                  (type(exc), exc, None))
 
     keep = TransientTracebacks()
-    not_ready = record(errors.SessionNotReady("session 's' does not exist (yet)"))
+    not_ready_exc = errors.SessionNotReady("session 's' does not exist (yet)")
+    not_ready = record(not_ready_exc)
     outage = record(errors.StoreUnavailable("postgresql unavailable"))
     bug = record(RuntimeError("boom"))
     # Then a session not saved yet is retried without a log line (as a Dramatiq Retry was)
-    assert job_errors.is_transient(not_ready.exc_info[1])  # type: ignore[index]
+    assert job_errors.is_transient(not_ready_exc)
     assert keep.filter(not_ready) is False
     # ... an outage is one warning line without traceback, and a bug keeps its traceback
     assert keep.filter(outage) is True and outage.exc_info is None and outage.levelno == logging.WARNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -106,8 +107,9 @@ def test_outcomes_and_context(broker: RedisBroker, redis_client: Any, records: R
     # And the actor's log line carried the job's context
     saving = [r for r in records.records if r.getMessage() == "saving"]
     assert len(saving) == 1
-    assert (saving[0].job_id, saving[0].actor, saving[0].queue,
-            saving[0].session_id) == (message.message_id, "obs_ok", "sessions", "s-77")
+    # (ContextFilter sets these attributes, which LogRecord does not declare)
+    context = operator.attrgetter("job_id", "actor", "queue", "session_id")(saving[0])
+    assert context == (message.message_id, "obs_ok", "sessions", "s-77")
     # And the dead one sits in Dramatiq's dead-letter set
     assert redis_client.zcard("dramatiq:sessions.XQ") == 1
     assert current_context() == {}

@@ -89,6 +89,7 @@ def test_postgresql_saves_carry_on_when_prepared_statements_do_not_hold(
 
     store = make_store("postgresql", tmp_path)
     reset_store(store)
+    assert isinstance(store, SqlStore)
     try:
         store.save_sessions([(session("p0"), messages("p0", 2))])
         # When the server connection forgets it, as behind a transaction-mode pooler
