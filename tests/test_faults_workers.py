@@ -161,19 +161,21 @@ def test_r8_kill9_worker_with_default_settings_jobs_come_back_within_the_heartbe
     pg_store: Store, redis_client: redis.Redis, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     # Saves only (an append whose save sat with the dead worker would retry meanwhile),
-    # few enough that the next worker is idle, polling once a second, when the dead
-    # one's heartbeat times out: what a deployment sees between bursts
-    sessions = 1000
+    # enough that the kill finds jobs in flight, few enough that the next worker is
+    # idle, polling once a second, when the dead one's heartbeat times out: what a
+    # deployment sees between bursts
+    sessions = 5000
     jobs = _workload("r8-", sessions, 0)
     url = with_password(POSTGRES_URL)
     defaults = dict.fromkeys(("SESSIONQ_WORKER_HEARTBEAT_TIMEOUT", "SESSIONQ_WORKER_MAINTENANCE_CHANCE",
                               "SESSIONQ_JOB_MIN_BACKOFF", "SESSIONQ_JOB_MAX_BACKOFF"), "")
-    # Given 1,000 save jobs and a worker with the default settings draining them
+    # Given 5,000 save jobs and a worker with the default settings draining them
     _push(redis_client, jobs)
     first = SessionqWorker(url, REDIS_URL, log=tmp_path / "worker-1.log", threads=8, env=defaults)
     try:
-        wait_until(lambda: _reached(POSTGRES_URL, "r8-", 200) or not first.alive(), timeout=180,
-                   what="200 sessions persisted by the first worker")
+        # (saves go fast in group commits: poll often, kill early, with most still queued)
+        wait_until(lambda: _reached(POSTGRES_URL, "r8-", 100) or not first.alive(), timeout=180, interval=0.02,
+                   what="100 sessions persisted by the first worker")
         assert first.alive(), first.output()[-3000:]
     finally:
         # When the whole worker is killed with SIGKILL mid-way
