@@ -87,6 +87,17 @@ def _store_for(backend: str, tmp_path: Path) -> Iterator[Store]:
     reset_store(s)
 
 
+@pytest.fixture
+def pg_store(tmp_path: Path) -> Iterator[Store]:
+    """The PostgreSQL test store on its own connection pool, migrated and emptied before
+    and after (for tests that also run processes writing to it)."""
+    store = make_store("postgresql", tmp_path)
+    reset_store(store)
+    yield store
+    reset_store(store)
+    store.close()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for s in _open.values():
         s.close()

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +23,13 @@ from typing import Any
 import anyio
 import httpx
 import httpx2
-import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from sessionq.models import Store
 from sessionq.models.tasks import McpTask
 from sessionq.workers.mcp.tasks_client import SessionqTasksClient
-from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
+from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.support_mcp import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,15 +131,6 @@ class Cluster:
         for proc in self.procs:
             proc.kill()
 
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The run's PostgreSQL store, emptied before and after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
-    yield store
-    reset_store(store)
-    store.close()
 
 
 @asynccontextmanager

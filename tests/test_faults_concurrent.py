@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -84,15 +84,6 @@ def _check(store: Store, sid: str, saves: int, base: datetime) -> dict[str, Any]
     assert all(m.content == f"content of {m.message_id}" for m in stored)
     return figures
 
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store, migrated and emptied before and after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
-    yield store
-    reset_store(store)
-    store.close()
 
 
 @pytest.mark.slow

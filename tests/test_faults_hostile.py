@@ -87,7 +87,7 @@ from sessionq.models import Settings, Store
 from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import JOBS
 from sessionq.workers.producer import Producer
-from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, messages, reset_store, session
+from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
 from tests.support_faults import SessionqWorker, assert_no_secrets, record_figures, wait_until, with_password
 from tests.support_hostile import (
     BYSTANDER,
@@ -203,15 +203,11 @@ WIRE_REASONS = {"invalid_json_envelope": "DecodeError", "invalid_utf8_envelope":
 
 
 @pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store with two bystander sessions, emptied after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
+def pg_store(pg_store: Store) -> Store:
+    """conftest's PostgreSQL store, holding the bystander sessions no hostile case may touch."""
     for sid in BYSTANDERS:
-        store.save_session(session(sid, metadata={"keep": sid}), messages(sid, 3))
-    yield store
-    reset_store(store)
-    store.close()
+        pg_store.save_session(session(sid, metadata={"keep": sid}), messages(sid, 3))
+    return pg_store
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import socket
 import string
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from sessionq.models import Settings, Store
 from sessionq.models.archive_io import import_file
 from sessionq.models.errors import ConfigError, ValidationError
-from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, messages, reset_store, session
+from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, record_figures, with_password
 from tests.support_hostile import BYSTANDERS, checksum, examples
 from tests.support_http import ServerThread
@@ -72,15 +72,11 @@ def _raw_get(port: int, path: str, headers: dict[str, bytes]) -> int:
 
 
 @pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store with two bystander sessions, emptied after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
+def pg_store(pg_store: Store) -> Store:
+    """conftest's PostgreSQL store, holding the bystander sessions no hostile case may touch."""
     for sid in BYSTANDERS:
-        store.save_session(session(sid, metadata={"keep": sid}), messages(sid, 3))
-    yield store
-    reset_store(store)
-    store.close()
+        pg_store.save_session(session(sid, metadata={"keep": sid}), messages(sid, 3))
+    return pg_store
 
 
 def test_r4_hostile_http_requests_are_refused(

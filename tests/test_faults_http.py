@@ -17,7 +17,6 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ import redis
 from sessionq.models import Settings, Store
 from sessionq.workers.http import create_app
 from sessionq.workers.logs import RedactingFilter
-from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
+from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, figures_path, record_figures, with_password
 from tests.support_http import ServerThread, cli_command, dead_port, free_port, subprocess_env, with_port
 from tests.support_jobs import ROOT
@@ -35,15 +34,6 @@ from tests.support_services import wait_port
 
 PROBES_PER_LENGTH = 40
 
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store, migrated and emptied before and after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
-    yield store
-    reset_store(store)
-    store.close()
 
 
 def _probe(token: str, shared: int, rng: random.Random) -> str:

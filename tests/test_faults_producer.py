@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 from sessionq.models import Settings, Store
 from sessionq.workers.errors import InvalidPayload, ProducerError
 from sessionq.workers.producer import Producer
-from tests.conftest import POSTGRES_URL, make_store, reset_store
+from tests.conftest import POSTGRES_URL
 from tests.support_faults import (
     SessionqWorker,
     assert_no_secrets,
@@ -52,15 +51,6 @@ def _save(i: int) -> dict[str, Any]:
     return {"session_id": f"r3-{i}", "model": "m",
             "messages": [{"message_id": "only", "role": "user", "content": f"job {i}"}]}
 
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store, migrated and emptied before and after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
-    yield store
-    reset_store(store)
-    store.close()
 
 
 def _queue_depth(url: str) -> int:

@@ -19,7 +19,6 @@ under pytest's base temp dir; every worker log is scanned for the planted secret
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import pytest
 import redis
 
 from sessionq.models import Store, open_store, utcnow
-from tests.conftest import POSTGRES_URL, REDIS_URL, make_store, reset_store
+from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.support_faults import SessionqWorker, assert_no_secrets, pg_ledger, record_figures, wait_until, with_password
 from tests.support_jobs import dead_letters, pending_jobs, push_raw
 from tests.support_services import PrivatePostgres, private_postgres  # noqa: F401
@@ -83,15 +82,6 @@ def _row_count(url: str, prefix: str) -> int:
     finally:
         conn.close()
 
-
-@pytest.fixture
-def pg_store(tmp_path: Path) -> Iterator[Store]:
-    """The isolated PostgreSQL store, migrated and emptied before and after."""
-    store = make_store("postgresql", tmp_path)
-    reset_store(store)
-    yield store
-    reset_store(store)
-    store.close()
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from sessionq.workers.mcp.tasks_client import (
 )
 from tests.conftest import POSTGRES_URL
 from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
-from tests.support_tasks import Cluster, pg_store, task_client  # noqa: F401  (fixture)
+from tests.support_tasks import Cluster, task_client
 
 pytestmark = pytest.mark.anyio
 

@@ -27,7 +27,7 @@ from sessionq.workers.mcp.tasks_client import (
 from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
-from tests.support_tasks import Cluster, await_until, pg_store, task_client, task_in  # noqa: F401  (fixture)
+from tests.support_tasks import Cluster, await_until, task_client, task_in  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.anyio
 
