@@ -70,6 +70,13 @@ def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 300 characters (driver and
+    server errors span several lines), for the one-line errors the backends raise."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 def check_message_owners(writes: Sequence[PendingWrite]) -> None:
     """Raise :class:`~sessionq.models.errors.ValidationError` if a message names another session."""
     for _, session_id, messages in writes:

@@ -24,6 +24,7 @@ from pymongo.errors import (
 )
 
 from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..store import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 Doc = dict[str, Any]
@@ -56,12 +57,6 @@ def open_client(
         serverSelectionTimeoutMS=DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
         connect=False,
     )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (server errors span several)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # Where PyMongo's server-selection message stops saying what went wrong and starts

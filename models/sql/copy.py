@@ -24,10 +24,11 @@ from typing import Any
 import peewee as pw
 from psycopg2 import errors as pg_errors
 
+from .schema import MESSAGE_COLUMNS
+
 # Messages below this count go through a plain multi-row INSERT (COPY has a fixed cost).
 DEFAULT_COPY_THRESHOLD = 200
 STAGING_TABLE = "sessionq_import_messages"
-MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
 
 NULL = "\\N"
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

@@ -16,6 +16,7 @@ import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
 from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..store import first_line
 from . import schema
 from .schema import Models
 
@@ -144,12 +145,6 @@ def is_retryable(exc: BaseException) -> bool:
     """True for a transaction the database chose as a deadlock victim, a serialization
     failure, or a lock wait that timed out: running it again is the fix."""
     return driver_code(exc) in RETRYABLE_CODES
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (driver errors span several)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 class SqlStoreBase:

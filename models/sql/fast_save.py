@@ -26,11 +26,11 @@ import peewee as pw
 
 from ..records import ChatMessage
 from .database import driver_code
+from .schema import MESSAGE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 SESSION_COLUMNS = ("session_id", "model", "status", "created_at", "updated_at", "metadata", "message_count")
-MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
 
 
 def _statement(session_table: str, message_table: str, first: str = "$1", second: str = "$2") -> str:

@@ -30,6 +30,10 @@ FIELD_TYPES: dict[str, dict[str, str]] = {
 _SQLITE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
+# The messages table's columns in the order COPY and the one-statement save write them.
+MESSAGE_COLUMNS = ("session_id", "message_id", "seq", "role", "content", "created_at", "metadata")
+
+
 class UTCDateTimeField(pw.Field):
     """A timezone-aware UTC datetime with microseconds on every dialect.
 

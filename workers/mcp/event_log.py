@@ -20,7 +20,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -306,3 +306,17 @@ class Replays:
         of the replay's last event (``None`` for any other priming event)."""
         entry = self._resumed.pop(stream_id, None)
         return entry[1] if entry is not None and entry[0] == anyio.get_current_task().id else None
+
+    async def store(
+        self, stream_id: str, message: Any, append: Callable[[str, Any], Awaitable[str]]
+    ) -> str:
+        """Store an event through ``append`` and hand it to the replays of its stream,
+        returning its id; the SDK's priming event of a stream this task has just replayed
+        is not stored (its id is the replay's last event, see :meth:`resume_cursor`)."""
+        cursor = self.resume_cursor(stream_id) if message is None else None
+        if cursor is not None:
+            return cursor
+        with self.writing(stream_id):
+            event_id = await append(stream_id, message)
+            self.stored(stream_id, event_id, message)
+        return event_id

@@ -181,13 +181,7 @@ class RedisEventStore(EventStore):
 
         The SDK's priming event of a stream just replayed is not stored (see :class:`Replays`).
         """
-        cursor = self._replays.resume_cursor(stream_id) if message is None else None
-        if cursor is not None:
-            return cursor
-        with self._replays.writing(stream_id):
-            event_id = await self._append(stream_id, message)
-            self._replays.stored(stream_id, event_id, message)
-        return event_id
+        return await self._replays.store(stream_id, message, self._append)
 
     async def _append(self, stream_id: StreamId, message: Any) -> EventId:
         session_id = self._session()

@@ -30,6 +30,7 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 
 from sessionq.models.records import utcnow
+from sessionq.models.settings import is_redis_url
 from sessionq.models.store import Store
 from sessionq.models.tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_LEASE_MS
 
@@ -73,7 +74,7 @@ class QueueExecutor:
         from sessionq.workers.producer import Producer
 
         url = settings.redis_url or settings.queue_url
-        client = redis.Redis.from_url(url) if url and url.startswith(("redis://", "rediss://", "unix://")) else None
+        client = redis.Redis.from_url(url) if is_redis_url(url) else None
         return cls(Producer(settings), client)
 
     def start(self, server: MCPServer, store: Store) -> None:
