@@ -396,7 +396,9 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     if source == destination:
         raise click.ClickException("--from and --to name the same store")
     if fan_out:
-        if legacy.layout == "legacy":
+        from sessionq.models.legacy import detect_layout
+
+        if (legacy.layout or detect_layout(app.settings.resolve_store(source), legacy)) == "legacy":
             raise click.ClickException("--fan-out reads sessionq stores only; migrate a seed-era store without it")
         if app.settings.queue_url is None:
             raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")

@@ -304,3 +304,11 @@ def test_derived_message_ids_are_stable() -> None:
                 derived_message_id("abc-123", 1, "Hello?")}) == 4
     assert json.dumps(one).isascii()
 
+
+
+def test_fan_out_refuses_a_seed_store(tmp_path: Path) -> None:
+    # Given a seed-era store (detected) and a broker: --fan-out says why it cannot, in one line
+    legacy = build_sqlite(tmp_path / "legacy.db")
+    done = cli("--redis-url", "redis://127.0.0.1:1/0", "migrate", "--from", legacy, "--to",
+               f"sqlite:///{tmp_path / 'dest.db'}", "--fan-out")
+    assert done.exit_code == 1 and "--fan-out reads sessionq stores only" in done.output, done.output

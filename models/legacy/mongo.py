@@ -39,9 +39,9 @@ from .records import (
 # Connections a legacy source keeps (reads are sequential).
 DEFAULT_LEGACY_POOL = 4
 _FOUND = "__sessionq_found"
-# The number of embedded messages, or -1 when ``messages`` is not an array.
-_COUNT = {"$cond": [{"$isArray": "$messages"}, {"$size": "$messages"}, {"$cond": [{"$ifNull": ["$messages", False]},
-                                                                                -1, 0]}]}
+# The number of embedded messages: 0 when there is no ``messages``, -1 when it is not an array.
+_MISSING_OR_BAD = {"$cond": [{"$ifNull": ["$messages", False]}, -1, 0]}
+_COUNT = {"$cond": [{"$isArray": "$messages"}, {"$size": "$messages"}, _MISSING_OR_BAD]}
 
 
 class LegacyMongoStore(LegacyStore):
