@@ -14,52 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from sessionq.models.legacy.sql import SEED_DDL
 from tests.conftest import MONGO_URL, POSTGRES_URL, service_missing
-
-#: The seed document's schema, verbatim (../shared/seeds/000_cd23fff208dcb8dc.txt, "Database Schema").
-SEED_DDL = """
--- Sessions table
-CREATE TABLE chat_sessions (
-    session_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    created_at TIMESTAMP NOT NULL,
-    updated_at TIMESTAMP NOT NULL,
-    message_count INTEGER DEFAULT 0,
-    metadata TEXT,  -- JSON
-    status TEXT DEFAULT 'active'
-);
-
--- Messages table
-CREATE TABLE chat_messages (
-    message_id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    created_at TIMESTAMP NOT NULL,
-    metadata TEXT,  -- JSON
-    FOREIGN KEY (session_id) REFERENCES chat_sessions(session_id)
-        ON DELETE CASCADE
-);
-
--- Files table
-CREATE TABLE uploaded_files (
-    file_id TEXT PRIMARY KEY,
-    gemini_file_name TEXT NOT NULL,
-    gemini_file_uri TEXT NOT NULL,
-    display_name TEXT NOT NULL,
-    size INTEGER,
-    mime_type TEXT,
-    uploaded_at TIMESTAMP NOT NULL,
-    expires_at TIMESTAMP NOT NULL,
-    metadata TEXT  -- JSON
-);
-
--- Indexes
-CREATE INDEX idx_sessions_status ON chat_sessions(status);
-CREATE INDEX idx_sessions_updated ON chat_sessions(updated_at DESC);
-CREATE INDEX idx_messages_session ON chat_messages(session_id);
-CREATE INDEX idx_files_expires ON uploaded_files(expires_at);
-"""
 
 #: Content with unicode and SQL/format metacharacters (quotes, comment, %s, ?, backslash, tab, newline).
 NASTY = "Robert'); DROP TABLE chat_sessions;-- ünïcode 😀 \"quoted\" %s %(x)s ? \\ back\tslash\nnew line"

@@ -28,6 +28,53 @@ logger = logging.getLogger(__name__)
 # Connections a legacy source keeps (reads are sequential).
 DEFAULT_LEGACY_POOL = 4
 
+#: The layout read here: the seed document's schema, verbatim (its "Database Schema"; the
+#: PostgreSQL backend used the same tables, metadata as JSONB). Tests and benchmarks build
+#: seed-era stores with it.
+SEED_DDL = """
+-- Sessions table
+CREATE TABLE chat_sessions (
+    session_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    updated_at TIMESTAMP NOT NULL,
+    message_count INTEGER DEFAULT 0,
+    metadata TEXT,  -- JSON
+    status TEXT DEFAULT 'active'
+);
+
+-- Messages table
+CREATE TABLE chat_messages (
+    message_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    metadata TEXT,  -- JSON
+    FOREIGN KEY (session_id) REFERENCES chat_sessions(session_id)
+        ON DELETE CASCADE
+);
+
+-- Files table
+CREATE TABLE uploaded_files (
+    file_id TEXT PRIMARY KEY,
+    gemini_file_name TEXT NOT NULL,
+    gemini_file_uri TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    size INTEGER,
+    mime_type TEXT,
+    uploaded_at TIMESTAMP NOT NULL,
+    expires_at TIMESTAMP NOT NULL,
+    metadata TEXT  -- JSON
+);
+
+-- Indexes
+CREATE INDEX idx_sessions_status ON chat_sessions(status);
+CREATE INDEX idx_sessions_updated ON chat_sessions(updated_at DESC);
+CREATE INDEX idx_messages_session ON chat_messages(session_id);
+CREATE INDEX idx_files_expires ON uploaded_files(expires_at);
+"""
+
 _SESSION_COLUMNS = ("session_id", "model", "created_at", "updated_at", "message_count", "metadata", "status")
 _MESSAGE_COLUMNS = ("session_id", "message_id", "role", "content", "created_at", "metadata")
 _FILE_COLUMNS = (
