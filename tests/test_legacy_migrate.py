@@ -87,8 +87,8 @@ def test_migrate_a_seed_store_to_every_backend_twice(legacy_source: str, store: 
     assert "note: chat_sessions 's-archived': message_count says 5, 2 message(s) found" in first.stderr
     assert "bad row" not in first.stderr
     assert_seed_data(store)
-    # And a second run adds nothing
-    second = migrate(legacy_source, dest, tmp_path, "--verify")
+    # And a second run (in pages of one session and one file) adds nothing
+    second = migrate(legacy_source, dest, tmp_path, "--verify", "--batch-size", "1")
     assert second.exit_code == 0, second.output
     assert "0 sessions written, 0 messages inserted, 0 files written" in second.stdout
     assert f"EQUAL: {SUMMARY}" in second.stdout
@@ -187,8 +187,8 @@ def test_bad_documents_on_mongodb(tmp_path: Path) -> None:
     ]
     source = build_mongo("sessions", extra=extra)
     dest = f"sqlite:///{tmp_path / 'dest.db'}"
-    # When migrated
-    done = migrate(source, dest, tmp_path)
+    # When migrated (in pages of one session)
+    done = migrate(source, dest, tmp_path, "--batch-size", "1")
     # Then both are named by collection and key, and the rest is migrated
     assert done.exit_code == 1, done.output
     assert "bad row: sessions 'bad-messages': messages must be an array" in done.stderr

@@ -37,11 +37,11 @@ def open_legacy(url: str, options: LegacyOptions | None = None, role: str = "sou
     from .mongo import LegacyMongoStore
     from .sql import LegacySqlStore
 
-    if storage_backend(url) is None:
+    backend = storage_backend(url)
+    if backend is None:
         raise ValidationError(f"{role} {redact_url(url)}: unsupported URL scheme")
-    store: LegacyStore = (
-        LegacyMongoStore(url, options) if storage_backend(url) == "mongodb" else LegacySqlStore(url, options)
-    )
+    kind = LegacyMongoStore if backend == "mongodb" else LegacySqlStore
+    store: LegacyStore = kind(url, options=options)
     try:
         store.ping()
     except SessionqError as exc:

@@ -49,7 +49,7 @@ class LegacyMongoStore(LegacyStore):
 
     backend = "mongodb"
 
-    def __init__(self, url: str, options: LegacyOptions | None = None) -> None:
+    def __init__(self, url: str, *, options: LegacyOptions | None = None) -> None:
         self._client = open_client(url, max_pool_size=DEFAULT_LEGACY_POOL)
         name = self._client.get_default_database(default=DEFAULT_DATABASE).name
         self._db = self._client.get_database(name, codec_options=CodecOptions())  # naive dates
@@ -87,7 +87,8 @@ class LegacyMongoStore(LegacyStore):
 
     # -- sessions ------------------------------------------------------------
 
-    def _session(self, doc: Doc) -> ChatSession | None:
+    def _session(self, row: Doc) -> ChatSession | None:
+        doc = dict(row)  # the page keeps the row: its _id is the next cursor
         key = doc.pop("_id")
         found = doc.pop(_FOUND, 0)
         try:
@@ -146,7 +147,8 @@ class LegacyMongoStore(LegacyStore):
 
     # -- files ---------------------------------------------------------------
 
-    def _file(self, doc: Doc) -> FileRecord | None:
+    def _file(self, row: Doc) -> FileRecord | None:
+        doc = dict(row)
         key = doc.pop("_id")
         try:
             if doc.setdefault("file_id", key) != key:

@@ -87,7 +87,7 @@ _FOUND = "(SELECT COUNT(*) FROM chat_messages m WHERE m.session_id = s.session_i
 class LegacySqlStore(SqlStoreBase, LegacyStore):
     """A seed-era SQLite or PostgreSQL database, read-only (see the module docs)."""
 
-    def __init__(self, url: str, options: LegacyOptions | None = None) -> None:
+    def __init__(self, url: str, *, options: LegacyOptions | None = None) -> None:
         self._db, self.backend = open_database(url, max_pool_size=DEFAULT_LEGACY_POOL)
         self._pooled = self.backend != "sqlite"
         self.location = redact_url(url)
