@@ -287,6 +287,12 @@ def test_export_all_and_backup_read_a_seed_store(tmp_path: Path) -> None:
         assert done.exit_code == 0, done.output
         with open_store(dest) as store:
             assert_seed_data(store)
+    # And a command that would make sessionq's schema in the configured SQLite file
+    # refuses to add it beside the seed-era tables, in one line
+    stats = cli("--storage-url", source, "stats")
+    assert stats.exit_code == 1 and "holds the seed-era tables (chat_sessions, chat_messages, uploaded_files)" in (
+        stats.output), stats.output
+    assert f"sessionq migrate --from {source} --to URL" in stats.output
     # And the seed-era file itself was not given sessionq tables
     import sqlite3
 

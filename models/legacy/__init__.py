@@ -28,6 +28,7 @@ __all__ = [
     "open_legacy",
     "open_source",
     "problems_of",
+    "seed_era_tables",
     "zone",
 ]
 
@@ -92,6 +93,15 @@ def open_source(url: str, options: LegacyOptions | None = None, role: str = "sou
             f"{role} {redact_url(url)}: no seed-era tables or collection found (--from-layout legacy)"
         )
     return legacy
+
+
+def seed_era_tables(store: Store) -> list[str]:
+    """The seed system's tables a SQL store's database holds (none for MongoDB)."""
+    from ..sql import SqlStore
+
+    if not isinstance(store, SqlStore):
+        return []
+    return [name for name in SQL_TABLES if store.database.table_exists(name)]
 
 
 def problems_of(store: Store) -> Problems | None:
