@@ -221,9 +221,9 @@ def test_layout_detection_and_overrides(tmp_path: Path) -> None:
     neither = migrate(empty, dest, tmp_path)
     assert neither.exit_code == 1 and neither.output.count("\n") == 1, neither.output
     assert "has neither layout: no sessionq schema" in neither.output and "chat_sessions" in neither.output
-    # --from-layout sessionq on a seed-era store: the sessionq schema is missing
+    # --from-layout sessionq on a seed-era store: it has the seed-era tables, not sessionq's
     forced = migrate(legacy, dest, tmp_path, "--from-layout", "sessionq")
-    assert forced.exit_code == 1 and "has no sessionq schema" in forced.output
+    assert forced.exit_code == 1 and "holds the seed-era tables" in forced.output
     # --from-layout legacy on a sessionq store: no seed-era tables
     assert migrate(legacy, dest, tmp_path).exit_code == 0
     wrong = migrate(dest, f"sqlite:///{tmp_path / 'other.db'}", tmp_path, "--from-layout", "legacy")
@@ -318,3 +318,13 @@ def test_fan_out_refuses_a_seed_store(tmp_path: Path) -> None:
     done = cli("--redis-url", "redis://127.0.0.1:1/0", "migrate", "--from", legacy, "--to",
                f"sqlite:///{tmp_path / 'dest.db'}", "--fan-out")
     assert done.exit_code == 1 and "--fan-out reads sessionq stores only" in done.output, done.output
+
+
+@pytest.mark.parametrize("legacy_source", LEGACY_BACKENDS, indirect=True)
+def test_a_seed_store_as_the_store_says_to_migrate_it(legacy_source: str) -> None:
+    # Given a seed-era store configured as sessionq's store: when a command needs sessionq's schema
+    done = cli("--storage-url", legacy_source, "stats")
+    # Then one line says what it holds and to migrate it (not to upgrade it, which would
+    # put sessionq's tables beside the seed system's)
+    assert done.exit_code == 1 and done.output.count("\n") == 1, done.output
+    assert "holds the seed-era tables (chat_sessions" in done.output and "sessionq migrate --from" in done.output

@@ -16,7 +16,7 @@ from ..errors import SessionqError, ValidationError
 from ..settings import redact_url, storage_backend
 from ..store import Store
 from .base import LegacyStore
-from .records import LAYOUTS, SQL_TABLES, LegacyOptions, Problems, derived_message_id, zone
+from .records import LAYOUTS, MONGO_SESSION_COLLECTIONS, SQL_TABLES, LegacyOptions, Problems, derived_message_id, zone
 
 __all__ = [
     "LAYOUTS",
@@ -96,12 +96,17 @@ def open_source(url: str, options: LegacyOptions | None = None, role: str = "sou
 
 
 def seed_era_tables(store: Store) -> list[str]:
-    """The seed system's tables a SQL store's database holds (none for MongoDB)."""
+    """The seed system's tables (MongoDB: session collections) a sessionq store's
+    database holds."""
+    from ..mongo import MongoStore
     from ..sql import SqlStore
 
-    if not isinstance(store, SqlStore):
-        return []
-    return [name for name in SQL_TABLES if store.database.table_exists(name)]
+    if isinstance(store, SqlStore):
+        return [name for name in SQL_TABLES if store.database.table_exists(name)]
+    if isinstance(store, MongoStore):
+        present = set(store.database.list_collection_names())
+        return [name for name in MONGO_SESSION_COLLECTIONS if name in present]
+    return []
 
 
 def problems_of(store: Store) -> Problems | None:
