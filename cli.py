@@ -293,6 +293,63 @@ def _per_kind(counts: dict[str, int], suffix: str = "") -> str:
     return "".join(f", {n} {name.replace('_', ' ')}{suffix}" for name, n in counts.items())
 
 
+def _zone(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from sessionq.models.legacy import zone
+
+    try:
+        return zone(value) if value else None
+    except SessionqError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_LEGACY_TZ = click.option(
+    "--legacy-tz", "legacy_tz", metavar="ZONE", callback=_zone,
+    help="Zone of the naive times of seed-era data (IANA name, e.g. Europe/Berlin; default UTC).",
+)
+_FROM_LAYOUT = click.option(
+    "--from-layout", "from_layout", type=click.Choice(["sessionq", "legacy"]),
+    help="Layout of the store read from (default: detected): sessionq's, or the seed-era tables/collection.",
+)
+_LEGACY_COLLECTION = click.option(
+    "--legacy-collection", "legacy_collection", metavar="NAME",
+    help="MongoDB collection of seed-era sessions (default: chat_sessions, else sessions).",
+)
+
+
+def legacy_tz_option(func: F) -> F:
+    """``--legacy-tz ZONE``, passed on as ``legacy_tz`` (a tzinfo or None)."""
+    return _LEGACY_TZ(func)
+
+
+def source_layout_options(func: F) -> F:
+    """``--from-layout``, ``--legacy-tz`` and ``--legacy-collection``, passed on as one
+    ``legacy`` (:class:`~sessionq.models.legacy.LegacyOptions`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, from_layout: str | None, legacy_tz: Any, legacy_collection: str | None,
+                **kwargs: Any) -> Any:
+        from datetime import UTC
+
+        from sessionq.models.legacy import LegacyOptions
+
+        kwargs["legacy"] = LegacyOptions(from_layout, legacy_tz or UTC, legacy_collection)
+        return func(*args, **kwargs)
+
+    return _FROM_LAYOUT(_LEGACY_TZ(_LEGACY_COLLECTION(wrapper)))  # type: ignore[return-value]
+
+
+def _echo_problems(store: Store) -> bool:
+    """Print what a seed-era source found (bad rows, notes) to stderr; True if a row was left out."""
+    from sessionq.models.legacy import problems_of
+
+    problems = problems_of(store)
+    if problems is None:
+        return False
+    for line in problems.lines():
+        click.echo(line, err=True)
+    return problems.bad_count > 0
+
+
 def _echo_import(report: Any, what: str) -> None:
     click.echo(
         f"{what}: read {report.sessions_read} sessions / {report.messages_read} messages"
@@ -304,6 +361,8 @@ def _echo_import(report: Any, what: str) -> None:
         click.echo(f"  rejected {line}", err=True)
     if report.error_count > len(report.errors):
         click.echo(f"  ... and {report.error_count - len(report.errors)} more", err=True)
+    for line in report.notes.lines():
+        click.echo(f"  {line}", err=True)
 
 
 @main.command("migrate")
@@ -319,12 +378,16 @@ def _echo_import(report: Any, what: str) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @click.option("--fan-out", is_flag=True,
               help="Enqueue one `migrate_batch` job per batch on the bulk queue instead (stores as @NAME, see docs).")
+@source_layout_options
 @pass_app
 @user_errors
 def migrate_command(app: App, source: str, destination: str, check: bool, batch_size: int, resume: bool,
-                    checkpoint: str, pause: float, progress: bool | None, fan_out: bool) -> None:
+                    checkpoint: str, pause: float, progress: bool | None, fan_out: bool, legacy: Any) -> None:
     """Copy every session and message, file record, transport session and agent-state
-    entry from one store to another (resumable, idempotent; the MCP event log stays)."""
+    entry from one store to another (resumable, idempotent; the MCP event log stays).
+
+    The source may also be a seed-era store (detected, or --from-layout legacy): rows
+    sessionq refuses are listed and left out (exit 1), the rest is migrated."""
     from pathlib import Path
 
     from sessionq.models.settings import redact_url
@@ -333,6 +396,10 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     if source == destination:
         raise click.ClickException("--from and --to name the same store")
     if fan_out:
+        from sessionq.models.legacy import detect_layout
+
+        if (legacy.layout or detect_layout(app.settings.resolve_store(source), legacy)) == "legacy":
+            raise click.ClickException("--fan-out reads sessionq stores only; migrate a seed-era store without it")
         if app.settings.queue_url is None:
             raise click.ClickException("--fan-out needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
         from sessionq.workers.broker import configure
@@ -348,7 +415,7 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     path = Path(checkpoint)
     if resume:
         Checkpoint.load_for(path, labels)  # refuse another migration's checkpoint before touching a store
-    with open_pair(source, destination, upgrade=True) as (src, dst):
+    with open_pair(source, destination, upgrade=True, source_options=legacy) as (src, dst):
         click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
         try:
             report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
@@ -363,12 +430,14 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
             f"in {report.seconds:.1f}s ({report.rows_per_second:.0f} rows/s); {report.sessions_written} sessions "
             f"written, {report.messages_inserted} messages inserted{_per_kind(report.kinds_written, ' written')}"
         )
+        equal = True
         if check:
             result = verify(src, dst, show_progress=progress)
             for line in describe(result, limit=DEFAULT_SHOWN_DIFFERENCES):
                 click.echo(line)
-            if not result.equal:
-                sys.exit(1)
+            equal = result.equal
+        if _echo_problems(src) or not equal:
+            sys.exit(1)
 
 
 @main.command("verify")
@@ -377,52 +446,80 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @click.option("--all", "all_", is_flag=True,
               help=f"List every difference found (default: the first {DEFAULT_SHOWN_DIFFERENCES}).")
+@source_layout_options
 @user_errors
-def verify_command(source: str, destination: str, progress: bool | None, all_: bool) -> None:
+def verify_command(source: str, destination: str, progress: bool | None, all_: bool, legacy: Any) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
-    agent state record by record and by digest); exit 1 on any difference."""
+    agent state record by record and by digest); exit 1 on any difference (or a
+    seed-era source row sessionq refuses)."""
     from sessionq.models.transfer import describe, open_pair, verify
 
-    with open_pair(source, destination) as (src, dst):
+    with open_pair(source, destination, source_options=legacy) as (src, dst):
         result = verify(src, dst, show_progress=progress)
+        bad = _echo_problems(src)
     for line in describe(result, limit=None if all_ else DEFAULT_SHOWN_DIFFERENCES):
         click.echo(line)
-    if not result.equal:
+    if bad or not result.equal:
         sys.exit(1)
+
+
+def _read_store(app: App, legacy: Any, stack: Any) -> Store:
+    """The configured store to read from: seed-era when ``--from-layout legacy`` says so
+    or it has the seed system's layout and not sessionq's, else ``app.store``."""
+    from sessionq.models.legacy import detect_layout, open_source
+
+    url = app.settings.storage_url
+    layout = legacy.layout or detect_layout(url, legacy, "store")
+    if layout != "legacy":
+        return app.store
+    store = open_source(url, legacy, "store")
+    stack.callback(store.close)
+    return store
 
 
 @main.command("export-all")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (.gz compresses).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default=None,
               help="jsonl (default) or json (default for a .json name).")
+@source_layout_options
 @pass_app
 @user_errors
-def export_all_command(app: App, output: str, fmt: str | None) -> None:
+def export_all_command(app: App, output: str, fmt: str | None, legacy: Any) -> None:
     """Export every session with its messages, file record, transport session and
-    agent-state entry from the configured store."""
+    agent-state entry from the configured store (sessionq's or seed-era layout)."""
+    from contextlib import ExitStack
     from pathlib import Path
 
     from sessionq.models.archive_io import export_file
 
-    report = export_file(app.store, Path(output), fmt)
-    click.echo(f"exported {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)} to {output}")
+    with ExitStack() as stack:
+        store = _read_store(app, legacy, stack)
+        report = export_file(store, Path(output), fmt)
+        click.echo(
+            f"exported {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)} to {output}"
+        )
+        if _echo_problems(store):
+            sys.exit(1)
 
 
 @main.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(exists=True))
+@legacy_tz_option
 @pass_app
 @user_errors
-def import_command(app: App, file: str) -> None:
-    """Import a .jsonl/.json export (optionally .gz) into the configured store; idempotent.
-    Bad records are reported with their line and the rest is imported (exit 1)."""
+def import_command(app: App, file: str, legacy_tz: Any) -> None:
+    """Import a .jsonl/.json export (optionally .gz), or every one in a folder, into the
+    configured store; idempotent. The seed system's JSON exports import too. Bad records
+    are reported with their line and the rest is imported (exit 1)."""
+    from datetime import UTC
     from pathlib import Path
 
-    from sessionq.models.archive_io import import_file
+    from sessionq.models.archive_io import import_path
 
     store = app.open_store(check_schema=False)
     store.upgrade()
-    report = import_file(store, Path(file))
-    _echo_import(report, f"imported {file}")
+    report = import_path(store, Path(file), tz=legacy_tz or UTC)
+    _echo_import(report, f"imported {file}" + (f" ({report.files} files)" if Path(file).is_dir() else ""))
     if report.error_count:
         sys.exit(1)
 
@@ -430,33 +527,44 @@ def import_command(app: App, file: str) -> None:
 @main.command("backup")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Backup directory.")
 @click.option("--keep", type=click.IntRange(min=1), default=7, show_default=True, help="Backups to keep.")
+@source_layout_options
 @pass_app
 @user_errors
-def backup_command(app: App, directory: str, keep: int) -> None:
-    """Write a timestamped, compressed backup of the configured store and keep the last N."""
+def backup_command(app: App, directory: str, keep: int, legacy: Any) -> None:
+    """Write a timestamped, compressed backup of the configured store (sessionq's or
+    seed-era layout) and keep the last N."""
+    from contextlib import ExitStack
     from pathlib import Path
 
     from sessionq.models.archive_io import backup
 
-    report = backup(app.store, Path(directory), keep=keep)
-    click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}")
-    for old in report.removed:
-        click.echo(f"removed {old}")
+    with ExitStack() as stack:
+        store = _read_store(app, legacy, stack)
+        report = backup(store, Path(directory), keep=keep)
+        click.echo(
+            f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}"
+        )
+        for old in report.removed:
+            click.echo(f"removed {old}")
+        if _echo_problems(store):
+            sys.exit(1)
 
 
 @main.command("restore")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@legacy_tz_option
 @pass_app
 @user_errors
-def restore_command(app: App, file: str) -> None:
+def restore_command(app: App, file: str, legacy_tz: Any) -> None:
     """Restore a backup (or any export) into the configured store; idempotent."""
+    from datetime import UTC
     from pathlib import Path
 
     from sessionq.models.archive_io import restore
 
     store = app.open_store(check_schema=False)
     store.upgrade()
-    report = restore(store, Path(file))
+    report = restore(store, Path(file), tz=legacy_tz or UTC)
     _echo_import(report, f"restored {file}")
     if report.error_count:
         sys.exit(1)
@@ -533,21 +641,37 @@ def enqueue() -> None:
 
 @enqueue.command("save")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
+@legacy_tz_option
 @pass_app
 @user_errors
-def enqueue_save(app: App, file: Any) -> None:
+def enqueue_save(app: App, file: Any, legacy_tz: Any) -> None:
     """Save a session from FILE.json (the `sessionq export --format json` shape; - for stdin).
 
-    With no broker configured the job runs embedded and this returns once it is stored.
+    The seed system's export documents are accepted too: one session, a list of them,
+    or {"sessions": [...], "files": [...]} (one job per session and file record).
+    With no broker configured the jobs run embedded and this returns once they are stored.
     """
+    from datetime import UTC
+
+    from sessionq.workers.payloads import export_jobs
+
     try:
         payload = json.load(file)
     except ValueError as exc:
         raise click.ClickException(f"{file.name}: not valid JSON: {exc}") from None
-    (job_id,) = _run_jobs(app, [("save_session", payload)])
-    count = len(payload.get("messages", [])) if isinstance(payload, dict) else 0
+    jobs, notes = export_jobs(payload, legacy_tz or UTC)
+    for line in notes.lines():
+        click.echo(line, err=True)
+    job_ids = _run_jobs(app, jobs)
     done = "saved" if app.settings.queue_url is None else "enqueued"
-    click.echo(f"{done} session {payload.get('session_id')} ({count} messages); job {job_id}")
+    saves = [p for name, p in jobs if name == "save_session"]
+    if len(jobs) == 1 and saves:
+        count = len(saves[0].get("messages", [])) if isinstance(saves[0], dict) else 0
+        click.echo(f"{done} session {saves[0].get('session_id')} ({count} messages); job {job_ids[0]}")
+        return
+    messages = sum(len(p["messages"]) for p in saves)
+    click.echo(f"{done} {len(saves)} sessions ({messages} messages), {len(jobs) - len(saves)} file records; "
+               f"{len(job_ids)} jobs")
 
 
 @main.command("export")

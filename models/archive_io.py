@@ -18,6 +18,14 @@ short-lived MCP event log is not exported):
   :meth:`Record.to_json` writes them. It is written and read one element at a time;
   a file holding one bare session object imports too.
 
+The seed system's JSON exports import too (:mod:`sessionq.models.legacy.records` maps
+them): one session object, a list of them, or ``{"sessions": [...], "files": [...]}``
+without the ``sessionq-json`` format marker; their sessions may carry ``message_count``
+(checked against the messages, a mismatch is a note), messages without ``message_id``
+(a deterministic id is derived), naive times (read in ``tz``, UTC by default) and
+seed-era file records (``gemini_file_name``, ``gemini_file_uri``). :func:`import_path`
+imports every export in a folder with one report.
+
 Version 1 files (sessions and messages only) import unchanged. Imports are
 idempotent (:meth:`Store.import_records`, :meth:`Store.import_kind`: an older copy
 never overwrites newer data) and validate every record: a bad record is reported
@@ -34,14 +42,15 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import IO, Any
 
 from .atomic_write import atomic_text_file
 from .errors import StoreError, StoreUnavailable, ValidationError
-from .json_stream import iter_members
-from .kinds import KINDS, RecordKind
+from .json_stream import first_char, iter_elements, iter_members
+from .kinds import FILES, KINDS, RecordKind
+from .legacy.records import Problems, is_legacy_file, legacy_export_session, legacy_file
 from .records import ChatMessage, ChatSession, Record, utcnow
 from .store import Store
 
@@ -174,12 +183,34 @@ class ImportReport:
     kinds_written: dict[str, int] = field(default_factory=_per_kind)
     error_count: int = 0
     errors: list[str] = field(default_factory=list)
+    #: Seed-era sessions whose ``message_count`` disagrees with their messages (not fatal).
+    notes: Problems = field(default_factory=Problems)
+    #: Files read (``import_path`` of a folder reads several).
+    files: int = 0
 
     def error(self, where: str, why: str) -> None:
         """Record a rejected record."""
         self.error_count += 1
         if len(self.errors) < DEFAULT_MAX_ERRORS:
             self.errors.append(f"{where}: {why}")
+
+    def merge(self, other: ImportReport, prefix: str) -> None:
+        """Add ``other``'s counts, and its errors and notes prefixed with ``prefix`` (a file name)."""
+        self.files += other.files
+        self.sessions_read += other.sessions_read
+        self.messages_read += other.messages_read
+        self.sessions_written += other.sessions_written
+        self.messages_inserted += other.messages_inserted
+        for name, count in other.kinds_read.items():
+            self.kinds_read[name] += count
+        for name, count in other.kinds_written.items():
+            self.kinds_written[name] += count
+        for line in other.errors:
+            self.error(prefix, line)
+        self.error_count += other.error_count - len(other.errors)
+        for where, what in other.notes.notes.items():
+            self.notes.note(f"{prefix}: {where}", what)
+        self.notes.note_count += other.notes.note_count - len(other.notes.notes)
 
 
 class _Importer:
@@ -302,9 +333,14 @@ def _check_header(data: Any, where: str) -> None:
         )
 
 
-def import_json(store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import a plain JSON export (or one bare session object), an element at a time."""
-    report = ImportReport()
+def import_json(
+    store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH, tz: tzinfo = UTC
+) -> ImportReport:
+    """Import a plain JSON export (or one bare session object), an element at a time.
+
+    A document without the ``sessionq-json`` format marker is read as the seed system's
+    export (see the module docs); ``tz`` is the zone of its naive times."""
+    report = ImportReport(files=1)
     importer = _Importer(store, report, batch)
     top: dict[str, Any] = {}
     found = False
@@ -316,21 +352,52 @@ def import_json(store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH)
         found = True
         numbers[section] += 1
         if section == "sessions":
-            _import_json_session(importer, numbers[section], data)
+            if top.get("format") == FORMAT_JSON:
+                _import_json_session(importer, numbers[section], data)
+            else:
+                _import_seed_session(importer, numbers[section], data, tz)
             continue
         kind = _BY_SECTION[section]
         key = data.get(kind.key_fields[0]) if isinstance(data, dict) else None
         where = f"{kind.name} #{numbers[section]}" + (f" ({key!r:.80})" if isinstance(key, str) else "")
         try:
-            importer.add(where, kind.record.from_json(data))
+            if kind is FILES and is_legacy_file(data) and top.get("format") != FORMAT_JSON:
+                importer.add(where, legacy_file(data, tz))
+            else:
+                importer.add(where, kind.record.from_json(data))
         except ValidationError as exc:
             importer.reject(where, str(exc))
     if not found and "session_id" in top:
-        _import_json_session(importer, 1, top)
+        _import_seed_session(importer, 1, top, tz)
     elif not found:
         raise ValidationError("not a sessionq JSON export: no \"sessions\" array and no session_id")
     importer.flush()
     return report
+
+
+def import_json_list(
+    store: Store, fp: IO[str], *, batch: int = DEFAULT_IMPORT_BATCH, tz: tzinfo = UTC
+) -> ImportReport:
+    """Import a JSON array of the seed system's exported sessions, one at a time."""
+    report = ImportReport(files=1)
+    importer = _Importer(store, report, batch)
+    for number, data in enumerate(iter_elements(fp), start=1):
+        _import_seed_session(importer, number, data, tz)
+    importer.flush()
+    return report
+
+
+def _import_seed_session(importer: _Importer, number: int, data: Any, tz: tzinfo) -> None:
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    where = f"session #{number}" + (f" ({sid!r:.80})" if isinstance(sid, str) else "")
+    try:
+        session, messages = legacy_export_session(data, tz, importer.report.notes, f"session #{number}")
+    except ValidationError as exc:
+        importer.reject(where, str(exc), sid if isinstance(sid, str) else None)
+        return
+    importer.add(where, session)
+    for message in messages:
+        importer.add(f"{where} message seq {message.seq}", message)
 
 
 def _import_json_session(importer: _Importer, number: int, data: Any) -> None:
@@ -369,8 +436,11 @@ def _session_from_json(data: Any) -> tuple[ChatSession, list[ChatMessage]]:
     return session, messages
 
 
-def import_file(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import ``.jsonl``/``.json`` (optionally ``.gz``); the content decides the format."""
+def import_file(
+    store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH, tz: tzinfo = UTC
+) -> ImportReport:
+    """Import ``.jsonl``/``.json`` (optionally ``.gz``); the content decides the format
+    (``tz``: the zone of a seed-era export's naive times)."""
     with open_text(path, "r") as fp:
         first = fp.readline()
         fp.seek(0)
@@ -379,8 +449,34 @@ def import_file(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH) 
         except ValueError:
             head = None
         if isinstance(head, dict) and head.get("format") == FORMAT_JSONL:
-            return import_jsonl(store, fp, batch=batch)
-        return import_json(store, fp, batch=batch)
+            report = import_jsonl(store, fp, batch=batch)
+            report.files = 1
+            return report
+        if first_char(fp) == "[":
+            return import_json_list(store, fp, batch=batch, tz=tz)
+        return import_json(store, fp, batch=batch, tz=tz)
+
+
+#: File names :func:`import_path` imports from a folder.
+IMPORT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+def import_path(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH, tz: tzinfo = UTC) -> ImportReport:
+    """Import a file, or every ``*.json``/``*.jsonl`` (optionally ``.gz``) directly in a
+    folder, in name order, into one report; a file that cannot be read at all is
+    reported as an error of that file and the others are imported."""
+    if not path.is_dir():
+        return import_file(store, path, batch=batch, tz=tz)
+    report = ImportReport()
+    for entry in sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(IMPORT_SUFFIXES)):
+        try:
+            one = import_file(store, entry, batch=batch, tz=tz)
+        except (ValidationError, OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+            report.files += 1
+            report.error(entry.name, str(exc))
+            continue
+        report.merge(one, entry.name)
+    return report
 
 
 # -- backup and restore -----------------------------------------------------------------
@@ -433,6 +529,6 @@ def backup(store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: date
     return BackupReport(path, report.sessions, report.messages, removed, report.kinds)
 
 
-def restore(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
+def restore(store: Store, path: Path, *, batch: int = DEFAULT_IMPORT_BATCH, tz: tzinfo = UTC) -> ImportReport:
     """Restore a backup or export file into ``store`` (idempotent)."""
-    return import_file(store, path, batch=batch)
+    return import_file(store, path, batch=batch, tz=tz)

@@ -1,6 +1,7 @@
 """A streaming reader for big JSON documents: the members of the top-level object,
-with chosen arrays yielded one element at a time, so that memory holds one element
-(one session with its messages, one file record, ...) whatever the file's size.
+with chosen arrays yielded one element at a time (or the elements of a top-level
+array), so that memory holds one element (one session with its messages, one file
+record, ...) whatever the file's size.
 """
 
 from __future__ import annotations
@@ -44,6 +45,31 @@ def iter_members(
         if reader.take("}"):
             return
         reader.expect(",")
+
+
+def iter_elements(fp: IO[str], *, chunk: int = DEFAULT_READ_CHUNK) -> Iterator[Any]:
+    """Yield the elements of a top-level JSON array one at a time (memory holds one
+    element). Malformed JSON raises :class:`~sessionq.models.errors.ValidationError`."""
+    reader = _JsonReader(fp, chunk)
+    reader.expect("[")
+    if reader.take("]"):
+        return
+    while True:
+        yield reader.value()
+        if reader.take("]"):
+            return
+        reader.expect(",")
+
+
+def first_char(fp: IO[str]) -> str:
+    """The first character of a text stream that is not whitespace (``""`` when there is
+    none); the stream is rewound."""
+    while True:
+        block = fp.read(DEFAULT_READ_CHUNK)
+        stripped = block.lstrip()
+        if stripped or not block:
+            fp.seek(0)
+            return stripped[:1]
 
 
 class _JsonReader:

@@ -181,10 +181,23 @@ class Store(TaskStore, abc.ABC):
         With ``create``, a store that :attr:`creates_schema` and has no schema at all yet
         is given one now instead (a SQLite file sessionq has just created); a schema that
         is behind is never upgraded here: other processes may still run the old version.
+        A store without sessionq's schema that holds the seed-era tables (or MongoDB
+        collection) is never given one, and the error says to migrate it instead: it is
+        to be migrated from, and sessionq's tables beside them would make it look like
+        a sessionq store.
         """
         current, latest = self.schema_version(), self.latest_schema_version()
         if current >= latest:
             return
+        if current == 0:
+            from .legacy import seed_era_tables
+
+            found = seed_era_tables(self)
+            if found:
+                raise SchemaOutdated(
+                    f"store {self.location} holds the seed-era tables ({', '.join(found)}), not sessionq's: "
+                    f"migrate them into a sessionq store (`sessionq migrate --from {self.location} --to URL`)"
+                )
         if current == 0 and create and self.creates_schema:
             logger.info("creating the sessionq schema in %s", self.location)
             self.upgrade()

@@ -45,6 +45,7 @@ from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationE
 
 from .atomic_write import atomic_text_file
 from .kinds import KINDS
+from .legacy.records import LegacyOptions
 from .records import ChatMessage, ChatSession
 from .settings import redact_url
 from .store import Store
@@ -76,12 +77,19 @@ def open_url(url: str, role: str) -> Store:
 
 
 @contextmanager
-def open_pair(source: str, destination: str, *, upgrade: bool = False) -> Iterator[tuple[Store, Store]]:
+def open_pair(
+    source: str, destination: str, *, upgrade: bool = False, source_options: LegacyOptions | None = None
+) -> Iterator[tuple[Store, Store]]:
     """Open and ping the stores at ``source`` and ``destination`` (see :func:`open_url`),
     check their schemas (:class:`~sessionq.errors.SchemaOutdated` names the role), or
-    bring the destination's up to date if ``upgrade``, and close both at the end."""
+    bring the destination's up to date if ``upgrade``, and close both at the end.
+
+    The source is read in its layout (:func:`sessionq.models.legacy.open_source`: a
+    sessionq store or a seed-era one, as ``source_options`` says or as detected)."""
+    from .legacy import open_source
+
     with ExitStack() as stack:
-        src = open_url(source, "source")
+        src = open_source(source, source_options)
         stack.callback(src.close)
         dst = open_url(destination, "destination")
         stack.callback(dst.close)

@@ -16,7 +16,8 @@ Deadlines (``expires_at``) may lie further ahead; a grace window ends at most
 :data:`DEFAULT_MAX_GRACE_SECONDS` after that.
 
 The save payload is exactly what ``sessionq export --format json`` writes, so an
-export can be enqueued again unchanged.
+export can be enqueued again unchanged; :func:`export_jobs` turns the seed system's
+export documents into save payloads (``sessionq enqueue save``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
 from sessionq.models.errors import ConfigError, ValidationError
 from sessionq.models.kinds import KINDS, kind_named
+from sessionq.models.legacy.records import Problems, is_legacy_file, legacy_export_session, legacy_file
 from sessionq.models.records import (
     AgentState,
     ChatMessage,
@@ -284,6 +286,69 @@ def save_payload(session: ChatSession, messages: Sequence[ChatMessage] = ()) -> 
         "metadata": session.metadata,
         "messages": [message_payload(m) for m in messages],
     }
+
+
+def _naive(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return datetime.fromisoformat(value).tzinfo is None
+    except ValueError:
+        return False
+
+
+def is_seed_export(document: Any) -> bool:
+    """True for a document in the shape the seed system exported rather than a save
+    payload: a list of sessions, ``{"sessions": [...]}``, or a session with
+    ``message_count``, a message without ``message_id`` or a time without a zone."""
+    if isinstance(document, list):
+        return True
+    if not isinstance(document, Mapping):
+        return False
+    if "sessions" in document or "message_count" in document:
+        return True
+    if any(_naive(document.get(name)) for name in ("created_at", "updated_at")):
+        return True
+    items = document.get("messages")
+    return isinstance(items, list) and any(
+        isinstance(m, Mapping) and ("message_id" not in m or _naive(m.get("created_at"))) for m in items
+    )
+
+
+def export_jobs(document: Any, tz: tzinfo = UTC) -> tuple[list[tuple[str, Any]], Problems]:
+    """The jobs that store an export document: a save payload as it is, or every session
+    (``save_session``) and file record (``save_file``) of a seed-era export
+    (:func:`is_seed_export`; naive times read in ``tz``) converted as
+    ``sessionq import`` converts them; and what the conversion noted (a wrong
+    ``message_count``). Raises :class:`InvalidPayload` for a record that cannot be converted."""
+    problems = Problems()
+    if not is_seed_export(document):
+        return [("save_session", document)], problems
+    if isinstance(document, list):
+        sessions, files = document, []
+    elif "sessions" in document:
+        sessions, files = document.get("sessions"), document.get("files", [])
+    else:
+        sessions, files = [document], []
+    if not isinstance(sessions, list) or not isinstance(files, list):
+        raise InvalidPayload("sessions and files must be JSON arrays")
+    jobs: list[tuple[str, Any]] = []
+    try:
+        for number, data in enumerate(sessions, start=1):
+            try:
+                session, messages = legacy_export_session(data, tz, problems, f"session #{number}")
+            except ValidationError as exc:
+                raise ValidationError(f"session #{number}: {exc}") from None
+            jobs.append(("save_session", save_payload(session, messages)))
+        for number, data in enumerate(files, start=1):
+            try:
+                record = legacy_file(data, tz) if is_legacy_file(data) else FileRecord.from_json(data)
+            except ValidationError as exc:
+                raise ValidationError(f"file #{number}: {exc}") from None
+            jobs.append(("save_file", record.to_json()))
+    except ValidationError as exc:
+        raise InvalidPayload(str(exc)) from None
+    return jobs, problems
 
 
 def message_payload(message: ChatMessage) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .events_bench import bench_event_store
 from .harness import Result, print_table, write_json
+from .legacy_bench import bench_legacy_migrate
 from .queue_bench import bench_drain, bench_enqueue
 from .store_bench import bench_append_cost, bench_purge
 from .tasks_bench import bench_tasks
@@ -23,6 +24,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "L1": bench_legacy_migrate,  # seed-era store migration vs sessionq's
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
