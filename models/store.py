@@ -142,6 +142,71 @@ class StoreStats:
         }
 
 
+#: Metadata keys :class:`SessionQuery` can match (a Mongo field path must not hold dots).
+METADATA_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+# Characters of an id prefix, a metadata key or value a search accepts.
+_MAX_SEARCH_TEXT = 255
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """What :meth:`Store.search_sessions` looks for; every given field must match.
+
+    ``id_prefix`` matches the start of ``session_id`` (case-sensitive); ``metadata``
+    pairs match string values exactly (``{"team": "ops"}`` finds ``"team": "ops"``, not
+    ``"team": ["ops"]``); ``updated_after``/``updated_before`` bound ``updated_at``
+    strictly. Raises :class:`~sessionq.models.errors.ValidationError` for a status
+    that no session can have, a metadata key outside ``[A-Za-z0-9_-]`` or an
+    over-long text.
+    """
+
+    id_prefix: str | None = None
+    model: str | None = None
+    status: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+
+    def __post_init__(self) -> None:
+        from .records import SESSION_STATUSES
+
+        if self.status is not None and self.status not in SESSION_STATUSES:
+            choices = ", ".join(sorted(SESSION_STATUSES))
+            raise ValidationError(f"status must be one of {choices}; got {self.status!r:.40}")
+        for key, value in self.metadata:
+            if not key or not set(key) <= METADATA_KEY_CHARS or len(key) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"metadata key must be letters, digits, '_' or '-'; got {key!r:.40}")
+            if len(value) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"metadata value for {key!r} is longer than {_MAX_SEARCH_TEXT} characters")
+        for name in ("id_prefix", "model"):
+            text = getattr(self, name)
+            if text is not None and len(text) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"{name} is longer than {_MAX_SEARCH_TEXT} characters")
+
+    def statuses(self) -> list[str]:
+        """The statuses searched: the one asked for, else every status (sorted)."""
+        from .records import SESSION_STATUSES
+
+        return [self.status] if self.status is not None else sorted(SESSION_STATUSES)
+
+
+def session_cursor(session: ChatSession) -> str:
+    """The :meth:`Store.search_sessions` cursor after ``session``: its ``updated_at`` and id."""
+    return f"{session.updated_at.isoformat()}|{session.session_id}"
+
+
+def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
+    """``(updated_at, session_id)`` of a :func:`session_cursor`; ValidationError if malformed."""
+    stamp, sep, session_id = cursor.partition("|")
+    try:
+        at = datetime.fromisoformat(stamp)
+    except ValueError:
+        at = None
+    if not sep or at is None or at.tzinfo is None:
+        raise ValidationError(f"not a session search cursor: {cursor!r:.60}")
+    return at, session_id
+
+
 class Store(TaskStore, abc.ABC):
     """A durable home for sessions, messages, files, transport sessions, agent state,
     MCP event logs and MCP tasks (:class:`~sessionq.models.tasks.TaskStore`). Backends
@@ -276,6 +341,34 @@ class Store(TaskStore, abc.ABC):
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def search_sessions(
+        self, query: SessionQuery, *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> Page[ChatSession]:
+        """A keyset page of the sessions matching ``query``, newest first: ordered by
+        ``updated_at`` descending, then ``session_id`` descending; ``next_cursor`` (a
+        :func:`session_cursor`) continues after the page's last session.
+
+        Each status is read on its own (:meth:`_search_status`, a walk down the
+        ``(status, updated_at)`` index) and the pages are merged, so a page costs
+        O(page) index reads when the other filters match often; nothing is counted.
+        Raises :class:`~sessionq.models.errors.ValidationError` for a bad cursor.
+        """
+        after = parse_session_cursor(cursor) if cursor else None
+        found: list[ChatSession] = []
+        for status in query.statuses():
+            found.extend(self._search_status(status, query, after, limit + 1))
+        found.sort(key=lambda s: (s.updated_at, s.session_id), reverse=True)
+        items = found[:limit]
+        return Page(items, session_cursor(items[-1]) if len(found) > limit else None)
+
+    @abc.abstractmethod
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ChatSession]:
+        """Up to ``limit`` sessions of ``status`` matching ``query`` (its status aside),
+        newest first as in :meth:`search_sessions`, strictly after ``after``
+        (``(updated_at, session_id)``) in that order."""
 
     @abc.abstractmethod
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -22,6 +22,7 @@ There are no multi-document transactions; concurrency is made safe by the indexe
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -34,6 +35,7 @@ from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
     PendingWrite,
+    SessionQuery,
     SessionWrite,
     WriteResult,
     check_message_owners,
@@ -355,6 +357,31 @@ class MongoRecords(MongoStoreBase):
         docs = list(self._sessions.find(query).sort("_id", ASCENDING).limit(limit + 1))
         items = [self._to_session(doc) for doc in docs[:limit]]
         return Page(items, items[-1].session_id if len(docs) > limit else None)
+
+    @translate_errors
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ChatSession]:
+        """See :meth:`Store._search_status`: one walk down the ``status_updated`` index."""
+        clauses: list[Doc] = [{"status": status}]
+        if query.id_prefix:
+            # Strings compare by UTF-8 bytes: the prefix is an _id range; the regex keeps it exact.
+            prefix = query.id_prefix
+            clauses.append({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff", "$regex": "^" + re.escape(prefix)}})
+        if query.model is not None:
+            clauses.append({"model": query.model})
+        for key, value in query.metadata:
+            # $expr compares the value itself: a plain match would also find arrays holding it.
+            clauses.append({"$expr": {"$eq": [f"$metadata.{key}", value]}})
+        if query.updated_after is not None:
+            clauses.append({"updated_at": {"$gt": to_us(query.updated_after)}})
+        if query.updated_before is not None:
+            clauses.append({"updated_at": {"$lt": to_us(query.updated_before)}})
+        if after is not None:
+            at, session_id = to_us(after[0]), after[1]
+            clauses.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
+        found = self._sessions.find({"$and": clauses}).sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
+        return [self._to_session(doc) for doc in found.limit(limit)]
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

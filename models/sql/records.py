@@ -22,6 +22,7 @@ from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
     PendingWrite,
+    SessionQuery,
     SessionWrite,
     WriteResult,
     check_message_owners,
@@ -345,6 +346,47 @@ class SqlRecords(SqlStoreBase):
         rows = list(query.order_by(S.session_id).limit(limit + 1).dicts())
         items = [self._to_session(row) for row in rows[:limit]]
         return Page(items, items[-1].session_id if len(rows) > limit else None)
+
+    def _metadata_equals(self, key: str, value: str) -> pw.Node:
+        """SQL true when the metadata value at ``key`` is the string ``value``."""
+        p = self._db.param
+        if self.backend == "postgresql":
+            return pw.SQL(f"jsonb_typeof(metadata::jsonb -> {p}) = 'string' AND (metadata::jsonb ->> {p}) = {p}",
+                          (key, key, value))
+        path = f'$."{key}"'  # keys are [A-Za-z0-9_-] (SessionQuery checks), so nothing to escape
+        if self.backend == "mysql":
+            return pw.SQL(f"JSON_TYPE(JSON_EXTRACT(metadata, {p})) = 'STRING' "
+                          f"AND BINARY JSON_UNQUOTE(JSON_EXTRACT(metadata, {p})) = BINARY {p}", (path, path, value))
+        return pw.SQL(f"json_type(metadata, {p}) = 'text' AND json_extract(metadata, {p}) = {p}", (path, path, value))
+
+    @translate_errors
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ChatSession]:
+        """See :meth:`Store._search_status`: one walk down the ``(status, updated_at)`` index."""
+        S = self.m.Session
+        select = S.select().where(S.status == status)
+        if query.id_prefix:
+            # Ids compare by code point on every backend (binary collations), so the
+            # prefix is a primary-key range; the substring test keeps it exact.
+            prefix = query.id_prefix
+            select = select.where(
+                (S.session_id >= prefix) & (S.session_id < prefix + "\U0010ffff")
+                & (pw.fn.SUBSTR(S.session_id, 1, len(prefix)) == prefix)
+            )
+        if query.model is not None:
+            select = select.where(S.model == query.model)
+        for key, value in query.metadata:
+            select = select.where(self._metadata_equals(key, value))
+        if query.updated_after is not None:
+            select = select.where(S.updated_at > query.updated_after)
+        if query.updated_before is not None:
+            select = select.where(S.updated_at < query.updated_before)
+        if after is not None:
+            at, session_id = after
+            select = select.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
+        rows = select.order_by(S.updated_at.desc(), S.session_id.desc()).limit(limit).dicts()
+        return [self._to_session(row) for row in rows]
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:
