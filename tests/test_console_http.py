@@ -1,0 +1,183 @@
+"""The ops console over plain HTTP (no browser): who gets in, CSRF, and what each page
+shows, against the real PostgreSQL store and Redis. The browser walk-through is in
+tests/test_console_browser.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from sessionq.models import Settings, Store
+from sessionq.workers.http import create_app
+from sessionq.workers.job_rates import RateRecorder, read_rates
+from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, session
+from tests.support_http import ServerThread
+from tests.support_jobs import push_raw
+
+TOKEN = "console-test-token-0123456789"
+
+
+def settings(**overrides: Any) -> Settings:
+    """Settings for the isolated services, with the test token."""
+    values: dict[str, Any] = {"storage_url": POSTGRES_URL, "redis_url": REDIS_URL, "api_token": TOKEN}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token a page's forms carry."""
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html[:500]
+    return found.group(1)
+
+
+def sign_in(client: httpx.Client) -> None:
+    """Sign ``client`` in through the form."""
+    page = client.get("/ui/signin")
+    answer = client.post("/ui/signin?next=/ui/sessions", data={"csrf": csrf_of(page.text), "token": TOKEN})
+    assert answer.status_code == 303 and answer.headers["location"] == "/ui/sessions"
+
+
+def dead_letter(client: Any, *, actor: str = "append_messages", arg: Any = None) -> str:
+    """Dead-letter one message the way Dramatiq does; return its Redis id."""
+    push_raw(client, [(actor, arg if arg is not None else {"session_id": "nope", "messages": []})])
+    rid = client.lpop("dramatiq:sessions").decode()
+    data = json.loads(client.hget("dramatiq:sessions.msgs", rid))
+    data["options"].update(dead_letter_reason="SessionNotReady: session 'nope' does not exist (yet)", retries=2)
+    client.hdel("dramatiq:sessions.msgs", rid)
+    client.zadd("dramatiq:sessions.XQ", {rid: time.time() * 1000})
+    client.hset("dramatiq:sessions.XQ.msgs", rid, json.dumps(data))
+    return rid
+
+
+@pytest.fixture
+def server(pg_store: Store, redis_client: Any) -> Any:
+    with ServerThread(create_app(settings(), store=pg_store, redis_client=redis_client)) as running:
+        yield running
+
+
+def test_pages_need_sign_in_and_the_cookie_is_httponly_strict(server: ServerThread) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        for path in ("/ui/", "/ui/sessions?status=active", "/ui/dead-letters", "/ui/mcp"):
+            answer = client.get(path)
+            assert answer.status_code == 303
+            assert answer.headers["location"].startswith("/ui/signin?next=")
+        wrong = client.post("/ui/signin", data={"csrf": csrf_of(client.get("/ui/signin").text), "token": "guess"})
+        assert wrong.status_code == 401 and "Wrong token" in wrong.text
+        page = client.get("/ui/signin")
+        answer = client.post("/ui/signin?next=/ui/mcp", data={"csrf": csrf_of(page.text), "token": TOKEN})
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/mcp"
+        cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith("sessionq_console="))
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
+        assert client.get("/ui/mcp").status_code == 200
+        # A tampered cookie is no sign-in.
+        value = client.cookies.get("sessionq_console")
+        client.cookies.set("sessionq_console", value[:-2] + ("AA" if not value.endswith("AA") else "BB"), path="/ui")
+        assert client.get("/ui/mcp").status_code == 303
+
+
+def test_sign_in_never_redirects_off_the_console(server: ServerThread) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        page = client.get("/ui/signin")
+        answer = client.post("/ui/signin?next=//evil.example/", data={"csrf": csrf_of(page.text), "token": TOKEN})
+        assert answer.headers["location"] == "/ui/"
+
+
+def test_forged_posts_without_the_csrf_token_are_refused(server: ServerThread, redis_client: Any) -> None:
+    rid = dead_letter(redis_client)
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        forged = [
+            {"id": rid},  # no token
+            {"id": rid, "csrf": "made-up"},  # a token that is not this client's
+        ]
+        for form in forged:
+            answer = client.post("/ui/dead-letters/requeue", data=form)
+            assert answer.status_code == 403 and "CSRF" in answer.text
+        assert client.post("/ui/dead-letters/purge", data={}).status_code == 403
+        # Another browser's valid token does not work with this client's cookie either.
+        with httpx.Client(base_url=server.url) as other:
+            other_token = csrf_of(other.get("/ui/signin").text)
+        assert client.post("/ui/dead-letters/requeue", data={"id": rid, "csrf": other_token}).status_code == 403
+        assert redis_client.zscore("dramatiq:sessions.XQ", rid) is not None  # nothing happened
+        # The page's own token works.
+        token = csrf_of(client.get("/ui/dead-letters").text)
+        done = client.post("/ui/dead-letters/requeue", data={"id": rid, "csrf": token})
+        assert done.status_code == 303 and "requeued+1+job" in done.headers["location"]
+    assert redis_client.zscore("dramatiq:sessions.XQ", rid) is None
+    assert redis_client.lrange("dramatiq:sessions", 0, -1) == [rid.encode()]
+
+
+def test_without_a_token_only_loopback_clients_get_in(pg_store: Store, redis_client: Any) -> None:
+    app = create_app(settings(api_token=None), store=pg_store, redis_client=redis_client)
+    with TestClient(app, client=("203.0.113.7", 40000), follow_redirects=False) as remote:
+        assert remote.get("/ui/").status_code == 403
+        assert remote.get("/ui/sessions").status_code == 403
+        assert remote.post("/ui/dead-letters/purge", data={}).status_code == 403
+    with TestClient(app, client=("127.0.0.1", 40000), follow_redirects=False) as local:
+        assert local.get("/ui/").status_code == 200
+        assert local.get("/ui/signin").status_code == 303  # nothing to sign in to
+        assert local.post("/ui/dead-letters/purge", data={}).status_code == 403  # CSRF still applies
+
+
+def test_dead_letter_payload_is_shown_with_secrets_redacted(server: ServerThread, redis_client: Any) -> None:
+    arg = {"session_id": "nope", "messages": [], "metadata": {"note": "password=hunter2 token: abc123def"}}
+    rid = dead_letter(redis_client, arg=arg)
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        listing = client.get("/ui/dead-letters?actor=append_messages&reason=notready")
+        assert rid in listing.text and "SessionNotReady" in listing.text
+        assert rid not in client.get("/ui/dead-letters?reason=something-else").text
+        page = client.get(f"/ui/dead-letters/{rid}")
+        assert page.status_code == 200
+        assert "hunter2" not in page.text and "abc123def" not in page.text
+        assert "password=***" in page.text and "nope" in page.text
+        assert "<dd>3</dd>" in page.text  # attempts: two retries after the first delivery
+
+
+def test_session_search_deep_link_keyset_pages_and_downloads(server: ServerThread, pg_store: Store) -> None:
+    for i in range(60):
+        pg_store.save_session(session(f"s{i:03d}", at=T0.replace(minute=i % 60), metadata={"team": f"t{i % 3}"}),
+                              messages(f"s{i:03d}", 2))
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        first = client.get("/ui/sessions", params={"meta": "team=t1"})
+        ids = re.findall(r'href="/ui/sessions/(s\d+)"', first.text)
+        assert ids == [f"s{i:03d}" for i in range(58, -1, -3)]  # 20 matches, newest first, one page
+        assert 'rel="next"' not in first.text
+        everyone = client.get("/ui/sessions")
+        assert len(re.findall(r'href="/ui/sessions/(s\d+)"', everyone.text)) == 50
+        older = re.search(r'href="([^"]+)" rel="next"', everyone.text).group(1).replace("&amp;", "&")
+        rest = re.findall(r'href="/ui/sessions/(s\d+)"', client.get(older).text)
+        assert rest == [f"s{i:03d}" for i in range(9, -1, -1)]
+        bad = client.get("/ui/sessions", params={"meta": "team"})
+        assert bad.status_code == 200 and "key=value" in bad.text
+        markdown = client.get("/ui/sessions/s007/export.md")
+        assert markdown.status_code == 200 and markdown.text.startswith("# Session s007")
+        assert 'filename="s007.md"' in markdown.headers["content-disposition"]
+        as_json = client.get("/ui/sessions/s007/export.json").json()
+        assert as_json["session_id"] == "s007" and len(as_json["messages"]) == 2
+        assert client.get("/ui/sessions/missing/export.md").status_code == 404
+
+
+def test_job_rates_add_up_across_recorders(redis_client: Any) -> None:
+    now = time.time()
+    first, second = RateRecorder(redis_client), RateRecorder(redis_client)
+    for _ in range(6):
+        first.count("ok", at=now)
+    second.count("ok", at=now - 60)
+    second.count("dead", at=now - 60)
+    second.count("retry", at=now - 600)  # outside a five-minute window
+    first.flush()
+    second.flush()
+    second.flush()  # nothing pending: adds nothing
+    rates = read_rates(redis_client, 5, now)
+    assert rates.by_outcome == {"ok": 7, "dead": 1}
+    assert rates.failure_rate == pytest.approx(1 / 8)
+    assert 240 < rates.seconds <= 300 and rates.per_second == pytest.approx(8 / rates.seconds)
