@@ -192,7 +192,7 @@ class SessionQuery:
 
 def session_cursor(session: ChatSession) -> str:
     """The :meth:`Store.search_sessions` cursor after ``session``: its ``updated_at`` and id."""
-    return f"{session.updated_at.isoformat()}|{session.session_id}"
+    return f"{session.last_activity.isoformat()}|{session.session_id}"
 
 
 def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
@@ -358,7 +358,7 @@ class Store(TaskStore, abc.ABC):
         found: list[ChatSession] = []
         for status in query.statuses():
             found.extend(self._search_status(status, query, after, limit + 1))
-        found.sort(key=lambda s: (s.updated_at, s.session_id), reverse=True)
+        found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
         items = found[:limit]
         return Page(items, session_cursor(items[-1]) if len(found) > limit else None)
 

@@ -36,7 +36,7 @@ class DeadLetter:
     dead_lettered_at: datetime
     reason: str
     args: list[Any]
-    #: Deliveries it had: one plus the retries the Retries middleware made.
+    #: Deliveries that failed (Dramatiq's ``retries`` option counts each failure; at least 1).
     attempts: int = 1
     #: When it was first enqueued (Dramatiq's ``message_timestamp``), if recorded.
     enqueued_at: datetime | None = None
@@ -101,7 +101,7 @@ class DeadLetters:
                         options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"
                     ),
                     args=list(data.get("args", [])),
-                    attempts=int(options.get("retries", 0) or 0) + 1,
+                    attempts=max(int(options.get("retries", 0) or 0), 1),
                     enqueued_at=(datetime.fromtimestamp(data["message_timestamp"] / 1000, UTC)
                                  if isinstance(data.get("message_timestamp"), int | float) else None),
                     kwargs=data.get("kwargs") or None,

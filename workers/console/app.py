@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -386,7 +386,7 @@ class Console:
         spool = tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")  # noqa: SIM115
 
         def export() -> None:
-            write_export(self.health.store, session_id, fmt, spool)
+            write_export(self.health.store, session_id, fmt, cast(TextIO, spool))
             spool.seek(0)
 
         try:
