@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from sessionq.models import Settings, Store
+from sessionq.models import Settings, Store, TransportSession, utcnow
+from sessionq.models.tasks import McpTask, new_task_id
 from sessionq.workers.http import create_app
 from sessionq.workers.job_rates import RateRecorder, read_rates
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, session
@@ -183,3 +185,28 @@ def test_job_rates_add_up_across_recorders(redis_client: Any) -> None:
     assert rates.by_outcome == {"ok": 7, "dead": 1}
     assert rates.failure_rate == pytest.approx(1 / 8)
     assert 240 < rates.seconds <= 300 and rates.per_second == pytest.approx(8 / rates.seconds)
+
+
+def test_mcp_page_lists_tasks_and_transports_and_cancels_through_the_task_admin(
+    server: ServerThread, pg_store: Store, redis_client: Any
+) -> None:
+    then = utcnow() - timedelta(hours=1)
+    queued = pg_store.create_task(McpTask(new_task_id(), "tool_queued", owner="owner-digest-0123456789abcdef",
+                                          created_at=then, lease_until=then, expires_at=then + timedelta(days=1)))
+    done = pg_store.create_task(McpTask(new_task_id(), "tool_done", owner="o", created_at=then, lease_until=then,
+                                        expires_at=then + timedelta(days=1)))
+    pg_store.claim_task(done.task_id, 0, "w1", then, then + timedelta(seconds=30))
+    pg_store.finish_task(done.task_id, "w1", then, result={"content": []})
+    pg_store.register_transport(TransportSession("mcp-live", created_at=T0, last_heartbeat=T0))
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        page = client.get("/ui/mcp")
+        assert "mcp-live" in page.text and "tool_queued" in page.text and "owner-digest" in page.text
+        assert "owner-digest-0123456789abcdef" not in page.text  # the owner hash is shortened
+        assert client.get("/ui/mcp?task_status=completed").text.count("tool_") == 1
+        # A finished task offers no cancel; the queued one does, and cancelling it works.
+        assert f"/ui/mcp/tasks/{done.task_id}/cancel" not in page.text
+        answer = client.post(f"/ui/mcp/tasks/{queued.task_id}/cancel", data={"csrf": csrf_of(page.text)})
+        assert answer.status_code == 303 and "cancelled" in answer.headers["location"]
+    assert pg_store.load_task(queued.task_id).status == "cancelled"
+    assert pg_store.load_task(done.task_id).status == "completed"
