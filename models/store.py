@@ -58,6 +58,8 @@ R = TypeVar("R", bound=Record)
 DEFAULT_SWEEP_BATCH_SIZE = 1000
 # Rows per keyset page when listing or streaming.
 DEFAULT_PAGE_SIZE = 500
+# Sessions of one status a search page examines at most (see Store.search_sessions).
+DEFAULT_SEARCH_SCAN = 5000
 
 SessionWrite = tuple[ChatSession, Sequence[ChatMessage]]
 #: One write as backends process it: (session to upsert or None for an append, session id, messages).
@@ -343,32 +345,54 @@ class Store(TaskStore, abc.ABC):
             cursor = page.next_cursor
 
     def search_sessions(
-        self, query: SessionQuery, *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+        self,
+        query: SessionQuery,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+        scan_limit: int = DEFAULT_SEARCH_SCAN,
     ) -> Page[ChatSession]:
         """A keyset page of the sessions matching ``query``, newest first: ordered by
         ``updated_at`` descending, then ``session_id`` descending; ``next_cursor`` (a
-        :func:`session_cursor`) continues after the page's last session.
+        :func:`session_cursor`) continues after the page, ``None`` once nothing is left.
 
-        Each status is read on its own (:meth:`_search_status`, a walk down the
-        ``(status, updated_at)`` index) and the pages are merged, so a page costs
-        O(page) index reads when the other filters match often; nothing is counted.
-        Raises :class:`~sessionq.models.errors.ValidationError` for a bad cursor.
+        A page costs bounded work whatever the filters: each status is read on its own
+        (:meth:`_search_status`, a walk down the ``(status, updated_at)`` index that
+        examines at most ``scan_limit`` sessions), and the page ends where the walks
+        examined everything newer. So a filter that matches rarely (metadata, model) may
+        give a page with fewer than ``limit`` sessions, or none, and a ``next_cursor`` to
+        continue from; reading on until ``next_cursor`` is ``None`` finds every match
+        exactly once. Nothing is counted. Raises
+        :class:`~sessionq.models.errors.ValidationError` for a bad cursor.
         """
         after = parse_session_cursor(cursor) if cursor else None
+        scan = max(scan_limit, limit + 1)
         found: list[ChatSession] = []
+        frontier: tuple[datetime, str] | None = None  # everything newer has been examined
         for status in query.statuses():
-            found.extend(self._search_status(status, query, after, limit + 1))
+            items, reached = self._search_status(status, query, after, limit + 1, scan)
+            found.extend(items)
+            if reached is not None and (frontier is None or reached > frontier):
+                frontier = reached
+        if frontier is not None:
+            found = [s for s in found if (s.last_activity, s.session_id) >= frontier]
         found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
-        items = found[:limit]
-        return Page(items, session_cursor(items[-1]) if len(found) > limit else None)
+        if len(found) > limit:
+            return Page(found[:limit], session_cursor(found[limit - 1]))
+        if frontier is None:
+            return Page(found, None)
+        return Page(found, f"{frontier[0].isoformat()}|{frontier[1]}")
 
     @abc.abstractmethod
     def _search_status(
-        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
-    ) -> list[ChatSession]:
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
         """Up to ``limit`` sessions of ``status`` matching ``query`` (its status aside),
         newest first as in :meth:`search_sessions`, strictly after ``after``
-        (``(updated_at, session_id)``) in that order."""
+        (``(updated_at, session_id)``) in that order, looking at no more than the next
+        ``scan`` sessions of that status in the index (those the id prefix and
+        ``updated_at`` window select). Returns them and how far the walk got: the key of
+        the last session it examined, or ``None`` when none is left after the result."""
 
     @abc.abstractmethod
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

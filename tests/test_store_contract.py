@@ -170,11 +170,11 @@ def test_list_sessions_filters_and_keyset_pages(store: Store) -> None:
     assert after.next_cursor is None
 
 
-def _search_all(store: Store, query: SessionQuery, page_size: int) -> list[str]:
+def _search_all(store: Store, query: SessionQuery, page_size: int, scan: int = 1000) -> list[str]:
     out: list[str] = []
     cursor: str | None = None
     while True:
-        page = store.search_sessions(query, limit=page_size, cursor=cursor)
+        page = store.search_sessions(query, limit=page_size, cursor=cursor, scan_limit=scan)
         assert len(page.items) <= page_size
         out.extend(s.session_id for s in page.items)
         if page.next_cursor is None:
@@ -208,6 +208,18 @@ def test_search_sessions_filters_newest_first_in_keyset_pages(store: Store) -> N
     assert _search_all(store, window, 2) == ["ac-6", "ac-5", "ab-4", "ab-3"]
     both = SessionQuery(status="active", id_prefix="ac", metadata=(("team", "dev"),), updated_after=T0)
     assert _search_all(store, both, 1) == ["ac-6"]
+    # A page examines a bounded number of sessions per status: rare matches come in short
+    # (even empty) pages with a cursor, and reading on still finds each match exactly once.
+    rare = SessionQuery(metadata=(("team", "ops"),))
+    for size, scan in ((1, 1), (3, 2)):
+        assert _search_all(store, rare, size, scan) == ["ac-7", "ac-5", "ab-3", "ab-1"]
+        assert _search_all(store, SessionQuery(), size, scan) == everything
+        assert _search_all(store, window, size, scan) == ["ac-6", "ac-5", "ab-4", "ab-3"]
+    # The three newest active sessions hold one m-small: a short page, and more after it.
+    short = store.search_sessions(SessionQuery(model="m-small"), limit=2, scan_limit=3)
+    assert [s.session_id for s in short.items] == ["ac-6"] and short.next_cursor is not None
+    rest = store.search_sessions(SessionQuery(model="m-small"), limit=10, cursor=short.next_cursor)
+    assert [s.session_id for s in rest.items] == ["ac-5", "ab-4", "ab-3", "ab-2", "ab-1", "ab-0"]
 
 
 def test_search_sessions_rejects_bad_queries(store: Store) -> None:

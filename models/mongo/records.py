@@ -360,28 +360,42 @@ class MongoRecords(MongoStoreBase):
 
     @translate_errors
     def _search_status(
-        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
-    ) -> list[ChatSession]:
-        """See :meth:`Store._search_status`: one walk down the ``status_updated`` index."""
-        clauses: list[Doc] = [{"status": status}]
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
+        """See :meth:`Store._search_status`: two walks down the ``status_updated`` index, one
+        to find where ``scan`` sessions end, one for the matches above that point."""
+        newest_first = [("updated_at", DESCENDING), ("_id", DESCENDING)]
+        walk: list[Doc] = [{"status": status}]
         if query.id_prefix:
             # Strings compare by UTF-8 bytes: the prefix is an _id range; the regex keeps it exact.
             prefix = query.id_prefix
-            clauses.append({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff", "$regex": "^" + re.escape(prefix)}})
-        if query.model is not None:
-            clauses.append({"model": query.model})
-        for key, value in query.metadata:
-            # $expr compares the value itself: a plain match would also find arrays holding it.
-            clauses.append({"$expr": {"$eq": [f"$metadata.{key}", value]}})
+            walk.append({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff", "$regex": "^" + re.escape(prefix)}})
         if query.updated_after is not None:
-            clauses.append({"updated_at": {"$gt": to_us(query.updated_after)}})
+            walk.append({"updated_at": {"$gt": to_us(query.updated_after)}})
         if query.updated_before is not None:
-            clauses.append({"updated_at": {"$lt": to_us(query.updated_before)}})
+            walk.append({"updated_at": {"$lt": to_us(query.updated_before)}})
         if after is not None:
             at, session_id = to_us(after[0]), after[1]
-            clauses.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
-        found = self._sessions.find({"$and": clauses}).sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
-        return [self._to_session(doc) for doc in found.limit(limit)]
+            walk.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
+        edge = list(self._sessions.find({"$and": walk}, {"updated_at": 1}).sort(newest_first).skip(scan - 1).limit(1))
+        matches = list(walk)
+        if query.model is not None:
+            matches.append({"model": query.model})
+        for key, value in query.metadata:
+            # $expr compares the value itself: a plain match would also find arrays holding it.
+            matches.append({"$expr": {"$eq": [f"$metadata.{key}", value]}})
+        if edge:
+            at, session_id = edge[0]["updated_at"], edge[0]["_id"]
+            matches.append({"$or": [{"updated_at": {"$gt": at}}, {"updated_at": at, "_id": {"$gte": session_id}}]})
+        found = self._sessions.find({"$and": matches}).sort(newest_first).limit(limit)
+        items = [self._to_session(doc) for doc in found]
+        if len(items) == limit:
+            return items, (items[-1].last_activity, items[-1].session_id)
+        if not edge:
+            return items, None
+        reached = from_us(edge[0]["updated_at"])
+        assert reached is not None
+        return items, (reached, edge[0]["_id"])
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -361,32 +361,42 @@ class SqlRecords(SqlStoreBase):
 
     @translate_errors
     def _search_status(
-        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int
-    ) -> list[ChatSession]:
-        """See :meth:`Store._search_status`: one walk down the ``(status, updated_at)`` index."""
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
+        """See :meth:`Store._search_status`: two walks down the ``(status, updated_at)`` index,
+        one to find where ``scan`` sessions end, one for the matches above that point."""
         S = self.m.Session
-        select = S.select().where(S.status == status)
+        newest_first = (S.updated_at.desc(), S.session_id.desc())
+        walk = S.select().where(S.status == status)
         if query.id_prefix:
             # Ids compare by code point on every backend (binary collations), so the
             # prefix is a primary-key range; the substring test keeps it exact.
             prefix = query.id_prefix
-            select = select.where(
+            walk = walk.where(
                 (S.session_id >= prefix) & (S.session_id < prefix + "\U0010ffff")
                 & (pw.fn.SUBSTR(S.session_id, 1, len(prefix)) == prefix)
             )
-        if query.model is not None:
-            select = select.where(S.model == query.model)
-        for key, value in query.metadata:
-            select = select.where(self._metadata_equals(key, value))
         if query.updated_after is not None:
-            select = select.where(S.updated_at > query.updated_after)
+            walk = walk.where(S.updated_at > query.updated_after)
         if query.updated_before is not None:
-            select = select.where(S.updated_at < query.updated_before)
+            walk = walk.where(S.updated_at < query.updated_before)
         if after is not None:
             at, session_id = after
-            select = select.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
-        rows = select.order_by(S.updated_at.desc(), S.session_id.desc()).limit(limit).dicts()
-        return [self._to_session(row) for row in rows]
+            walk = walk.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
+        edge = walk.select(S.updated_at, S.session_id).order_by(*newest_first).offset(scan - 1).limit(1).tuples()
+        last = next(iter(edge), None)
+        matches = walk
+        if query.model is not None:
+            matches = matches.where(S.model == query.model)
+        for key, value in query.metadata:
+            matches = matches.where(self._metadata_equals(key, value))
+        if last is not None:
+            at, session_id = last
+            matches = matches.where((S.updated_at >= at) & ((S.updated_at > at) | (S.session_id >= session_id)))
+        items = [self._to_session(row) for row in matches.order_by(*newest_first).limit(limit).dicts()]
+        if len(items) == limit:
+            return items, (items[-1].last_activity, items[-1].session_id)
+        return items, (S.updated_at.python_value(last[0]), last[1]) if last is not None else None
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -30,7 +30,7 @@ from sessionq.errors import SessionqError
 from sessionq.models import Settings, utcnow
 from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.kinds import TRANSPORTS
-from sessionq.models.store import SessionQuery
+from sessionq.models.store import DEFAULT_SEARCH_SCAN, SessionQuery
 from sessionq.scheduler.lease import DEFAULT_LEASE_KEY
 from sessionq.scheduler.sweeps import schedule_for
 
@@ -356,6 +356,7 @@ class Console:
         first_url = "/ui/sessions?" + urlencode(filters) if params.get("cursor") else ""
         return self.render(request, "sessions.html", error=error, page=page, params=params, next_url=next_url,
                            first_url=first_url, metas=[m for m in params.getlist("meta") if m] or [""],
+                           page_size=PAGE_SIZE, scan_limit=DEFAULT_SEARCH_SCAN,
                            statuses=("active", "archived", "expired"))
 
     async def session(self, request: Request) -> Response:
