@@ -210,3 +210,17 @@ def test_mcp_page_lists_tasks_and_transports_and_cancels_through_the_task_admin(
         assert answer.status_code == 303 and "cancelled" in answer.headers["location"]
     assert pg_store.load_task(queued.task_id).status == "cancelled"
     assert pg_store.load_task(done.task_id).status == "completed"
+
+
+def test_dead_letters_page_says_plainly_why_not_with_rabbitmq_or_embedded(pg_store: Store) -> None:
+    cases = {
+        "amqp://guest:guest@127.0.0.1:5672/": "RabbitMQ broker keeps dead letters in its own queues",
+        None: "dead letters live in Redis",
+    }
+    for broker_url, says in cases.items():
+        app = create_app(settings(api_token=None, redis_url=None, broker_url=broker_url), store=pg_store)
+        with TestClient(app, client=("127.0.0.1", 40000), follow_redirects=False) as local:
+            page = local.get("/ui/dead-letters")
+            assert page.status_code == 200 and says in page.text
+            assert "guest:guest" not in page.text
+            assert local.get("/ui/dead-letters/purge").status_code == 409

@@ -22,14 +22,15 @@ from urllib.parse import urlencode
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sessionq.errors import SessionqError
+from sessionq.errors import ConfigError, SessionqError
 from sessionq.models import Settings, utcnow
 from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.kinds import TRANSPORTS
+from sessionq.models.settings import is_redis_url
 from sessionq.models.store import DEFAULT_SEARCH_SCAN, SessionQuery
 from sessionq.scheduler.lease import DEFAULT_LEASE_KEY
 from sessionq.scheduler.sweeps import schedule_for
@@ -140,7 +141,7 @@ class Console:
         )
         response = HTMLResponse(body, status_code=status_code, headers={"Cache-Control": "no-store"})
         if cookie is not None:
-            self.auth.set_csrf_cookie(response, cookie)
+            self.auth.set_csrf_cookie(response, cookie, secure=request.url.scheme == "https")
         return response
 
     def guard(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -192,7 +193,7 @@ class Console:
             logger.warning("console sign-in refused from %s", request.client.host if request.client else "?")
             return self.render(request, "signin.html", 401, next=next_url, error="Wrong token.")
         response = RedirectResponse(next_url, status_code=303)
-        self.auth.sign_in(response)
+        self.auth.sign_in(response, secure=request.url.scheme == "https")
         return response
 
     async def signout(self, request: Request) -> Response:
@@ -242,11 +243,17 @@ class Console:
     # -- dead letters ------------------------------------------------------------
 
     def _dead_letters(self) -> DeadLetters:
-        """The broker's dead letters; ConfigError (said plainly) when the broker is not Redis."""
+        """The broker's dead letters; ConfigError saying plainly why not when the broker is not Redis."""
         client = self.health.broker_client
-        if client is None:
-            return DeadLetters.from_settings(self.settings)  # raises the one-line reason
-        return DeadLetters(client)
+        if client is not None:
+            return DeadLetters(client)
+        url = self.settings.queue_url
+        if url is not None and not is_redis_url(url):
+            raise ConfigError(
+                "the RabbitMQ broker keeps dead letters in its own queues (<queue>.XQ), which this console "
+                "cannot list, requeue or purge: use the RabbitMQ management UI or shovel them back"
+            )
+        return DeadLetters.from_settings(self.settings)  # embedded: raises the one-line reason
 
     @staticmethod
     def _matching(letters: DeadLetters, actor: str, reason: str) -> Iterator[DeadLetter]:
@@ -454,14 +461,6 @@ class Console:
             return self.back("/ui/mcp", str(exc))
         return self.back("/ui/mcp", f"task {task_id}: {after.status}")
 
-    async def live(self, request: Request) -> Response:
-        """The overview's numbers as JSON, for the page's polling script."""
-        facts = await run_in_threadpool(self.overview_facts)
-        report = facts["report"]
-        return JSONResponse({"queues": {n: {"ready": q.ready, "in_flight": q.in_flight, "delayed": q.delayed,
-                                            "dead": q.dead} for n, q in report.queues.items()},
-                             "status": report.status}, headers={"Cache-Control": "no-store"})
-
 
 def console_routes(settings: Settings, health: HealthChecker) -> Mount:
     """The console, mounted at ``/ui``."""
@@ -471,7 +470,6 @@ def console_routes(settings: Settings, health: HealthChecker) -> Mount:
         Route("/", g(console.overview), name="overview"),
         Route("/signin", console.signin, methods=["GET", "POST"]),
         Route("/signout", g(console.signout), methods=["POST"]),
-        Route("/live", g(console.live)),
         Route("/dead-letters", g(console.dead_letters)),
         Route("/dead-letters/requeue", g(console.requeue), methods=["POST"]),
         Route("/dead-letters/purge", g(console.purge), methods=["GET", "POST"]),

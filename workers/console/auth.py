@@ -34,9 +34,8 @@ MAX_FORM_BYTES = 256 * 1024
 class ConsoleAuth:
     """Signs and checks the console's cookies for one API token (or none)."""
 
-    def __init__(self, token: str | None, *, secure: bool = False) -> None:
+    def __init__(self, token: str | None) -> None:
         self.token = token
-        self.secure = secure
         # Without a token there is nothing to derive from: a per-process key (a restart
         # just issues new CSRF cookies).
         key = hmac.new(token.encode(), b"sessionq-console-cookie-key", hashlib.sha256).digest() if token \
@@ -61,10 +60,10 @@ class ConsoleAuth:
         """True when ``given`` is the API token (constant-time)."""
         return self.token is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
-    def sign_in(self, response: Response) -> None:
-        """Set the session cookie on ``response``."""
+    def sign_in(self, response: Response, *, secure: bool = False) -> None:
+        """Set the session cookie on ``response`` (``secure``: HTTPS only, when served over HTTPS)."""
         response.set_cookie(SESSION_COOKIE, self._session.dumps({"v": 1}), max_age=SESSION_MAX_AGE, path="/ui",
-                            httponly=True, samesite="strict", secure=self.secure)
+                            httponly=True, samesite="strict", secure=secure)
 
     @staticmethod
     def sign_out(response: Response) -> None:
@@ -83,9 +82,10 @@ class ConsoleAuth:
         value = secrets.token_urlsafe(24)
         return value, self._csrf.dumps(value)
 
-    def set_csrf_cookie(self, response: Response, cookie: str) -> None:
+    @staticmethod
+    def set_csrf_cookie(response: Response, cookie: str, *, secure: bool = False) -> None:
         """Set a CSRF cookie made by :meth:`csrf_token`."""
-        response.set_cookie(CSRF_COOKIE, cookie, path="/ui", httponly=True, samesite="strict", secure=self.secure)
+        response.set_cookie(CSRF_COOKIE, cookie, path="/ui", httponly=True, samesite="strict", secure=secure)
 
     async def form(self, request: Request) -> dict[str, list[str]] | None:
         """The POSTed form if its CSRF token matches the cookie's, else ``None``."""
