@@ -391,8 +391,9 @@ class Store(TaskStore, abc.ABC):
         newest first as in :meth:`search_sessions`, strictly after ``after``
         (``(updated_at, session_id)``) in that order, looking at no more than the next
         ``scan`` sessions of that status in the index (those the id prefix and
-        ``updated_at`` window select). Returns them and how far the walk got: the key of
-        the last session it examined, or ``None`` when none is left after the result."""
+        ``updated_at`` window select) when a filter no index serves (model, metadata)
+        applies. Returns them and how far the walk got: the key of the last session it
+        examined, or ``None`` when none is left after the result."""
 
     @abc.abstractmethod
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

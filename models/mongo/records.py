@@ -377,7 +377,11 @@ class MongoRecords(MongoStoreBase):
         if after is not None:
             at, session_id = to_us(after[0]), after[1]
             walk.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
-        edge = list(self._sessions.find({"$and": walk}, {"updated_at": 1}).sort(newest_first).skip(scan - 1).limit(1))
+        edge: list[Doc] = []
+        if query.model is not None or query.metadata:
+            # Filters no index serves: bound the walk (without them every row examined matches).
+            found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort(newest_first)
+            edge = list(found.skip(scan - 1).limit(1))
         matches = list(walk)
         if query.model is not None:
             matches.append({"model": query.model})
@@ -387,8 +391,8 @@ class MongoRecords(MongoStoreBase):
         if edge:
             at, session_id = edge[0]["updated_at"], edge[0]["_id"]
             matches.append({"$or": [{"updated_at": {"$gt": at}}, {"updated_at": at, "_id": {"$gte": session_id}}]})
-        found = self._sessions.find({"$and": matches}).sort(newest_first).limit(limit)
-        items = [self._to_session(doc) for doc in found]
+        cursor = self._sessions.find({"$and": matches}).sort(newest_first).limit(limit)
+        items = [self._to_session(doc) for doc in cursor]
         if len(items) == limit:
             return items, (items[-1].last_activity, items[-1].session_id)
         if not edge:

@@ -383,8 +383,11 @@ class SqlRecords(SqlStoreBase):
         if after is not None:
             at, session_id = after
             walk = walk.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
-        edge = walk.select(S.updated_at, S.session_id).order_by(*newest_first).offset(scan - 1).limit(1).tuples()
-        last = next(iter(edge), None)
+        last = None
+        if query.model is not None or query.metadata:
+            # Filters no index serves: bound the walk (without them every row examined matches).
+            edge = walk.select(S.updated_at, S.session_id).order_by(*newest_first).offset(scan - 1).limit(1).tuples()
+            last = next(iter(edge), None)
         matches = walk
         if query.model is not None:
             matches = matches.where(S.model == query.model)
