@@ -36,7 +36,6 @@ from sessionq.scheduler.lease import DEFAULT_LEASE_KEY
 from sessionq.scheduler.sweeps import schedule_for
 
 from ..dlq import DeadLetter, DeadLetters
-from ..exports import write_export
 from ..health import HealthChecker
 from ..job_rates import read_rates
 from ..logs import redact
@@ -391,6 +390,8 @@ class Console:
         if suffix not in DOWNLOADS:
             return self.render(request, "message.html", 404, title="Download", text=f"no format {suffix!r}")
         fmt, media = DOWNLOADS[suffix]
+        from ..exports import write_export  # the exports module declares its actor: not at import
+
         spool = tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")  # noqa: SIM115
 
         def export() -> None:
