@@ -392,8 +392,9 @@ class Store(TaskStore, abc.ABC):
         (``(updated_at, session_id)``) in that order, looking at no more than the next
         ``scan`` sessions of that status in the index (those the id prefix and
         ``updated_at`` window select) when a filter no index serves (model, metadata)
-        applies. Returns them and how far the walk got: the key of the last session it
-        examined, or ``None`` when none is left after the result."""
+        applies. Returns them and how far the walk got: a key at or before which every
+        session has been examined (``(updated_at, "")`` covers that whole instant), or
+        ``None`` when none is left after the result."""
 
     @abc.abstractmethod
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

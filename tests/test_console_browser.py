@@ -12,6 +12,7 @@ Playwright never downloads a browser here: it starts ``/usr/bin/chromium`` (inst
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -175,7 +176,8 @@ def test_operator_walk_through(browser: Any, serve: str, pg_store: Store, redis_
         expect(page.locator("#session-status")).to_have_text("archived")
 
         # A deep link with filters: the form shows them, back/forward keep them.
-        page.goto("/ui/sessions?status=active&model=gpt-test&meta=team%3Dt12")
+        page.goto("/ui/sessions?status=active&model=gpt-test&meta=team%3Dt12&after=2026-01-01T11%3A00%3A00%2B00%3A00")
+        expect(page.get_by_label("Updated after (UTC)")).to_have_value(re.compile(r"^2026-01-01T11:00(:00)?$"))
         expect(page.get_by_label("Model")).to_have_value("gpt-test")
         expect(page.get_by_label("Status")).to_have_value("active")
         expect(page.get_by_label("Metadata key=value")).to_have_value("team=t12")
@@ -183,6 +185,10 @@ def test_operator_walk_through(browser: Any, serve: str, pg_store: Store, redis_
         page.get_by_role("link", name="s012").click()
         page.go_back()
         expect(page.get_by_label("Metadata key=value")).to_have_value("team=t12")
+        page.get_by_role("button", name="Search").click()  # resubmitting keeps every filter
+        expect(page.locator("#sessions tbody tr")).to_have_count(1)
+        expect(page.get_by_label("Updated after (UTC)")).to_have_value(re.compile(r"^2026-01-01T11:00(:00)?$"))
+        page.screenshot(path=shots / "07b-deep-link.png")
         page.goto("/ui/sessions")
         expect(page.locator("#sessions tbody tr")).to_have_count(SAVES + 1)  # one page of 50 holds them all
         page.goto("/ui/sessions?status=archived")

@@ -379,8 +379,9 @@ class MongoRecords(MongoStoreBase):
             walk.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
         edge: list[Doc] = []
         if query.model is not None or query.metadata:
-            # Filters no index serves: bound the walk (without them every row examined matches).
-            found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort(newest_first)
+            # Filters no index serves: bound the walk at the updated_at ``scan`` sessions down
+            # (the index alone answers; sessions sharing that instant are all examined).
+            found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort("updated_at", DESCENDING)
             edge = list(found.skip(scan - 1).limit(1))
         matches = list(walk)
         if query.model is not None:
@@ -389,8 +390,7 @@ class MongoRecords(MongoStoreBase):
             # $expr compares the value itself: a plain match would also find arrays holding it.
             matches.append({"$expr": {"$eq": [f"$metadata.{key}", value]}})
         if edge:
-            at, session_id = edge[0]["updated_at"], edge[0]["_id"]
-            matches.append({"$or": [{"updated_at": {"$gt": at}}, {"updated_at": at, "_id": {"$gte": session_id}}]})
+            matches.append({"updated_at": {"$gte": edge[0]["updated_at"]}})
         cursor = self._sessions.find({"$and": matches}).sort(newest_first).limit(limit)
         items = [self._to_session(doc) for doc in cursor]
         if len(items) == limit:
@@ -399,7 +399,8 @@ class MongoRecords(MongoStoreBase):
             return items, None
         reached = from_us(edge[0]["updated_at"])
         assert reached is not None
-        return items, (reached, edge[0]["_id"])
+        # ("" sorts before every id: the walk examined every session of that instant.)
+        return items, (reached, "")
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

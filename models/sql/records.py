@@ -383,23 +383,23 @@ class SqlRecords(SqlStoreBase):
         if after is not None:
             at, session_id = after
             walk = walk.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
-        last = None
+        edge = None
         if query.model is not None or query.metadata:
-            # Filters no index serves: bound the walk (without them every row examined matches).
-            edge = walk.select(S.updated_at, S.session_id).order_by(*newest_first).offset(scan - 1).limit(1).tuples()
-            last = next(iter(edge), None)
+            # Filters no index serves: bound the walk at the updated_at ``scan`` sessions down
+            # (the index alone answers; sessions sharing that instant are all examined).
+            edge = walk.select(S.updated_at).order_by(S.updated_at.desc()).offset(scan - 1).limit(1).scalar()
         matches = walk
         if query.model is not None:
             matches = matches.where(S.model == query.model)
         for key, value in query.metadata:
             matches = matches.where(self._metadata_equals(key, value))
-        if last is not None:
-            at, session_id = last
-            matches = matches.where((S.updated_at >= at) & ((S.updated_at > at) | (S.session_id >= session_id)))
+        if edge is not None:
+            matches = matches.where(S.updated_at >= edge)
         items = [self._to_session(row) for row in matches.order_by(*newest_first).limit(limit).dicts()]
         if len(items) == limit:
             return items, (items[-1].last_activity, items[-1].session_id)
-        return items, (S.updated_at.python_value(last[0]), last[1]) if last is not None else None
+        # ("" sorts before every id: the walk examined every session of that instant.)
+        return items, (S.updated_at.python_value(edge), "") if edge is not None else None
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -152,9 +152,9 @@ async def _measure(app: Any, store: SqlStore, client: Any, count: int, repeats: 
 
     def bounded(where: str, params: tuple[Any, ...] = ()) -> Callable[[], Any]:
         # The same walk by hand: where 5,000 sessions of the status end, then the matches above.
-        edge_sql = (f"SELECT updated_at, session_id FROM {t} WHERE status = %s "
-                    f"ORDER BY updated_at DESC, session_id DESC OFFSET {DEFAULT_SEARCH_SCAN - 1} LIMIT 1")
-        sql = (f"SELECT * FROM {t} WHERE status = %s AND {where} AND (updated_at, session_id) >= (%s, %s) "
+        edge_sql = (f"SELECT updated_at FROM {t} WHERE status = %s "
+                    f"ORDER BY updated_at DESC OFFSET {DEFAULT_SEARCH_SCAN - 1} LIMIT 1")
+        sql = (f"SELECT * FROM {t} WHERE status = %s AND {where} AND updated_at >= %s "
                "ORDER BY updated_at DESC, session_id DESC LIMIT 51")
 
         def run() -> list[Any]:

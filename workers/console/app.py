@@ -349,8 +349,13 @@ class Console:
         params = request.query_params
         error = ""
         page = None
+        # datetime-local inputs show only YYYY-MM-DDTHH:MM:SS: a deep link's other ISO forms are shown so.
+        when = {name: params.get(name, "") for name in ("after", "before")}
         try:
             query = session_query(params)
+            for name, at in (("after", query.updated_after), ("before", query.updated_before)):
+                if at is not None:
+                    when[name] = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
             page = await run_in_threadpool(self.health.store.search_sessions, query, limit=PAGE_SIZE,
                                            cursor=params.get("cursor") or None)
         except ValidationError as exc:
@@ -362,7 +367,7 @@ class Console:
         first_url = "/ui/sessions?" + urlencode(filters) if params.get("cursor") else ""
         return self.render(request, "sessions.html", error=error, page=page, params=params, next_url=next_url,
                            first_url=first_url, metas=[m for m in params.getlist("meta") if m] or [""],
-                           page_size=PAGE_SIZE, scan_limit=DEFAULT_SEARCH_SCAN,
+                           page_size=PAGE_SIZE, scan_limit=DEFAULT_SEARCH_SCAN, when=when,
                            statuses=("active", "archived", "expired"))
 
     async def session(self, request: Request) -> Response:
