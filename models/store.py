@@ -59,7 +59,7 @@ DEFAULT_SWEEP_BATCH_SIZE = 1000
 # Rows per keyset page when listing or streaming.
 DEFAULT_PAGE_SIZE = 500
 # Sessions of one status a search page examines at most (see Store.search_sessions).
-DEFAULT_SEARCH_SCAN = 5000
+DEFAULT_SEARCH_SCAN = 2000
 
 SessionWrite = tuple[ChatSession, Sequence[ChatMessage]]
 #: One write as backends process it: (session to upsert or None for an append, session id, messages).

@@ -100,9 +100,9 @@ def test_wheel_imports_beside_a_host_application_with_the_same_names(wheel: Path
         for name in names:
             importlib.import_module(name)
         # The console finds its templates and static files inside the installed package.
-        from sessionq.workers.console.app import HERE, _environment
+        from sessionq.workers.console.rendering import HERE, environment
         assert "/site-packages/sessionq/workers/console" in str(HERE), HERE
-        assert "sessionq console" in _environment().get_template("signin.html").render(csrf="x", path="/ui/signin")
+        assert "sessionq console" in environment().get_template("signin.html").render(csrf="x", path="/ui/signin")
         assert (HERE / "static" / "console.css").is_file() and (HERE / "static" / "console.js").is_file()
         # The host's modules are still its own after sessionq loaded everything.
         assert sys.modules["models"].AgentState == "host models"

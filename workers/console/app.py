@@ -15,11 +15,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO, cast
 from urllib.parse import urlencode
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -30,8 +28,10 @@ from sessionq.errors import ConfigError, SessionqError
 from sessionq.models import Settings, utcnow
 from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.kinds import TRANSPORTS
+from sessionq.models.records import SESSION_STATUSES
 from sessionq.models.settings import is_redis_url
 from sessionq.models.store import DEFAULT_SEARCH_SCAN, SessionQuery
+from sessionq.models.tasks import TASK_STATUSES
 from sessionq.scheduler.lease import DEFAULT_LEASE_KEY
 from sessionq.scheduler.sweeps import schedule_for
 
@@ -42,10 +42,10 @@ from ..logs import redact
 from ..queue_state import DEFAULT_NAMESPACE
 from ..task_admin import cancel_task, summary
 from .auth import ConsoleAuth
+from .rendering import HERE, ago, environment
 
 logger = logging.getLogger(__name__)
 
-HERE = Path(__file__).parent
 # Rows per page of sessions, transport sessions and tasks.
 PAGE_SIZE = 50
 # Dead letters shown at most (the filter narrows them; requeue-all covers every match).
@@ -58,34 +58,6 @@ RATE_MINUTES = 5
 WORKER_LIVE_SECONDS = 60
 #: Download formats: URL suffix -> (export format, media type).
 DOWNLOADS = {"json": ("json", "application/json"), "md": ("markdown", "text/markdown"), "txt": ("text", "text/plain")}
-TASK_STATUSES = ("working", "input_required", "completed", "failed", "cancelled")
-TRANSPORT_STATUSES = ("active", "disconnected", "recovered", "expired")
-
-
-def _ago(when: datetime | float | None) -> str:
-    if when is None:
-        return "—"
-    at = datetime.fromtimestamp(when, UTC) if isinstance(when, int | float) else when
-    seconds = int((utcnow() - at).total_seconds())
-    future = seconds < 0
-    seconds = abs(seconds)
-    text = (f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200
-            else f"{seconds // 3600}h" if seconds < 172800 else f"{seconds // 86400}d")
-    return f"in {text}" if future else f"{text} ago"
-
-
-def _stamp(when: datetime | float | None) -> str:
-    if when is None:
-        return "—"
-    at = datetime.fromtimestamp(when, UTC) if isinstance(when, int | float) else when
-    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    env.filters["ago"] = _ago
-    env.filters["stamp"] = _stamp
-    return env
 
 
 def parse_when(text: str) -> datetime | None:
@@ -127,7 +99,7 @@ class Console:
         self.settings = settings
         self.health = health
         self.auth = ConsoleAuth(settings.api_token)
-        self.templates = _environment()
+        self.templates = environment()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -368,7 +340,7 @@ class Console:
         return self.render(request, "sessions.html", error=error, page=page, params=params, next_url=next_url,
                            first_url=first_url, metas=[m for m in params.getlist("meta") if m] or [""],
                            page_size=PAGE_SIZE, scan_limit=DEFAULT_SEARCH_SCAN, when=when,
-                           statuses=("active", "archived", "expired"))
+                           statuses=sorted(SESSION_STATUSES))
 
     async def session(self, request: Request) -> Response:
         """One session and a page of its transcript (``after`` = last seq shown)."""
@@ -439,15 +411,14 @@ class Console:
         """Transport sessions and MCP tasks, each in keyset pages."""
         params = request.query_params
         status = params.get("task_status") or None
-        if status not in (None, *TASK_STATUSES):
+        if status not in TASK_STATUSES:
             status = None
         store = self.health.store
         transports = await run_in_threadpool(store.list_kind, TRANSPORTS, limit=PAGE_SIZE,
                                              cursor=params.get("tcursor") or None)
         tasks = await run_in_threadpool(store.list_tasks, status=status, limit=PAGE_SIZE,
                                         cursor=params.get("cursor") or None)
-        now = utcnow()
-        rows = [summary(task) | {"age": _ago(task.created_at), "attempts": f"{task.attempt}/{task.max_attempts}",
+        rows = [summary(task) | {"age": ago(task.created_at), "attempts": f"{task.attempt}/{task.max_attempts}",
                                  "cancellable": task.status in ("working", "input_required")}
                 for task in tasks.items]
         keep = [(k, v) for k, v in params.multi_items() if k in ("task_status", "tcursor") and v]
@@ -456,7 +427,7 @@ class Console:
         next_transports = ("/ui/mcp?" + urlencode([*keep_t, ("tcursor", transports.next_cursor)])
                            if transports.next_cursor else "")
         return self.render(request, "mcp.html", transports=transports.items, tasks=rows, task_status=status or "",
-                           task_statuses=TASK_STATUSES, next_tasks=next_tasks, next_transports=next_transports, now=now)
+                           task_statuses=sorted(TASK_STATUSES), next_tasks=next_tasks, next_transports=next_transports)
 
     async def cancel(self, request: Request) -> Response:
         """Cancel an MCP task through the task admin."""
