@@ -377,12 +377,11 @@ class MongoRecords(MongoStoreBase):
         if after is not None:
             at, session_id = to_us(after[0]), after[1]
             walk.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
-        edge: list[Doc] = []
-        if query.model is not None or query.metadata:
-            # Filters no index serves: bound the walk at the updated_at ``scan`` sessions down
-            # (the index alone answers; sessions sharing that instant are all examined).
-            found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort("updated_at", DESCENDING)
-            edge = list(found.skip(scan - 1).limit(1))
+        # Always bound the walk at the updated_at ``scan`` sessions down (the index alone
+        # answers; sessions sharing that instant are all examined): the index holds no _id,
+        # so the (updated_at, _id) sort happens in memory, on at most that many documents.
+        found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort("updated_at", DESCENDING)
+        edge: list[Doc] = list(found.skip(scan - 1).limit(1))
         matches = list(walk)
         if query.model is not None:
             matches.append({"model": query.model})
