@@ -224,3 +224,27 @@ def test_dead_letters_page_says_plainly_why_not_with_rabbitmq_or_embedded(pg_sto
             assert page.status_code == 200 and says in page.text
             assert "guest:guest" not in page.text
             assert local.get("/ui/dead-letters/purge").status_code == 409
+
+
+def test_requeue_all_matching_moves_only_the_filtered_and_purge_asks_first(
+    server: ServerThread, redis_client: Any
+) -> None:
+    appends = [dead_letter(redis_client) for _ in range(2)]
+    other = dead_letter(redis_client, actor="save_session", arg={"session_id": "x"})
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        page = client.get("/ui/dead-letters?actor=append_messages")
+        assert "Requeue all 2 matching" in page.text
+        done = client.post("/ui/dead-letters/requeue",
+                           data={"csrf": csrf_of(page.text), "actor": "append_messages", "reason": "", "all": "1"})
+        assert "requeued+2+job" in done.headers["location"]
+        assert sorted(redis_client.lrange("dramatiq:sessions", 0, -1)) == sorted(rid.encode() for rid in appends)
+        assert redis_client.zscore("dramatiq:sessions.XQ", other) is not None
+        # Purge: the confirmation page says how many, and only its POST deletes.
+        confirm = client.get("/ui/dead-letters/purge")
+        assert "all <strong>1</strong> dead letter(s)" in confirm.text
+        assert redis_client.zcard("dramatiq:sessions.XQ") == 1
+        purged = client.post("/ui/dead-letters/purge", data={"csrf": csrf_of(confirm.text)})
+        assert "purged+1+dead" in purged.headers["location"]
+    assert redis_client.zcard("dramatiq:sessions.XQ") == 0
+    assert redis_client.llen("dramatiq:sessions") == 2  # the requeued jobs stay queued

@@ -227,13 +227,9 @@ class Console:
         return DeadLetters.from_settings(self.settings)  # embedded: raises the one-line reason
 
     @staticmethod
-    def _matching(letters: DeadLetters, actor: str, reason: str) -> Iterator[DeadLetter]:
-        for letter in letters:
-            if actor and letter.actor_name != actor:
-                continue
-            if reason and reason.lower() not in letter.reason.lower():
-                continue
-            yield letter
+    def _matches(letter: DeadLetter, actor: str, reason: str) -> bool:
+        """The dead-letter filter: this actor (if given), a reason containing ``reason`` (any case)."""
+        return (not actor or letter.actor_name == actor) and (not reason or reason.lower() in letter.reason.lower())
 
     def dead_letter_facts(self, actor: str, reason: str) -> dict[str, Any]:
         """The dead letters matching the filter (at most MAX_DEAD_LETTERS_SHOWN) and the actors seen."""
@@ -246,7 +242,7 @@ class Console:
         matched = 0
         for letter in letters:
             actors.add(letter.actor_name)
-            if (actor and letter.actor_name != actor) or (reason and reason.lower() not in letter.reason.lower()):
+            if not self._matches(letter, actor, reason):
                 continue
             matched += 1
             if len(shown) < MAX_DEAD_LETTERS_SHOWN:
@@ -290,7 +286,7 @@ class Console:
             if (form.get("all") or [""])[0]:
                 if not actor and not reason:
                     return letters.requeue(None)
-                return letters.requeue([letter.id for letter in self._matching(letters, actor, reason)])
+                return letters.requeue([letter.id for letter in letters if self._matches(letter, actor, reason)])
             ids = form.get("id") or []
             return letters.requeue(ids) if ids else 0
 
