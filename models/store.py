@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ from .kinds import (
 from .records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
+    SESSION_STATUSES,
     AgentState,
     ChatMessage,
     ChatSession,
@@ -145,7 +147,7 @@ class StoreStats:
 
 
 #: Metadata keys :class:`SessionQuery` can match (a Mongo field path must not hold dots).
-METADATA_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+METADATA_KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
 # Characters of an id prefix, a metadata key or value a search accepts.
 _MAX_SEARCH_TEXT = 255
 
@@ -170,8 +172,6 @@ class SessionQuery:
     updated_before: datetime | None = None
 
     def __post_init__(self) -> None:
-        from .records import SESSION_STATUSES
-
         if self.status is not None and self.status not in SESSION_STATUSES:
             choices = ", ".join(sorted(SESSION_STATUSES))
             raise ValidationError(f"status must be one of {choices}; got {self.status!r:.40}")
@@ -187,14 +187,12 @@ class SessionQuery:
 
     def statuses(self) -> list[str]:
         """The statuses searched: the one asked for, else every status (sorted)."""
-        from .records import SESSION_STATUSES
-
         return [self.status] if self.status is not None else sorted(SESSION_STATUSES)
 
 
-def session_cursor(session: ChatSession) -> str:
-    """The :meth:`Store.search_sessions` cursor after ``session``: its ``updated_at`` and id."""
-    return f"{session.last_activity.isoformat()}|{session.session_id}"
+def session_cursor(updated_at: datetime, session_id: str) -> str:
+    """A :meth:`Store.search_sessions` cursor: the page continues after this ``(updated_at, id)``."""
+    return f"{updated_at.isoformat()}|{session_id}"
 
 
 def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
@@ -378,10 +376,9 @@ class Store(TaskStore, abc.ABC):
             found = [s for s in found if (s.last_activity, s.session_id) >= frontier]
         found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
         if len(found) > limit:
-            return Page(found[:limit], session_cursor(found[limit - 1]))
-        if frontier is None:
-            return Page(found, None)
-        return Page(found, f"{frontier[0].isoformat()}|{frontier[1]}")
+            last = found[limit - 1]
+            return Page(found[:limit], session_cursor(last.last_activity, last.session_id))
+        return Page(found, session_cursor(*frontier) if frontier is not None else None)
 
     @abc.abstractmethod
     def _search_status(
