@@ -77,7 +77,10 @@ def test_pages_need_sign_in_and_the_cookie_is_httponly_strict(server: ServerThre
         assert answer.status_code == 303 and answer.headers["location"] == "/ui/mcp"
         cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith("sessionq_console="))
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
-        assert client.get("/ui/mcp").status_code == 200
+        page = client.get("/ui/mcp")
+        assert page.status_code == 200
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-frame-options"] == "DENY"
         # A tampered cookie is no sign-in.
         value = client.cookies.get("sessionq_console") or ""
         client.cookies.set("sessionq_console", value[:-2] + ("AA" if not value.endswith("AA") else "BB"), path="/ui")

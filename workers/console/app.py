@@ -56,6 +56,15 @@ TRANSCRIPT_PAGE = 200
 RATE_MINUTES = 5
 # Seconds since its last heartbeat within which a worker counts as live.
 WORKER_LIVE_SECONDS = 60
+#: Headers of every page: no framing (clickjacking), nothing loaded or posted off-site, no
+#: filter URLs leaked in Referer.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 #: Download formats: URL suffix -> (export format, media type).
 DOWNLOADS = {"json": ("json", "application/json"), "md": ("markdown", "text/markdown"), "txt": ("text", "text/plain")}
 
@@ -110,7 +119,7 @@ class Console:
             request=request, csrf=csrf, signed_in=self.auth.token is not None, path=request.url.path,
             flash=request.query_params.get("flash", ""), **context,
         )
-        response = HTMLResponse(body, status_code=status_code, headers={"Cache-Control": "no-store"})
+        response = HTMLResponse(body, status_code=status_code, headers=PAGE_HEADERS)
         if cookie is not None:
             self.auth.set_csrf_cookie(response, cookie, secure=request.url.scheme == "https")
         return response
