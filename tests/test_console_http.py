@@ -251,3 +251,24 @@ def test_requeue_all_matching_moves_only_the_filtered_and_purge_asks_first(
         assert "purged+1+dead" in purged.headers["location"]
     assert redis_client.zcard("dramatiq:sessions.XQ") == 0
     assert redis_client.llen("dramatiq:sessions") == 2  # the requeued jobs stay queued
+
+
+def test_many_dead_letters_are_counted_in_batches_and_the_newest_shown(
+    server: ServerThread, redis_client: Any
+) -> None:
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(1200):
+        rid = f"dl-{i:05d}"
+        data = {"queue_name": "bulk", "actor_name": "export_session", "args": [{"i": i}], "kwargs": {},
+                "options": {"dead_letter_reason": f"InvalidPayload: number {i}"}, "message_id": f"m{i}",
+                "message_timestamp": 1_700_000_000_000}
+        pipe.zadd("dramatiq:bulk.XQ", {rid: 1_700_000_000_000 + i})
+        pipe.hset("dramatiq:bulk.XQ.msgs", rid, json.dumps(data))
+    pipe.execute()
+    with httpx.Client(base_url=server.url) as client:
+        sign_in(client)
+        page = client.get("/ui/dead-letters")
+        assert "1200 dead letter(s); the newest 500 are shown" in page.text
+        assert "dl-01199" in page.text and "dl-00699" not in page.text
+        narrowed = client.get("/ui/dead-letters", params={"reason": "number 1199"})
+        assert "1 dead letter(s) match" in narrowed.text

@@ -9,6 +9,7 @@ string, so a page's URL is shareable and survives back/forward.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import tempfile
@@ -246,7 +247,7 @@ class Console:
             letters = self._dead_letters()
         except SessionqError as exc:
             return {"unavailable": str(exc), "letters": [], "actors": [], "more": False, "total": 0}
-        shown: list[DeadLetter] = []
+        newest: list[tuple[datetime, str, str, DeadLetter]] = []  # a min-heap: the newest matches seen so far
         actors: set[str] = set()
         matched = 0
         for letter in letters:
@@ -254,9 +255,12 @@ class Console:
             if not self._matches(letter, actor, reason):
                 continue
             matched += 1
-            if len(shown) < MAX_DEAD_LETTERS_SHOWN:
-                shown.append(letter)
-        shown.sort(key=lambda letter: letter.dead_lettered_at, reverse=True)
+            entry = (letter.dead_lettered_at, letter.queue, letter.id, letter)  # (time, queue, id) is unique
+            if len(newest) < MAX_DEAD_LETTERS_SHOWN:
+                heapq.heappush(newest, entry)
+            else:
+                heapq.heappushpop(newest, entry)
+        shown = [entry[3] for entry in sorted(newest, key=lambda e: e[:3], reverse=True)]
         return {"unavailable": "", "letters": shown, "actors": sorted(actors), "more": matched > len(shown),
                 "total": matched}
 
