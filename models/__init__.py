@@ -23,7 +23,7 @@ from .records import (
     utcnow,
 )
 from .settings import Settings, storage_backend
-from .store import Page, Store, StoreStats, WriteResult
+from .store import Page, SessionQuery, Store, StoreStats, WriteResult
 
 __all__ = [
     "AgentState",
@@ -34,6 +34,7 @@ __all__ = [
     "FileRecord",
     "NotFound",
     "Page",
+    "SessionQuery",
     "Settings",
     "Store",
     "StoreError",

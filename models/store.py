@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ from .kinds import (
 from .records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
+    SESSION_STATUSES,
     AgentState,
     ChatMessage,
     ChatSession,
@@ -58,6 +60,8 @@ R = TypeVar("R", bound=Record)
 DEFAULT_SWEEP_BATCH_SIZE = 1000
 # Rows per keyset page when listing or streaming.
 DEFAULT_PAGE_SIZE = 500
+# Sessions of one status a search page examines at most (see Store.search_sessions).
+DEFAULT_SEARCH_SCAN = 2000
 
 SessionWrite = tuple[ChatSession, Sequence[ChatMessage]]
 #: One write as backends process it: (session to upsert or None for an append, session id, messages).
@@ -140,6 +144,67 @@ class StoreStats:
             "stream_events": self.stream_events,
             "tasks": self.tasks,
         }
+
+
+#: Metadata keys :class:`SessionQuery` can match (a Mongo field path must not hold dots).
+METADATA_KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
+# Characters of an id prefix, a metadata key or value a search accepts.
+_MAX_SEARCH_TEXT = 255
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """What :meth:`Store.search_sessions` looks for; every given field must match.
+
+    ``id_prefix`` matches the start of ``session_id`` (case-sensitive); ``metadata``
+    pairs match string values exactly (``{"team": "ops"}`` finds ``"team": "ops"``, not
+    ``"team": ["ops"]``); ``updated_after``/``updated_before`` bound ``updated_at``
+    strictly. Raises :class:`~sessionq.models.errors.ValidationError` for a status
+    that no session can have, a metadata key outside ``[A-Za-z0-9_-]`` or an
+    over-long text.
+    """
+
+    id_prefix: str | None = None
+    model: str | None = None
+    status: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in SESSION_STATUSES:
+            choices = ", ".join(sorted(SESSION_STATUSES))
+            raise ValidationError(f"status must be one of {choices}; got {self.status!r:.40}")
+        for key, value in self.metadata:
+            if not key or not set(key) <= METADATA_KEY_CHARS or len(key) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"metadata key must be letters, digits, '_' or '-'; got {key!r:.40}")
+            if len(value) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"metadata value for {key!r} is longer than {_MAX_SEARCH_TEXT} characters")
+        for name in ("id_prefix", "model"):
+            text = getattr(self, name)
+            if text is not None and len(text) > _MAX_SEARCH_TEXT:
+                raise ValidationError(f"{name} is longer than {_MAX_SEARCH_TEXT} characters")
+
+    def statuses(self) -> list[str]:
+        """The statuses searched: the one asked for, else every status (sorted)."""
+        return [self.status] if self.status is not None else sorted(SESSION_STATUSES)
+
+
+def session_cursor(updated_at: datetime, session_id: str) -> str:
+    """A :meth:`Store.search_sessions` cursor: the page continues after this ``(updated_at, id)``."""
+    return f"{updated_at.isoformat()}|{session_id}"
+
+
+def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
+    """``(updated_at, session_id)`` of a :func:`session_cursor`; ValidationError if malformed."""
+    stamp, sep, session_id = cursor.partition("|")
+    try:
+        at = datetime.fromisoformat(stamp)
+    except ValueError:
+        at = None
+    if not sep or at is None or at.tzinfo is None:
+        raise ValidationError(f"not a session search cursor: {cursor!r:.60}")
+    return at, session_id
 
 
 class Store(TaskStore, abc.ABC):
@@ -289,6 +354,57 @@ class Store(TaskStore, abc.ABC):
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def search_sessions(
+        self,
+        query: SessionQuery,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+        scan_limit: int = DEFAULT_SEARCH_SCAN,
+    ) -> Page[ChatSession]:
+        """A keyset page of the sessions matching ``query``, newest first: ordered by
+        ``updated_at`` descending, then ``session_id`` descending; ``next_cursor`` (a
+        :func:`session_cursor`) continues after the page, ``None`` once nothing is left.
+
+        A page costs bounded work whatever the filters: each status is read on its own
+        (:meth:`_search_status`, a walk down the ``(status, updated_at)`` index that
+        examines at most ``scan_limit`` sessions), and the page ends where the walks
+        examined everything newer. So a filter that matches rarely (metadata, model) may
+        give a page with fewer than ``limit`` sessions, or none, and a ``next_cursor`` to
+        continue from; reading on until ``next_cursor`` is ``None`` finds every match
+        exactly once. Nothing is counted. Raises
+        :class:`~sessionq.models.errors.ValidationError` for a bad cursor.
+        """
+        after = parse_session_cursor(cursor) if cursor else None
+        scan = max(scan_limit, limit + 1)
+        found: list[ChatSession] = []
+        frontier: tuple[datetime, str] | None = None  # everything newer has been examined
+        for status in query.statuses():
+            items, reached = self._search_status(status, query, after, limit + 1, scan)
+            found.extend(items)
+            if reached is not None and (frontier is None or reached > frontier):
+                frontier = reached
+        if frontier is not None:
+            found = [s for s in found if (s.last_activity, s.session_id) >= frontier]
+        found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
+        if len(found) > limit:
+            last = found[limit - 1]
+            return Page(found[:limit], session_cursor(last.last_activity, last.session_id))
+        return Page(found, session_cursor(*frontier) if frontier is not None else None)
+
+    @abc.abstractmethod
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
+        """Up to ``limit`` sessions of ``status`` matching ``query`` (its status aside),
+        newest first as in :meth:`search_sessions`, strictly after ``after``
+        (``(updated_at, session_id)``) in that order, looking at no more than the next
+        ``scan`` sessions of that status in the index (those the id prefix and
+        ``updated_at`` window select) when a filter no index serves (model, metadata)
+        applies. Returns them and how far the walk got: a key at or before which every
+        session has been examined (``(updated_at, "")`` covers that whole instant), or
+        ``None`` when none is left after the result."""
 
     @abc.abstractmethod
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -51,6 +51,11 @@ def test_wheel_installs_only_the_sessionq_namespace(wheel: Path) -> None:
     for module in ("sessionq/cli.py", "sessionq/models/store.py", "sessionq/workers/actors.py",
                    "sessionq/scheduler/runner.py", "sessionq/workers/mcp/__init__.py"):
         assert module in names
+    # The console's templates and static assets ship with it (package data, not modules).
+    console = Path(ROOT / "workers" / "console")
+    for asset in [*console.glob("templates/*.html"), *console.glob("static/*")]:
+        assert f"sessionq/workers/console/{asset.relative_to(console)}" in names
+    assert "sessionq/workers/console/templates/base.html" in names
     with zipfile.ZipFile(wheel) as archive:
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "sessionq = sessionq.cli:main" in entry_points
@@ -94,6 +99,11 @@ def test_wheel_imports_beside_a_host_application_with_the_same_names(wheel: Path
         ]
         for name in names:
             importlib.import_module(name)
+        # The console finds its templates and static files inside the installed package.
+        from sessionq.workers.console.rendering import HERE, environment
+        assert "/site-packages/sessionq/workers/console" in str(HERE), HERE
+        assert "sessionq console" in environment().get_template("signin.html").render(csrf="x", path="/ui/signin")
+        assert (HERE / "static" / "console.css").is_file() and (HERE / "static" / "console.js").is_file()
         # The host's modules are still its own after sessionq loaded everything.
         assert sys.modules["models"].AgentState == "host models"
         print(len(names))

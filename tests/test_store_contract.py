@@ -12,6 +12,7 @@ from sessionq.models import (
     Conflict,
     FileRecord,
     NotFound,
+    SessionQuery,
     Store,
     TransportSession,
     ValidationError,
@@ -167,6 +168,67 @@ def test_list_sessions_filters_and_keyset_pages(store: Store) -> None:
     after = store.list_sessions(updated_after=T0 + timedelta(hours=4), status="active")
     assert [s.session_id for s in after.items] == ["s5"]
     assert after.next_cursor is None
+
+
+def _search_all(store: Store, query: SessionQuery, page_size: int, scan: int = 1000) -> list[str]:
+    out: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = store.search_sessions(query, limit=page_size, cursor=cursor, scan_limit=scan)
+        assert len(page.items) <= page_size
+        out.extend(s.session_id for s in page.items)
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def test_search_sessions_filters_newest_first_in_keyset_pages(store: Store) -> None:
+    # Ten sessions; two pairs share an updated_at, so the id breaks ties across pages.
+    times = [0, 1, 1, 2, 3, 3, 4, 5, 6, 7]
+    for i, hour in enumerate(times):
+        metadata: dict[str, object] = {"team": "ops" if i % 2 else "dev", "n": i}
+        if i == 9:
+            metadata["team"] = ["ops"]  # an array holding the value is not the value
+        store.save_session(session(f"{'ab' if i < 5 else 'ac'}-{i}", at=T0 + timedelta(hours=hour), created_at=T0,
+                                   model="m-big" if i >= 7 else "m-small", metadata=metadata))
+    store.archive_session("ab-1", T0)  # archived, updated_at stays (T0 is older)
+    store.archive_session("ac-8", T0)
+    everything = [s.session_id for s in sorted(store.iter_sessions(), key=lambda s: (s.updated_at, s.session_id),
+                                                 reverse=True)]
+    for size in (1, 2, 3, 10, 50):
+        assert _search_all(store, SessionQuery(), size) == everything
+    assert _search_all(store, SessionQuery(id_prefix="ab"), 2) == ["ab-4", "ab-3", "ab-2", "ab-1", "ab-0"]
+    assert _search_all(store, SessionQuery(id_prefix="a"), 4) == everything
+    assert _search_all(store, SessionQuery(id_prefix="AB"), 4) == []  # case-sensitive
+    assert _search_all(store, SessionQuery(status="archived"), 1) == ["ac-8", "ab-1"]
+    assert _search_all(store, SessionQuery(model="m-big"), 1) == ["ac-9", "ac-8", "ac-7"]
+    assert _search_all(store, SessionQuery(metadata=(("team", "ops"),)), 2) == ["ac-7", "ac-5", "ab-3", "ab-1"]
+    assert _search_all(store, SessionQuery(metadata=(("team", "ops"), ("n", "3"))), 2) == []  # n is a number
+    window = SessionQuery(updated_after=T0 + timedelta(hours=1), updated_before=T0 + timedelta(hours=5))
+    assert _search_all(store, window, 2) == ["ac-6", "ac-5", "ab-4", "ab-3"]
+    both = SessionQuery(status="active", id_prefix="ac", metadata=(("team", "dev"),), updated_after=T0)
+    assert _search_all(store, both, 1) == ["ac-6"]
+    # A page examines a bounded number of sessions per status: rare matches come in short
+    # (even empty) pages with a cursor, and reading on still finds each match exactly once.
+    rare = SessionQuery(metadata=(("team", "ops"),))
+    for size, scan in ((1, 1), (3, 2)):
+        assert _search_all(store, rare, size, scan) == ["ac-7", "ac-5", "ab-3", "ab-1"]
+        assert _search_all(store, SessionQuery(), size, scan) == everything
+        assert _search_all(store, window, size, scan) == ["ac-6", "ac-5", "ab-4", "ab-3"]
+    # The three newest active sessions hold one m-small: a short page, and more after it.
+    short = store.search_sessions(SessionQuery(model="m-small"), limit=2, scan_limit=3)
+    assert [s.session_id for s in short.items] == ["ac-6"] and short.next_cursor is not None
+    rest = store.search_sessions(SessionQuery(model="m-small"), limit=10, cursor=short.next_cursor)
+    assert [s.session_id for s in rest.items] == ["ac-5", "ab-4", "ab-3", "ab-2", "ab-1", "ab-0"]
+
+
+def test_search_sessions_rejects_bad_queries(store: Store) -> None:
+    with pytest.raises(ValidationError):
+        SessionQuery(status="gone")
+    with pytest.raises(ValidationError):
+        SessionQuery(metadata=(("a.b", "x"),))
+    with pytest.raises(ValidationError):
+        store.search_sessions(SessionQuery(), cursor="not-a-cursor")
 
 
 def test_load_messages_pages_by_seq(store: Store) -> None:

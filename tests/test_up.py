@@ -115,6 +115,11 @@ def test_up_listens_on_host_and_port_options(tmp_path: Path) -> None:
         wait_port(port, timeout=60, proc=proc)
         # Then the options win: health answers on that address
         assert httpx.get(f"http://127.0.0.1:{port}/session-health", timeout=10).json()["status"] == "healthy"
+        # ... and so does the console (no token: loopback only; embedded: no dead letters to list)
+        overview = httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=10)
+        assert overview.status_code == 200 and "embedded mode" in overview.text
+        assert "No session matches" in httpx.get(f"http://127.0.0.1:{port}/ui/sessions", timeout=10).text
+        assert "live in Redis" in httpx.get(f"http://127.0.0.1:{port}/ui/dead-letters", timeout=10).text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)

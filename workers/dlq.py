@@ -21,6 +21,8 @@ from sessionq.models.settings import is_redis_url
 
 from .broker import DEFAULT_NAMESPACE, QUEUES
 
+# Dead-letter messages read per round trip when listing.
+DEFAULT_READ_BATCH = 500
 # Options a requeued message drops, so it starts afresh.
 _RESET_OPTIONS = ("retries", "traceback", "requeue_timestamp", "dead_letter_reason", "dead_lettered_at", "eta")
 
@@ -36,6 +38,11 @@ class DeadLetter:
     dead_lettered_at: datetime
     reason: str
     args: list[Any]
+    #: Deliveries that failed (Dramatiq's ``retries`` option counts each failure; at least 1).
+    attempts: int = 1
+    #: When it was first enqueued (Dramatiq's ``message_timestamp``), if recorded.
+    enqueued_at: datetime | None = None
+    kwargs: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-compatible dict (for ``sessionq dlq list --json``)."""
@@ -76,27 +83,38 @@ class DeadLetters:
         return xq, f"{xq}.msgs"
 
     def __iter__(self) -> Iterator[DeadLetter]:
-        """Every dead letter, oldest first per queue."""
+        """Every dead letter, oldest first per queue (messages read in batches of
+        ``DEFAULT_READ_BATCH``, one round trip each)."""
         for queue in self.queues:
             xq, msgs = self._keys(queue)
-            for raw_id, score in self.client.zrange(xq, 0, -1, withscores=True):
-                rid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                raw = self.client.hget(msgs, rid)
-                if raw is None:
-                    continue
-                data = json.loads(raw)
-                options = data.get("options", {})
-                yield DeadLetter(
-                    id=rid,
-                    queue=queue,
-                    actor_name=str(data.get("actor_name", "?")),
-                    message_id=str(data.get("message_id", "?")),
-                    dead_lettered_at=datetime.fromtimestamp(score / 1000, UTC),
-                    reason=str(
-                        options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"
-                    ),
-                    args=list(data.get("args", [])),
-                )
+            entries = [(raw_id.decode() if isinstance(raw_id, bytes) else raw_id, score)
+                       for raw_id, score in self.client.zrange(xq, 0, -1, withscores=True)]
+            for start in range(0, len(entries), DEFAULT_READ_BATCH):
+                batch = entries[start : start + DEFAULT_READ_BATCH]
+                raws = self.client.hmget(msgs, [rid for rid, _ in batch])
+                yield from self._letters(queue, batch, raws)
+
+    def _letters(self, queue: str, batch: list[tuple[str, float]], raws: list[Any]) -> Iterator[DeadLetter]:
+        for (rid, score), raw in zip(batch, raws, strict=True):
+            if raw is None:
+                continue
+            data = json.loads(raw)
+            options = data.get("options", {})
+            yield DeadLetter(
+                id=rid,
+                queue=queue,
+                actor_name=str(data.get("actor_name", "?")),
+                message_id=str(data.get("message_id", "?")),
+                dead_lettered_at=datetime.fromtimestamp(score / 1000, UTC),
+                reason=str(
+                    options.get("dead_letter_reason") or "unknown (dead-lettered without a recorded reason)"
+                ),
+                args=list(data.get("args", [])),
+                attempts=max(int(options.get("retries", 0) or 0), 1),
+                enqueued_at=(datetime.fromtimestamp(data["message_timestamp"] / 1000, UTC)
+                             if isinstance(data.get("message_timestamp"), int | float) else None),
+                kwargs=data.get("kwargs") or None,
+            )
 
     def count(self) -> int:
         """Dead letters across the queues."""

@@ -1,4 +1,5 @@
-"""The HTTP side: ``GET /session-health`` and ``GET /metrics`` (``sessionq serve``).
+"""The HTTP side: ``GET /session-health``, ``GET /metrics`` and the ops console under
+``/ui`` (``sessionq serve``; the console is :mod:`sessionq.workers.console`).
 
 A Starlette app served by uvicorn, the stack the MCP SDK already uses. Both
 endpoints want ``Authorization: Bearer <SESSIONQ_API_TOKEN>`` when a token is
@@ -107,8 +108,10 @@ def create_app(
         if own_checker:
             health.close()
 
+    from .console import console_routes  # the console imports is_loopback from here
+
     app = Starlette(
-        routes=[Route(HEALTH_PATH, session_health), Route(METRICS_PATH, metrics)],
+        routes=[Route(HEALTH_PATH, session_health), Route(METRICS_PATH, metrics), console_routes(settings, health)],
         lifespan=lifespan,
     )
     app.state.health = health
@@ -176,7 +179,7 @@ def serve(
         raise
     app = create_app(settings, **app_options)
     host, port = settings.http_host, sock.getsockname()[1]
-    logger.info("serving %s and %s on http://%s:%d", HEALTH_PATH, METRICS_PATH, host, port)
+    logger.info("serving %s, %s and the console /ui/ on http://%s:%d", HEALTH_PATH, METRICS_PATH, host, port)
     # log_config=None: uvicorn's loggers go through the redacting handler the CLI set up.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])

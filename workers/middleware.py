@@ -23,6 +23,7 @@ from typing import Any
 
 from dramatiq import Middleware
 
+from .job_rates import RateRecorder
 from .logs import bind_job_context, reset_job_context
 from .metrics import event_metrics, observe_job
 
@@ -52,11 +53,23 @@ class JobObserver(Middleware):
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
+        self._rates: RateRecorder | None = None
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
         """Build this process's event metrics now, so that a worker that has run no job
-        yet already serves its (zero) series and rates start from a sample."""
+        yet already serves its (zero) series and rates start from a sample. On a Redis
+        broker, start counting settled jobs for the console (:mod:`~sessionq.workers.job_rates`)."""
         event_metrics()
+        client = getattr(broker, "client", None)
+        if client is not None and self._rates is None:
+            self._rates = RateRecorder(client)
+            self._rates.start()
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        """Flush the last job counts."""
+        rates, self._rates = self._rates, None
+        if rates is not None:
+            rates.stop()
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         """Bind the job's log context and start its clock."""
@@ -110,6 +123,8 @@ class JobObserver(Middleware):
         else:
             outcome = "retry" if running.failed else "ok"
         observe_job(message.actor_name, outcome, running.seconds)
+        if self._rates is not None:
+            self._rates.count(outcome)
         if running.token is None:
             return
         try:

@@ -133,6 +133,10 @@ class LegacyStore(Store):
             raise ValidationError(f"{self.location}: a seed-era source is read whole, without filters")
         return self._session_page(limit, cursor)
 
+    def _search_status(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: a seed-era source is read whole (migrate it, then search sessionq's store)."""
+        raise ValidationError(f"{self.location}: a seed-era source is read whole, without filters")
+
     @abc.abstractmethod
     def _session_page(self, limit: int, cursor: str | None) -> Page[ChatSession]:
         """A keyset page of valid sessions after the session id ``cursor``."""

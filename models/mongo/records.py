@@ -22,6 +22,7 @@ There are no multi-document transactions; concurrency is made safe by the indexe
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -34,6 +35,7 @@ from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
     PendingWrite,
+    SessionQuery,
     SessionWrite,
     WriteResult,
     check_message_owners,
@@ -355,6 +357,49 @@ class MongoRecords(MongoStoreBase):
         docs = list(self._sessions.find(query).sort("_id", ASCENDING).limit(limit + 1))
         items = [self._to_session(doc) for doc in docs[:limit]]
         return Page(items, items[-1].session_id if len(docs) > limit else None)
+
+    @translate_errors
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
+        """See :meth:`Store._search_status`: two walks down the ``status_updated`` index, one
+        to find where ``scan`` sessions end, one for the matches above that point."""
+        newest_first = [("updated_at", DESCENDING), ("_id", DESCENDING)]
+        walk: list[Doc] = [{"status": status}]
+        if query.id_prefix:
+            # Strings compare by UTF-8 bytes: the prefix is an _id range; the regex keeps it exact.
+            prefix = query.id_prefix
+            walk.append({"_id": {"$gte": prefix, "$lt": prefix + "\U0010ffff", "$regex": "^" + re.escape(prefix)}})
+        if query.updated_after is not None:
+            walk.append({"updated_at": {"$gt": to_us(query.updated_after)}})
+        if query.updated_before is not None:
+            walk.append({"updated_at": {"$lt": to_us(query.updated_before)}})
+        if after is not None:
+            at, session_id = to_us(after[0]), after[1]
+            walk.append({"$or": [{"updated_at": {"$lt": at}}, {"updated_at": at, "_id": {"$lt": session_id}}]})
+        # Always bound the walk at the updated_at ``scan`` sessions down (the index alone
+        # answers; sessions sharing that instant are all examined): the index holds no _id,
+        # so the (updated_at, _id) sort happens in memory, on at most that many documents.
+        found = self._sessions.find({"$and": walk}, {"updated_at": 1}).sort("updated_at", DESCENDING)
+        edge: list[Doc] = list(found.skip(scan - 1).limit(1))
+        matches = list(walk)
+        if query.model is not None:
+            matches.append({"model": query.model})
+        for key, value in query.metadata:
+            # $expr compares the value itself: a plain match would also find arrays holding it.
+            matches.append({"$expr": {"$eq": [f"$metadata.{key}", value]}})
+        if edge:
+            matches.append({"updated_at": {"$gte": edge[0]["updated_at"]}})
+        cursor = self._sessions.find({"$and": matches}).sort(newest_first).limit(limit)
+        items = [self._to_session(doc) for doc in cursor]
+        if len(items) == limit:
+            return items, (items[-1].last_activity, items[-1].session_id)
+        if not edge:
+            return items, None
+        reached = from_us(edge[0]["updated_at"])
+        assert reached is not None
+        # ("" sorts before every id: the walk examined every session of that instant.)
+        return items, (reached, "")
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:

@@ -22,6 +22,7 @@ from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
     PendingWrite,
+    SessionQuery,
     SessionWrite,
     WriteResult,
     check_message_owners,
@@ -345,6 +346,60 @@ class SqlRecords(SqlStoreBase):
         rows = list(query.order_by(S.session_id).limit(limit + 1).dicts())
         items = [self._to_session(row) for row in rows[:limit]]
         return Page(items, items[-1].session_id if len(rows) > limit else None)
+
+    def _metadata_equals(self, key: str, value: str) -> pw.Node:
+        """SQL true when the metadata value at ``key`` is the string ``value``."""
+        p = self._db.param
+        if self.backend == "postgresql":
+            return pw.SQL(f"jsonb_typeof(metadata::jsonb -> {p}) = 'string' AND (metadata::jsonb ->> {p}) = {p}",
+                          (key, key, value))
+        path = f'$."{key}"'  # keys are [A-Za-z0-9_-] (SessionQuery checks), so nothing to escape
+        if self.backend == "mysql":
+            return pw.SQL(f"JSON_TYPE(JSON_EXTRACT(metadata, {p})) = 'STRING' "
+                          f"AND BINARY JSON_UNQUOTE(JSON_EXTRACT(metadata, {p})) = BINARY {p}", (path, path, value))
+        return pw.SQL(f"json_type(metadata, {p}) = 'text' AND json_extract(metadata, {p}) = {p}", (path, path, value))
+
+    @translate_errors
+    def _search_status(
+        self, status: str, query: SessionQuery, after: tuple[datetime, str] | None, limit: int, scan: int
+    ) -> tuple[list[ChatSession], tuple[datetime, str] | None]:
+        """See :meth:`Store._search_status`: two walks down the ``(status, updated_at)`` index,
+        one to find where ``scan`` sessions end, one for the matches above that point."""
+        S = self.m.Session
+        newest_first = (S.updated_at.desc(), S.session_id.desc())
+        walk = S.select().where(S.status == status)
+        if query.id_prefix:
+            # Ids compare by code point on every backend (binary collations), so the
+            # prefix is a primary-key range; the substring test keeps it exact.
+            prefix = query.id_prefix
+            walk = walk.where(
+                (S.session_id >= prefix) & (S.session_id < prefix + "\U0010ffff")
+                & (pw.fn.SUBSTR(S.session_id, 1, len(prefix)) == prefix)
+            )
+        if query.updated_after is not None:
+            walk = walk.where(S.updated_at > query.updated_after)
+        if query.updated_before is not None:
+            walk = walk.where(S.updated_at < query.updated_before)
+        if after is not None:
+            at, session_id = after
+            walk = walk.where((S.updated_at <= at) & ((S.updated_at < at) | (S.session_id < session_id)))
+        edge = None
+        if query.model is not None or query.metadata:
+            # Filters no index serves: bound the walk at the updated_at ``scan`` sessions down
+            # (the index alone answers; sessions sharing that instant are all examined).
+            edge = walk.select(S.updated_at).order_by(S.updated_at.desc()).offset(scan - 1).limit(1).scalar()
+        matches = walk
+        if query.model is not None:
+            matches = matches.where(S.model == query.model)
+        for key, value in query.metadata:
+            matches = matches.where(self._metadata_equals(key, value))
+        if edge is not None:
+            matches = matches.where(S.updated_at >= edge)
+        items = [self._to_session(row) for row in matches.order_by(*newest_first).limit(limit).dicts()]
+        if len(items) == limit:
+            return items, (items[-1].last_activity, items[-1].session_id)
+        # ("" sorts before every id: the walk examined every session of that instant.)
+        return items, (S.updated_at.python_value(edge), "") if edge is not None else None
 
     @translate_errors
     def load_messages(self, session_id: str, *, after_seq: int = 0, limit: int | None = None) -> list[ChatMessage]:
