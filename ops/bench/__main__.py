@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .bus_bench import bench_bus
 from .events_bench import bench_event_store
 from .harness import Result, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
@@ -23,6 +24,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "B1": bench_bus,  # MCP event bus across replicas
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
