@@ -298,4 +298,5 @@ async def test_sessionless_clients_are_untouched(
     finally:
         store.close()
     # (the replica's own ring report, sessionq:mcp:replica*, is not session state)
-    assert [k for k in redis_db.keys("sessionq:mcp:*") if not k.startswith(b"sessionq:mcp:replica")] == []
+    keys: list[bytes] = redis_db.keys("sessionq:mcp:*")  # type: ignore[assignment]
+    assert [k for k in keys if not k.startswith(b"sessionq:mcp:replica")] == []

@@ -25,7 +25,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
-from mcp_types import INVALID_PARAMS, CallToolResult, ElicitResult, InputRequiredResult
+from mcp_types import INVALID_PARAMS, CallToolResult, ElicitResult, InputRequiredResult, InputResponses
 
 from sessionq.models.keyring import fingerprint, generate_key
 from sessionq.workers.replicas import ReplicaBook
@@ -116,9 +116,11 @@ def cluster(schema: Path, shared_ring: str) -> Iterator[tuple[Replicas, str, str
 @asynccontextmanager
 async def modern(url: str, *, transport: httpx2.AsyncBaseTransport | None = None) -> AsyncIterator[Client]:
     """An SDK client at 2026-07-28 (no extensions)."""
-    async with httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(30.0, read=60.0)) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode="2026-07-28") as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(30.0, read=60.0)) as http,
+        Client(streamable_http_client(url, http_client=http), mode="2026-07-28") as client,
+    ):
+        yield client
 
 
 async def next_event(subscription: Any, timeout: float = EVENT_WAIT) -> ServerEvent:
@@ -138,24 +140,27 @@ async def test_listen_on_a_sees_events_published_on_b_and_by_a_worker(cluster: t
     nodes, a, b = cluster
     first, second, third = (f"note://{uuid.uuid4().hex}" for _ in range(3))
     # Given a listen stream on replica A for three resources
-    async with modern(a) as on_a, task_client(b) as on_b:
-        async with on_a.listen(resource_subscriptions=[first, second, third]) as events:
-            # When replica B's tool publishes the first
-            b_pid = pid_of(await on_b.call_tool("touch", {"uri": first}))
-            # Then A's stream gets it (and B really is another process)
-            assert await next_event(events) == ResourceUpdated(uri=first)
-            assert b_pid != nodes.health(a)["pid"]
-            # When a durable task publishes the second from the tasks worker
-            worker_pid = pid_of(await on_b.call_tool("touch_later", {"uri": second}))
-            assert worker_pid not in (b_pid, nodes.health(a)["pid"])
-            # Then A's stream gets it too
-            assert await next_event(events) == ResourceUpdated(uri=second)
-            # And A's own publish reaches its own stream once (its echo from Redis is skipped)
-            await on_a.call_tool("touch", {"uri": third})
-            assert await next_event(events) == ResourceUpdated(uri=third)
-            with anyio.move_on_after(0.5) as nothing_more:
-                await events.__anext__()
-            assert nothing_more.cancelled_caught
+    async with (
+        modern(a) as on_a,
+        task_client(b) as on_b,
+        on_a.listen(resource_subscriptions=[first, second, third]) as events,
+    ):
+        # When replica B's tool publishes the first
+        b_pid = pid_of(await on_b.call_tool("touch", {"uri": first}))
+        # Then A's stream gets it (and B really is another process)
+        assert await next_event(events) == ResourceUpdated(uri=first)
+        assert b_pid != nodes.health(a)["pid"]
+        # When a durable task publishes the second from the tasks worker
+        worker_pid = pid_of(await on_b.call_tool("touch_later", {"uri": second}))
+        assert worker_pid not in (b_pid, nodes.health(a)["pid"])
+        # Then A's stream gets it too
+        assert await next_event(events) == ResourceUpdated(uri=second)
+        # And A's own publish reaches its own stream once (its echo from Redis is skipped)
+        await on_a.call_tool("touch", {"uri": third})
+        assert await next_event(events) == ResourceUpdated(uri=third)
+        with anyio.move_on_after(0.5) as nothing_more:
+            await events.__anext__()
+        assert nothing_more.cancelled_caught
 
 
 async def test_a_multi_round_trip_request_continues_on_the_other_replica_with_a_shared_ring(
@@ -168,7 +173,7 @@ async def test_a_multi_round_trip_request_continues_on_the_other_replica_with_a_
         assert isinstance(first, InputRequiredResult) and first.request_state
         assert first.request_state.startswith("v1.")  # sealed, not the tool's plaintext
         # When the retry with the answer lands on replica B
-        answer = {"name": ElicitResult(action="accept", content={"v": "ada"})}
+        answer: InputResponses = {"name": ElicitResult(action="accept", content={"v": "ada"})}
         done = await on_b.session.call_tool("ask", {}, input_responses=answer, request_state=first.request_state)
     # Then B opened A's state and finished the request
     assert isinstance(done, CallToolResult) and not done.is_error
@@ -187,7 +192,7 @@ async def _round_on(first_url: str, retry_url: str) -> CallToolResult | MCPError
     async with modern(first_url) as first_client, modern(retry_url) as retry_client:
         first = await first_client.session.call_tool("ask", {}, allow_input_required=True)
         assert isinstance(first, InputRequiredResult)
-        answer = {"name": ElicitResult(action="accept", content={"v": "bob"})}
+        answer: InputResponses = {"name": ElicitResult(action="accept", content={"v": "bob"})}
         try:
             done = await retry_client.session.call_tool("ask", {}, input_responses=answer,
                                                         request_state=first.request_state)
@@ -325,19 +330,22 @@ async def test_listens_survive_a_redis_restart_and_get_list_changed_after_the_ga
         a, b = nodes.replica(), nodes.replica()
         uri = f"note://{uuid.uuid4().hex}"
         # Given an open listen stream on A
-        async with modern(a) as on_a, modern(b) as on_b:
-            async with on_a.listen(resources_list_changed=True, resource_subscriptions=[uri]) as events:
-                # When Redis restarts under it
-                await anyio.to_thread.run_sync(restart)
-                # Then the stream stays open and gets a level trigger once A subscribed again
-                assert await next_event(events) == ResourcesListChanged()
-                with anyio.fail_after(EVENT_WAIT):
-                    while not (nodes.health(a)["events"]["connected"] and nodes.health(b)["events"]["connected"]):
-                        await anyio.sleep(0.05)
-                assert nodes.health(a)["events"]["reconnects"] >= 1
-                # And B's events reach it again
-                await on_b.call_tool("touch", {"uri": uri})
-                assert await next_event(events) == ResourceUpdated(uri=uri)
+        async with (
+            modern(a) as on_a,
+            modern(b) as on_b,
+            on_a.listen(resources_list_changed=True, resource_subscriptions=[uri]) as events,
+        ):
+            # When Redis restarts under it
+            await anyio.to_thread.run_sync(restart)
+            # Then the stream stays open and gets a level trigger once A subscribed again
+            assert await next_event(events) == ResourcesListChanged()
+            with anyio.fail_after(EVENT_WAIT):
+                while not (nodes.health(a)["events"]["connected"] and nodes.health(b)["events"]["connected"]):
+                    await anyio.sleep(0.05)
+            assert nodes.health(a)["events"]["reconnects"] >= 1
+            # And B's events reach it again
+            await on_b.call_tool("touch", {"uri": uri})
+            assert await next_event(events) == ResourceUpdated(uri=uri)
     finally:
         nodes.stop()
 

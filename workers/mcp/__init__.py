@@ -62,17 +62,18 @@ def __getattr__(name: str) -> Any:
 
 
 _RECOVERY_NAMES = frozenset(
-    {"Adoption", "RedisSubscriptionBus", "adopt", "adopt_server", "RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id",
+    {"Adoption", "RedisSubscriptionBus", "adopt", "adopt_server",
+     "RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id",
      "SessionqTasks", "SessionqTasksClient", "TaskPolicy", "current_task"}
 )
 
 __all__ = [
-    "Adoption",
     "JOB_DISCONNECT",
     "JOB_HEARTBEAT",
     "JOB_REGISTER",
     "RECOVERED_STATE_KEY",
     "TRANSPORT_JOBS",
+    "Adoption",
     "MemoryEventLog",
     "ProducerSender",
     "RecoverableSessionManager",

@@ -47,13 +47,13 @@ import anyio
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
 from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
-from mcp.server.subscriptions import ListenHandler, SubscriptionBus
 from mcp.server.streamable_http import EventStore
+from mcp.server.subscriptions import ListenHandler, SubscriptionBus
 from mcp_types import SubscriptionsListenRequestParams
 
 from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store, open_store
-from sessionq.models.keyring import KeyRing, fingerprint
+from sessionq.models.keyring import KeyRing
 from sessionq.workers.replicas import DEFAULT_REPLICA_BEAT, ReplicaBook, ReplicaRing
 
 from .bus import RedisSubscriptionBus
@@ -115,10 +115,9 @@ class Adoption:
 
     async def start(self) -> None:
         """Subscribe the bus and start reporting this replica's ring (the app's lifespan calls it)."""
-        if isinstance(self.bus, RedisSubscriptionBus):
-            if not await self.bus.start():
-                logger.warning("event bus: Redis does not answer yet; listen streams get other replicas' "
-                               "events once it does")
+        if isinstance(self.bus, RedisSubscriptionBus) and not await self.bus.start():
+            logger.warning("event bus: Redis does not answer yet; listen streams get other replicas' "
+                           "events once it does")
         if self.settings.redis_url and self._beat is None:
             self._beat = asyncio.get_running_loop().create_task(self._report(), name="sessionq-replica-ring")
 

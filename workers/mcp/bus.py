@@ -156,7 +156,8 @@ class RedisSubscriptionBus:
             raise ValueError("RedisSubscriptionBus needs REDIS_URL")
         name = settings.request_state_audience or audience
         if not name:
-            raise ValueError("RedisSubscriptionBus needs an audience: the server name or SESSIONQ_REQUEST_STATE_AUDIENCE")
+            raise ValueError("RedisSubscriptionBus needs an audience: the server name or "
+                             "SESSIONQ_REQUEST_STATE_AUDIENCE")
         return cls(settings.redis_url, audience=name)
 
     @property
