@@ -50,7 +50,8 @@ def test_config_show_redacts_the_keys_and_a_bad_key_is_one_line_naming_the_setti
     assert all(key not in shown.stdout + shown.stderr for key in keys.split(","))
     # A key too short: one line, the setting and the position, never the value
     short = "x" * 20
-    bad = subprocess.run(cli_command("config", "show"), env=subprocess_env(SESSIONQ_REQUEST_STATE_KEYS=f"{keys},{short}"),
+    bad = subprocess.run(cli_command("config", "show"),
+                         env=subprocess_env(SESSIONQ_REQUEST_STATE_KEYS=f"{keys},{short}"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
