@@ -4,6 +4,7 @@ replicas that cannot open each other's state)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from typing import Any
@@ -64,7 +65,7 @@ def test_rotation_phases_are_compatible_and_skipping_one_is_reported() -> None:
     old, new = generate_key(), generate_key()
     phases = [(old,), (old, new), (new, old), (new,)]
     # Each phase next to the one before it: every replica opens what the other seals
-    for before, after in zip(phases, phases[1:], strict=False):
+    for before, after in itertools.pairwise(phases):
         assert ring_problems([ring("a", *before), ring("b", *after)]) == []
     # Skipping a phase: each seals with a key the other lacks
     assert len(ring_problems([ring("a", old), ring("b", new, old)])) == 1
