@@ -124,3 +124,15 @@ def test_settings_reject_a_repeated_key() -> None:
     with pytest.raises(Exception, match="request_state_keys: key 2 repeats an earlier key"):
         Settings(request_state_keys=f"{key},{key}")
     assert Settings().request_state_ring is None
+
+
+def test_cli_health_prints_fingerprints_and_the_audience_never_a_key() -> None:
+    keys = f"{generate_key()},{generate_key()}"
+    env = subprocess_env(STORAGE_URL=POSTGRES_URL, REDIS_URL=REDIS_URL, SESSIONQ_REQUEST_STATE_KEYS=keys,
+                         SESSIONQ_REQUEST_STATE_AUDIENCE="billing")
+    done = subprocess.run(cli_command("health"), env=env, capture_output=True, text=True, timeout=60)
+    body = json.loads(done.stdout)
+    assert body["request_state"]["audience"] == "billing"
+    assert body["request_state"]["fingerprints"] == [fingerprint(k.encode()) for k in keys.split(",")]
+    assert isinstance(body["mcp_replicas"], list)
+    assert all(key not in done.stdout + done.stderr for key in keys.split(","))
