@@ -140,7 +140,7 @@ async def test_a_plain_thread_publishes_like_a_worker_job_does(redis_client: red
             job_bus.publish_sync(ResourceUpdated(uri="note://from-a-job"))
             job_bus.close()
 
-        thread = threading.Thread(target=job)
+        thread = threading.Thread(target=job, daemon=True)
         thread.start()
         thread.join(10)
         # Then the listening bus (another process's, as far as Redis knows) gets the event
@@ -166,13 +166,14 @@ async def test_listeners_on_another_event_loop_are_called_on_their_own_loop() ->
             async def main() -> None:
                 bus.subscribe(lambda event: seen.append((event, threading.get_ident())))
                 ready.set()
-                while not seen:
-                    await anyio.sleep(0.01)
+                with anyio.move_on_after(10):
+                    while not seen:
+                        await anyio.sleep(0.01)
                 done.set()
 
             anyio.run(main)
 
-        thread = threading.Thread(target=other_loop)
+        thread = threading.Thread(target=other_loop, daemon=True)
         thread.start()
         assert await anyio.to_thread.run_sync(ready.wait, 5)
         await publisher.publish(PromptsListChanged())
