@@ -256,6 +256,10 @@ class Settings:
             raise ConfigError(f"unknown setting(s): {unknown_settings(set(values) - known)}")
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug logs: secrets never do.
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self.redacted().items())})"
+
     def redacted(self) -> dict[str, Any]:
         """Every setting, with passwords in URLs and secret values masked."""
         out: dict[str, Any] = {}

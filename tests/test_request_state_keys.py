@@ -136,3 +136,11 @@ def test_cli_health_prints_fingerprints_and_the_audience_never_a_key() -> None:
     assert body["request_state"]["fingerprints"] == [fingerprint(k.encode()) for k in keys.split(",")]
     assert isinstance(body["mcp_replicas"], list)
     assert all(key not in done.stdout + done.stderr for key in keys.split(","))
+
+
+def test_settings_repr_shows_no_key() -> None:
+    key = generate_key()
+    settings = Settings(request_state_keys=key, api_token="s3cret-token", redis_url="redis://:hunter2@127.0.0.1/0")
+    shown = repr(settings)
+    assert key not in shown and "s3cret-token" not in shown and "hunter2" not in shown
+    assert "request_state_keys='***'" in shown and "request_state_ttl=600.0" in shown

@@ -81,8 +81,8 @@ _ADOPTION_ATTR = "_sessionq_adoption"
 class Adoption:
     """What :func:`adopt_server` wired into one server (``app.state.sessionq`` after :func:`adopt`)."""
 
-    server: MCPServer
-    settings: Settings
+    server: MCPServer = field(repr=False)
+    settings: Settings = field(repr=False)
     #: The audience sealed into requestState and the bus channel's name.
     audience: str
     #: The key ring's fingerprints, primary first (one per-process key when ``ephemeral``).
