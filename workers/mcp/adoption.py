@@ -243,7 +243,8 @@ def adopt(
     """The Starlette app serving ``server`` to both protocol generations (see the module docs).
 
     ``registry`` and ``event_store`` default to the settings' (a registry on the
-    store; Redis Streams with ``REDIS_URL``, else the store); ``http_app_options``
+    store; Redis Streams with ``REDIS_URL``, else the store); ``heartbeat`` runs the
+    registry's session heartbeats (see :func:`recoverable_http_app`); ``http_app_options``
     go to ``server.streamable_http_app()`` (``retry_interval``, ``transport_security``,
     ...). The app's lifespan runs the session manager, subscribes the bus and reports
     this replica's ring; ``app.state.sessionq`` is the :class:`Adoption`.
