@@ -177,6 +177,21 @@ def config_show(app: App, as_json: bool) -> None:
         click.echo(f"{name:<{width}}  {value}")
 
 
+@main.group("keys")
+def keys_group() -> None:
+    """Secrets for key rings (SESSIONQ_REQUEST_STATE_KEYS, ...)."""
+
+
+@keys_group.command("generate")
+@click.option("--count", type=click.IntRange(1, 100), default=1, show_default=True, help="How many keys.")
+def keys_generate(count: int) -> None:
+    """Print new random keys (32 bytes each, URL-safe), one per line."""
+    from sessionq.models.keyring import generate_key
+
+    for _ in range(count):
+        click.echo(generate_key())
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app

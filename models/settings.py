@@ -29,6 +29,7 @@ import yaml
 
 from sessionq.errors import ConfigError
 
+from .keyring import KeyRing
 from .tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_LEASE_MS
 
 ENV_CONFIG_FILE = "SESSIONQ_CONFIG"
@@ -166,6 +167,15 @@ class Settings:
         None, "PROMETHEUS_MULTIPROC_DIR",
         help="directory worker processes write their metrics into (prometheus_client reads the same "
              "environment variable); created when the worker is configured")
+    request_state_keys: str | None = _setting(
+        None, "SESSIONQ_REQUEST_STATE_KEYS", secret=True,
+        help="MCP requestState key ring shared by every replica: comma list, first seals, all open "
+             "(sessionq keys generate); unset: a per-process key")
+    request_state_ttl: float = _setting(600.0, "SESSIONQ_REQUEST_STATE_TTL",
+                                        help="seconds a sealed MCP requestState stays valid")
+    request_state_audience: str | None = _setting(
+        None, "SESSIONQ_REQUEST_STATE_AUDIENCE",
+        help="audience sealed into MCP requestState (and the event-bus channel); unset: the MCPServer name")
     stores: dict[str, str] = field(
         default_factory=dict, hash=False,
         metadata={"env": (), "env_prefix": STORE_ENV_PREFIX, "secret": True,
@@ -184,6 +194,8 @@ class Settings:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r:.80}")
         if self.min_pool_size > self.max_pool_size:
             raise ConfigError("min_pool_size: must not exceed max_pool_size")
+        if self.request_state_keys is not None:
+            KeyRing.parse(self.request_state_keys, setting="request_state_keys")
         if self.http_port > 65535:
             raise ConfigError(f"http_port: must be a TCP port from 0 to 65535, got {self.http_port}")
 
@@ -191,6 +203,13 @@ class Settings:
     def backend(self) -> str:
         """``sqlite``, ``postgresql``, ``mysql`` or ``mongodb``."""
         return STORAGE_SCHEMES[_scheme(self.storage_url)]
+
+    @property
+    def request_state_ring(self) -> KeyRing | None:
+        """The MCP request-state key ring (``request_state_keys``), ``None`` when unset."""
+        if self.request_state_keys is None:
+            return None
+        return KeyRing.parse(self.request_state_keys, setting="request_state_keys")
 
     @property
     def queue_url(self) -> str | None:
@@ -236,6 +255,10 @@ class Settings:
         if set(values) - known:
             raise ConfigError(f"unknown setting(s): {unknown_settings(set(values) - known)}")
         return cls(**values)
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug logs: secrets never do.
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self.redacted().items())})"
 
     def redacted(self) -> dict[str, Any]:
         """Every setting, with passwords in URLs and secret values masked."""

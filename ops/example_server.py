@@ -1,9 +1,15 @@
 """An MCP server whose sessions survive restarts and whose long tool runs as a durable
-task: the sessionq integration end to end, for both protocol generations.
+task: the sessionq integration end to end, for both protocol generations, adopted
+with one call (:func:`sessionq.workers.mcp.adopt`).
 
     python ops/example_server.py --port 8765                       # SQLite, everything in-process
     REDIS_URL=redis://127.0.0.1:6379/0 python ops/example_server.py --port 8765
     REDIS_URL=... sessionq worker --queues tasks --mcp-app ops.example_server:server
+
+Any number of replicas may serve it behind a round-robin balancer (``ops/compose.yaml``
+runs two): give them one ``SESSIONQ_REQUEST_STATE_KEYS`` (``sessionq keys generate``)
+and one Redis, and a 2026-07-28 client's listen streams and multi-round-trip retries
+work whichever replica each request reaches.
 
 Settings come from the environment like every sessionq component (``STORAGE_URL``,
 ``REDIS_URL``, ``SESSION_TTL``, ``MAX_EVENTS_PER_SESSION``, ``SESSION_COMPRESSION``,
@@ -36,12 +42,12 @@ from sessionq.models import Settings, Store, open_store
 from sessionq.workers.mcp import (
     RecoverableSessionManager,
     RedisEventStore,
-    SessionqTasks,
     SessionRegistry,
     StoreEventStore,
     TaskPolicy,
+    adopt,
+    adopt_server,
     current_task,
-    recoverable_http_app,
     request_session_id,
 )
 
@@ -57,8 +63,7 @@ def build_server(
     """The MCPServer with its tools, its session registry, and the list its session
     manager is added to once the app is built."""
     registry = SessionRegistry.from_settings(store, settings, via_queue=via_queue)
-    tasks = SessionqTasks.from_settings(settings, tools=TASK_TOOLS, store=store)
-    server = tasks.bind(MCPServer("sessionq-example", extensions=[tasks]))
+    server = MCPServer("sessionq-example")
     managers: list[RecoverableSessionManager] = []
 
     @server.tool()
@@ -113,7 +118,8 @@ def build_server(
 def build_app(
     settings: Settings, *, retry_ms: int | None = None, event_log: str = "auto", via_queue: bool = False
 ) -> Any:
-    """The Starlette app: the MCPServer, recoverable sessions, resumable streams, durable tasks."""
+    """The Starlette app: the MCPServer adopted for both protocol generations (recoverable
+    sessions, resumable streams; durable tasks, the event bus, the request-state ring)."""
     store = open_store(settings)
     store.upgrade()
     server, registry, managers = build_server(settings, store, via_queue=via_queue)
@@ -122,9 +128,11 @@ def build_app(
 
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"event_store": event_store.mode, "pid": os.getpid()})
+        return JSONResponse({"event_store": event_store.mode, "pid": os.getpid(),
+                             **request.app.state.sessionq.health()})
 
-    app = recoverable_http_app(server, registry=registry, event_store=event_store, retry_interval=retry_ms)
+    app = adopt(server, settings, tasks=TASK_TOOLS, store=store, registry=registry, event_store=event_store,
+                retry_interval=retry_ms)
     managers.append(cast(RecoverableSessionManager, server.session_manager))
     return app
 
@@ -141,7 +149,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     if _worker_server is None:
         settings = Settings.load()
-        _worker_server = build_server(settings, open_store(settings))[0]
+        store = open_store(settings)
+        _worker_server = build_server(settings, store)[0]
+        adopt_server(_worker_server, settings, tasks=TASK_TOOLS, store=store)  # its bus: tasks publish events
     return _worker_server
 
 

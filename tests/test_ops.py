@@ -81,17 +81,43 @@ def test_compose_services_and_commands() -> None:
 
 def test_compose_runs_the_example_mcp_server_and_its_tasks_workers() -> None:
     services = compose()["services"]
-    mcp, tasks = services["mcp"], services["tasks-worker"]
-    # The example server and its task workers see the same ops/ directory (not in the image)
-    assert mcp["entrypoint"] == ["python", "ops/example_server.py"]
-    assert mcp["volumes"] == tasks["volumes"] and mcp["working_dir"] == tasks["working_dir"]
-    mount = mcp["volumes"][0].split(":")
-    assert mount[0] == "./" and mount[1] == f"{mcp['working_dir']}/ops"
-    # ... and the workers run its tools on the tasks queue, against the same store and Redis
+    tasks = services["tasks-worker"]
+    for mcp in (services["mcp-a"], services["mcp-b"]):
+        # The example server and its task workers see the same ops/ directory (not in the image)
+        assert mcp["entrypoint"] == ["python", "ops/example_server.py"]
+        assert mcp["volumes"] == tasks["volumes"] and mcp["working_dir"] == tasks["working_dir"]
+        mount = mcp["volumes"][0].split(":")
+        assert mount[0] == "./" and mount[1] == f"{mcp['working_dir']}/ops"
+        # ... with the same settings as the workers that run its tools on the tasks queue
+        assert mcp["environment"] == tasks["environment"]
     assert tasks["command"] == ["worker", "--queues", "tasks", "--mcp-app", "ops.example_server:server"]
     assert resolve(tasks["command"]).name == "worker"
-    assert tasks["environment"]["REDIS_URL"] == mcp["environment"]["REDIS_URL"]
-    assert tasks["environment"]["STORAGE_URL"] == mcp["environment"]["STORAGE_URL"]
+
+
+def test_compose_runs_two_mcp_replicas_behind_a_round_robin_proxy() -> None:
+    services = compose()["services"]
+    replicas = {name: s for name, s in services.items() if s.get("entrypoint") == ["python", "ops/example_server.py"]}
+    # Two replicas of one server: same command, one Redis, one request-state key ring (required)
+    assert sorted(replicas) == ["mcp-a", "mcp-b"]
+    a, b = replicas.values()
+    assert a == b
+    assert a["environment"]["SESSIONQ_REQUEST_STATE_KEYS"].startswith("${SESSIONQ_REQUEST_STATE_KEYS:?")
+    assert a["environment"]["REDIS_URL"] == services["worker"]["environment"]["REDIS_URL"]
+    port = a["command"][a["command"].index("--port") + 1]
+    assert a["expose"] == [port] and "ports" not in a  # reached through the proxy only
+    # And the proxy publishes that port and spreads requests over both, round robin, streams unbuffered
+    proxy = services["mcp-proxy"]
+    assert proxy["image"].startswith("nginx:") and proxy["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert set(proxy["depends_on"]) == set(replicas)
+    host_path, mounted, _ = proxy["volumes"][0].split(":")
+    config = (OPS / host_path).read_text()
+    assert mounted == "/etc/nginx/conf.d/default.conf"
+    upstream = re.search(r"upstream (\w+) \{(.*?)\}", config, re.S)
+    assert upstream is not None
+    assert re.findall(r"server ([\w-]+:\d+);", upstream[2]) == [f"{name}:{port}" for name in sorted(replicas)]
+    assert re.search(r"^\s*listen (\d+);", config, re.M)[1] == port  # type: ignore[index]
+    assert f"proxy_pass http://{upstream[1]};" in config
+    assert "proxy_buffering off;" in config and "ip_hash" not in config and "hash " not in config
 
 
 def test_dockerfile_runs_as_non_root_with_a_health_check() -> None:

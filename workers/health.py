@@ -34,6 +34,7 @@ from sessionq.scheduler.status import SweepBook, SweepRun
 
 from .logs import redact
 from .queue_state import QUEUES, QueueDepth, read_queues
+from .replicas import ReplicaBook, ReplicaRing, ring_problems
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class HealthReport:
     tasks: TaskStats | None = None
     queues: dict[str, QueueDepth] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
+    #: This configuration's MCP request-state ring: audience and key fingerprints only.
+    request_state: dict[str, Any] = field(default_factory=dict)
+    #: The live MCP replicas' rings (see :mod:`sessionq.workers.replicas`); None if unknown.
+    replicas: list[ReplicaRing] | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -99,9 +104,19 @@ class HealthReport:
             "dead_letters": {name: depth.dead for name, depth in self.queues.items()},
             "sweeps": {kind: _sweep_json(run) for kind, run in self.sweeps.items()},
             "event_store": self.event_store,
+            "request_state": self.request_state,
+            "mcp_replicas": None if self.replicas is None else [ring.to_json() for ring in self.replicas],
             "problems": list(self.problems),
             "timestamp": self.timestamp.isoformat(),
         }
+
+
+def request_state_json(settings: Settings) -> dict[str, Any]:
+    """The configured request-state ring as health shows it: the audience (``None``: the
+    MCPServer name) and the keys' fingerprints, primary first (empty: per-process keys)."""
+    ring = settings.request_state_ring
+    return {"audience": settings.request_state_audience, "fingerprints": ring.fingerprints() if ring else [],
+            "ttl_seconds": settings.request_state_ttl}
 
 
 def _sweep_json(run: SweepRun) -> dict[str, Any]:
@@ -286,6 +301,9 @@ class HealthChecker:
             broker_future = self._submit("broker", self._ping_broker_socket)
         book = SweepBook(self.redis_client) if self.redis_client is not None else SweepBook()
         sweeps_future = self._submit("sweeps", book.all)
+        replicas_future: Future[Any] | None = None
+        if self.redis_client is not None:
+            replicas_future = self._submit("replicas", ReplicaBook(self.redis_client).live)
 
         report = HealthReport(database=OK, broker=EMBEDDED, redis=NONE, event_store=NONE, timestamp=utcnow())
         report.backend = self.settings.backend
@@ -316,6 +334,12 @@ class HealthChecker:
                 if run.failing
             )
         report.event_store = self._event_store_mode(report)
+        report.request_state = request_state_json(self.settings)
+        if replicas_future is not None:
+            state, value = self._wait(replicas_future, deadline)
+            if state == OK:
+                report.replicas = value
+                report.problems.extend(ring_problems(value))
         return report
 
     def _event_store_mode(self, report: HealthReport) -> str:

@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .bus_bench import bench_bus
 from .console_bench import bench_console
 from .events_bench import bench_event_store
 from .harness import Result, print_table, write_json
@@ -27,6 +28,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
     "L1": bench_legacy_migrate,  # seed-era store migration vs sessionq's
     "C1": bench_console,  # ops console pages with 1M sessions: C1-overview, C1-sessions, ...
+    "B1": bench_bus,  # MCP event bus across replicas
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 

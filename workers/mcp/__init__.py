@@ -8,6 +8,10 @@
   survive a restart or a hop to another instance instead of answering 404.
 * :class:`SessionqTasks` / :class:`TaskPolicy` — durable tasks (SEP-2663) at protocol
   2026-07-28, run on sessionq's workers; :class:`SessionqTasksClient` is the client half.
+* :class:`RedisSubscriptionBus` — ``subscriptions/listen`` events across replicas.
+* :func:`adopt` — all of the above (and the request-state key ring) wired from
+  ``Settings`` in one call, for both protocol generations; :func:`adopt_server`
+  wires the 2026-07-28 half alone.
 
 Imports only ``models``, the job payload checks (``sessionq.workers.payloads``),
 ``redis``, ``mcp`` and the standard library (never the broker), so importing it has
@@ -33,6 +37,8 @@ from .registry import (
 from .store_events import StoreEventStore
 
 try:
+    from .adoption import Adoption, adopt, adopt_server
+    from .bus import RedisSubscriptionBus
     from .recovery import (
         RECOVERED_STATE_KEY,
         RecoverableSessionManager,
@@ -56,7 +62,8 @@ def __getattr__(name: str) -> Any:
 
 
 _RECOVERY_NAMES = frozenset(
-    {"RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id",
+    {"Adoption", "RedisSubscriptionBus", "adopt", "adopt_server",
+     "RECOVERED_STATE_KEY", "RecoverableSessionManager", "install", "recoverable_http_app", "request_session_id",
      "SessionqTasks", "SessionqTasksClient", "TaskPolicy", "current_task"}
 )
 
@@ -66,16 +73,20 @@ __all__ = [
     "JOB_REGISTER",
     "RECOVERED_STATE_KEY",
     "TRANSPORT_JOBS",
+    "Adoption",
     "MemoryEventLog",
     "ProducerSender",
     "RecoverableSessionManager",
     "RedisEventStore",
+    "RedisSubscriptionBus",
     "SessionRegistry",
     "SessionqTasks",
     "SessionqTasksClient",
     "StoreEventStore",
     "StoreSender",
     "TaskPolicy",
+    "adopt",
+    "adopt_server",
     "apply_transport_job",
     "current_task",
     "install",
