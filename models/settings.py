@@ -145,7 +145,7 @@ class Settings:
     idempotency_ttl: int = _setting(86400, "SESSIONQ_IDEMPOTENCY_TTL",
                                     help="seconds an idempotent tool call's outcome is replayed")
     idempotency_claim_ttl: int = _setting(600, "SESSIONQ_IDEMPOTENCY_CLAIM_TTL",
-                                          help="seconds a running idempotent call holds its key before a retry may run it")
+                                          help="seconds a running idempotent call holds its key (then a retry runs)")
     idempotency_wait: float = _setting(30.0, "SESSIONQ_IDEMPOTENCY_WAIT",
                                        help="seconds a duplicate idempotent call waits for the first one's outcome")
     scheduler_lease_seconds: float = _setting(30.0, "SESSIONQ_SCHEDULER_LEASE_SECONDS",
@@ -352,7 +352,8 @@ def _seed_storage_url(env: Mapping[str, str]) -> str | None:
 
 _TRUE = {"1", "true", "yes", "on"}
 # Numeric settings for which 0 means something (any port; no retries; no gather delay; no wait).
-_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms", "startup_wait_seconds"})
+_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms", "startup_wait_seconds",
+                           "handle_ttl", "handle_idle_ttl", "handle_retention"})
 _FALSE = {"0", "false", "no", "off", ""}
 
 
