@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .events_bench import bench_event_store
+from .handles_bench import bench_handles
 from .harness import Result, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
 from .store_bench import bench_append_cost, bench_purge
@@ -23,6 +24,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "B2": bench_handles,  # MCP state handles: require()
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
