@@ -8,14 +8,14 @@ import hashlib
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 from mcp.server.auth.provider import AccessToken, principal_components
 from mcp.server.request_state import compact_json
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, RequestParamsMeta, TextContent
 
 from sessionq.models import Settings, Store, utcnow
 from sessionq.models.idempotency import entry_id_for
@@ -51,6 +51,13 @@ def text(result: CallToolResult) -> str:
     return block.text
 
 
+async def new_basket(client: Any) -> str:
+    """The ``basket_id`` of a new basket made through ``client``."""
+    content = (await client.call_tool("create_basket", {})).structured_content
+    assert content is not None
+    return str(content["basket_id"])
+
+
 def refusal(result: CallToolResult) -> str:
     """The message of a tool error (after the SDK's ``Error executing tool X:``)."""
     assert result.is_error
@@ -66,9 +73,9 @@ def owner_key(user: str) -> str:
     return hashlib.sha256(compact_json(principal_components(token)).encode()).hexdigest()
 
 
-def keyed(key: str) -> dict[str, Any]:
+def keyed(key: str) -> RequestParamsMeta:
     """The ``_meta`` of a call with idempotency key ``key``."""
-    return {IDEMPOTENCY_KEY_META: key}
+    return cast(RequestParamsMeta, {IDEMPOTENCY_KEY_META: key})
 
 
 def executions(marker: Path) -> int:
@@ -80,8 +87,7 @@ async def test_a_basket_lives_across_replicas_for_its_owner_only(cluster: tuple[
     a, b = cluster
     async with task_client(a) as alice_a, task_client(b) as alice_b, task_client(b, "bob") as bob_b:
         # Given a basket alice created on A
-        created = await alice_a.call_tool("create_basket", {})
-        basket_id = created.structured_content["basket_id"]  # type: ignore[index]
+        basket_id = await new_basket(alice_a)
         assert basket_id.startswith("bsk_") and len(basket_id) == 26
         # When she adds items on B, then on A
         assert (await alice_b.call_tool("add_item", {"basket_id": basket_id, "sku": "tea"})).structured_content == {
@@ -102,7 +108,7 @@ async def test_a_basket_lives_across_replicas_for_its_owner_only(cluster: tuple[
 async def test_concurrent_adds_on_both_replicas_all_land(cluster: tuple[str, str], pg_store: Store) -> None:
     a, b = cluster
     async with task_client(a) as on_a, task_client(b) as on_b:
-        basket_id = (await on_a.call_tool("create_basket", {})).structured_content["basket_id"]  # type: ignore[index]
+        basket_id = await new_basket(on_a)
         async with anyio.create_task_group() as tg:
             for n in range(6):
                 client = on_a if n % 2 else on_b
@@ -132,7 +138,7 @@ async def test_an_expired_ticket_says_what_to_call_and_the_sweep_removes_it(
 async def test_a_revoked_basket_is_refused_on_every_replica(cluster: tuple[str, str]) -> None:
     a, b = cluster
     async with task_client(a) as on_a, task_client(b) as on_b, task_client(a, "bob") as bob:
-        basket_id = (await on_a.call_tool("create_basket", {})).structured_content["basket_id"]  # type: ignore[index]
+        basket_id = await new_basket(on_a)
         assert (await bob.call_tool("drop_basket", {"basket_id": basket_id})).structured_content == {"result": False}
         assert (await on_b.call_tool("drop_basket", {"basket_id": basket_id})).structured_content == {"result": True}
         refused = await on_a.call_tool("add_item", {"basket_id": basket_id, "sku": "tea"})
@@ -142,9 +148,9 @@ async def test_a_revoked_basket_is_refused_on_every_replica(cluster: tuple[str, 
 async def test_baskets_list_in_pages_across_replicas(cluster: tuple[str, str]) -> None:
     a, b = cluster
     async with task_client(a, "bob") as on_a, task_client(b, "bob") as on_b:
-        made = {(await on_a.call_tool("create_basket", {})).structured_content["basket_id"]  # type: ignore[index]
+        made = {await new_basket(on_a)
                 for _ in range(3)}
-        dropped = (await on_a.call_tool("create_basket", {})).structured_content["basket_id"]  # type: ignore[index]
+        dropped = await new_basket(on_a)
         await on_b.call_tool("drop_basket", {"basket_id": dropped})
         seen: list[str] = []
         cursor = None

@@ -144,8 +144,8 @@ def expected_changes(
     if kind == "tasks":
         return {"deleted": 2, "dispatched": 0}, {"tasks": {"task-at-now", "task-past"}}, changed
     if kind == "handles":
-        gone = {"handles": {"h-past"}, "idempotency": {"i-at-now", "i-past"}}
-        return {"handles": 1, "idempotency_entries": 2}, gone, changed
+        swept: dict[str, set[Any]] = {"handles": {"h-past"}, "idempotency": {"i-at-now", "i-past"}}
+        return {"handles": 1, "idempotency_entries": 2}, swept, changed
     assert kind == "events"
     e1 = event_ids(store, "e1")
     return {"deleted": 4}, {"events": set(e1[:3]) | set(event_ids(store, "e3"))}, changed

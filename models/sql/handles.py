@@ -144,7 +144,7 @@ class SqlHandles(SqlStoreBase):
         """See :meth:`HandleRecords.delete_dead_handles`."""
         H = self.mh
         where = (H.expires_at <= before) | (H.idle_until <= before) | (H.revoked_at <= before)
-        return self._batched(H, H.delete, where, batch_size, dry_run)  # type: ignore[attr-defined, no-any-return]
+        return self._batched(H, H.delete, where, batch_size, dry_run)
 
     # -- idempotency -----------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class SqlHandles(SqlStoreBase):
     ) -> int:
         """See :meth:`IdempotencyRecords.delete_expired_idempotency`."""
         I_ = self.mi
-        return self._batched(I_, I_.delete, I_.expires_at <= now, batch_size, dry_run)  # type: ignore[attr-defined, no-any-return]
+        return self._batched(I_, I_.delete, I_.expires_at <= now, batch_size, dry_run)
 
     # -- both kinds in bulk operations --------------
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver.exceptions import ToolError
 
 from sessionq.models.handles import OK, HandleLookup, StateHandle, new_handle_id
@@ -66,7 +67,7 @@ def owner_from(ctx: AnyContext) -> str | None:
     """The owner key of the caller of ``ctx`` (a tool's ``Context`` or a request context)."""
     if isinstance(ctx, _Owner):
         return ctx.owner
-    return owner_of(getattr(ctx, "request_context", ctx))
+    return owner_of(cast(ServerRequestContext[Any, Any], getattr(ctx, "request_context", ctx)))
 
 
 class HandleStore:
