@@ -42,6 +42,7 @@ from mcp.server.extension import Extension
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT, CallToolRequestParams, CallToolResult
 
+from sessionq.models.errors import NotFound
 from sessionq.models.idempotency import MAX_IDEMPOTENCY_KEY, IdempotencyEntry, entry_id_for
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
@@ -133,16 +134,20 @@ class SessionqIdempotency(Extension):
             return await call_next(ctx)
         owner = owner_of(ctx)
         digest = args_digest(params.name, params.arguments)
+        entry_id = entry_id_for(owner, key)
         deadline = time.monotonic() + self.wait
         pause = POLL_FIRST
+        stored: IdempotencyEntry | None = None
         while True:
             now = self.clock()
-            entry = IdempotencyEntry(entry_id=entry_id_for(owner, key), key=key, owner=owner, tool=params.name,
-                                     args_digest=digest, created_at=now,
-                                     expires_at=now + timedelta(seconds=self.claim_ttl))
-            stored, mine = await anyio.to_thread.run_sync(self.store.claim_idempotency, entry, now)
-            if mine:
-                return await self._run(stored, params, ctx, call_next)
+            if stored is None or stored.expires_at <= now:  # free, released, or its claimer died: claim it
+                entry = IdempotencyEntry(entry_id=entry_id, key=key, owner=owner, tool=params.name,
+                                         args_digest=digest, created_at=now,
+                                         expires_at=now + timedelta(seconds=self.claim_ttl))
+                claimed, mine = await anyio.to_thread.run_sync(self.store.claim_idempotency, entry, now)
+                if mine:
+                    return await self._run(claimed, params, ctx, call_next)
+                stored = claimed
             if stored.args_digest != digest:
                 raise MCPError(code=INVALID_PARAMS, message="this idempotency key was already used for another "
                                                             "call (other tool or arguments)")
@@ -150,12 +155,20 @@ class SessionqIdempotency(Extension):
                 replay = await anyio.to_thread.run_sync(self._replay, stored)
                 if replay is not None:
                     return replay
-                continue  # its task is gone: the entry was released, claim again
+                stored = None  # its task is gone and the entry released: claim again
+                continue
             if time.monotonic() >= deadline:
                 raise MCPError(code=REQUEST_TIMEOUT, message="a call with this idempotency key is still running; "
                                                              "retry later")
             await anyio.sleep(pause)
             pause = min(pause * 2, POLL_MAX)
+            stored = await anyio.to_thread.run_sync(self._load, entry_id)  # poll the entry
+
+    def _load(self, entry_id: str) -> IdempotencyEntry | None:
+        try:
+            return self.store.load_idempotency(entry_id)
+        except NotFound:
+            return None
 
     async def _run(
         self, claim: IdempotencyEntry, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any],
