@@ -2,16 +2,19 @@
 memory stays flat.
 
 Two formats, both carrying sessions with their messages, then file records,
-transport sessions, agent state and MCP tasks (:mod:`sessionq.models.kinds`; the
+transport sessions, agent state, MCP tasks, state handles and idempotency entries
+(:mod:`sessionq.models.kinds`; the
 short-lived MCP event log is not exported):
 
-* **JSON Lines** (``sessionq-jsonl`` version 3): the first line is a header
-  ``{"format": "sessionq-jsonl", "version": 3, ...}``, then one record per line,
+* **JSON Lines** (``sessionq-jsonl`` version 4): the first line is a header
+  ``{"format": "sessionq-jsonl", "version": 4, ...}``, then one record per line,
   each session (``"type": "session"``) followed by its messages (``"type": "message"``),
-  then the ``"file"``, ``"transport"``, ``"agent_state"`` and ``"task"`` records. Every field of
+  then the ``"file"``, ``"transport"``, ``"agent_state"``, ``"task"``, ``"handle"`` and
+  ``"idempotency_entry"`` records. Every field of
   the records is kept, ``seq`` and ``message_count`` included.
-* **Plain JSON**: ``{"format": "sessionq-json", "version": 3, "sessions": [...],
-  "files": [...], "transports": [...], "agent_states": [...], "tasks": [...]}`` where each session
+* **Plain JSON**: ``{"format": "sessionq-json", "version": 4, "sessions": [...],
+  "files": [...], "transports": [...], "agent_states": [...], "tasks": [...], "handles": [...],
+  "idempotency_entries": [...]}`` where each session
   has the single-session export shape (``session_id``, ``model``, ``created_at``,
   ``updated_at``, ``status``, ``metadata``, ``messages`` with ``message_id``,
   ``role``, ``content``, ``created_at``) and the other arrays hold records as
@@ -59,8 +62,9 @@ logger = logging.getLogger(__name__)
 FORMAT_JSONL = "sessionq-jsonl"
 FORMAT_JSON = "sessionq-json"
 # Version 2 added the file, transport and agent_state records, version 3 the task
-# records; files of every earlier version still import.
-FORMAT_VERSION = 3
+# records, version 4 the handle and idempotency_entry records; files of every
+# earlier version still import.
+FORMAT_VERSION = 4
 # Records per import_records call during an import.
 DEFAULT_IMPORT_BATCH = 500
 # Messages read per page while exporting.
@@ -282,7 +286,7 @@ def _record_types() -> str:
 
 
 def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMPORT_BATCH) -> ImportReport:
-    """Import a ``sessionq-jsonl`` stream (version 1 to 3); bad lines are reported by
+    """Import a ``sessionq-jsonl`` stream (version 1 to 4); bad lines are reported by
     line number."""
     report = ImportReport()
     importer = _Importer(store, report, batch)

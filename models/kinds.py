@@ -20,8 +20,9 @@ makes imports safe to repeat and never regress data:
   than the last heartbeat); and at the same instant ``disconnected`` is later than
   a live status and ``expired`` (set by the grace sweep without touching any time)
   is later than ``disconnected``.
-* **MCP tasks** — ``version``, which every compare-and-set change of a task
-  increments (:mod:`sessionq.models.tasks`).
+* **MCP tasks**, **state handles** and **idempotency entries** — ``version``, which
+  every compare-and-set change increments (:mod:`sessionq.models.tasks`,
+  :mod:`sessionq.models.handles`, :mod:`sessionq.models.idempotency`).
 
 A stored record is replaced by an incoming one only when the incoming version is
 not older and some field differs, exactly as sessions are imported: re-importing
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from .errors import ValidationError
+from .handles import StateHandle
+from .idempotency import IdempotencyEntry
 from .records import AgentState, FileRecord, Record, TransportSession
 from .tasks import McpTask
 
@@ -139,8 +142,14 @@ AGENT_STATES: RecordKind[AgentState] = RecordKind(
     "agent_state", "agent_states", AgentState, ("agent_id", "key"), lambda a: (a.updated_at,)
 )
 TASKS: RecordKind[McpTask] = RecordKind("task", "tasks", McpTask, ("task_id",), lambda t: (t.version,))
+HANDLES: RecordKind[StateHandle] = RecordKind(
+    "handle", "handles", StateHandle, ("handle_id",), lambda h: (h.version,)
+)
+IDEMPOTENCY_ENTRIES: RecordKind[IdempotencyEntry] = RecordKind(
+    "idempotency_entry", "idempotency_entries", IdempotencyEntry, ("entry_id",), lambda e: (e.version,)
+)
 #: Every kind, in the order bulk operations move them (after sessions and messages).
-KINDS: tuple[RecordKind[Any], ...] = (FILES, TRANSPORTS, AGENT_STATES, TASKS)
+KINDS: tuple[RecordKind[Any], ...] = (FILES, TRANSPORTS, AGENT_STATES, TASKS, HANDLES, IDEMPOTENCY_ENTRIES)
 #: Kinds by singular and by plural name.
 KINDS_BY_NAME: dict[str, RecordKind[Any]] = {k.name: k for k in KINDS} | {k.plural: k for k in KINDS}
 

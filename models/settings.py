@@ -135,6 +135,20 @@ class Settings:
     task_lease_ms: int = _setting(DEFAULT_LEASE_MS, "SESSIONQ_TASK_LEASE", help="MCP task lease (ms) a worker renews")
     task_dispatch_timeout_ms: int = _setting(DEFAULT_DISPATCH_TIMEOUT_MS, "SESSIONQ_TASK_DISPATCH_TIMEOUT",
                                              help="ms a queued MCP task waits for a worker before it is sent again")
+    handle_interval: int = _setting(300, "SESSIONQ_HANDLE_INTERVAL",
+                                    help="seconds between sweeps of dead MCP state handles and idempotency entries")
+    handle_ttl: int = _setting(7 * 86400, "SESSIONQ_HANDLE_TTL",
+                               help="absolute lifetime (s) of an MCP state handle; 0 = none")
+    handle_idle_ttl: int = _setting(86400, "SESSIONQ_HANDLE_IDLE_TTL",
+                                    help="idle lifetime (s) of an MCP state handle, pushed out by each use; 0 = none")
+    handle_retention: int = _setting(86400, "SESSIONQ_HANDLE_RETENTION",
+                                     help="seconds an expired or revoked handle still answers 'expired' or 'revoked'")
+    idempotency_ttl: int = _setting(86400, "SESSIONQ_IDEMPOTENCY_TTL",
+                                    help="seconds an idempotent tool call's outcome is replayed")
+    idempotency_claim_ttl: int = _setting(600, "SESSIONQ_IDEMPOTENCY_CLAIM_TTL",
+                                          help="seconds a running idempotent call holds its key (then a retry runs)")
+    idempotency_wait: float = _setting(30.0, "SESSIONQ_IDEMPOTENCY_WAIT",
+                                       help="seconds a duplicate idempotent call waits for the first one's outcome")
     scheduler_lease_seconds: float = _setting(30.0, "SESSIONQ_SCHEDULER_LEASE_SECONDS",
                                               help="scheduler leader lease; a dead leader is replaced within it")
     sweep_batch_size: int = _setting(1000, "SESSIONQ_SWEEP_BATCH_SIZE", help="rows per sweep statement")
@@ -361,7 +375,8 @@ def _seed_storage_url(env: Mapping[str, str]) -> str | None:
 
 _TRUE = {"1", "true", "yes", "on"}
 # Numeric settings for which 0 means something (any port; no retries; no gather delay; no wait).
-_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms", "startup_wait_seconds"})
+_ZERO_ALLOWED = frozenset({"http_port", "job_max_retries", "group_commit_delay_ms", "startup_wait_seconds",
+                           "handle_ttl", "handle_idle_ttl", "handle_retention"})
 _FALSE = {"0", "false", "no", "off", ""}
 
 

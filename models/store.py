@@ -29,6 +29,8 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
 from .errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
+from .handles import HandleRecords
+from .idempotency import IdempotencyRecords
 from .kinds import (
     AGENT_STATES,
     DEFAULT_IMPORT_CHUNK,
@@ -124,6 +126,8 @@ class StoreStats:
     agent_states: int = 0
     stream_events: int = 0
     tasks: int = 0
+    handles: int = 0
+    idempotency_entries: int = 0
 
     @property
     def total_sessions(self) -> int:
@@ -143,6 +147,8 @@ class StoreStats:
             "agent_states": self.agent_states,
             "stream_events": self.stream_events,
             "tasks": self.tasks,
+            "handles": self.handles,
+            "idempotency_entries": self.idempotency_entries,
         }
 
 
@@ -207,9 +213,11 @@ def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
     return at, session_id
 
 
-class Store(TaskStore, abc.ABC):
+class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
     """A durable home for sessions, messages, files, transport sessions, agent state,
-    MCP event logs and MCP tasks (:class:`~sessionq.models.tasks.TaskStore`). Backends
+    MCP event logs, MCP tasks (:class:`~sessionq.models.tasks.TaskStore`), state handles
+    (:class:`~sessionq.models.handles.HandleRecords`) and idempotency entries
+    (:class:`~sessionq.models.idempotency.IdempotencyRecords`). Backends
     subclass it; see the module docs for the rules."""
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.

@@ -36,6 +36,8 @@ _COUNTS: dict[str, Callable[[StoreStats], int]] = {
     "transports": lambda stats: sum(stats.transports_by_status.values()),
     "agent_states": lambda stats: stats.agent_states,
     "tasks": lambda stats: stats.tasks,
+    "handles": lambda stats: stats.handles,
+    "idempotency_entries": lambda stats: stats.idempotency_entries,
 }
 
 

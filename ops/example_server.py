@@ -1,6 +1,7 @@
-"""An MCP server whose sessions survive restarts and whose long tool runs as a durable
-task: the sessionq integration end to end, for both protocol generations, adopted
-with one call (:func:`sessionq.workers.mcp.adopt`).
+"""An MCP server whose sessions survive restarts, whose long tool runs as a durable
+task, whose basket lives in a state handle and whose retried calls run once: the
+sessionq integration end to end, for both protocol generations, adopted with one call
+(:func:`sessionq.workers.mcp.adopt`).
 
     python ops/example_server.py --port 8765                       # SQLite, everything in-process
     REDIS_URL=redis://127.0.0.1:6379/0 python ops/example_server.py --port 8765
@@ -17,7 +18,11 @@ Settings come from the environment like every sessionq component (``STORAGE_URL`
 With ``REDIS_URL`` the event log is on Redis Streams and the ``render`` task runs on a
 tasks worker (the third line), otherwise the log is in the store and ``render`` runs
 in this process. Kill it, start it again on the same port: 2025-11-25 clients keep
-their session id and carry on, 2026-07-28 clients keep polling their tasks.
+their session id and carry on, 2026-07-28 clients keep polling their tasks and
+adding to their baskets (``create_basket`` -> ``basket_id``, ``add_item``), on any
+replica. ``render`` and ``add_item`` are idempotent: a call carrying
+``_meta["io.sessionq/idempotencyKey"]`` runs once per key (a retried ``render`` gets
+the same task).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from starlette.responses import JSONResponse
 # Runnable as a plain script from a checkout (the package is not installed there).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sessionq.models import Settings, Store, open_store
+from sessionq.models import Conflict, Settings, Store, open_store
 from sessionq.workers.mcp import (
     RecoverableSessionManager,
     RedisEventStore,
@@ -50,11 +55,17 @@ from sessionq.workers.mcp import (
     current_task,
     request_session_id,
 )
+from sessionq.workers.mcp.handles import HandleKind, HandleStore
+from sessionq.workers.mcp.idempotency import IdempotencyPolicy
 
 logger = logging.getLogger("sessionq.example")
 
 #: The tools that run as durable tasks for 2026-07-28 clients declaring the extension.
 TASK_TOOLS = {"render": TaskPolicy(mode="optional", ttl_ms=3_600_000, poll_interval_ms=500, max_attempts=3)}
+#: The tools a client's idempotency key deduplicates.
+IDEMPOTENT_TOOLS = {"render": IdempotencyPolicy(), "add_item": IdempotencyPolicy()}
+#: The basket: a state handle (SEP-2567) that expires after 24 h idle.
+BASKET = HandleKind("basket", "bsk", create_tool="create_basket", idle_ttl=24 * 3600)
 
 
 def build_server(
@@ -63,6 +74,7 @@ def build_server(
     """The MCPServer with its tools, its session registry, and the list its session
     manager is added to once the app is built."""
     registry = SessionRegistry.from_settings(store, settings, via_queue=via_queue)
+    handles = HandleStore.from_settings(settings, store=store)
     server = MCPServer("sessionq-example")
     managers: list[RecoverableSessionManager] = []
 
@@ -112,6 +124,23 @@ def build_server(
                 await task.set_status(f"frame {frame} of {frames}")
         return {"frames": frames, "attempt": task.attempt if task else 0, "pid": os.getpid()}
 
+    @server.tool(description="Start an empty basket; it expires after 24 h idle. Returns its basket_id.")
+    async def create_basket(ctx: Context) -> dict[str, str]:
+        """A new basket of the caller (a state handle, served by any replica)."""
+        return {"basket_id": (await handles.acreate(ctx, BASKET, {"items": []})).handle_id}
+
+    @server.tool()
+    async def add_item(basket_id: str, sku: str, ctx: Context) -> dict[str, Any]:
+        """Add ``sku`` to the caller's basket; its items. An unknown, expired or revoked
+        basket is a tool error naming ``create_basket``."""
+        while True:
+            basket = await handles.arequire(ctx, BASKET, basket_id)
+            try:
+                updated = await handles.aupdate(ctx, basket, {"items": [*basket.data["items"], sku]})
+            except Conflict:  # another call changed it since it was read
+                continue
+            return {"basket_id": basket_id, "items": updated.data["items"]}
+
     return server, registry, managers
 
 
@@ -131,8 +160,8 @@ def build_app(
         return JSONResponse({"event_store": event_store.mode, "pid": os.getpid(),
                              **request.app.state.sessionq.health()})
 
-    app = adopt(server, settings, tasks=TASK_TOOLS, store=store, registry=registry, event_store=event_store,
-                retry_interval=retry_ms)
+    app = adopt(server, settings, tasks=TASK_TOOLS, idempotent=IDEMPOTENT_TOOLS, store=store, registry=registry,
+                event_store=event_store, retry_interval=retry_ms)
     managers.append(cast(RecoverableSessionManager, server.session_manager))
     return app
 
@@ -151,7 +180,8 @@ def __getattr__(name: str) -> Any:
         settings = Settings.load()
         store = open_store(settings)
         _worker_server = build_server(settings, store)[0]
-        adopt_server(_worker_server, settings, tasks=TASK_TOOLS, store=store)  # its bus: tasks publish events
+        # Its bus too: a tool running as a task publishes events.
+        adopt_server(_worker_server, settings, tasks=TASK_TOOLS, idempotent=IDEMPOTENT_TOOLS, store=store)
     return _worker_server
 
 

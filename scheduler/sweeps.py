@@ -117,6 +117,17 @@ def _tasks(store: Store, settings: Settings, now: datetime, dry_run: bool = Fals
     return {"deleted": deleted, "dispatched": len(handed)}
 
 
+def _handles(store: Store, settings: Settings, now: datetime, dry_run: bool = False) -> dict[str, int]:
+    """Delete MCP state handles revoked, expired or idle for longer than the retention
+    window (until then they answer "expired"/"revoked", not "unknown"), and
+    idempotency entries past their TTL."""
+    batch = settings.sweep_batch_size
+    before = now - timedelta(seconds=settings.handle_retention)
+    handles = store.delete_dead_handles(before, batch_size=batch, dry_run=dry_run)
+    entries = store.delete_expired_idempotency(now, batch_size=batch, dry_run=dry_run)
+    return {"handles": handles, "idempotency_entries": entries}
+
+
 SWEEPS: dict[str, Sweep] = {
     "expire_sessions": _expire_sessions,
     "aggressive_cleanup": _aggressive_cleanup,
@@ -125,6 +136,7 @@ SWEEPS: dict[str, Sweep] = {
     "agent_state": _agent_state,
     "events": _events,
     "tasks": _tasks,
+    "handles": _handles,
 }
 SWEEP_KINDS = tuple(SWEEPS)
 
@@ -138,6 +150,7 @@ def schedule_for(settings: Settings) -> dict[str, int]:
         "agent_state": settings.file_interval,
         "events": settings.event_trim_interval,
         "tasks": settings.task_interval,
+        "handles": settings.handle_interval,
     }
     if settings.aggressive_cleanup:
         plan["aggressive_cleanup"] = settings.aggressive_interval

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from sessionq.models import AgentState, ChatMessage, ChatSession, FileRecord, Store, TransportSession
+from sessionq.models.handles import StateHandle
+from sessionq.models.idempotency import IdempotencyEntry, entry_id_for
 from sessionq.models.tasks import McpTask
 from tests.conftest import T0, make_store, reset_store
 
@@ -99,6 +101,7 @@ def fill_kinds(store: Store, count: int, *, prefix: str = "") -> None:
             )
         )
         fill_task(store, f"{prefix}task{i:04d}", i)
+        fill_handle_and_entry(store, prefix, i)
     store.expire_transports(T0 + timedelta(hours=1))
 
 
@@ -120,6 +123,28 @@ def fill_task(store: Store, task_id: str, i: int) -> None:
         store.finish_task(task_id, "w1", T0, error={"code": -32603, "message": "boom"})
     elif i % 6 == 5:
         store.request_cancel(task_id, store.load_task(task_id).owner, T0)
+
+
+def fill_handle_and_entry(store: Store, prefix: str, i: int) -> None:
+    """One state handle (live, updated, touched or revoked by ``i % 4``) and one
+    idempotency entry (pending, done with a result, done with a task id by ``i % 3``)."""
+    owner = f"o{i % 2}" if i % 3 else None
+    handle = store.create_handle(StateHandle(f"{prefix}bsk_{i:04d}", "basket", owner=owner, data={"n": i, "$k.x": "ü"},
+                                             created_at=T0, expires_at=T0 + timedelta(days=1) if i % 2 else None,
+                                             idle_ttl=3600 if i % 2 == 0 else None))
+    if i % 4 == 1:
+        store.update_handle(handle.handle_id, owner, {"n": -i}, 0, T0 + timedelta(seconds=i))
+    elif i % 4 == 2:
+        store.touch_handle(handle, T0 + timedelta(minutes=30))
+    elif i % 4 == 3:
+        store.revoke_handle(handle.handle_id, owner, T0)
+    key = f"{prefix}key{i:04d}"
+    entry, _ = store.claim_idempotency(IdempotencyEntry(entry_id_for(owner, key), key, "pay", f"d{i}",
+                                                        T0 + timedelta(minutes=10), owner=owner, created_at=T0), T0)
+    if i % 3 == 1:
+        store.finish_idempotency(entry, T0 + timedelta(days=1), result={"content": [], "isError": bool(i % 2)})
+    elif i % 3 == 2:
+        store.finish_idempotency(entry, T0 + timedelta(days=1), task_id=f"{prefix}task{i:04d}")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -101,8 +101,8 @@ class Cluster:
         self.env = process_env(**env)
         self.procs: list[Proc] = []
 
-    def replica(self, port: int | None = None) -> str:
-        """Start a replica; return its MCP URL."""
+    def replica(self, port: int | None = None, *, module: str = "tests.task_app") -> str:
+        """Start a replica of the app ``module``; return its MCP URL."""
         port = port or free_port()
 
         def up(_: Proc) -> bool:
@@ -112,7 +112,7 @@ class Cluster:
                 return False
 
         log = self.tmp / f"replica-{port}.log"
-        cmd = [sys.executable, "-m", "tests.task_app", "--port", str(port)]
+        cmd = [sys.executable, "-m", module, "--port", str(port)]
         self.procs.append(Proc(cmd, self.env, log, up).start())
         return f"http://127.0.0.1:{port}/mcp"
 

@@ -37,7 +37,8 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     keys = {r["key"] for r in data["results"]}
     assert {"P1", "P1-p99", "P1-buffered", "P2", "P2-50", "P2-scale-N", "P2-scale-procs", "P3", "P4", "P4-rss",
-            "P5", "P6", "P6-replay", "T1", "T2", "T3", "L1", "C1-overview", "C1-sessions", "C1-metadata", "B1"} <= keys
+            "P5", "P6", "P6-replay", "T1", "T2", "T3", "L1", "C1-overview", "C1-sessions", "C1-metadata",
+            "B1", "B2"} <= keys
     for result in data["results"]:
         assert result["ours"] > 0 and result["ceiling"] > 0
         assert result["ratio"] > 0

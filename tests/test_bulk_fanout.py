@@ -38,18 +38,18 @@ def test_fanned_out_migration_is_complete_and_verified(tmp_path: Path, redis_cli
     dst = open_store(POSTGRES_URL)
     dst.upgrade()
     reset_store(dst)
-    # When the migration is fanned out in batches of 7 (4 of sessions, 2 of each of the 4 other kinds)
+    # When the migration is fanned out in batches of 7 (4 of sessions, 2 of each of the 6 other kinds)
     planned = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "7", "--fan-out",
                   SESSIONQ_STORE_DEST=POSTGRES_URL)
     assert planned.returncode == 0, planned.stderr
-    assert "enqueued 12 migrate_batch job(s)" in planned.stdout
+    assert "enqueued 16 migrate_batch job(s)" in planned.stdout
     # ... and a worker that knows @dest runs the batches (one of them twice: redelivery is harmless)
     worker = WorkerProcess(source, threads=2, log=tmp_path / "worker.log", SESSIONQ_STORE_DEST=POSTGRES_URL)
     try:
         wait_drained(redis_client, worker, timeout=120)
         again = cli("migrate", "--from", source, "--to", "@dest", "--batch-size", "25", "--fan-out",
                     SESSIONQ_STORE_DEST=POSTGRES_URL)
-        assert "enqueued 5 migrate_batch job(s)" in again.stdout
+        assert "enqueued 7 migrate_batch job(s)" in again.stdout
         wait_drained(redis_client, worker, timeout=120)
     finally:
         assert worker.stop() == 0, worker.output()[-2000:]

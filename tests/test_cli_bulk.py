@@ -118,11 +118,13 @@ def test_killed_migration_of_the_other_kinds_resumes_after_the_finished_ones(tmp
     assert resumed.returncode == 0, resumed.stderr
     left = 9 - saved["counts"]["transports"]
     assert (
-        f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states, 9 tasks (resumed after"
+        f"migrated 0 sessions, 0 messages, 0 files, {left} transports, 9 agent states, 9 tasks, 9 handles, "
+        "9 idempotency entries (resumed after"
         in resumed.stdout
     )
     assert "EQUAL" in resumed.stdout and "transports source=9 destination=9" in resumed.stdout
-    assert json.loads(checkpoint.read_text())["counts"] == {"files": 9, "transports": 9, "agent_states": 9, "tasks": 9}
+    assert json.loads(checkpoint.read_text())["counts"] == {"files": 9, "transports": 9, "agent_states": 9, "tasks": 9,
+                                                             "handles": 9, "idempotency_entries": 9}
 
 
 def test_verify_exit_codes(tmp_path: Path) -> None:
@@ -162,7 +164,8 @@ def test_export_all_and_import_with_a_bad_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "rejected line 4: not JSON" in result.stderr
     assert "read 5 sessions / 24 messages, 4 files, 4 transports, 4 agent states" in result.stdout
-    assert ("inserted 24 messages, 4 files written, 4 transports written, 4 agent states written, 4 tasks written; "
+    assert ("inserted 24 messages, 4 files written, 4 transports written, 4 agent states written, 4 tasks written, "
+            "4 handles written, 4 idempotency entries written; "
             "1 rejected") in result.stdout
     # And a clean file imports with exit 0, also as plain JSON
     as_json = tmp_path / "all.json"
@@ -170,7 +173,8 @@ def test_export_all_and_import_with_a_bad_line(tmp_path: Path) -> None:
     assert as_json.read_text(encoding="utf-8").startswith('{"format": "sessionq-json"')
     clean = runner.invoke(main, ["--storage-url", target, "import", str(as_json)])
     assert clean.exit_code == 0, clean.output
-    assert ("inserted 1 messages, 0 files written, 0 transports written, 0 agent states written, 0 tasks written; "
+    assert ("inserted 1 messages, 0 files written, 0 transports written, 0 agent states written, 0 tasks written, "
+            "0 handles written, 0 idempotency entries written; "
             "0 rejected") in clean.stdout
 
 
@@ -199,7 +203,8 @@ def test_backup_keeps_n_and_restore(tmp_path: Path) -> None:
     restored = runner.invoke(main, ["--storage-url", target, "restore", str(backups[-1])])
     assert restored.exit_code == 0, restored.output
     assert (
-        "3 files written, 3 transports written, 3 agent states written, 3 tasks written; 0 rejected" in restored.stdout
+        "3 files written, 3 transports written, 3 agent states written, 3 tasks written, "
+        "3 handles written, 3 idempotency entries written; 0 rejected" in restored.stdout
     )
     assert runner.invoke(main, ["verify", "--from", source, "--to", target]).exit_code == 0
 

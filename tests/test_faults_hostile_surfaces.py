@@ -189,7 +189,7 @@ IMPORT_CLASSES: dict[str, tuple[st.SearchStrategy[bytes], str]] = {
     "import_truncated_json": (st.integers(5, 40).map(
         lambda n: (HEADER + _session_line("imp-a")[:n] + "\n" + _session_line("imp-b")).encode()),
         r"not JSON|unknown record type|malformed"),
-    "import_unknown_version": (st.integers(4, 10**6).map(
+    "import_unknown_version": (st.integers(5, 10**6).map(
         lambda v: (f'{{"format":"sessionq-jsonl","version":{v}}}\n' + _session_line("imp-a")).encode()),
         r"unsupported sessionq-jsonl version"),
     "import_duplicate_ids": (st.just((HEADER + _session_line("imp-a") + _session_line("imp-a")

@@ -17,6 +17,8 @@ from sessionq.models import (
     TransportSession,
     ValidationError,
 )
+from sessionq.models.handles import StateHandle
+from sessionq.models.idempotency import IdempotencyEntry
 from sessionq.models.tasks import McpTask, new_task_id
 from tests.conftest import T0, messages, session
 
@@ -476,6 +478,9 @@ def test_clear_deletes_every_record_and_keeps_the_schema(store: Store) -> None:
     store.append_event("mcp", "s", {"i": 1}, T0)
     store.create_task(McpTask(task_id=new_task_id(), tool="t", owner=None, arguments={}, created_at=T0,
                               expires_at=T0 + timedelta(hours=1)))
+    store.create_handle(StateHandle(handle_id="bsk_1", kind="basket", created_at=T0))
+    store.claim_idempotency(IdempotencyEntry("e", "k", "t", "d", T0 + timedelta(hours=1), created_at=T0), T0)
+    assert (store.stats().handles, store.stats().idempotency_entries) == (1, 1)
     version = store.schema_version()
     # When it is cleared
     store.clear()
@@ -483,7 +488,7 @@ def test_clear_deletes_every_record_and_keeps_the_schema(store: Store) -> None:
     assert store.stats().to_json() == {
         "total_sessions": 0, "active_sessions": 0, "archived_sessions": 0, "expired_sessions": 0,
         "total_messages": 0, "total_files": 0, "transport_sessions": {}, "agent_states": 0, "stream_events": 0,
-        "tasks": 0,
+        "tasks": 0, "handles": 0, "idempotency_entries": 0,
     }
     assert store.schema_version() == version and store.upgrade() == []
     assert store.save_session(session("s1"), messages("s1", 2)).messages_inserted == 2

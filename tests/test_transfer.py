@@ -175,7 +175,8 @@ def test_verify_reports_every_difference(src: Store, dst: Store) -> None:
     assert report.difference_count == 13
     # And the digests of the damaged kinds differ while the checked counts cover the source
     assert {name: c.source_digest == c.destination_digest for name, c in report.kinds.items()} == {
-        "files": False, "transports": False, "agent_states": False, "tasks": True}
+        "files": False, "transports": False, "agent_states": False, "tasks": True, "handles": True,
+        "idempotency_entries": True}
     assert {name: c.checked for name, c in report.kinds.items()} == {kind.plural: KIND_COUNT for kind in KINDS}
 
 
@@ -257,12 +258,13 @@ def test_jsonl_header_and_record_shape(src: Store, tmp_path: Path) -> None:
     export_file(src, path)
     lines = path.read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0])
-    assert (header["format"], header["version"]) == ("sessionq-jsonl", 3)
-    assert header["records"] == ["session", "message", "file", "transport", "agent_state", "task"]
+    assert (header["format"], header["version"]) == ("sessionq-jsonl", 4)
+    assert header["records"] == ["session", "message", "file", "transport", "agent_state", "task", "handle",
+                                 "idempotency_entry"]
     assert [json.loads(line)["type"] for line in lines[1:7]] == ["session"] + ["message"] * 5
-    assert len(lines) == 1 + 30 + 150 + 4 * KIND_COUNT
+    assert len(lines) == 1 + 30 + 150 + len(KINDS) * KIND_COUNT
     tail = [json.loads(line)["type"] for line in lines[181:]]
-    assert tail == [kind for kind in ("file", "transport", "agent_state", "task") for _ in range(KIND_COUNT)]
+    assert tail == [kind.name for kind in KINDS for _ in range(KIND_COUNT)]
 
 
 def test_version_1_archives_without_the_other_kinds_still_import(src: Store, tmp_path: Path) -> None:
@@ -288,7 +290,8 @@ def test_version_1_archives_without_the_other_kinds_still_import(src: Store, tmp
         assert (result.sessions_checked, result.messages_checked) == (30, 150)
         assert {c.destination for c in result.kinds.values()} == {0}
         kinds_only = (
-            "files ", "transports ", "agent_states ", "tasks ", "file ", "transport ", "agent_state ", "task "
+            "files ", "transports ", "agent_states ", "tasks ", "handles ", "idempotency_entries ", "file ",
+            "transport ", "agent_state ", "task ", "handle ", "idempotency_entry "
         )
         assert all(line.startswith(kinds_only) for line in result.differences), result.differences[:3]
         target.close()
@@ -324,7 +327,7 @@ def test_import_reports_bad_lines_by_number_and_imports_the_rest(src: Store, dst
     assert report.errors[8].startswith(f"line {transport_line + 1}: ") and "status" in report.errors[8]
     assert report.errors[9].startswith(f"line {transport_line + KIND_COUNT + 1}: not JSON")
     assert report.kinds_written == {"files": KIND_COUNT, "transports": KIND_COUNT - 1, "agent_states": KIND_COUNT - 1,
-                                    "tasks": KIND_COUNT}
+                                    "tasks": KIND_COUNT, "handles": KIND_COUNT, "idempotency_entries": KIND_COUNT}
     assert dst.stats().total_sessions == 29
     stored = sum(len(dst.load_messages(s.session_id)) for s in dst.iter_sessions())
     assert stored == report.messages_inserted == 150 - 2 - 5  # two bad message lines, five skipped

@@ -171,6 +171,8 @@ class LegacyStore(Store):
     expire_idle_sessions = purge_expired_sessions = expire_transports = _read_only
     disconnect_stale_transports = delete_expired_files = delete_expired_agent_state = trim_events = _read_only
     _insert_task = _update_task = delete_expired_tasks = _read_only
+    _insert_handle = _update_handle = delete_dead_handles = _read_only
+    _insert_idempotency = _replace_idempotency = _delete_idempotency = delete_expired_idempotency = _read_only
 
     # -- the kinds the seed system did not have ------------------------------
 
@@ -189,6 +191,18 @@ class LegacyStore(Store):
     def load_task(self, task_id: str) -> NoReturn:
         """Always :class:`NotFound`."""
         raise NotFound(f"task {task_id!r} not found (a seed-era store has none)")
+
+    def load_handle(self, handle_id: str) -> NoReturn:
+        """Always :class:`NotFound`."""
+        raise NotFound(f"handle {handle_id!r} not found (a seed-era store has none)")
+
+    def list_handles(self, *args: Any, **kwargs: Any) -> Page[Any]:
+        """Always empty."""
+        return Page([], None)
+
+    def load_idempotency(self, entry_id: str) -> NoReturn:
+        """Always :class:`NotFound`."""
+        raise NotFound(f"idempotency entry {entry_id!r} not found (a seed-era store has none)")
 
     def list_tasks(self, *, status: str | None = None, limit: int = 100, cursor: str | None = None) -> Page[Any]:
         """Always empty."""

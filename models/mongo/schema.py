@@ -36,8 +36,10 @@ AGENT_STATE = "sessionq_agent_state"
 EVENTS = "sessionq_events"
 COUNTERS = "sessionq_counters"
 TASKS = "sessionq_tasks"
+HANDLES = "sessionq_handles"
+IDEMPOTENCY = "sessionq_idempotency"
 #: Every data collection (the schema collection excluded).
-DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS)
+DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS, HANDLES, IDEMPOTENCY)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -151,10 +153,17 @@ def _v3_mcp_tasks(db: Database[Any]) -> None:
     create_task_indexes(db)
 
 
+def _v4_handles_idempotency(db: Database[Any]) -> None:
+    from .handles import create_handle_indexes  # the documents live beside the store part using them
+
+    create_handle_indexes(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages (unique per session and seq), files, transports, agent state", _v1_core),
     Migration(2, "MCP event log", _v2_event_log),
     Migration(3, "MCP tasks (SEP-2663)", _v3_mcp_tasks),
+    Migration(4, "MCP state handles (SEP-2567) and idempotency entries", _v4_handles_idempotency),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -31,6 +31,7 @@ from .database import (
     open_client,
     translate_errors,
 )
+from .handles import MongoHandles
 from .kinds import MongoKinds
 from .records import MongoRecords
 from .schema import from_us, to_us
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 EVENT_COUNTER = "event_id"
 
 
-class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
+class MongoStore(MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
     """A :class:`~sessionq.models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and
@@ -320,4 +321,6 @@ class MongoStore(MongoTasks, MongoRecords, MongoKinds, Store):
             agent_states=self._agent.count_documents({}),
             stream_events=self._events.count_documents({}),
             tasks=self._tasks.count_documents({}),
+            handles=self._handles.count_documents({}),
+            idempotency_entries=self._idempotency.count_documents({}),
         )

@@ -22,6 +22,7 @@ from ..settings import redact_url
 from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
 from . import schema
 from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .handles import SqlHandles
 from .kinds import SqlKinds
 from .records import SqlRecords
 from .tasks import SqlTasks
@@ -29,7 +30,7 @@ from .tasks import SqlTasks
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
+class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
     """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
@@ -58,6 +59,7 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         self.use_copy = True
         self.m = schema.build_models(database, self.backend)
         self._init_tasks()
+        self._init_handles()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -94,6 +96,8 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             for model in reversed(self.m.all()[1:]):
                 model.delete().execute()
             self.mt.delete().execute()
+            self.mh.delete().execute()
+            self.mi.delete().execute()
 
 
     # -- MCP event log ---------------------------------------------------------------------
@@ -259,4 +263,6 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             agent_states=int(m.AgentState.select().count()),
             stream_events=int(m.Event.select().count()),
             tasks=int(self.mt.select().count()),
+            handles=int(self.mh.select().count()),
+            idempotency_entries=int(self.mi.select().count()),
         )

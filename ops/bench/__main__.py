@@ -11,6 +11,7 @@ from pathlib import Path
 from .bus_bench import bench_bus
 from .console_bench import bench_console
 from .events_bench import bench_event_store
+from .handles_bench import bench_handles
 from .harness import Result, print_table, write_json
 from .legacy_bench import bench_legacy_migrate
 from .queue_bench import bench_drain, bench_enqueue
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "L1": bench_legacy_migrate,  # seed-era store migration vs sessionq's
     "C1": bench_console,  # ops console pages with 1M sessions: C1-overview, C1-sessions, ...
     "B1": bench_bus,  # MCP event bus across replicas
+    "B2": bench_handles,  # MCP state handles: require()
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 

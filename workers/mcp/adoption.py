@@ -17,8 +17,12 @@ of 2026-07-28 (no session: any replica serves any request):
   multi-round-trip retry may land on any replica (unset: a per-process key, which
   health reports as soon as a second replica runs);
 * :class:`SessionqTasks` for the tools given in ``tasks`` (its executor from the
-  settings: the ``tasks`` queue with Redis, in-process without), and any further
-  extensions;
+  settings: the ``tasks`` queue with Redis, in-process without),
+  :class:`~sessionq.workers.mcp.idempotency.SessionqIdempotency` for the tools given in
+  ``idempotent`` (listed before the tasks, so a retried call gets the same task), and
+  any further extensions;
+* a :class:`~sessionq.workers.mcp.handles.HandleStore` on the same store
+  (``Adoption.handles``) for tools that keep SEP-2567 state handles;
 * a report of this replica's ring (audience, key fingerprints) to Redis every
   30 s, so ``/session-health`` names replicas that cannot open each other's state.
 
@@ -58,6 +62,8 @@ from sessionq.workers.replicas import DEFAULT_REPLICA_BEAT, ReplicaBook, Replica
 
 from .bus import RedisSubscriptionBus
 from .event_store import RedisEventStore
+from .handles import HandleStore
+from .idempotency import IDEMPOTENCY_EXTENSION, IdempotencyPolicy, SessionqIdempotency
 from .recovery import RecoverableSessionManager, recoverable_http_app
 from .registry import SessionRegistry
 from .store_events import StoreEventStore
@@ -68,8 +74,7 @@ logger = logging.getLogger(__name__)
 
 #: Builds one more 2026-07-28 extension from the settings (``Extension.from_settings``).
 ExtensionFactory = Callable[[Settings], Extension]
-# Extensions every adopted server gets, each built from the settings. State handles and
-# idempotent tools (issue 17, items 3-4) join here as their `from_settings` constructors.
+# Extensions every adopted server gets, each built from the settings.
 SETTINGS_EXTENSIONS: tuple[ExtensionFactory, ...] = ()
 # The name MCPServer gives a server constructed without one.
 _UNNAMED = "mcp-server"
@@ -91,6 +96,8 @@ class Adoption:
     bus: SubscriptionBus
     tasks: SessionqTasks | None
     store: Store | None
+    #: State handles on the adopted store (``None`` when no store was opened).
+    handles: HandleStore | None = None
     #: This replica's id in the replica book.
     replica: str = field(default_factory=worker_identity)
     #: The recovering session manager, once :func:`adopt` built the app.
@@ -187,6 +194,7 @@ def adopt_server(
     settings: Settings | None = None,
     *,
     tasks: Mapping[str, TaskPolicy] | None = None,
+    idempotent: Mapping[str, IdempotencyPolicy] | None = None,
     store: Store | None = None,
     extensions: Sequence[Extension] = (),
     bus: SubscriptionBus | None = None,
@@ -194,7 +202,7 @@ def adopt_server(
     """Wire the 2026-07-28 pieces into ``server`` (see the module docs) and return them.
 
     ``settings`` defaults to :meth:`Settings.load`; ``store`` to one opened from them
-    (when tasks need it); ``bus`` to a :class:`RedisSubscriptionBus` with Redis, else
+    (when tasks or idempotent tools need it); ``bus`` to a :class:`RedisSubscriptionBus` with Redis, else
     the server's own. A second call on the same server returns the first adoption.
     """
     done = getattr(server, _ADOPTION_ATTR, None)
@@ -214,7 +222,15 @@ def adopt_server(
             raise ValueError("the server already has a SessionqTasks extension: give its tools there, not to adopt()")
         store = store or open_store(settings)
         task_ext = SessionqTasks.from_settings(settings, tools=tasks, store=store)
-    added = [e for e in [task_ext, *extensions, *(make(settings) for make in SETTINGS_EXTENSIONS)]
+    idempotency: Extension | None = existing.get(IDEMPOTENCY_EXTENSION)
+    if idempotent is not None:
+        if idempotency is not None or existing.get(TASKS_EXTENSION) is not None:
+            raise ValueError("the server already has its Sessionq extensions: give idempotent tools to adopt() "
+                             "and not to MCPServer(extensions=...), so they are listed before the tasks")
+        store = store or open_store(settings)
+        idempotency = SessionqIdempotency.from_settings(settings, tools=idempotent, store=store)
+    # Idempotency first: it sees (and keeps) the task handle SessionqTasks answers with.
+    added = [e for e in [idempotency, task_ext, *extensions, *(make(settings) for make in SETTINGS_EXTENSIONS)]
              if e is not None and e.identifier not in existing]
     for extension in added:
         server._apply_extension(extension)
@@ -223,7 +239,8 @@ def adopt_server(
     if isinstance(task_ext, SessionqTasks) and task_ext.server is not server:
         task_ext.bind(server)
     adoption = Adoption(server, settings, audience, tuple(ring.fingerprints()), ephemeral, server._subscriptions,
-                        task_ext if isinstance(task_ext, SessionqTasks) else None, store)
+                        task_ext if isinstance(task_ext, SessionqTasks) else None, store,
+                        handles=HandleStore.from_settings(settings, store=store) if store is not None else None)
     setattr(server, _ADOPTION_ATTR, adoption)
     return adoption
 
@@ -233,6 +250,7 @@ def adopt(
     settings: Settings | None = None,
     *,
     tasks: Mapping[str, TaskPolicy] | None = None,
+    idempotent: Mapping[str, IdempotencyPolicy] | None = None,
     store: Store | None = None,
     extensions: Sequence[Extension] = (),
     registry: SessionRegistry | None = None,
@@ -251,7 +269,8 @@ def adopt(
     """
     settings = settings or Settings.load()
     store = store or open_store(settings)
-    adoption = adopt_server(server, settings, tasks=tasks, store=store, extensions=extensions)
+    adoption = adopt_server(server, settings, tasks=tasks, idempotent=idempotent, store=store,
+                            extensions=extensions)
     if registry is None:
         registry = SessionRegistry.from_settings(store, settings)
     if event_store is None:
