@@ -348,7 +348,7 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     path = Path(checkpoint)
     if resume:
         Checkpoint.load_for(path, labels)  # refuse another migration's checkpoint before touching a store
-    with open_pair(source, destination, upgrade=True) as (src, dst):
+    with open_pair(source, destination, upgrade=True, sealer=app.settings.sealer) as (src, dst):
         click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
         try:
             report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
@@ -377,13 +377,14 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @click.option("--all", "all_", is_flag=True,
               help=f"List every difference found (default: the first {DEFAULT_SHOWN_DIFFERENCES}).")
+@pass_app
 @user_errors
-def verify_command(source: str, destination: str, progress: bool | None, all_: bool) -> None:
+def verify_command(app: App, source: str, destination: str, progress: bool | None, all_: bool) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
     agent state record by record and by digest); exit 1 on any difference."""
     from sessionq.models.transfer import describe, open_pair, verify
 
-    with open_pair(source, destination) as (src, dst):
+    with open_pair(source, destination, sealer=app.settings.sealer) as (src, dst):
         result = verify(src, dst, show_progress=progress)
     for line in describe(result, limit=None if all_ else DEFAULT_SHOWN_DIFFERENCES):
         click.echo(line)
@@ -756,3 +757,69 @@ def tasks_cancel(app: App, task_id: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Key rings: encryption at rest (SESSIONQ_ENCRYPTION_KEYS)."""
+
+
+@keys_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@user_errors
+def keys_status(app: App, as_json: bool) -> None:
+    """Count stored values per key id (fingerprint) and in clear, table by table; decrypts nothing."""
+    from sessionq.models.rotation import key_counts, pending
+
+    counts = key_counts(app.store)
+    primary = app.settings.sealer.primary
+    if as_json:
+        click.echo(json.dumps({"primary": primary, "ring": app.settings.sealer.key_ids,
+                               "tables": counts.to_json(), "pending": pending(counts, primary)}, indent=2))
+        return
+    click.echo(f"primary key: {primary or 'none (SESSIONQ_ENCRYPTION_KEYS is not set)'}")
+    for table, per_key in counts.to_json().items():
+        shown = ", ".join(f"{kid} {n}" for kid, n in per_key.items()) or "empty"
+        click.echo(f"{table}: {shown}")
+    click.echo(f"not under the primary key: {pending(counts, primary)}")
+
+
+@keys_group.command("rotate")
+@click.option("--batch-size", type=click.IntRange(min=1, max=10_000), default=500, show_default=True,
+              help="Rows per rotate_batch job.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Show a progress bar until every value is under the primary key.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between progress checks.")
+@pass_app
+@user_errors
+def keys_rotate(app: App, batch_size: int, wait: bool, interval: float) -> None:
+    """Re-seal every stored value under the primary key, in the background: one
+    resumable, idempotent `rotate_batch` job per batch on the bulk queue."""
+    import time
+
+    from sessionq.models.rotation import key_counts, pending
+
+    if app.settings.queue_url is None:
+        raise click.ClickException("keys rotate needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
+    from sessionq.workers.broker import configure
+
+    configure(app.settings)  # before the bulk actor module declares its actor
+    from sessionq.workers.bulk import fan_out_rotation
+
+    jobs = fan_out_rotation(app.settings, batch_size)
+    primary = app.settings.sealer.primary
+    click.echo(f"enqueued {jobs} rotate_batch job(s) on the bulk queue (primary key {primary})")
+    if not wait or not jobs:
+        return
+    total = sum(key_counts(app.store).total().values())
+    left = pending(key_counts(app.store), primary)
+    with click.progressbar(length=total, label="re-sealing", file=sys.stderr) as bar:
+        bar.update(total - left)
+        while left:
+            time.sleep(interval)
+            now = pending(key_counts(app.store), primary)
+            bar.update(max(left - now, 0))
+            left = min(left, now)
+    click.echo(f"every stored value is under key {primary}")

@@ -46,6 +46,7 @@ from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationE
 from .atomic_write import atomic_text_file
 from .kinds import KINDS
 from .records import ChatMessage, ChatSession
+from .sealing import Sealer
 from .settings import redact_url
 from .store import Store
 from .transfer_kinds import KindCheck, canonical, count_in, migrate_kind_batch, verify_kind
@@ -62,13 +63,14 @@ DEFAULT_MAX_DIFFERENCES = 1000
 Progress = Callable[[int, int], None]
 
 
-def open_url(url: str, role: str) -> Store:
-    """Open and ping the store at ``url``; an error names the ``role`` (``source``,
-    ``destination``) and the URL with its password masked, and keeps its class."""
+def open_url(url: str, role: str, *, sealer: Sealer | None = None) -> Store:
+    """Open and ping the store at ``url``, sealing values at rest with ``sealer``; an
+    error names the ``role`` (``source``, ``destination``) and the URL with its password
+    masked, and keeps its class."""
     from . import open_store
 
     try:
-        store = open_store(url)
+        store = open_store(url, sealer=sealer)
         store.ping()
     except SessionqError as exc:
         raise type(exc)(f"{role} {redact_url(url)}: {exc}") from None
@@ -76,14 +78,18 @@ def open_url(url: str, role: str) -> Store:
 
 
 @contextmanager
-def open_pair(source: str, destination: str, *, upgrade: bool = False) -> Iterator[tuple[Store, Store]]:
+def open_pair(
+    source: str, destination: str, *, upgrade: bool = False, sealer: Sealer | None = None
+) -> Iterator[tuple[Store, Store]]:
     """Open and ping the stores at ``source`` and ``destination`` (see :func:`open_url`),
     check their schemas (:class:`~sessionq.errors.SchemaOutdated` names the role), or
-    bring the destination's up to date if ``upgrade``, and close both at the end."""
+    bring the destination's up to date if ``upgrade``, and close both at the end. Both
+    open sealed values with ``sealer`` (the configured key ring) and the destination
+    seals with it: a migration and a verification see plaintext."""
     with ExitStack() as stack:
-        src = open_url(source, "source")
+        src = open_url(source, "source", sealer=sealer)
         stack.callback(src.close)
-        dst = open_url(destination, "destination")
+        dst = open_url(destination, "destination", sealer=sealer)
         stack.callback(dst.close)
         if upgrade:
             dst.upgrade()
