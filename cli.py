@@ -755,10 +755,6 @@ def tasks_cancel(app: App, task_id: str) -> None:
     click.echo(f"task {task_id}: {state}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.group("keys")
 def keys_group() -> None:
     """Key rings: encryption at rest (SESSIONQ_ENCRYPTION_KEYS)."""
@@ -823,3 +819,7 @@ def keys_rotate(app: App, batch_size: int, wait: bool, interval: float) -> None:
             bar.update(max(left - now, 0))
             left = min(left, now)
     click.echo(f"every stored value is under key {primary}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,233 @@
+"""Encryption at rest (models/sealing.py): every backend, real services, a real worker for rotation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sessionq.errors import SealedValueError
+from sessionq.models import AgentState, Store, open_store
+from sessionq.models.keyring import KeyRing, generate_key
+from sessionq.models.rotation import key_counts, pending, plan_rotation, rotate_batch
+from sessionq.models.sealing import PLAIN, PLAINTEXT, Sealer, identity, key_id
+from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, reset_store, session
+from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
+
+KEY_A, KEY_B = generate_key(), generate_key()
+RING_A = Sealer(KeyRing.parse(KEY_A, setting="test"))
+RING_B = Sealer(KeyRing.parse(KEY_B, setting="test"))
+RING_BA = Sealer(KeyRing.parse([KEY_B, KEY_A], setting="test"))
+SECRET = "the patient's diagnosis"
+
+
+@pytest.fixture
+def sealed(store: Store) -> Iterator[Store]:
+    """Every backend's store, sealing under ring A (the shared stores get their sealer back after)."""
+    before = store.sealer
+    store.sealer = RING_A
+    yield store
+    store.sealer = before
+
+
+def raw_rows(store: Store) -> str:
+    """Everything the session, message and agent-state tables hold, read past the store's codec."""
+    if store.backend == "mongodb":
+        db: Any = store._db  # type: ignore[attr-defined]
+        docs = [d for name in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state") for d in db[name].find({}, {"_id": 0})]
+        return json.dumps(docs, default=str)
+    out = []
+    for table in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state"):
+        out += [list(map(str, row)) for row in store.database.execute_sql(f"SELECT * FROM {table}").fetchall()]  # type: ignore[attr-defined]
+    return json.dumps(out)
+
+
+def fill(store: Store, prefix: str = "s", count: int = 3) -> None:
+    for i in range(count):
+        sid = f"{prefix}{i}"
+        msgs = [m.replace(content=f"{SECRET} {sid}/{m.message_id}", metadata={"user": "alice@example.com"})
+                for m in messages(sid, 4)]
+        store.save_session(session(sid, metadata={"user": "alice@example.com"}), msgs)
+    store.put_agent_state(AgentState("agent", f"{prefix}-memo", {"note": SECRET}, updated_at=T0))
+
+
+# -- the codec (pure logic) -----------------------------------------------------
+
+
+def test_codec_round_trip_binds_the_record_and_names_the_key() -> None:
+    where = identity("message", "s1", "m1", "content")
+    value = RING_A.seal(SECRET, where)
+    assert value.startswith(f"sqe1:{RING_A.primary}:") and SECRET not in value
+    assert key_id(value) == RING_A.primary and key_id(SECRET) == PLAINTEXT
+    assert RING_A.open(value, where) == SECRET and RING_BA.open(value, where) == SECRET
+    assert RING_A.open(SECRET, where) == SECRET  # plaintext rows read as they are
+    with pytest.raises(SealedValueError, match="moved from another record"):
+        RING_A.open(value, identity("message", "s1", "m2", "content"))
+    with pytest.raises(SealedValueError, match=f"not in SESSIONQ_ENCRYPTION_KEYS .the ring holds {RING_B.primary}"):
+        RING_B.open(value, where)
+    with pytest.raises(SealedValueError, match="SESSIONQ_ENCRYPTION_KEYS is not set"):
+        PLAIN.open(value, where)
+    assert KEY_A not in repr(RING_BA) and RING_A.primary in repr(RING_BA)
+
+
+# -- every backend ---------------------------------------------------------------
+
+
+def test_round_trip_and_no_plaintext_at_rest(sealed: Store) -> None:
+    fill(sealed)
+    assert sealed.load_session("s1").metadata == {"user": "alice@example.com"}
+    loaded = sealed.load_messages("s1")
+    assert [m.content for m in loaded] == [f"{SECRET} s1/{m.message_id}" for m in loaded]
+    assert [m.metadata for m in sealed.iter_messages_of(["s0", "s2"])] == [{"user": "alice@example.com"}] * 8
+    state = sealed.get_agent_state("agent", "s-memo", T0)
+    assert state is not None and state.value == {"note": SECRET}
+    assert [a.value for a in sealed.iter_agent_states()] == [{"note": SECRET}]
+    raw = raw_rows(sealed)
+    assert SECRET not in raw and "alice" not in raw and RING_A.primary in raw
+    # ids, sizes and counters stay clear: stats and paging unchanged
+    assert sealed.stats().total_messages == 12 and sealed.load_session("s2").message_count == 4
+    # an unchanged save writes nothing (the stored metadata is compared in clear)
+    assert sealed.save_session(session("s1", metadata={"user": "alice@example.com"})).sessions_written in (0, 1)
+
+
+def test_a_sealed_value_moved_or_altered_is_refused(sealed: Store) -> None:
+    fill(sealed)
+    page = dict(sealed.sealed_page("messages", limit=4))
+    first, second = ("s0", "m0"), ("s0", "m1")
+    assert first in page and second in page, list(page)
+    moved = sealed.reseal_rows("messages", [(second, {"content": page[second]["content"]},
+                                             {"content": page[first]["content"]})])
+    assert moved == 1
+    with pytest.raises(SealedValueError) as caught:
+        sealed.load_messages("s0")
+    assert "\n" not in str(caught.value) and RING_A.primary in str(caught.value)
+    value = page[first]["content"]
+    tampered = value[:-6] + ("A" if value[-6] != "A" else "B") + value[-5:]
+    sealed.reseal_rows("messages", [(first, {"content": value}, {"content": tampered})])
+    with pytest.raises(SealedValueError, match="does not open .altered, or moved"):
+        sealed.iter_messages_of(["s0"]).__next__()
+
+
+def test_a_key_not_in_the_ring_is_named(sealed: Store) -> None:
+    fill(sealed)
+    sealed.sealer = RING_B
+    with pytest.raises(SealedValueError, match=f"sealed under key {RING_A.primary}, which is not in"):
+        sealed.load_messages("s1")
+    with pytest.raises(SealedValueError, match=RING_A.primary):
+        sealed.load_session("s1")
+
+
+def test_mixed_plaintext_rows_then_rotation(sealed: Store) -> None:
+    # Given rows written in clear (before encryption), rows under key A, and the ring B,A
+    sealed.sealer = PLAIN
+    fill(sealed, "p")
+    sealed.sealer = RING_A
+    fill(sealed, "a")
+    sealed.sealer = RING_BA
+    fill(sealed, "b", 1)
+    counts = key_counts(sealed, page_size=5).total()
+    assert counts[PLAINTEXT] == 3 + 24 + 1 and counts[RING_A.primary] == 3 + 24 + 1
+    assert counts[RING_B.primary] == 1 + 8 + 1
+    assert sealed.load_messages("p1")[0].content.startswith(SECRET)  # mixed rows read
+    # When every planned batch is rotated (one of them twice: a redelivery)
+    batches = list(plan_rotation(sealed, 4))
+    for table, after, until in [*batches, batches[0]]:
+        rotate_batch(sealed, table, after, until, page_size=3)
+    # Then everything is under key B, readable, and key A may leave the ring
+    assert pending(key_counts(sealed), RING_B.primary) == 0
+    sealed.sealer = RING_B
+    for prefix, count in (("p", 3), ("a", 3), ("b", 1)):
+        for i in range(count):
+            assert len(sealed.load_messages(f"{prefix}{i}")) == 4
+            assert sealed.load_session(f"{prefix}{i}").metadata == {"user": "alice@example.com"}
+    assert all(a.value == {"note": SECRET} for a in sealed.iter_agent_states())
+
+
+# -- a real worker rotating while saves run; the CLI -------------------------------
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sessionq.cli", "--redis-url", REDIS_URL, "--storage-url", POSTGRES_URL, *args],
+        cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> None:
+    # Given 30 sessions sealed under key A in PostgreSQL
+    store = open_store(POSTGRES_URL, sealer=RING_A)
+    store.upgrade()
+    reset_store(store)
+    fill(store, "old", 30)
+    store.sealer = RING_BA
+    ring = f"{KEY_B},{KEY_A}"
+    worker = WorkerProcess(POSTGRES_URL, threads=4, log=tmp_path / "worker.log", SESSIONQ_ENCRYPTION_KEYS=ring)
+    from sessionq.models import Settings
+    from sessionq.workers.producer import Producer
+
+    producer = Producer(Settings(redis_url=REDIS_URL, storage_url=POSTGRES_URL))
+    stop = threading.Event()
+    sent: list[str] = []
+
+    def save_forever() -> None:  # new saves, and appends to the sessions being rotated
+        i = 0
+        while not stop.is_set():
+            sid = f"new{i:04d}"
+            producer.save_session(session(sid, metadata={"n": i}), messages(sid, 2))
+            sent.append(sid)
+            i += 1
+            time.sleep(0.005)
+
+    saver = threading.Thread(target=save_forever)
+    try:
+        saver.start()
+        # When the rotation runs on the worker while it drains those saves
+        rotated = cli("keys", "rotate", "--batch-size", "20", "--interval", "0.2", SESSIONQ_ENCRYPTION_KEYS=ring)
+        stop.set()
+        saver.join()
+        producer.flush(30)
+        wait_drained(redis_client, worker, timeout=120)
+    finally:
+        stop.set()
+        producer.close()
+        assert worker.stop() == 0, worker.output()[-2000:]
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert f"every stored value is under key {RING_B.primary}" in rotated.stdout
+    # Then nothing is lost, every row opens, all under key B; the log names fingerprints, never keys
+    store.sealer = RING_B
+    assert pending(key_counts(store), RING_B.primary) == 0
+    for sid in [f"old{i}" for i in range(30)] + sent:
+        assert len(store.load_messages(sid)) == (4 if sid.startswith("old") else 2), sid
+    log = worker.output()
+    assert f"under key {RING_B.primary}" in log and KEY_A not in log and KEY_B not in log
+    status = cli("keys", "status", "--json", SESSIONQ_ENCRYPTION_KEYS=ring)
+    assert json.loads(status.stdout)["pending"] == 0
+    store.close()
+
+
+def test_fingerprints_never_keys_in_config_show_and_cli_errors(tmp_path: Path) -> None:
+    ring = f"{KEY_B},{KEY_A}"
+    shown = cli("config", "show", SESSIONQ_ENCRYPTION_KEYS=ring)
+    assert f"keys {RING_B.primary}, {RING_A.primary}" in shown.stdout
+    assert KEY_A not in shown.stdout + shown.stderr and KEY_B not in shown.stdout
+    # a store sealed under A read with only B: one line naming A's key id, exit 1
+    url = f"sqlite:///{tmp_path / 'sealed.db'}"
+    store = open_store(url, sealer=RING_A)
+    store.upgrade()
+    fill(store)
+    store.close()
+    read = subprocess.run(
+        [sys.executable, "-m", "sessionq.cli", "--storage-url", url, "export", "s1", "--format", "json"],
+        cwd=ROOT, env=child_env(SESSIONQ_ENCRYPTION_KEYS=KEY_B), capture_output=True, text=True, timeout=60,
+    )
+    assert read.returncode == 1 and "Traceback" not in read.stderr
+    assert read.stderr.strip().count("\n") == 0 and RING_A.primary in read.stderr, read.stderr
+    assert KEY_B not in read.stderr
