@@ -42,7 +42,8 @@ def raw_rows(store: Store) -> str:
     """Everything the session, message and agent-state tables hold, read past the store's codec."""
     if store.backend == "mongodb":
         db: Any = store._db  # type: ignore[attr-defined]
-        docs = [d for name in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state") for d in db[name].find({}, {"_id": 0})]
+        names = ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state")
+        docs = [d for name in names for d in db[name].find({}, {"_id": 0})]
         return json.dumps(docs, default=str)
     out = []
     for table in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state"):
@@ -71,7 +72,7 @@ def test_codec_round_trip_binds_the_record_and_names_the_key() -> None:
     assert RING_A.open(SECRET, where) == SECRET  # plaintext rows read as they are
     with pytest.raises(SealedValueError, match="moved from another record"):
         RING_A.open(value, identity("message", "s1", "m2", "content"))
-    with pytest.raises(SealedValueError, match=f"not in SESSIONQ_ENCRYPTION_KEYS .the ring holds {RING_B.primary}"):
+    with pytest.raises(SealedValueError, match=rf"not in SESSIONQ_ENCRYPTION_KEYS \(the ring holds {RING_B.primary}"):
         RING_B.open(value, where)
     with pytest.raises(SealedValueError, match="SESSIONQ_ENCRYPTION_KEYS is not set"):
         PLAIN.open(value, where)
@@ -112,7 +113,7 @@ def test_a_sealed_value_moved_or_altered_is_refused(sealed: Store) -> None:
     value = page[first]["content"]
     tampered = value[:-6] + ("A" if value[-6] != "A" else "B") + value[-5:]
     sealed.reseal_rows("messages", [(first, {"content": value}, {"content": tampered})])
-    with pytest.raises(SealedValueError, match="does not open .altered, or moved"):
+    with pytest.raises(SealedValueError, match=r"does not open \(altered, or moved"):
         sealed.iter_messages_of(["s0"]).__next__()
 
 

@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .encryption_bench import bench_encryption_drain, bench_encryption_migrate
 from .events_bench import bench_event_store
 from .harness import Result, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
@@ -23,6 +24,8 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "E1": bench_encryption_drain,  # P2 with encryption at rest vs without
+    "E2": bench_encryption_migrate,  # P4 likewise
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
