@@ -26,6 +26,7 @@ KEY_A, KEY_B = generate_key(), generate_key()
 RING_A = Sealer(KeyRing.parse(KEY_A, setting="test"))
 RING_B = Sealer(KeyRing.parse(KEY_B, setting="test"))
 RING_BA = Sealer(KeyRing.parse([KEY_B, KEY_A], setting="test"))
+KID_A, KID_B = RING_A.key_ids[0], RING_B.key_ids[0]
 SECRET = "the patient's diagnosis"
 
 
@@ -66,17 +67,17 @@ def fill(store: Store, prefix: str = "s", count: int = 3) -> None:
 def test_codec_round_trip_binds_the_record_and_names_the_key() -> None:
     where = identity("message", "s1", "m1", "content")
     value = RING_A.seal(SECRET, where)
-    assert value.startswith(f"sqe1:{RING_A.primary}:") and SECRET not in value
-    assert key_id(value) == RING_A.primary and key_id(SECRET) == PLAINTEXT
+    assert value.startswith(f"sqe1:{KID_A}:") and SECRET not in value
+    assert key_id(value) == KID_A and key_id(SECRET) == PLAINTEXT
     assert RING_A.open(value, where) == SECRET and RING_BA.open(value, where) == SECRET
     assert RING_A.open(SECRET, where) == SECRET  # plaintext rows read as they are
     with pytest.raises(SealedValueError, match="moved from another record"):
         RING_A.open(value, identity("message", "s1", "m2", "content"))
-    with pytest.raises(SealedValueError, match=rf"not in SESSIONQ_ENCRYPTION_KEYS \(the ring holds {RING_B.primary}"):
+    with pytest.raises(SealedValueError, match=rf"not in SESSIONQ_ENCRYPTION_KEYS \(the ring holds {KID_B}"):
         RING_B.open(value, where)
     with pytest.raises(SealedValueError, match="SESSIONQ_ENCRYPTION_KEYS is not set"):
         PLAIN.open(value, where)
-    assert KEY_A not in repr(RING_BA) and RING_A.primary in repr(RING_BA)
+    assert KEY_A not in repr(RING_BA) and KID_A in repr(RING_BA)
 
 
 # -- every backend ---------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_round_trip_and_no_plaintext_at_rest(sealed: Store) -> None:
     assert state is not None and state.value == {"note": SECRET}
     assert [a.value for a in sealed.iter_agent_states()] == [{"note": SECRET}]
     raw = raw_rows(sealed)
-    assert SECRET not in raw and "alice" not in raw and RING_A.primary in raw
+    assert SECRET not in raw and "alice" not in raw and KID_A in raw
     # ids, sizes and counters stay clear: stats and paging unchanged
     assert sealed.stats().total_messages == 12 and sealed.load_session("s2").message_count == 4
     # an unchanged save writes nothing (the stored metadata is compared in clear)
@@ -109,7 +110,7 @@ def test_a_sealed_value_moved_or_altered_is_refused(sealed: Store) -> None:
     assert moved == 1
     with pytest.raises(SealedValueError) as caught:
         sealed.load_messages("s0")
-    assert "\n" not in str(caught.value) and RING_A.primary in str(caught.value)
+    assert "\n" not in str(caught.value) and KID_A in str(caught.value)
     value = page[first]["content"]
     tampered = value[:-6] + ("A" if value[-6] != "A" else "B") + value[-5:]
     sealed.reseal_rows("messages", [(first, {"content": value}, {"content": tampered})])
@@ -120,9 +121,9 @@ def test_a_sealed_value_moved_or_altered_is_refused(sealed: Store) -> None:
 def test_a_key_not_in_the_ring_is_named(sealed: Store) -> None:
     fill(sealed)
     sealed.sealer = RING_B
-    with pytest.raises(SealedValueError, match=f"sealed under key {RING_A.primary}, which is not in"):
+    with pytest.raises(SealedValueError, match=f"sealed under key {KID_A}, which is not in"):
         sealed.load_messages("s1")
-    with pytest.raises(SealedValueError, match=RING_A.primary):
+    with pytest.raises(SealedValueError, match=KID_A):
         sealed.load_session("s1")
 
 
@@ -135,15 +136,15 @@ def test_mixed_plaintext_rows_then_rotation(sealed: Store) -> None:
     sealed.sealer = RING_BA
     fill(sealed, "b", 1)
     counts = key_counts(sealed, page_size=5).total()
-    assert counts[PLAINTEXT] == 3 + 24 + 1 and counts[RING_A.primary] == 3 + 24 + 1
-    assert counts[RING_B.primary] == 1 + 8 + 1
+    assert counts[PLAINTEXT] == 3 + 24 + 1 and counts[KID_A] == 3 + 24 + 1
+    assert counts[KID_B] == 1 + 8 + 1
     assert sealed.load_messages("p1")[0].content.startswith(SECRET)  # mixed rows read
     # When every planned batch is rotated (one of them twice: a redelivery)
     batches = list(plan_rotation(sealed, 4))
     for table, after, until in [*batches, batches[0]]:
         rotate_batch(sealed, table, after, until, page_size=3)
     # Then everything is under key B, readable, and key A may leave the ring
-    assert pending(key_counts(sealed), RING_B.primary) == 0
+    assert pending(key_counts(sealed), KID_B) == 0
     sealed.sealer = RING_B
     for prefix, count in (("p", 3), ("a", 3), ("b", 1)):
         for i in range(count):
@@ -201,14 +202,14 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
         producer.close()
         assert worker.stop() == 0, worker.output()[-2000:]
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
-    assert f"every stored value is under key {RING_B.primary}" in rotated.stdout
+    assert f"every stored value is under key {KID_B}" in rotated.stdout
     # Then nothing is lost, every row opens, all under key B; the log names fingerprints, never keys
     store.sealer = RING_B
-    assert pending(key_counts(store), RING_B.primary) == 0
+    assert pending(key_counts(store), KID_B) == 0
     for sid in [f"old{i}" for i in range(30)] + sent:
         assert len(store.load_messages(sid)) == (4 if sid.startswith("old") else 2), sid
     log = worker.output()
-    assert f"under key {RING_B.primary}" in log and KEY_A not in log and KEY_B not in log
+    assert f"under key {KID_B}" in log and KEY_A not in log and KEY_B not in log
     status = cli("keys", "status", "--json", SESSIONQ_ENCRYPTION_KEYS=ring)
     assert json.loads(status.stdout)["pending"] == 0
     store.close()
@@ -217,7 +218,7 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
 def test_fingerprints_never_keys_in_config_show_and_cli_errors(tmp_path: Path) -> None:
     ring = f"{KEY_B},{KEY_A}"
     shown = cli("config", "show", SESSIONQ_ENCRYPTION_KEYS=ring)
-    assert f"keys {RING_B.primary}, {RING_A.primary}" in shown.stdout
+    assert f"keys {KID_B}, {KID_A}" in shown.stdout
     assert KEY_A not in shown.stdout + shown.stderr and KEY_B not in shown.stdout
     # a store sealed under A read with only B: one line naming A's key id, exit 1
     url = f"sqlite:///{tmp_path / 'sealed.db'}"
@@ -230,5 +231,5 @@ def test_fingerprints_never_keys_in_config_show_and_cli_errors(tmp_path: Path) -
         cwd=ROOT, env=child_env(SESSIONQ_ENCRYPTION_KEYS=KEY_B), capture_output=True, text=True, timeout=60,
     )
     assert read.returncode == 1 and "Traceback" not in read.stderr
-    assert read.stderr.strip().count("\n") == 0 and RING_A.primary in read.stderr, read.stderr
+    assert read.stderr.strip().count("\n") == 0 and KID_A in read.stderr, read.stderr
     assert KEY_B not in read.stderr

@@ -396,7 +396,7 @@ def parse_rotate_batch(payload: Any) -> RotateBatch:
     if unknown:
         raise InvalidPayload(f"rotate_batch payload has unknown field(s): {', '.join(unknown)[:200]}")
     try:
-        table = table_named(payload.get("table"))
+        table = table_named(str(payload.get("table")))
     except ValidationError as exc:
         raise InvalidPayload(str(exc)) from None
     keys: dict[str, tuple[str, ...] | None] = {}

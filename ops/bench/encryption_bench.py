@@ -52,7 +52,8 @@ def bench_encryption_drain(*, quick: bool) -> Result:
     """E1: P2's save drain (2 worker processes, 2-message saves) sealing vs in clear."""
     store = open_bench_store()
     jobs = 400 if quick else 4_000
-    clear, sealed = [], []
+    clear: list[float] = []
+    sealed: list[float] = []
     key = generate_key()
     try:
         for _ in range(DEFAULT_REPEATS):
@@ -75,7 +76,8 @@ def bench_encryption_migrate(*, quick: bool) -> Result:
     messages = 4_000 if quick else 100_000
     source = build_source(messages)
     store = open_bench_store()
-    clear, sealed = [], []
+    clear: list[float] = []
+    sealed: list[float] = []
     key = generate_key()
     try:
         for _ in range(DEFAULT_REPEATS):
