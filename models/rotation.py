@@ -105,8 +105,9 @@ class KeyCounts:
 
 
 def key_counts(store: Store, *, page_size: int = DEFAULT_PAGE_SIZE) -> KeyCounts:
-    """How many stored values each key id seals (and how many are in clear), table by
-    table, read a page at a time from the values' clear prefix: nothing is decrypted."""
+    """How many stored values each key id seals (and how many are in clear; absent
+    values are not counted), table by table, read a page at a time from the values'
+    clear prefix: nothing is decrypted."""
     out = KeyCounts()
     for table in SEALED_TABLES:
         counts: Counter[str] = Counter()
@@ -114,7 +115,7 @@ def key_counts(store: Store, *, page_size: int = DEFAULT_PAGE_SIZE) -> KeyCounts
         while True:
             page = store.sealed_page(table.name, after=after, limit=page_size)
             for _, values in page:
-                counts.update(key_id(values[name]) for name, _ in table.fields)
+                counts.update(key_id(values[name]) for name, _ in table.fields if values[name] is not None)
             if len(page) < page_size:
                 break
             after = page[-1][0]

@@ -149,9 +149,9 @@ class Sealer:
 
     def reseal(self, value: Any, where: str, *, is_json: bool) -> str | None:
         """``value`` (a stored text, or JSON if ``is_json``) sealed under the primary
-        key: ``None`` when it already is (or encryption is off), so a rotation rewrites
+        key: ``None`` when it already is, is absent (``None``) or encryption is off, so a rotation rewrites
         only what it must. A plaintext value is sealed too."""
-        if self._primary is None or key_id(value) == self._primary[0]:
+        if self._primary is None or value is None or key_id(value) == self._primary[0]:
             return None
         if is_sealed(value):
             return self.seal(self.open(value, where), where)
@@ -207,6 +207,43 @@ def open_record(sealer: Sealer, kind: Any, record: Any) -> Any:
     return record.replace(**{f: sealer.open_json(v, kind_identity(kind, key, f)) for f, v in changes.items()})
 
 
+#: The MCP task fields sealed (the tool's arguments, its result, input requests and
+#: responses); each is stored as its compact JSON text, sealed as that text.
+TASK_FIELDS = ("arguments", "result", "input_requests", "input_responses")
+
+
+def seal_task_texts(sealer: Sealer, task_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (field -> stored JSON text) with the :data:`TASK_FIELDS` among them sealed."""
+    if not sealer.enabled:
+        return values
+    return {name: sealer.seal(v, identity("task", task_id, name))
+            if name in TASK_FIELDS and isinstance(v, str) and not is_sealed(v) else v
+            for name, v in values.items()}
+
+
+def open_task_texts(sealer: Sealer, task_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`seal_task_texts`: the sealed task fields opened to their JSON text."""
+    return {name: sealer.open(v, identity("task", task_id, name)) if name in TASK_FIELDS and is_sealed(v) else v
+            for name, v in values.items()}
+
+
+def seal_task_values(sealer: Sealer, task_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (field -> JSON value) with the :data:`TASK_FIELDS` among them sealed as
+    their compact JSON text (a column that stores JSON text keeps a sealed value as it is)."""
+    if not sealer.enabled:
+        return values
+    return {name: sealer.seal(_json(v), identity("task", task_id, name))
+            if name in TASK_FIELDS and v is not None and not is_sealed(v) else v
+            for name, v in values.items()}
+
+
+def open_task_values(sealer: Sealer, task_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`seal_task_values`."""
+    return {name: json.loads(sealer.open(v, identity("task", task_id, name)))
+            if name in TASK_FIELDS and is_sealed(v) else v
+            for name, v in values.items()}
+
+
 @dataclass(frozen=True)
 class SealedTable:
     """One table (collection) holding sealed values: its record kind as sealed values
@@ -227,6 +264,7 @@ SEALED_TABLES: tuple[SealedTable, ...] = (
     SealedTable("sessions", "session", ("session_id",), (("metadata", True),)),
     SealedTable("messages", "message", ("session_id", "message_id"), (("content", False), ("metadata", True))),
     SealedTable("agent_states", "agent_state", ("agent_id", "key"), (("value", True),)),
+    SealedTable("tasks", "task", ("task_id",), tuple((name, False) for name in TASK_FIELDS)),
 )
 TABLES_BY_NAME = {t.name: t for t in SEALED_TABLES}
 

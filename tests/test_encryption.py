@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import redis
 from sessionq.errors import SealedValueError
 from sessionq.models import AgentState, Store, open_store
 from sessionq.models.keyring import KeyRing, generate_key
+from sessionq.models.kinds import TASKS
 from sessionq.models.rotation import key_counts, pending, plan_rotation, rotate_batch
 from sessionq.models.sealing import PLAIN, PLAINTEXT, Sealer, identity, key_id
+from sessionq.models.tasks import McpTask
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, reset_store, session
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
 
@@ -43,11 +46,11 @@ def raw_rows(store: Store) -> str:
     """Everything the session, message and agent-state tables hold, read past the store's codec."""
     if store.backend == "mongodb":
         db: Any = store._db  # type: ignore[attr-defined]
-        names = ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state")
+        names = ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state", "sessionq_tasks")
         docs = [d for name in names for d in db[name].find({}, {"_id": 0})]
         return json.dumps(docs, default=str)
     out = []
-    for table in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state"):
+    for table in ("sessionq_sessions", "sessionq_messages", "sessionq_agent_state", "sessionq_tasks"):
         out += [list(map(str, row)) for row in store.database.execute_sql(f"SELECT * FROM {table}").fetchall()]  # type: ignore[attr-defined]
     return json.dumps(out)
 
@@ -59,6 +62,11 @@ def fill(store: Store, prefix: str = "s", count: int = 3) -> None:
                 for m in messages(sid, 4)]
         store.save_session(session(sid, metadata={"user": "alice@example.com"}), msgs)
     store.put_agent_state(AgentState("agent", f"{prefix}-memo", {"note": SECRET}, updated_at=T0))
+    lease = T0 + timedelta(minutes=1)
+    task = f"{prefix}-task"
+    store.create_task(McpTask(task, "tool", arguments={"q": SECRET}, created_at=T0, lease_until=lease))
+    store.claim_task(task, 0, "w1", T0, lease)
+    store.finish_task(task, "w1", T0, result={"content": [{"type": "text", "text": SECRET}]})
 
 
 # -- the codec (pure logic) -----------------------------------------------------
@@ -92,6 +100,9 @@ def test_round_trip_and_no_plaintext_at_rest(sealed: Store) -> None:
     state = sealed.get_agent_state("agent", "s-memo", T0)
     assert state is not None and state.value == {"note": SECRET}
     assert [a.value for a in sealed.iter_agent_states()] == [{"note": SECRET}]
+    task = sealed.load_task("s-task")
+    assert task.arguments == {"q": SECRET} and task.result == {"content": [{"type": "text", "text": SECRET}]}
+    assert [t.arguments for t in sealed.iter_kind(TASKS)] == [{"q": SECRET}]
     raw = raw_rows(sealed)
     assert SECRET not in raw and "alice" not in raw and KID_A in raw
     # ids, sizes and counters stay clear: stats and paging unchanged
@@ -136,8 +147,10 @@ def test_mixed_plaintext_rows_then_rotation(sealed: Store) -> None:
     sealed.sealer = RING_BA
     fill(sealed, "b", 1)
     counts = key_counts(sealed, page_size=5).total()
-    assert counts[PLAINTEXT] == 3 + 24 + 1 and counts[KID_A] == 3 + 24 + 1
-    assert counts[KID_B] == 1 + 8 + 1
+    # per fill: sessions' metadata, messages' content and metadata, one agent state,
+    # one task's arguments and result (its input fields are empty: None, not counted)
+    assert counts[PLAINTEXT] == 3 + 24 + 1 + 2 and counts[KID_A] == 3 + 24 + 1 + 2
+    assert counts[KID_B] == 1 + 8 + 1 + 2
     assert sealed.load_messages("p1")[0].content.startswith(SECRET)  # mixed rows read
     # When every planned batch is rotated (one of them twice: a redelivery)
     batches = list(plan_rotation(sealed, 4))
@@ -151,6 +164,7 @@ def test_mixed_plaintext_rows_then_rotation(sealed: Store) -> None:
             assert len(sealed.load_messages(f"{prefix}{i}")) == 4
             assert sealed.load_session(f"{prefix}{i}").metadata == {"user": "alice@example.com"}
     assert all(a.value == {"note": SECRET} for a in sealed.iter_agent_states())
+    assert all(t.arguments == {"q": SECRET} and t.result is not None for t in sealed.iter_kind(TASKS))
 
 
 # -- a real worker rotating while saves run; the CLI -------------------------------

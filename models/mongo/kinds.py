@@ -38,7 +38,7 @@ from ..records import (
     Record,
     TransportSession,
 )
-from ..sealing import open_record, seal_record
+from ..sealing import open_record, open_task_texts, seal_record, seal_task_texts
 from ..store import DEFAULT_PAGE_SIZE, Page, chunked
 from . import schema as ms
 from .database import Doc, MongoStoreBase, only_duplicates, translate_errors
@@ -229,6 +229,17 @@ class MongoKinds(MongoStoreBase):
             raise ValidationError(f"the MongoDB store holds no bulk record kind {kind.plural!r}")
         return layout, self._db[layout.collection]
 
+    def _from_doc(self, kind: RecordKind[R], layout: _Layout, doc: Doc) -> R:
+        """A stored document of ``kind`` as its record, sealed fields opened."""
+        if kind.plural == "tasks":
+            doc = open_task_texts(self.sealer, doc["_id"], doc)
+        return cast(R, open_record(self.sealer, kind, layout.from_doc(doc)))
+
+    def _to_doc(self, kind: RecordKind[R], layout: _Layout, record: R) -> Doc:
+        """A record of ``kind`` as its document is written, sealed fields sealed."""
+        doc = layout.to_doc(seal_record(self.sealer, kind, record))
+        return seal_task_texts(self.sealer, doc["_id"], doc) if kind.plural == "tasks" else doc
+
     @translate_errors
     def list_kind(self, kind: RecordKind[R], *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> Page[R]:
         """See :meth:`Store.list_kind`."""
@@ -246,7 +257,7 @@ class MongoKinds(MongoStoreBase):
                 docs.extend(collection.find(query).sort(order).limit(limit + 1 - len(docs)))
                 if len(docs) > limit:
                     break
-        items: list[R] = [open_record(self.sealer, kind, layout.from_doc(doc)) for doc in docs[:limit]]
+        items: list[R] = [self._from_doc(kind, layout, doc) for doc in docs[:limit]]
         return Page(items, kind.cursor(items[-1]) if len(docs) > limit else None)
 
     @translate_errors
@@ -256,8 +267,7 @@ class MongoKinds(MongoStoreBase):
         wanted = list(dict.fromkeys(kind.check_key(key) for key in keys))
         found: list[R] = []
         for chunk in chunked(wanted, DEFAULT_IMPORT_CHUNK):
-            found.extend(open_record(self.sealer, kind, layout.from_doc(doc))
-                         for doc in self._stored(layout, collection, chunk).values())
+            found.extend(self._from_doc(kind, layout, doc) for doc in self._stored(layout, collection, chunk).values())
         return found
 
     @staticmethod
@@ -283,11 +293,11 @@ class MongoKinds(MongoStoreBase):
             key = kind.key(record)
             current = stored.get(key)
             if current is None:
-                ops.append(InsertOne(layout.to_doc(seal_record(self.sealer, kind, record))))
-            elif kind.replaces(record, open_record(self.sealer, kind, layout.from_doc(current))):
+                ops.append(InsertOne(self._to_doc(kind, layout, record)))
+            elif kind.replaces(record, self._from_doc(kind, layout, current)):
                 where: dict[str, Any] = dict(zip(layout.key_paths, key, strict=False))
                 where |= {name: current.get(name) for name in layout.guard}
-                ops.append(ReplaceOne(where, layout.to_doc(seal_record(self.sealer, kind, record))))
+                ops.append(ReplaceOne(where, self._to_doc(kind, layout, record)))
         if not ops:
             return 0, True
         try:

@@ -49,7 +49,7 @@ from .database import (
     only_duplicates,
     translate_errors,
 )
-from .schema import from_us, to_us
+from .schema import TASKS, from_us, to_us
 
 logger = logging.getLogger(__name__)
 
@@ -403,8 +403,10 @@ class MongoRecords(MongoStoreBase):
     def _sealed_collection(self, table: str) -> tuple[Any, list[str], list[str]]:
         """The collection of a sealed table, its key paths and its sealed fields."""
         spec = table_named(table)
-        collection = {"sessions": self._sessions, "messages": self._messages, "agent_states": self._agent}[spec.name]
-        paths = ["_id"] if spec.name == "sessions" else list(spec.key_fields)
+        collections = {"sessions": self._sessions, "messages": self._messages, "agent_states": self._agent,
+                       "tasks": self._db[TASKS]}
+        collection = collections[spec.name]
+        paths = ["_id"] if spec.name in ("sessions", "tasks") else list(spec.key_fields)
         return collection, paths, [name for name, _ in spec.fields]
 
     @staticmethod

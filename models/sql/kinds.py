@@ -31,7 +31,7 @@ from ..records import (
     Record,
     TransportSession,
 )
-from ..sealing import open_record, seal_record
+from ..sealing import open_record, open_task_values, seal_record, seal_task_values
 from ..store import DEFAULT_PAGE_SIZE, Page, chunked
 from .database import (
     DEFAULT_CHUNK,
@@ -259,9 +259,9 @@ class SqlKinds(SqlStoreBase):
             for record in records:
                 current = stored.get(kind.key(record))
                 if current is None:
-                    new.append(self._kind_row(model, seal_record(self.sealer, kind, record)))
+                    new.append(self._sealed_kind_row(kind, model, record))
                 elif kind.replaces(record, current):
-                    newer.append(self._kind_row(model, seal_record(self.sealer, kind, record)))
+                    newer.append(self._sealed_kind_row(kind, model, record))
             inserted = int(model.insert_many(new).on_conflict_ignore().as_rowcount().execute()) if new else 0
             if newer:
                 values = [f for name, f in model._meta.fields.items() if name not in kind.key_fields]
@@ -271,7 +271,14 @@ class SqlKinds(SqlStoreBase):
 
     def _kind_record(self, kind: RecordKind[R], row: dict[str, Any]) -> R:
         """A stored row of ``kind`` as its record, sealed fields opened."""
+        if kind.plural == "tasks":
+            row = open_task_values(self.sealer, row["task_id"], row)
         return cast(R, open_record(self.sealer, kind, kind.record(**row)))
+
+    def _sealed_kind_row(self, kind: RecordKind[R], model: Any, record: R) -> dict[str, Any]:
+        """A record of ``kind`` as its row is written, sealed fields sealed."""
+        row = self._kind_row(model, seal_record(self.sealer, kind, record))
+        return seal_task_values(self.sealer, row["task_id"], row) if kind.plural == "tasks" else row
 
     @staticmethod
     def _kind_row(model: Any, record: Record) -> dict[str, Any]:

@@ -446,7 +446,9 @@ class SqlRecords(SqlStoreBase):
     def _sealed_model(self, table: str) -> tuple[Any, list[Any], list[Any]]:
         """The model of a sealed table, its key columns and its sealed columns."""
         spec = table_named(table)
-        model = {"sessions": self.m.Session, "messages": self.m.Message, "agent_states": self.m.AgentState}[spec.name]
+        models = {"sessions": self.m.Session, "messages": self.m.Message, "agent_states": self.m.AgentState,
+                  "tasks": self.mt}  # type: ignore[attr-defined]
+        model = models[spec.name]
         fields = model._meta.fields
         keys = [fields["session" if name == "session_id" and spec.name == "messages" else name]
                 for name in spec.key_fields]
@@ -470,26 +472,38 @@ class SqlRecords(SqlStoreBase):
         if until is not None:
             query = query.where(pw.Tuple(*keys) <= pw.Tuple(*until))
         width = len(keys)
-        names = [f.name for f in values]
+        convert = self._stored_values(table, values)
         return [
-            (tuple(row[:width]), {} if keys_only else dict(zip(names, row[width:], strict=True)))
-            for row in query.order_by(*keys).limit(limit).tuples()
+            (tuple(row[:width]), {} if keys_only else convert(row[width:]))
+            for row in self._db.execute(query.order_by(*keys).limit(limit)).fetchall()
         ]
+
+    @staticmethod
+    def _stored_values(table: str, values: list[Any]) -> Any:
+        """Raw column values as stored values: JSON columns parsed (a sealed one is a
+        JSON string), text columns as they are (a task's JSON text, sealed or not)."""
+        forms = dict(table_named(table).fields)
+        parse = [(f.name, f.python_value if forms[f.name] else None) for f in values]
+
+        def convert(raw: Sequence[Any]) -> dict[str, Any]:
+            return {name: fn(v) if fn is not None else v for (name, fn), v in zip(parse, raw, strict=True)}
+
+        return convert
 
     @translate_errors
     def reseal_rows(self, table: str, changes: Sequence[tuple[Key, dict[str, Any], dict[str, Any]]]) -> int:
         """See :meth:`Store.reseal_rows`: one transaction, the rows locked and compared."""
         model, keys, values = self._sealed_model(table)
-        names = [f.name for f in values]
+        convert = self._stored_values(table, values)
         width = len(keys)
         done = 0
         with self._txn():
             for chunk in chunked(list(changes), DEFAULT_CHUNK):
                 wanted = {key: (old, new) for key, old, new in chunk}
                 where = pw.Tuple(*keys).in_(list(wanted)) if width > 1 else keys[0].in_([k[0] for k in wanted])
-                for row in self._locked(model.select(*keys, *values).where(where)).tuples():
+                for row in self._db.execute(self._locked(model.select(*keys, *values).where(where))).fetchall():
                     key = tuple(row[:width])
-                    current = dict(zip(names, row[width:], strict=True))
+                    current = convert(row[width:])
                     old, new = wanted[key]
                     if all(current[name] == value for name, value in old.items()):
                         match = [column == part for column, part in zip(keys, key, strict=True)]
