@@ -54,6 +54,7 @@ KID_LENGTH = 16
 PLAINTEXT = "plaintext"
 _NONCE_BYTES = 12
 _KID_END = len(PREFIX) + KID_LENGTH
+_PREFIX_BYTES = PREFIX.encode()
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -127,25 +128,45 @@ class Sealer:
         if not value.startswith(PREFIX):
             return value
         kid = value[len(PREFIX):_KID_END]
+        try:
+            blob = base64.b64decode(value[_KID_END + 1:], validate=True)
+        except (binascii.Error, ValueError):
+            blob = b""
+        return self._decrypt(kid, blob, where).decode()
+
+    def _decrypt(self, kid: str, blob: bytes, where: str) -> bytes:
         aead = self._aead.get(kid)
         what = where.replace("\x00", " ")
         if aead is None:
             ring = f"the ring holds {', '.join(self.key_ids)}" if self.key_ids else f"{SETTING} is not set"
             raise SealedValueError(f"{what}: sealed under key {kid}, which is not in {SETTING} ({ring})")
         try:
-            blob = base64.b64decode(value[_KID_END + 1:], validate=True)
-            text = aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], f"{kid}\x00{where}".encode())
-        except (InvalidTag, binascii.Error, ValueError):
+            return aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], f"{kid}\x00{where}".encode())
+        except (InvalidTag, ValueError):
             raise SealedValueError(
                 f"{what}: the value sealed under key {kid} does not open (altered, or moved from another record)"
             ) from None
-        return text.decode()
 
     def open_json(self, value: Any, where: str) -> Any:
         """A stored JSON value: a sealed string opened and parsed, anything else as it is."""
         if isinstance(value, str) and value.startswith(PREFIX):
             return json.loads(self.open(value, where))
         return value
+
+    def seal_bytes(self, data: bytes, where: str) -> bytes:
+        """``data`` sealed (``sqe1:<key id>:`` then nonce and ciphertext, raw: for
+        binary stores such as Redis), or unchanged when encryption is off."""
+        if self._primary is None:
+            return data
+        kid, aead = self._primary
+        nonce = os.urandom(_NONCE_BYTES)
+        return f"{PREFIX}{kid}:".encode() + nonce + aead.encrypt(nonce, data, f"{kid}\x00{where}".encode())
+
+    def open_bytes(self, data: bytes, where: str) -> bytes:
+        """The inverse of :meth:`seal_bytes` (other bytes as they are); errors as :meth:`open`."""
+        if not data.startswith(_PREFIX_BYTES):
+            return data
+        return self._decrypt(data[len(PREFIX):_KID_END].decode(errors="replace"), data[_KID_END + 1:], where)
 
     def reseal(self, value: Any, where: str, *, is_json: bool) -> str | None:
         """``value`` (a stored text, or JSON if ``is_json``) sealed under the primary

@@ -24,6 +24,7 @@ from sessionq.models.sealing import PLAIN, PLAINTEXT, Sealer, identity, key_id
 from sessionq.models.tasks import McpTask
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, reset_store, session
 from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
+from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
 
 KEY_A, KEY_B = generate_key(), generate_key()
 RING_A = Sealer(KeyRing.parse(KEY_A, setting="test"))
@@ -247,3 +248,70 @@ def test_fingerprints_never_keys_in_config_show_and_cli_errors(tmp_path: Path) -
     assert read.returncode == 1 and "Traceback" not in read.stderr
     assert read.stderr.strip().count("\n") == 0 and KID_A in read.stderr, read.stderr
     assert KEY_B not in read.stderr
+
+
+# -- MCP event payloads: Redis streams and the store's event log ---------------------
+
+
+class _Replayed:
+    """A replay ``send_callback`` keeping the notifications' data."""
+
+    def __init__(self) -> None:
+        self.data: list[Any] = []
+
+    async def __call__(self, event: Any) -> None:
+        params = getattr(event.message, "params", None)
+        self.data.append(params["data"] if params else None)
+
+
+def _note(text: str) -> Any:
+    from sessionq.workers.mcp.event_log import MESSAGE_ADAPTER
+
+    return MESSAGE_ADAPTER.validate_python(
+        {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": text}})
+
+
+@pytest.mark.anyio
+async def test_redis_event_payloads_are_sealed_and_mixed_logs_replay(redis_client: redis.Redis) -> None:
+    from sessionq.workers.mcp import RedisEventStore
+    from sessionq.workers.mcp.event_log import decode_message, event_identity
+
+    # Given a session log written first in clear, then sealed (compressed and not)
+    plain = RedisEventStore(url=REDIS_URL).for_session("sess-enc")
+    sealed = RedisEventStore(url=REDIS_URL, sealer=RING_A).for_session("sess-enc")
+    packed = RedisEventStore(url=REDIS_URL, compress=True, sealer=RING_A).for_session("sess-enc")
+    priming = await plain.store_event("1", None)
+    await plain.store_event("1", _note("clear"))
+    await sealed.store_event("1", _note(SECRET))
+    await packed.store_event("1", _note(SECRET + " packed"))
+    # When the raw entries are read and the log is replayed
+    raw: Any = redis_client.xrange(sealed.key())
+    got = _Replayed()
+    await packed.replay_events_after(priming, got)
+    # Then Redis holds no plaintext of the sealed events, and all three replay in order
+    assert all(SECRET.encode() not in fields.get(b"m", b"") for _, fields in raw)
+    assert raw[2][1][b"m"].startswith(f"sqe1:{KID_A}:".encode())
+    assert got.data == ["clear", SECRET, SECRET + " packed"]
+    # A sealed event moved to another session or stream does not open; a missing key is named
+    with pytest.raises(SealedValueError, match="moved from another record"):
+        decode_message(raw[2][1][b"m"], compressed=False, sealer=RING_A, where=event_identity("other", "1"))
+    with pytest.raises(SealedValueError, match=KID_A):
+        decode_message(raw[2][1][b"m"], compressed=False, sealer=RING_B, where=event_identity("sess-enc", "1"))
+    for store in (plain, sealed, packed):
+        await store.aclose()
+
+
+def test_store_event_payloads_are_sealed(sealed: Store) -> None:
+    message = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": SECRET}}
+    first = sealed.append_event("mcp-1", "7", None, T0)
+    sealed.append_event("mcp-1", "7", message, T0)
+    found = sealed.events_after("mcp-1", first.event_id)
+    assert found is not None and [e.message for e in found[1]] == [message]
+    if sealed.backend == "mongodb":
+        raw = json.dumps(list(sealed._db["sessionq_events"].find({}, {"_id": 0})))  # type: ignore[attr-defined]
+    else:
+        raw = json.dumps(sealed.database.execute_sql("SELECT message FROM sessionq_events").fetchall())  # type: ignore[attr-defined]
+    assert SECRET not in raw and KID_A in raw
+    sealed.sealer = RING_B
+    with pytest.raises(SealedValueError, match=KID_A):
+        sealed.events_after("mcp-1", first.event_id)
