@@ -431,15 +431,17 @@ def import_command(app: App, file: str) -> None:
 @main.command("backup")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Backup directory.")
 @click.option("--keep", type=click.IntRange(min=1), default=7, show_default=True, help="Backups to keep.")
+@click.option("--decrypt", is_flag=True,
+              help="With SESSIONQ_ENCRYPTION_KEYS set: write the backup in clear (by default it stays sealed).")
 @pass_app
 @user_errors
-def backup_command(app: App, directory: str, keep: int) -> None:
+def backup_command(app: App, directory: str, keep: int, decrypt: bool) -> None:
     """Write a timestamped, compressed backup of the configured store and keep the last N."""
     from pathlib import Path
 
     from sessionq.models.archive_io import backup
 
-    report = backup(app.store, Path(directory), keep=keep)
+    report = backup(app.store, Path(directory), keep=keep, decrypt=decrypt)
     click.echo(f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}")
     for old in report.removed:
         click.echo(f"removed {old}")

@@ -297,3 +297,49 @@ def table_named(name: str) -> SealedTable:
     except (KeyError, TypeError):
         raise ValidationError(
             f"unknown sealed table {name!r:.40} (expected one of {', '.join(TABLES_BY_NAME)})") from None
+
+
+#: The fields a sealed backup seals per JSON Lines record type: (identity kind, key
+#: fields, [(field, is_json)]), the same identities as in the store.
+ARCHIVE_FIELDS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, bool], ...]]] = {
+    "session": ("session", ("session_id",), (("metadata", True),)),
+    "message": ("message", ("session_id", "message_id"), (("content", False), ("metadata", True))),
+    "agent_state": ("agent_state", ("agent_id", "key"), (("value", True),)),
+    "task": ("task", ("task_id",), tuple((name, True) for name in TASK_FIELDS)),
+}
+
+
+def seal_archive_record(sealer: Sealer, rtype: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Lines record (``Record.to_json`` of type ``rtype``) with its private
+    fields sealed, for a backup that stays sealed; unchanged when encryption is off."""
+    spec = ARCHIVE_FIELDS.get(rtype)
+    if spec is None or not sealer.enabled:
+        return data
+    kind, keys, fields = spec
+    ids = [str(data[k]) for k in keys]
+    out = dict(data)
+    for name, is_json in fields:
+        value = out.get(name)
+        if value is not None:
+            where = identity(kind, *ids, name)
+            out[name] = sealer.seal_json(value, where) if is_json else sealer.seal(value, where)
+    return out
+
+
+def open_archive_record(sealer: Sealer, rtype: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`seal_archive_record` (a record in clear comes back as it is);
+    a sealed field that does not open is a :class:`~sessionq.errors.SealedValueError`."""
+    spec = ARCHIVE_FIELDS.get(rtype)
+    if spec is None:
+        return data
+    kind, keys, fields = spec
+    if not any(is_sealed(data.get(name)) for name, _ in fields):
+        return data
+    ids = [str(data.get(k)) for k in keys]
+    out = dict(data)
+    for name, is_json in fields:
+        value = out.get(name)
+        if isinstance(value, str) and value.startswith(PREFIX):
+            where = identity(kind, *ids, name)
+            out[name] = sealer.open_json(value, where) if is_json else sealer.open(value, where)
+    return out

@@ -41,12 +41,13 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationError
+from sessionq.errors import NotFound, SchemaOutdated, SealedValueError, SessionqError, ValidationError
 
 from .atomic_write import atomic_text_file
 from .kinds import KINDS
 from .records import ChatMessage, ChatSession
-from .sealing import Sealer
+from .rotation import key_counts
+from .sealing import PLAINTEXT, SETTING, Sealer
 from .settings import redact_url
 from .store import Store
 from .transfer_kinds import KindCheck, canonical, count_in, migrate_kind_batch, verify_kind
@@ -416,10 +417,24 @@ def verify(
 ) -> VerifyReport:
     """Compare ``dst`` against ``src``: counts, and per session the fields, every
     message and a checksum; then every other kind (counts, each record, a content
-    digest). Records only in ``dst`` are reported too."""
+    digest). Records only in ``dst`` are reported too. Values sealed at rest are
+    compared in clear; values sealed under a key the ring lacks (or altered) are
+    reported, with counts per key id, instead of compared."""
+    report = VerifyReport()
+    try:
+        _verify(src, dst, report, page_size, show_progress)
+    except SealedValueError as exc:
+        report.add(f"comparison stopped: {exc}")
+        for role, store in (("source", src), ("destination", dst)):
+            for kid, count in sorted(key_counts(store).total().items()):
+                if kid != PLAINTEXT and kid not in store.sealer.key_ids:
+                    report.add(f"{role}: {count} value(s) sealed under key {kid}, which is not in {SETTING}")
+    return report
+
+
+def _verify(src: Store, dst: Store, report: VerifyReport, page_size: int, show_progress: bool | None) -> None:
     from tqdm import tqdm
 
-    report = VerifyReport()
     src_stats, dst_stats = src.stats(), dst.stats()
     report.source_sessions, report.destination_sessions = src_stats.total_sessions, dst_stats.total_sessions
     report.source_messages, report.destination_messages = src_stats.total_messages, dst_stats.total_messages
@@ -449,7 +464,6 @@ def verify(
     for kind in KINDS:
         counts = (count_in(src_stats, kind), count_in(dst_stats, kind))
         report.kinds[kind.plural] = verify_kind(src, dst, kind, counts, report.add, page_size=page_size)
-    return report
 
 
 def _compare_session(

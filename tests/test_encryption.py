@@ -315,3 +315,58 @@ def test_store_event_payloads_are_sealed(sealed: Store) -> None:
     sealed.sealer = RING_B
     with pytest.raises(SealedValueError, match=KID_A):
         sealed.events_after("mcp-1", first.event_id)
+
+
+# -- backups stay sealed; verify reports what it cannot open ---------------------------
+
+
+def _sqlite(tmp_path: Path, name: str, sealer: Sealer) -> Store:
+    store = open_store(f"sqlite:///{tmp_path / name}", sealer=sealer)
+    store.upgrade()
+    return store
+
+
+def test_backups_stay_sealed_unless_decrypted_and_restore_where_the_key_is(tmp_path: Path) -> None:
+    import gzip
+
+    from sessionq.models.archive_io import backup, restore
+
+    source = _sqlite(tmp_path, "src.db", RING_A)
+    fill(source)
+    sealed = backup(source, tmp_path / "sealed")
+    clear = backup(source, tmp_path / "clear", decrypt=True)
+    sealed_text = gzip.decompress(sealed.path.read_bytes()).decode()
+    assert SECRET not in sealed_text and "alice" not in sealed_text and f'"sealed_under":"{KID_A}"' in sealed_text
+    assert SECRET in gzip.decompress(clear.path.read_bytes()).decode()
+    # restored where the ring holds key A (here under B,A): equal, and sealed under B
+    target = _sqlite(tmp_path, "dst.db", RING_BA)
+    report = restore(target, sealed.path)
+    assert report.error_count == 0 and report.messages_inserted == 12
+    assert target.load_messages("s1")[3].content == f"{SECRET} s1/m3"
+    assert target.load_task("s-task").arguments == {"q": SECRET}
+    assert KID_A not in raw_rows(target) and KID_B in raw_rows(target)
+    # restored where it is not: every sealed record reported by line, naming key A, nothing garbled
+    stranger = _sqlite(tmp_path, "other.db", RING_B)
+    refused = restore(stranger, sealed.path)
+    assert refused.messages_inserted == 0 and refused.error_count > 0
+    assert all(KID_A in line for line in refused.errors), refused.errors[:3]
+    for store in (source, target, stranger):
+        store.close()
+
+
+def test_verify_reports_values_under_a_key_not_in_the_ring(tmp_path: Path) -> None:
+    from sessionq.models.transfer import migrate, verify
+
+    source = _sqlite(tmp_path, "src.db", RING_A)
+    fill(source)
+    target = _sqlite(tmp_path, "dst.db", RING_A)
+    migrate(source, target, show_progress=False)
+    assert verify(source, target).equal  # compared in clear
+    target.sealer = RING_B  # key A removed from the ring
+    source.sealer = RING_B
+    report = verify(source, target)
+    assert not report.equal
+    assert any(f"sealed under key {KID_A}, which is not in SESSIONQ_ENCRYPTION_KEYS" in d for d in report.differences)
+    assert any(d.startswith("source: 30 value(s) sealed under key") for d in report.differences), report.differences
+    for store in (source, target):
+        store.close()
