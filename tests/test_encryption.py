@@ -224,7 +224,8 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
     for sid in [f"old{i}" for i in range(30)] + sent:
         assert len(store.load_messages(sid)) == (4 if sid.startswith("old") else 2), sid
     log = worker.output()
-    assert f"under key {KID_B}" in log and KEY_A not in log and KEY_B not in log
+    assert f"under key {KID_B}" in log and f"sealing under key {KID_B}, opening keys {KID_B}, {KID_A}" in log
+    assert KEY_A not in log and KEY_B not in log
     status = cli("keys", "status", "--json", SESSIONQ_ENCRYPTION_KEYS=ring)
     assert json.loads(status.stdout)["pending"] == 0
     store.close()
@@ -235,6 +236,10 @@ def test_fingerprints_never_keys_in_config_show_and_cli_errors(tmp_path: Path) -
     shown = cli("config", "show", SESSIONQ_ENCRYPTION_KEYS=ring)
     assert f"keys {KID_B}, {KID_A}" in shown.stdout
     assert KEY_A not in shown.stdout + shown.stderr and KEY_B not in shown.stdout
+    health = cli("health", SESSIONQ_ENCRYPTION_KEYS=ring)
+    encryption = json.loads(health.stdout)["encryption"]
+    assert encryption == {"primary": KID_B, "keys": [KID_B, KID_A]}, health.stdout + health.stderr
+    assert KEY_A not in health.stdout + health.stderr and KEY_B not in health.stdout + health.stderr
     # a store sealed under A read with only B: one line naming A's key id, exit 1
     url = f"sqlite:///{tmp_path / 'sealed.db'}"
     store = open_store(url, sealer=RING_A)

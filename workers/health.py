@@ -69,6 +69,8 @@ class HealthReport:
     queues: dict[str, QueueDepth] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: Key ids (fingerprints, never keys) of the at-rest ring, primary first; empty when off.
+    encryption_keys: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -99,6 +101,8 @@ class HealthReport:
             "dead_letters": {name: depth.dead for name, depth in self.queues.items()},
             "sweeps": {kind: _sweep_json(run) for kind, run in self.sweeps.items()},
             "event_store": self.event_store,
+            "encryption": {"primary": self.encryption_keys[0], "keys": list(self.encryption_keys)}
+            if self.encryption_keys else None,
             "problems": list(self.problems),
             "timestamp": self.timestamp.isoformat(),
         }
@@ -279,6 +283,7 @@ class HealthChecker:
 
         report = HealthReport(database=OK, broker=EMBEDDED, redis=NONE, event_store=NONE, timestamp=utcnow())
         report.backend = self.settings.backend
+        report.encryption_keys = list(self.settings.sealer.key_ids)
         report.database, value = self._wait(store_future, deadline)
         if report.database == OK:
             report.stats = value
