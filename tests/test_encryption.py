@@ -23,7 +23,7 @@ from sessionq.models.rotation import key_counts, pending, plan_rotation, rotate_
 from sessionq.models.sealing import PLAIN, PLAINTEXT, Sealer, identity, key_id
 from sessionq.models.tasks import McpTask
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, messages, reset_store, session
-from tests.support_jobs import ROOT, WorkerProcess, child_env, wait_drained
+from tests.support_jobs import ROOT, WorkerProcess, child_env, dead_letters, wait_drained
 from tests.support_mcp import anyio_backend  # noqa: F401  (fixture)
 
 KEY_A, KEY_B = generate_key(), generate_key()
@@ -228,6 +228,37 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
     assert KEY_A not in log and KEY_B not in log
     status = cli("keys", "status", "--json", SESSIONQ_ENCRYPTION_KEYS=ring)
     assert json.loads(status.stdout)["pending"] == 0
+    store.close()
+
+
+def test_a_save_meeting_a_missing_key_dead_letters_naming_it(tmp_path: Path, redis_client: redis.Redis) -> None:
+    from sessionq.models import Settings
+    from sessionq.workers.producer import Producer
+
+    # Given a session sealed under key A, and a worker whose ring holds only key B
+    store = open_store(POSTGRES_URL, sealer=RING_A)
+    store.upgrade()
+    reset_store(store)
+    fill(store, "old", 1)
+    worker = WorkerProcess(POSTGRES_URL, threads=2, log=tmp_path / "worker.log", SESSIONQ_ENCRYPTION_KEYS=KEY_B)
+    producer = Producer(Settings(redis_url=REDIS_URL, storage_url=POSTGRES_URL))
+    try:
+        # When it receives a save of that session and a save of a new one
+        producer.save_session(session("old0", metadata={"n": 1}, at=T0 + timedelta(seconds=5)), messages("old0", 5))
+        producer.save_session(session("new0"), messages("new0", 2))
+        producer.flush(30)
+        wait_drained(redis_client, worker, timeout=60)
+        # Then the first is dead-lettered with one line naming key A, the second is stored, the worker lives
+        dead = dead_letters(redis_client)
+        assert worker.alive()
+    finally:
+        producer.close()
+        assert worker.stop() == 0, worker.output()[-2000:]
+    assert len(dead) == 1, dead
+    reason = dead[0]["options"]["dead_letter_reason"]
+    assert f"sealed under key {KID_A}, which is not in SESSIONQ_ENCRYPTION_KEYS" in reason and "\n" not in reason
+    store.sealer = RING_B
+    assert len(store.load_messages("new0")) == 2 and KEY_B not in worker.output()
     store.close()
 
 
