@@ -193,13 +193,21 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
     producer = Producer(Settings(redis_url=REDIS_URL, storage_url=POSTGRES_URL))
     stop = threading.Event()
     sent: list[str] = []
+    latest: dict[str, int] = {}  # old session -> the last metadata version saved
+    extra: dict[str, int] = {}  # old session -> messages added by those saves
 
-    def save_forever() -> None:  # new saves, and appends to the sessions being rotated
+    def save_forever() -> None:  # new sessions, and new saves of the sessions being rotated
         i = 0
         while not stop.is_set():
             sid = f"new{i:04d}"
             producer.save_session(session(sid, metadata={"n": i}), messages(sid, 2))
             sent.append(sid)
+            old = f"old{i % 30}"
+            at = T0 + timedelta(seconds=i + 1)  # later than the last save (and its message) of the session
+            producer.save_session(session(old, metadata={"v": i}, at=at),
+                                  messages(old, 1, start=100 + i, at=at - timedelta(seconds=100 + i)))
+            latest[old] = i
+            extra[old] = extra.get(old, 0) + 1
             i += 1
             time.sleep(0.005)
 
@@ -207,7 +215,7 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
     try:
         saver.start()
         # When the rotation runs on the worker while it drains those saves
-        rotated = cli("keys", "rotate", "--batch-size", "20", "--interval", "0.2", SESSIONQ_ENCRYPTION_KEYS=ring)
+        rotated = cli("keys", "rotate", "--batch-size", "5", "--interval", "0.2", SESSIONQ_ENCRYPTION_KEYS=ring)
         stop.set()
         saver.join()
         producer.flush(30)
@@ -221,8 +229,14 @@ def test_rotate_while_saves_run(tmp_path: Path, redis_client: redis.Redis) -> No
     # Then nothing is lost, every row opens, all under key B; the log names fingerprints, never keys
     store.sealer = RING_B
     assert pending(key_counts(store), KID_B) == 0
-    for sid in [f"old{i}" for i in range(30)] + sent:
-        assert len(store.load_messages(sid)) == (4 if sid.startswith("old") else 2), sid
+    assert len(sent) > 10, "the saves did not overlap the rotation"
+    for sid in sent:
+        assert len(store.load_messages(sid)) == 2, sid
+    for sid in [f"old{i}" for i in range(30)]:  # a rotation never undid a save made meanwhile
+        assert len(store.load_messages(sid)) == 4 + extra.get(sid, 0), sid
+        # (the saves at T0+1s and T0+2s are older than the fill's last message, T0+3s: they lose)
+        expected = {"v": latest[sid]} if latest.get(sid, 0) >= 2 else {"user": "alice@example.com"}
+        assert store.load_session(sid).metadata == expected, sid
     log = worker.output()
     assert f"under key {KID_B}" in log and f"sealing under key {KID_B}, opening keys {KID_B}, {KID_A}" in log
     assert KEY_A not in log and KEY_B not in log
