@@ -80,10 +80,11 @@ def child(src: str, dst: str) -> None:
 
     sealer = sealer_for(os.environ.get("SESSIONQ_ENCRYPTION_KEYS"))  # E2: the destination seals
     s, d = open_store(src, sealer=sealer), open_store(dst, sealer=sealer)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     report = migrate(s, d, show_progress=False)
     seconds = time.perf_counter() - started
     print(json.dumps({"rows": report.sessions + report.messages, "seconds": seconds,
+                      "cpu_seconds": time.process_time() - cpu,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
