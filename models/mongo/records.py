@@ -32,7 +32,7 @@ from pymongo.errors import BulkWriteError
 from ..errors import NotFound, StoreUnavailable, ValidationError
 from ..kinds import Key
 from ..records import ChatMessage, ChatSession
-from ..sealing import identity, table_named
+from ..sealing import identity, is_sealed, table_named
 from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
@@ -96,26 +96,27 @@ class MongoRecords(MongoStoreBase):
 
     def _message_doc(self, message: ChatMessage, seq: int) -> Doc:
         seal, sid, mid = self.sealer, message.session_id, message.message_id
-        return {
-            "session_id": sid,
-            "message_id": mid,
-            "seq": seq,
-            "role": message.role,
-            "content": seal.seal(message.content, identity("message", sid, mid, "content")),
-            "created_at": to_us(message.created_at),
-            "metadata": seal.seal_json(message.metadata, identity("message", sid, mid, "metadata")),
-        }
+        content, metadata = message.content, message.metadata
+        if seal.enabled:
+            content = seal.seal(content, identity("message", sid, mid, "content"))
+            metadata = seal.seal_json(metadata, identity("message", sid, mid, "metadata"))
+        return {"session_id": sid, "message_id": mid, "seq": seq, "role": message.role, "content": content,
+                "created_at": to_us(message.created_at), "metadata": metadata}
 
     def _to_message(self, doc: Doc) -> ChatMessage:
-        seal, sid, mid = self.sealer, doc["session_id"], doc["message_id"]
+        sid, mid, content, metadata = doc["session_id"], doc["message_id"], doc["content"], doc.get("metadata")
+        if is_sealed(content):
+            content = self.sealer.open(content, identity("message", sid, mid, "content"))
+        if isinstance(metadata, str):
+            metadata = self.sealer.open_json(metadata, identity("message", sid, mid, "metadata"))
         return ChatMessage(
             message_id=mid,
             session_id=sid,
             seq=int(doc["seq"]),
             role=doc["role"],
-            content=seal.open(doc["content"], identity("message", sid, mid, "content")),
+            content=content,
             created_at=from_us(doc["created_at"]),  # type: ignore[arg-type]
-            metadata=seal.open_json(doc.get("metadata"), identity("message", sid, mid, "metadata")) or {},
+            metadata=metadata or {},
         )
 
     # -- sessions and messages -----------------------------------------------------

@@ -19,7 +19,7 @@ import peewee as pw
 from ..errors import NotFound, ValidationError
 from ..kinds import Key
 from ..records import ChatMessage, ChatSession
-from ..sealing import identity, table_named
+from ..sealing import identity, is_sealed, table_named
 from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
@@ -313,25 +313,22 @@ class SqlRecords(SqlStoreBase):
     def _message_row(self, message: ChatMessage, seq: int) -> dict[str, Any]:
         """A message as its row is written (content and metadata sealed)."""
         seal, sid, mid = self.sealer, message.session_id, message.message_id
-        return {
-            "session": sid,
-            "message_id": mid,
-            "seq": seq,
-            "role": message.role,
-            "content": seal.seal(message.content, identity("message", sid, mid, "content")),
-            "created_at": message.created_at,
-            "metadata": seal.seal_json(message.metadata, identity("message", sid, mid, "metadata")),
-        }
+        content, metadata = message.content, message.metadata
+        if seal.enabled:
+            content = seal.seal(content, identity("message", sid, mid, "content"))
+            metadata = seal.seal_json(metadata, identity("message", sid, mid, "metadata"))
+        return {"session": sid, "message_id": mid, "seq": seq, "role": message.role, "content": content,
+                "created_at": message.created_at, "metadata": metadata}
 
     def _to_message(self, mid: str, sid: str, seq: int, role: str, content: str, at: datetime,
                     metadata: Any) -> ChatMessage:
         """A stored message row (content and metadata opened) as a record."""
-        seal = self.sealer
-        return ChatMessage(
-            message_id=mid, session_id=sid, seq=seq, role=role,
-            content=seal.open(content, identity("message", sid, mid, "content")), created_at=at,
-            metadata=seal.open_json(metadata, identity("message", sid, mid, "metadata")) or {},
-        )
+        if is_sealed(content):
+            content = self.sealer.open(content, identity("message", sid, mid, "content"))
+        if isinstance(metadata, str):
+            metadata = self.sealer.open_json(metadata, identity("message", sid, mid, "metadata"))
+        return ChatMessage(message_id=mid, session_id=sid, seq=seq, role=role, content=content, created_at=at,
+                           metadata=metadata or {})
 
     def _to_session(self, row: dict[str, Any]) -> ChatSession:
         return ChatSession(
