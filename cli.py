@@ -179,7 +179,8 @@ def config_show(app: App, as_json: bool) -> None:
 
 @main.group("keys")
 def keys_group() -> None:
-    """Secrets for key rings (SESSIONQ_REQUEST_STATE_KEYS, ...)."""
+    """Key rings: SESSIONQ_REQUEST_STATE_KEYS (MCP requestState) and
+    SESSIONQ_ENCRYPTION_KEYS (encryption at rest)."""
 
 
 @keys_group.command("generate")
@@ -190,6 +191,67 @@ def keys_generate(count: int) -> None:
 
     for _ in range(count):
         click.echo(generate_key())
+
+
+@keys_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@user_errors
+def keys_status(app: App, as_json: bool) -> None:
+    """Count stored values per key id (fingerprint) and in clear, table by table; decrypts nothing."""
+    from sessionq.models.rotation import key_counts, pending
+
+    counts = key_counts(app.store)
+    primary = app.settings.sealer.primary
+    if as_json:
+        click.echo(json.dumps({"primary": primary, "ring": app.settings.sealer.key_ids,
+                               "tables": counts.to_json(), "pending": pending(counts, primary)}, indent=2))
+        return
+    click.echo(f"primary key: {primary or 'none (SESSIONQ_ENCRYPTION_KEYS is not set)'}")
+    for table, per_key in counts.to_json().items():
+        shown = ", ".join(f"{kid} {n}" for kid, n in per_key.items()) or "empty"
+        click.echo(f"{table}: {shown}")
+    click.echo(f"not under the primary key: {pending(counts, primary)}")
+
+
+@keys_group.command("rotate")
+@click.option("--batch-size", type=click.IntRange(min=1, max=10_000), default=500, show_default=True,
+              help="Rows per rotate_batch job.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Show a progress bar until every value is under the primary key.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between progress checks.")
+@pass_app
+@user_errors
+def keys_rotate(app: App, batch_size: int, wait: bool, interval: float) -> None:
+    """Re-seal every stored value under the primary key, in the background: one
+    resumable, idempotent `rotate_batch` job per batch on the bulk queue."""
+    import time
+
+    from sessionq.models.rotation import key_counts, pending
+
+    if app.settings.queue_url is None:
+        raise click.ClickException("keys rotate needs a broker (REDIS_URL): the batches run on `sessionq worker`s")
+    from sessionq.workers.broker import configure
+
+    configure(app.settings)  # before the bulk actor module declares its actor
+    from sessionq.workers.bulk import fan_out_rotation
+
+    jobs = fan_out_rotation(app.settings, batch_size)
+    primary = app.settings.sealer.primary
+    click.echo(f"enqueued {jobs} rotate_batch job(s) on the bulk queue (primary key {primary})")
+    if not wait or not jobs:
+        return
+    total = sum(key_counts(app.store).total().values())
+    left = pending(key_counts(app.store), primary)
+    with click.progressbar(length=total, label="re-sealing", file=sys.stderr) as bar:
+        bar.update(total - left)
+        while left:
+            time.sleep(interval)
+            now = pending(key_counts(app.store), primary)
+            bar.update(max(left - now, 0))
+            left = min(left, now)
+    click.echo(f"every stored value is under key {primary}")
 
 
 @main.command()
@@ -430,7 +492,7 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
     path = Path(checkpoint)
     if resume:
         Checkpoint.load_for(path, labels)  # refuse another migration's checkpoint before touching a store
-    with open_pair(source, destination, upgrade=True, source_options=legacy) as (src, dst):
+    with open_pair(source, destination, upgrade=True, source_options=legacy, sealer=app.settings.sealer) as (src, dst):
         click.echo(f"migrating {labels[0]} -> {labels[1]}", err=True)
         try:
             report = migrate(src, dst, batch_size=batch_size, checkpoint=path, resume=resume, show_progress=progress,
@@ -462,14 +524,15 @@ def migrate_command(app: App, source: str, destination: str, check: bool, batch_
 @click.option("--all", "all_", is_flag=True,
               help=f"List every difference found (default: the first {DEFAULT_SHOWN_DIFFERENCES}).")
 @source_layout_options
+@pass_app
 @user_errors
-def verify_command(source: str, destination: str, progress: bool | None, all_: bool, legacy: Any) -> None:
+def verify_command(app: App, source: str, destination: str, progress: bool | None, all_: bool, legacy: Any) -> None:
     """Compare two stores (counts, fields, messages, checksums; files, transports and
     agent state record by record and by digest); exit 1 on any difference (or a
     seed-era source row sessionq refuses)."""
     from sessionq.models.transfer import describe, open_pair, verify
 
-    with open_pair(source, destination, source_options=legacy) as (src, dst):
+    with open_pair(source, destination, source_options=legacy, sealer=app.settings.sealer) as (src, dst):
         result = verify(src, dst, show_progress=progress)
         bad = _echo_problems(src)
     for line in describe(result, limit=None if all_ else DEFAULT_SHOWN_DIFFERENCES):
@@ -542,10 +605,12 @@ def import_command(app: App, file: str, legacy_tz: Any) -> None:
 @main.command("backup")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Backup directory.")
 @click.option("--keep", type=click.IntRange(min=1), default=7, show_default=True, help="Backups to keep.")
+@click.option("--decrypt", is_flag=True,
+              help="With SESSIONQ_ENCRYPTION_KEYS set: write the backup in clear (by default it stays sealed).")
 @source_layout_options
 @pass_app
 @user_errors
-def backup_command(app: App, directory: str, keep: int, legacy: Any) -> None:
+def backup_command(app: App, directory: str, keep: int, decrypt: bool, legacy: Any) -> None:
     """Write a timestamped, compressed backup of the configured store (sessionq's or
     seed-era layout) and keep the last N."""
     from contextlib import ExitStack
@@ -555,7 +620,7 @@ def backup_command(app: App, directory: str, keep: int, legacy: Any) -> None:
 
     with ExitStack() as stack:
         store = _read_store(app, legacy, stack)
-        report = backup(store, Path(directory), keep=keep)
+        report = backup(store, Path(directory), keep=keep, decrypt=decrypt)
         click.echo(
             f"backup {report.path}: {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)}"
         )

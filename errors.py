@@ -9,7 +9,8 @@ The hierarchy (each class stated here once; ``sessionq.models.errors`` and
     │   ├── NotFound                no record with that id
     │   ├── Conflict                not allowed in the record's current state
     │   ├── StoreUnavailable        unreachable or timed out (transient: retry)
-    │   └── SchemaOutdated          schema missing or behind: run `sessionq db upgrade`
+    │   ├── SchemaOutdated          schema missing or behind: run `sessionq db upgrade`
+    │   └── SealedValueError        a value sealed at rest does not open (key not in the ring, altered)
     ├── ConfigError                 a setting is invalid or missing
     └── JobError                    jobs and the producer
         ├── InvalidPayload          malformed job arguments (never retried)
@@ -31,6 +32,7 @@ __all__ = [
     "NotFound",
     "ProducerError",
     "SchemaOutdated",
+    "SealedValueError",
     "SessionNotReady",
     "SessionqError",
     "StoreError",
@@ -68,6 +70,13 @@ class SchemaOutdated(StoreError):
     """The store answers, but its schema is missing or older than this sessionq's; the
     message names the store (password masked) and says to run ``sessionq db upgrade``.
     Not transient: waiting does not help, an upgrade does."""
+
+
+class SealedValueError(StoreError):
+    """A value sealed at rest does not open: its key id is not in
+    ``SESSIONQ_ENCRYPTION_KEYS``, or it was altered or moved to another record. The
+    message names the record and the key id (a fingerprint, never a key). Permanent:
+    a job that meets it is dead-lettered with that line."""
 
 
 class ConfigError(SessionqError, ValueError):

@@ -22,6 +22,7 @@ from .records import (
     TransportSession,
     utcnow,
 )
+from .sealing import PLAIN, Sealer
 from .settings import Settings, storage_backend
 from .store import Page, SessionQuery, Store, StoreStats, WriteResult
 
@@ -49,8 +50,17 @@ __all__ = [
 ]
 
 
-def open_store(target: str | Settings, *, max_pool_size: int | None = None, min_pool_size: int | None = None) -> Store:
+def open_store(
+    target: str | Settings,
+    *,
+    max_pool_size: int | None = None,
+    min_pool_size: int | None = None,
+    sealer: Sealer | None = None,
+) -> Store:
     """Open the store a URL (or ``settings.storage_url``) names; the schema is not touched.
+
+    Values are sealed at rest with ``sealer`` (default: ``settings.sealer`` of a
+    :class:`Settings`, none for a bare URL; see :mod:`sessionq.models.sealing`).
 
     A MongoDB URL (``mongodb://``, ``mongodb+srv://``) gets a :class:`~sessionq.models.mongo.MongoStore`,
     any other a :class:`~sessionq.models.sql.SqlStore` (the schemes: ``settings.STORAGE_SCHEMES``).
@@ -59,10 +69,14 @@ def open_store(target: str | Settings, *, max_pool_size: int | None = None, min_
     url = settings.storage_url if settings else str(target)
     max_pool = max_pool_size or (settings.max_pool_size if settings else 20)
     min_pool = min_pool_size or (settings.min_pool_size if settings else 1)
+    store: Store
     if storage_backend(url) == "mongodb":
         from .mongo import MongoStore
 
-        return MongoStore(url, max_pool_size=max_pool, min_pool_size=min_pool)
-    from .sql import SqlStore
+        store = MongoStore(url, max_pool_size=max_pool, min_pool_size=min_pool)
+    else:
+        from .sql import SqlStore
 
-    return SqlStore(url, max_pool_size=max_pool)
+        store = SqlStore(url, max_pool_size=max_pool)
+    store.sealer = sealer or (settings.sealer if settings else PLAIN)
+    return store

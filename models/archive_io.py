@@ -50,11 +50,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from .atomic_write import atomic_text_file
-from .errors import StoreError, StoreUnavailable, ValidationError
+from .errors import SealedValueError, StoreError, StoreUnavailable, ValidationError
 from .json_stream import first_char, iter_elements, iter_members
 from .kinds import FILES, KINDS, RecordKind
 from .legacy.records import Problems, is_legacy_file, legacy_export_session, legacy_file
 from .records import ChatMessage, ChatSession, Record, utcnow
+from .sealing import PLAIN, Sealer, open_archive_record, seal_archive_record
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -114,22 +115,29 @@ class ExportReport:
     kinds: dict[str, int] = field(default_factory=_per_kind)
 
 
-def export_jsonl(store: Store, out: IO[str]) -> ExportReport:
+def export_jsonl(store: Store, out: IO[str], *, sealer: Sealer = PLAIN) -> ExportReport:
     """Write every session, each followed by its messages, then every record of the
-    other kinds, as JSON Lines."""
+    other kinds, as JSON Lines; with a ``sealer`` that has keys, private fields are
+    sealed again (``sealing.seal_archive_record``: a backup stays sealed)."""
     report = ExportReport()
     header = {"format": FORMAT_JSONL, "version": FORMAT_VERSION, "exported_at": utcnow().isoformat(),
               "backend": store.backend, "records": ["session", "message", *_BY_TYPE]}
+    if sealer.enabled:
+        header["sealed_under"] = sealer.primary
+
+    def line(rtype: str, data: dict[str, Any]) -> str:
+        return _dumps({"type": rtype, **seal_archive_record(sealer, rtype, data)}) + "\n"
+
     out.write(_dumps(header) + "\n")
     for session in store.iter_sessions():
-        out.write(_dumps({"type": "session", **session.to_json()}) + "\n")
+        out.write(line("session", session.to_json()))
         report.sessions += 1
         for message in store.iter_messages(session.session_id, page_size=DEFAULT_EXPORT_PAGE):
-            out.write(_dumps({"type": "message", **message.to_json()}) + "\n")
+            out.write(line("message", message.to_json()))
             report.messages += 1
     for kind in KINDS:
         for record in store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE):
-            out.write(_dumps({"type": kind.name, **record.to_json()}) + "\n")
+            out.write(line(kind.name, record.to_json()))
             report.kinds[kind.plural] += 1
     return report
 
@@ -162,12 +170,13 @@ def export_json(store: Store, out: IO[str]) -> ExportReport:
     return report
 
 
-def export_file(store: Store, path: Path, fmt: str | None = None) -> ExportReport:
+def export_file(store: Store, path: Path, fmt: str | None = None, *, sealer: Sealer = PLAIN) -> ExportReport:
     """Export to ``path`` (``jsonl`` unless ``fmt`` or a ``.json`` name says otherwise),
-    written to a temporary name first so a partial file never looks complete."""
+    written to a temporary name first so a partial file never looks complete; JSON
+    Lines sealed with ``sealer`` (see :func:`export_jsonl`)."""
     fmt = fmt or ("json" if path.name.endswith((".json", ".json.gz")) else "jsonl")
     with atomic_text_file(path, compress=path.suffix == ".gz") as out:
-        return export_json(store, out) if fmt == "json" else export_jsonl(store, out)
+        return export_json(store, out) if fmt == "json" else export_jsonl(store, out, sealer=sealer)
 
 
 # -- import -----------------------------------------------------------------------
@@ -310,6 +319,12 @@ def import_jsonl(store: Store, lines: Iterable[str], *, batch: int = DEFAULT_IMP
         session_id = (
             data.get("session_id") if isinstance(data, dict) and isinstance(data.get("session_id"), str) else None
         )
+        try:
+            if isinstance(kind, str) and isinstance(data, dict):
+                data = open_archive_record(store.sealer, kind, data)  # a sealed backup's fields
+        except SealedValueError as exc:
+            importer.reject(where, str(exc), session_id if kind == "session" else None)
+            continue
         try:
             if kind == "session":
                 importer.add(where, ChatSession.from_json(data))
@@ -508,9 +523,13 @@ def list_backups(directory: Path) -> list[Path]:
     return [entry for _, entry in sorted(found)]
 
 
-def backup(store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: datetime | None = None) -> BackupReport:
+def backup(
+    store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: datetime | None = None, decrypt: bool = False
+) -> BackupReport:
     """Write ``sessionq-backup-YYYYmmddTHHMMSSZ.jsonl.gz`` into ``directory`` and delete
-    the oldest backups beyond ``keep``."""
+    the oldest backups beyond ``keep``. With encryption at rest on, the backup stays
+    sealed under the store's primary key (restorable where the ring holds it) unless
+    ``decrypt``."""
     if keep < 1:
         raise ValidationError("keep must be at least 1")
     directory.mkdir(parents=True, exist_ok=True)
@@ -520,7 +539,7 @@ def backup(store: Store, directory: Path, *, keep: int = DEFAULT_KEEP, now: date
     while path.exists():
         serial += 1
         path = directory / f"{BACKUP_PREFIX}{stamp}-{serial}.jsonl.gz"
-    report = export_file(store, path, "jsonl")
+    report = export_file(store, path, "jsonl", sealer=PLAIN if decrypt else store.sealer)
     removed = []
     backups = list_backups(directory)
     for old in backups[: max(0, len(backups) - keep)]:

@@ -30,6 +30,7 @@ import yaml
 from sessionq.errors import ConfigError
 
 from .keyring import KeyRing
+from .sealing import Sealer, sealer_for
 from .tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_LEASE_MS
 
 ENV_CONFIG_FILE = "SESSIONQ_CONFIG"
@@ -89,8 +90,9 @@ def store_name(reference: str) -> str:
     return name.upper()
 
 
-def _setting(default: Any, *env: str, secret: bool = False, help: str = "") -> Any:
-    return field(default=default, metadata={"env": env, "secret": secret, "help": help})
+def _setting(default: Any, *env: str, secret: bool = False, ring: bool = False, help: str = "") -> Any:
+    # ring: a key ring (models/keyring.py), shown by redacted() as its key fingerprints.
+    return field(default=default, metadata={"env": env, "secret": secret, "ring": ring, "help": help})
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class Settings:
     max_events_per_session: int = _setting(1000, "MAX_EVENTS_PER_SESSION", help="events kept per MCP session stream")
     session_compression: bool = _setting(False, "SESSION_COMPRESSION", help="zlib-compress stored MCP events")
     aggressive_cleanup: bool = _setting(False, "MCP_AGGRESSIVE_CLEANUP", help="extra purge sweep every 10 minutes")
+    encryption_keys: str | None = _setting(
+        None, "SESSIONQ_ENCRYPTION_KEYS", secret=True, ring=True,
+        help="encryption at rest: comma-separated keys, the first seals, all open (sessionq keys generate)")
     api_token: str | None = _setting(None, "SESSIONQ_API_TOKEN", secret=True,
                                      help="Bearer token for the HTTP endpoints")
     export_dir: str = _setting("exports", "SESSIONQ_EXPORT_DIR", help="directory export jobs write into")
@@ -212,6 +217,12 @@ class Settings:
             KeyRing.parse(self.request_state_keys, setting="request_state_keys")
         if self.http_port > 65535:
             raise ConfigError(f"http_port: must be a TCP port from 0 to 65535, got {self.http_port}")
+        sealer_for(self.encryption_keys)  # a malformed ring fails here, naming the setting
+
+    @property
+    def sealer(self) -> Sealer:
+        """The at-rest codec of :attr:`encryption_keys` (writes plaintext when unset)."""
+        return sealer_for(self.encryption_keys)
 
     @property
     def backend(self) -> str:
@@ -279,7 +290,9 @@ class Settings:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("secret") and isinstance(value, dict):
+            if f.metadata.get("ring") and value is not None:
+                value = "keys " + ", ".join(KeyRing.parse(value, setting=f.name).fingerprints())
+            elif f.metadata.get("secret") and isinstance(value, dict):
                 value = {k: redact_url(v) if "://" in v else "***" for k, v in value.items()}
             elif f.metadata.get("secret") and value is not None:
                 value = redact_url(value) if "://" in str(value) else "***"

@@ -52,6 +52,7 @@ from .records import (
     StreamEvent,
     TransportSession,
 )
+from .sealing import PLAIN, Sealer
 from .tasks import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,9 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
     #: True for a store that makes its own schema on first use (SQLite, the embedded default)
     #: instead of asking for ``sessionq db upgrade``; see :meth:`check_schema`.
     creates_schema: bool = False
+    #: Seals message content and metadata, session metadata and agent state values where
+    #: the backend writes rows and opens them where it reads them (set by ``open_store``).
+    sealer: Sealer = PLAIN
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -671,6 +675,29 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
         per session, the excess over the cap among the events that are not old)."""
 
     # -- statistics ------------------------------------------------------------
+
+
+    # -- values sealed at rest (models/sealing.py, models/rotation.py) ------------
+
+    @abc.abstractmethod
+    def sealed_page(
+        self,
+        table: str,
+        *,
+        after: Key | None = None,
+        until: Key | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        keys_only: bool = False,
+    ) -> list[tuple[Key, dict[str, Any]]]:
+        """Up to ``limit`` rows of the sealed ``table`` (``sealing.SEALED_TABLES``) with
+        a key in ``(after, until]``, in key order: each row's key and its sealed fields
+        exactly as stored (sealed or clear, never opened; none if ``keys_only``)."""
+
+    @abc.abstractmethod
+    def reseal_rows(self, table: str, changes: Sequence[tuple[Key, dict[str, Any], dict[str, Any]]]) -> int:
+        """For each ``(key, old, new)``: set the fields of ``new`` on that row of
+        ``table`` if its fields still hold ``old`` exactly (compare-and-set, so a write
+        made meanwhile wins); return how many rows changed."""
 
     @abc.abstractmethod
     def stats(self) -> StoreStats:

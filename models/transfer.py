@@ -41,12 +41,14 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from sessionq.errors import NotFound, SchemaOutdated, SessionqError, ValidationError
+from sessionq.errors import NotFound, SchemaOutdated, SealedValueError, SessionqError, ValidationError
 
 from .atomic_write import atomic_text_file
 from .kinds import KINDS
 from .legacy.records import LegacyOptions
 from .records import ChatMessage, ChatSession
+from .rotation import key_counts
+from .sealing import PLAINTEXT, SETTING, Sealer
 from .settings import redact_url
 from .store import Store
 from .transfer_kinds import KindCheck, canonical, count_in, migrate_kind_batch, verify_kind
@@ -63,13 +65,14 @@ DEFAULT_MAX_DIFFERENCES = 1000
 Progress = Callable[[int, int], None]
 
 
-def open_url(url: str, role: str) -> Store:
-    """Open and ping the store at ``url``; an error names the ``role`` (``source``,
-    ``destination``) and the URL with its password masked, and keeps its class."""
+def open_url(url: str, role: str, *, sealer: Sealer | None = None) -> Store:
+    """Open and ping the store at ``url``, sealing values at rest with ``sealer``; an
+    error names the ``role`` (``source``, ``destination``) and the URL with its password
+    masked, and keeps its class."""
     from . import open_store
 
     try:
-        store = open_store(url)
+        store = open_store(url, sealer=sealer)
         store.ping()
     except SessionqError as exc:
         raise type(exc)(f"{role} {redact_url(url)}: {exc}") from None
@@ -78,20 +81,27 @@ def open_url(url: str, role: str) -> Store:
 
 @contextmanager
 def open_pair(
-    source: str, destination: str, *, upgrade: bool = False, source_options: LegacyOptions | None = None
+    source: str,
+    destination: str,
+    *,
+    upgrade: bool = False,
+    source_options: LegacyOptions | None = None,
+    sealer: Sealer | None = None,
 ) -> Iterator[tuple[Store, Store]]:
     """Open and ping the stores at ``source`` and ``destination`` (see :func:`open_url`),
     check their schemas (:class:`~sessionq.errors.SchemaOutdated` names the role), or
     bring the destination's up to date if ``upgrade``, and close both at the end.
 
     The source is read in its layout (:func:`sessionq.models.legacy.open_source`: a
-    sessionq store or a seed-era one, as ``source_options`` says or as detected)."""
+    sessionq store or a seed-era one, as ``source_options`` says or as detected). Both
+    open sealed values with ``sealer`` (the configured key ring) and the destination
+    seals with it: a migration and a verification see plaintext."""
     from .legacy import open_source
 
     with ExitStack() as stack:
-        src = open_source(source, source_options)
+        src = open_source(source, source_options, sealer=sealer)
         stack.callback(src.close)
-        dst = open_url(destination, "destination")
+        dst = open_url(destination, "destination", sealer=sealer)
         stack.callback(dst.close)
         if upgrade:
             dst.upgrade()
@@ -418,10 +428,24 @@ def verify(
 ) -> VerifyReport:
     """Compare ``dst`` against ``src``: counts, and per session the fields, every
     message and a checksum; then every other kind (counts, each record, a content
-    digest). Records only in ``dst`` are reported too."""
+    digest). Records only in ``dst`` are reported too. Values sealed at rest are
+    compared in clear; values sealed under a key the ring lacks (or altered) are
+    reported, with counts per key id, instead of compared."""
+    report = VerifyReport()
+    try:
+        _verify(src, dst, report, page_size, show_progress)
+    except SealedValueError as exc:
+        report.add(f"comparison stopped: {exc}")
+        for role, store in (("source", src), ("destination", dst)):
+            for kid, count in sorted(key_counts(store).total().items()):
+                if kid != PLAINTEXT and kid not in store.sealer.key_ids:
+                    report.add(f"{role}: {count} value(s) sealed under key {kid}, which is not in {SETTING}")
+    return report
+
+
+def _verify(src: Store, dst: Store, report: VerifyReport, page_size: int, show_progress: bool | None) -> None:
     from tqdm import tqdm
 
-    report = VerifyReport()
     src_stats, dst_stats = src.stats(), dst.stats()
     report.source_sessions, report.destination_sessions = src_stats.total_sessions, dst_stats.total_sessions
     report.source_messages, report.destination_messages = src_stats.total_messages, dst_stats.total_messages
@@ -451,7 +475,6 @@ def verify(
     for kind in KINDS:
         counts = (count_in(src_stats, kind), count_in(dst_stats, kind))
         report.kinds[kind.plural] = verify_kind(src, dst, kind, counts, report.add, page_size=page_size)
-    return report
 
 
 def _compare_session(

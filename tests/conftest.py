@@ -17,6 +17,7 @@ import pytest
 
 from sessionq.models import ChatMessage, ChatSession, Store, open_store
 from sessionq.models.errors import StoreError
+from sessionq.models.sealing import sealer_for
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -25,6 +26,8 @@ MYSQL_URL = os.environ.get("SESSIONQ_TEST_MYSQL_URL", "mysql://root@127.0.0.1:33
 # Redis database 15, never 0: the suite FLUSHDBs it (the benchmark's scratch database too).
 REDIS_URL = os.environ.get("SESSIONQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 MONGO_URL = os.environ.get("SESSIONQ_TEST_MONGO_URL", "mongodb://127.0.0.1:27017/sessionq_test?retryWrites=false")
+# A key ring to run the suites with encryption at rest on (every fixture store seals).
+TEST_SEALER = sealer_for(os.environ.get("SESSIONQ_TEST_ENCRYPTION_KEYS"))
 
 SERVICE_URLS = {"postgresql": POSTGRES_URL, "mysql": MYSQL_URL, "mongodb": MONGO_URL}
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
@@ -50,7 +53,7 @@ def make_store(backend: str, tmp_path: Path) -> Store:
     """A migrated store on ``backend`` (sqlite in ``tmp_path``), or skip/fail."""
     url = f"sqlite:///{tmp_path / 'store.db'}" if backend == "sqlite" else SERVICE_URLS[backend]
     try:
-        store = open_store(url, max_pool_size=10)
+        store = open_store(url, max_pool_size=10, sealer=TEST_SEALER)
         store.ping()
         store.upgrade()
     except (StoreError, ImportError) as exc:

@@ -65,6 +65,7 @@ def _samples(now: str) -> dict[str, Any]:
         "migrate_batch": {"source": "@A", "destination": "@B", "kind": "files", "after": None, "until": "f9",
                           "limit": 10},
         "run_tool_task": {"task_id": "t" * 43, "leg": 2},
+        "rotate_batch": {"table": "messages", "after": None, "until": ["s9", "m9"]},
     }
 
 

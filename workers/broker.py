@@ -269,6 +269,9 @@ def get_store() -> Store:
         with runtime.lock:
             if runtime.store is None:
                 runtime.store = open_store(get_settings())
+                if runtime.store.sealer.enabled:
+                    logger.info("encryption at rest on: sealing under key %s, opening keys %s",
+                                runtime.store.sealer.primary, ", ".join(runtime.store.sealer.key_ids))
     return runtime.store
 
 

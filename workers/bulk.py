@@ -1,4 +1,5 @@
-"""Bulk jobs (queue ``bulk``): a migration fanned out in batches over many workers.
+"""Bulk jobs (queue ``bulk``): a migration, or a key rotation, fanned out in batches
+over many workers.
 
 ``sessionq migrate --fan-out`` plans the batches (``sessionq.models.transfer.plan_batches``:
 session-id ranges, and ``sessionq.models.transfer_kinds.plan_kind_batches``: key ranges of
@@ -22,14 +23,16 @@ from typing import Any
 from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store, open_store
 from sessionq.models.kinds import KINDS, kind_named
+from sessionq.models.rotation import plan_rotation
+from sessionq.models.rotation import rotate_batch as rotate_batch_of
 from sessionq.models.transfer import migrate_batch as _migrate_batch
 from sessionq.models.transfer import open_url, plan_batches
 from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 
-from .broker import get_settings
+from .broker import get_settings, get_store
 from .errors import InvalidPayload
 from .jobs import job_actor
-from .payloads import parse_migrate_batch, store_reference
+from .payloads import parse_migrate_batch, parse_rotate_batch, store_reference
 
 logger = logging.getLogger(__name__)
 
@@ -104,4 +107,41 @@ def migrate_batch(payload: dict[str, Any]) -> None:
     logger.info(
         "migrated sessions after %r up to %r: %d sessions, %d messages",
         batch.after, batch.until, result.sessions, result.messages,
+    )
+
+
+def fan_out_rotation(settings: Settings, batch_size: int) -> int:
+    """Plan the batches of a key rotation of the configured store
+    (:func:`~sessionq.models.rotation.plan_rotation`), enqueue one ``rotate_batch`` job
+    each on the broker of ``settings``, and return how many."""
+    from .producer import Producer
+
+    if not settings.sealer.enabled:
+        raise ConfigError("SESSIONQ_ENCRYPTION_KEYS is not set: there is no key to rotate to")
+    store = open_store(settings)
+    try:
+        producer = Producer(settings)
+        jobs = 0
+        try:
+            for table, after, until in plan_rotation(store, batch_size):
+                payload = {"table": table, "after": None if after is None else list(after), "until": list(until)}
+                producer.send("rotate_batch", payload)
+                jobs += 1
+        finally:
+            producer.close()
+    finally:
+        store.close()
+    return jobs
+
+
+@job_actor
+def rotate_batch(payload: dict[str, Any]) -> None:
+    """Re-seal one key range of a sealed table under the primary key (idempotent: a
+    value already under it is left alone; a row saved meanwhile keeps the save)."""
+    batch = parse_rotate_batch(payload)
+    store = get_store()
+    done = rotate_batch_of(store, batch.table, batch.after, batch.until)
+    logger.info(
+        "re-sealed %s after %r up to %r under key %s: %d rows read, %d values re-sealed, %d left to newer writes",
+        batch.table, batch.after, batch.until, store.sealer.primary, done.rows, done.resealed, done.skipped,
     )

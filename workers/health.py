@@ -74,6 +74,8 @@ class HealthReport:
     #: The live MCP replicas' rings (see :mod:`sessionq.workers.replicas`); None if unknown.
     replicas: list[ReplicaRing] | None = None
     problems: list[str] = field(default_factory=list)
+    #: Key ids (fingerprints, never keys) of the at-rest ring, primary first; empty when off.
+    encryption_keys: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -106,6 +108,8 @@ class HealthReport:
             "event_store": self.event_store,
             "request_state": self.request_state,
             "mcp_replicas": None if self.replicas is None else [ring.to_json() for ring in self.replicas],
+            "encryption": {"primary": self.encryption_keys[0], "keys": list(self.encryption_keys)}
+            if self.encryption_keys else None,
             "problems": list(self.problems),
             "timestamp": self.timestamp.isoformat(),
         }
@@ -307,6 +311,7 @@ class HealthChecker:
 
         report = HealthReport(database=OK, broker=EMBEDDED, redis=NONE, event_store=NONE, timestamp=utcnow())
         report.backend = self.settings.backend
+        report.encryption_keys = list(self.settings.sealer.key_ids)
         report.database, value = self._wait(store_future, deadline)
         if report.database == OK:
             report.stats = value if counts else None

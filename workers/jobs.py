@@ -116,6 +116,8 @@ JOBS: Mapping[str, Job] = _table(
     Job("put_agent_state", "maintenance", _record(payloads.parse_agent_state)),
     Job("export_session", "bulk", _export),
     Job("migrate_batch", "bulk", _record(payloads.parse_migrate_batch)),
+    # One key range of a sealed table re-sealed under the primary key (sessionq keys rotate).
+    Job("rotate_batch", "bulk", _record(payloads.parse_rotate_batch)),
     # One leg of an MCP task; consumed only by workers started with --mcp-app.
     Job("run_tool_task", "tasks", _tool_task),
 )

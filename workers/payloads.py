@@ -40,6 +40,7 @@ from sessionq.models.records import (
     TransportSession,
     utcnow,
 )
+from sessionq.models.sealing import table_named
 from sessionq.models.settings import STORE_ENV_PREFIX, redact_url, store_name
 from sessionq.models.validation import check_choice, check_datetime, check_id
 
@@ -435,3 +436,41 @@ def parse_migrate_batch(payload: Any) -> MigrateBatch:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= DEFAULT_MAX_BATCH:
         raise InvalidPayload(f"limit must be an integer between 1 and {DEFAULT_MAX_BATCH}")
     return MigrateBatch(store_reference(source), store_reference(destination), kind, after, until, limit)
+
+
+@dataclass(frozen=True)
+class RotateBatch:
+    """One batch of a key rotation: a key range ``(after, until]`` of a sealed table."""
+
+    table: str
+    after: tuple[str, ...] | None
+    until: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical payload (keys as JSON lists)."""
+        return {"table": self.table, "after": None if self.after is None else list(self.after),
+                "until": list(self.until)}
+
+
+def parse_rotate_batch(payload: Any) -> RotateBatch:
+    """``rotate_batch``: ``{"table", "after", "until"}``, a sealed table
+    (``sealing.SEALED_TABLES``) and two of its keys as JSON lists (``after`` may be null)."""
+    if not isinstance(payload, dict):
+        raise InvalidPayload(f"rotate_batch payload must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(str(k) for k in payload if k not in ("table", "after", "until"))
+    if unknown:
+        raise InvalidPayload(f"rotate_batch payload has unknown field(s): {', '.join(unknown)[:200]}")
+    try:
+        table = table_named(str(payload.get("table")))
+    except ValidationError as exc:
+        raise InvalidPayload(str(exc)) from None
+    keys: dict[str, tuple[str, ...] | None] = {}
+    for name in ("after", "until"):
+        value = payload.get(name)
+        ok = isinstance(value, list) and len(value) == len(table.key_fields) and all(isinstance(v, str) for v in value)
+        if not ok and not (value is None and name == "after"):
+            raise InvalidPayload(f"{name} must be a {table.name} key: a list of {len(table.key_fields)} string(s)")
+        keys[name] = None if value is None else tuple(value)
+    until = keys["until"]
+    assert until is not None
+    return RotateBatch(table.name, keys["after"], until)

@@ -13,6 +13,7 @@ to records is :mod:`.records`.
 from __future__ import annotations
 
 from ..errors import SessionqError, ValidationError
+from ..sealing import Sealer
 from ..settings import redact_url, storage_backend
 from ..store import Store
 from .base import LegacyStore
@@ -72,10 +73,13 @@ def detect_layout(url: str, options: LegacyOptions | None = None, role: str = "s
         return "legacy" if legacy.has_layout() else None
 
 
-def open_source(url: str, options: LegacyOptions | None = None, role: str = "source") -> Store:
+def open_source(
+    url: str, options: LegacyOptions | None = None, role: str = "source", *, sealer: Sealer | None = None
+) -> Store:
     """Open the store at ``url`` to read from, in its layout (detected unless
-    ``options.layout`` says); :class:`ValidationError` when it has neither or not the
-    one asked for."""
+    ``options.layout`` says), a sessionq store opening sealed values with ``sealer``
+    (a seed-era store holds none); :class:`ValidationError` when it has neither or not
+    the one asked for."""
     from ..transfer import open_url
 
     options = options or LegacyOptions()
@@ -85,7 +89,7 @@ def open_source(url: str, options: LegacyOptions | None = None, role: str = "sou
     if layout is None:
         raise _neither(url, role)
     if layout == "sessionq":
-        return open_url(url, role)
+        return open_url(url, role, sealer=sealer)
     legacy = open_legacy(url, options, role)
     if not legacy.has_layout():
         legacy.close()

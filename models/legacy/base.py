@@ -171,7 +171,7 @@ class LegacyStore(Store):
     expire_idle_sessions = purge_expired_sessions = expire_transports = _read_only
     disconnect_stale_transports = delete_expired_files = delete_expired_agent_state = trim_events = _read_only
     _insert_task = _update_task = delete_expired_tasks = _read_only
-    _insert_handle = _update_handle = delete_dead_handles = _read_only
+    _insert_handle = _update_handle = delete_dead_handles = reseal_rows = _read_only
     _insert_idempotency = _replace_idempotency = _delete_idempotency = delete_expired_idempotency = _read_only
 
     # -- the kinds the seed system did not have ------------------------------
@@ -191,6 +191,10 @@ class LegacyStore(Store):
     def load_task(self, task_id: str) -> NoReturn:
         """Always :class:`NotFound`."""
         raise NotFound(f"task {task_id!r} not found (a seed-era store has none)")
+
+    def sealed_page(self, table: str, **page: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Always empty: a seed-era store holds nothing sealed."""
+        return []
 
     def load_handle(self, handle_id: str) -> NoReturn:
         """Always :class:`NotFound`."""

@@ -24,6 +24,7 @@ from pymongo.errors import (
 )
 
 from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..sealing import Sealer
 from ..store import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,6 +109,8 @@ class MongoStoreBase:
 
     #: The URL scheme family.
     backend: str = "mongodb"
+    #: The at-rest codec (``Store.sealer``).
+    sealer: Sealer
     _client: MongoClient[Doc]
     _db: Database[Doc]
     _sessions: Collection[Doc]

@@ -29,7 +29,7 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from ..errors import NotFound, StoreUnavailable, ValidationError
-from ..kinds import DEFAULT_IMPORT_CHUNK, Key, RecordKind
+from ..kinds import AGENT_STATES, DEFAULT_IMPORT_CHUNK, Key, RecordKind
 from ..records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -38,6 +38,7 @@ from ..records import (
     Record,
     TransportSession,
 )
+from ..sealing import open_record, open_task_texts, seal_record, seal_task_texts
 from ..store import DEFAULT_PAGE_SIZE, Page, chunked
 from . import schema as ms
 from .database import Doc, MongoStoreBase, only_duplicates, translate_errors
@@ -203,7 +204,8 @@ class MongoKinds(MongoStoreBase):
     def put_agent_state(self, state: AgentState) -> bool:
         """See :meth:`Store.put_agent_state`."""
         key = {"agent_id": state.agent_id, "key": state.key}
-        values = {k: v for k, v in ms.agent_state_doc(state).items() if k not in key}
+        sealed = seal_record(self.sealer, AGENT_STATES, state)
+        values = {k: v for k, v in ms.agent_state_doc(sealed).items() if k not in key}
         newer_or_equal = {**key, "updated_at": {"$lte": values["updated_at"]}}
         try:
             self._agent.update_one(newer_or_equal, {"$set": values}, upsert=True)
@@ -217,7 +219,7 @@ class MongoKinds(MongoStoreBase):
         doc = self._agent.find_one({"agent_id": agent_id, "key": key})
         if doc is None or (doc.get("expires_at") is not None and doc["expires_at"] <= to_us(now)):
             return None
-        return ms.doc_to_agent_state(doc)
+        return cast(AgentState, open_record(self.sealer, AGENT_STATES, ms.doc_to_agent_state(doc)))
 
     # -- in bulk ------------------------------------------------------------------
 
@@ -226,6 +228,17 @@ class MongoKinds(MongoStoreBase):
         if layout is None:
             raise ValidationError(f"the MongoDB store holds no bulk record kind {kind.plural!r}")
         return layout, self._db[layout.collection]
+
+    def _from_doc(self, kind: RecordKind[R], layout: _Layout, doc: Doc) -> R:
+        """A stored document of ``kind`` as its record, sealed fields opened."""
+        if kind.plural == "tasks":
+            doc = open_task_texts(self.sealer, doc["_id"], doc)
+        return cast(R, open_record(self.sealer, kind, layout.from_doc(doc)))
+
+    def _to_doc(self, kind: RecordKind[R], layout: _Layout, record: R) -> Doc:
+        """A record of ``kind`` as its document is written, sealed fields sealed."""
+        doc = layout.to_doc(seal_record(self.sealer, kind, record))
+        return seal_task_texts(self.sealer, doc["_id"], doc) if kind.plural == "tasks" else doc
 
     @translate_errors
     def list_kind(self, kind: RecordKind[R], *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> Page[R]:
@@ -244,7 +257,7 @@ class MongoKinds(MongoStoreBase):
                 docs.extend(collection.find(query).sort(order).limit(limit + 1 - len(docs)))
                 if len(docs) > limit:
                     break
-        items: list[R] = [layout.from_doc(doc) for doc in docs[:limit]]
+        items: list[R] = [self._from_doc(kind, layout, doc) for doc in docs[:limit]]
         return Page(items, kind.cursor(items[-1]) if len(docs) > limit else None)
 
     @translate_errors
@@ -254,7 +267,7 @@ class MongoKinds(MongoStoreBase):
         wanted = list(dict.fromkeys(kind.check_key(key) for key in keys))
         found: list[R] = []
         for chunk in chunked(wanted, DEFAULT_IMPORT_CHUNK):
-            found.extend(layout.from_doc(doc) for doc in self._stored(layout, collection, chunk).values())
+            found.extend(self._from_doc(kind, layout, doc) for doc in self._stored(layout, collection, chunk).values())
         return found
 
     @staticmethod
@@ -280,11 +293,11 @@ class MongoKinds(MongoStoreBase):
             key = kind.key(record)
             current = stored.get(key)
             if current is None:
-                ops.append(InsertOne(layout.to_doc(record)))
-            elif kind.replaces(record, layout.from_doc(current)):
+                ops.append(InsertOne(self._to_doc(kind, layout, record)))
+            elif kind.replaces(record, self._from_doc(kind, layout, current)):
                 where: dict[str, Any] = dict(zip(layout.key_paths, key, strict=False))
                 where |= {name: current.get(name) for name in layout.guard}
-                ops.append(ReplaceOne(where, layout.to_doc(record)))
+                ops.append(ReplaceOne(where, self._to_doc(kind, layout, record)))
         if not ops:
             return 0, True
         try:

@@ -25,12 +25,15 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError
 
 from ..errors import NotFound, StoreUnavailable, ValidationError
+from ..kinds import Key
 from ..records import ChatMessage, ChatSession
+from ..sealing import identity, is_sealed, table_named
 from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
@@ -48,7 +51,7 @@ from .database import (
     only_duplicates,
     translate_errors,
 )
-from .schema import from_us, to_us
+from .schema import TASKS, from_us, to_us
 
 logger = logging.getLogger(__name__)
 
@@ -61,52 +64,61 @@ class MongoRecords(MongoStoreBase):
 
     # -- conversions -------------------------------------------------------------
 
-    @staticmethod
-    def _to_session(doc: Doc) -> ChatSession:
+    # The one place documents are sealed and opened (models/sealing.py).
+
+    def _session_metadata(self, doc: Doc) -> dict[str, Any]:
+        """A stored session document's metadata, opened."""
+        metadata = doc.get("metadata")
+        return self.sealer.open_json(metadata, identity("session", doc["_id"], "metadata")) or {}
+
+    def _to_session(self, doc: Doc) -> ChatSession:
         return ChatSession(
             session_id=doc["_id"],
             model=doc.get("model", ""),
             status=doc["status"],
             created_at=from_us(doc["created_at"]),  # type: ignore[arg-type]
             updated_at=from_us(doc["updated_at"]),
-            metadata=doc.get("metadata") or {},
+            metadata=self._session_metadata(doc),
             message_count=int(doc.get("message_count", 0)),
         )
 
-    @staticmethod
-    def _session_doc(session: ChatSession) -> Doc:
+    def _sealed_metadata(self, session: ChatSession) -> Any:
+        return self.sealer.seal_json(session.metadata, identity("session", session.session_id, "metadata"))
+
+    def _session_doc(self, session: ChatSession, *, sealed: bool = True) -> Doc:
         return {
             "_id": session.session_id,
             "model": session.model,
             "status": session.status,
             "created_at": to_us(session.created_at),
             "updated_at": to_us(session.last_activity),
-            "metadata": session.metadata,
+            "metadata": self._sealed_metadata(session) if sealed else session.metadata,
             "message_count": session.message_count,
         }
 
-    @staticmethod
-    def _message_doc(message: ChatMessage, seq: int) -> Doc:
-        return {
-            "session_id": message.session_id,
-            "message_id": message.message_id,
-            "seq": seq,
-            "role": message.role,
-            "content": message.content,
-            "created_at": to_us(message.created_at),
-            "metadata": message.metadata,
-        }
+    def _message_doc(self, message: ChatMessage, seq: int) -> Doc:
+        seal, sid, mid = self.sealer, message.session_id, message.message_id
+        content, metadata = message.content, message.metadata
+        if seal.enabled:
+            content = seal.seal(content, identity("message", sid, mid, "content"))
+            metadata = seal.seal_json(metadata, identity("message", sid, mid, "metadata"))
+        return {"session_id": sid, "message_id": mid, "seq": seq, "role": message.role, "content": content,
+                "created_at": to_us(message.created_at), "metadata": metadata}
 
-    @staticmethod
-    def _to_message(doc: Doc) -> ChatMessage:
+    def _to_message(self, doc: Doc) -> ChatMessage:
+        sid, mid, content, metadata = doc["session_id"], doc["message_id"], doc["content"], doc.get("metadata")
+        if is_sealed(content):
+            content = self.sealer.open(content, identity("message", sid, mid, "content"))
+        if isinstance(metadata, str):
+            metadata = self.sealer.open_json(metadata, identity("message", sid, mid, "metadata"))
         return ChatMessage(
-            message_id=doc["message_id"],
-            session_id=doc["session_id"],
+            message_id=mid,
+            session_id=sid,
             seq=int(doc["seq"]),
             role=doc["role"],
-            content=doc["content"],
+            content=content,
             created_at=from_us(doc["created_at"]),  # type: ignore[arg-type]
-            metadata=doc.get("metadata") or {},
+            metadata=metadata or {},
         )
 
     # -- sessions and messages -----------------------------------------------------
@@ -150,7 +162,7 @@ class MongoRecords(MongoStoreBase):
                     "$set": {
                         "model": s.model,
                         "status": s.status,
-                        "metadata": s.metadata,
+                        "metadata": self._sealed_metadata(s),
                         "updated_at": to_us(s.last_activity),
                     },
                     "$setOnInsert": {"created_at": to_us(s.created_at), "message_count": 0},
@@ -282,10 +294,11 @@ class MongoRecords(MongoStoreBase):
     def import_records(self, sessions: Sequence[ChatSession], messages: Sequence[ChatMessage]) -> WriteResult:
         """See :meth:`Store.import_records`."""
         written = 0
-        incoming = {s.session_id: self._session_doc(s) for s in sessions}
+        records = {s.session_id: s for s in sessions}
+        incoming = {s.session_id: self._session_doc(s, sealed=False) for s in sessions}
         for chunk in chunked(list(incoming), DEFAULT_CHUNK):
             stored = {d["_id"]: d for d in self._sessions.find({"_id": {"$in": list(chunk)}})}
-            new = [incoming[sid] for sid in chunk if sid not in stored]
+            new = [self._session_doc(records[sid]) for sid in chunk if sid not in stored]
             if new:
                 try:
                     written += len(self._sessions.insert_many(new, ordered=False).inserted_ids)
@@ -295,9 +308,11 @@ class MongoRecords(MongoStoreBase):
                     written += int(exc.details.get("nInserted", 0))
             for sid, old in stored.items():
                 doc = incoming[sid]
-                changed = doc["updated_at"] >= old["updated_at"] and any(old.get(k) != v for k, v in doc.items())
+                clear = old | {"metadata": self._session_metadata(old)}
+                changed = doc["updated_at"] >= old["updated_at"] and any(clear.get(k) != v for k, v in doc.items())
                 guard = {"_id": sid, "updated_at": old["updated_at"]}
-                if changed and self._sessions.replace_one(guard, doc).matched_count:
+                sealed = doc | {"metadata": self._sealed_metadata(records[sid])}
+                if changed and self._sessions.replace_one(guard, sealed).matched_count:
                     written += 1
         self._check_sessions_exist({m.session_id for m in messages} - set(incoming))
         inserted = 0
@@ -428,3 +443,59 @@ class MongoRecords(MongoStoreBase):
         if doc is None:
             raise NotFound(f"session {session_id!r} does not exist")
         return self._to_session(doc)
+
+    # -- values sealed at rest: raw documents for rotation and key counts -----------------
+
+    def _sealed_collection(self, table: str) -> tuple[Any, list[str], list[str]]:
+        """The collection of a sealed table, its key paths and its sealed fields."""
+        spec = table_named(table)
+        collections = {"sessions": self._sessions, "messages": self._messages, "agent_states": self._agent,
+                       "tasks": self._db[TASKS]}
+        collection = collections[spec.name]
+        paths = ["_id"] if spec.name in ("sessions", "tasks") else list(spec.key_fields)
+        return collection, paths, [name for name, _ in spec.fields]
+
+    @staticmethod
+    def _key_bound(paths: list[str], key: Key, op: str) -> Doc:
+        """Documents whose key compares to ``key`` by ``op`` (``$gt`` or ``$lte``), key order."""
+        strict = "$gt" if op == "$gt" else "$lt"
+        clauses: list[Doc] = []
+        for depth in range(len(paths)):
+            last = op if depth == len(paths) - 1 else strict
+            clauses.append({path: key[i] for i, path in enumerate(paths[:depth])} | {paths[depth]: {last: key[depth]}})
+        return clauses[0] if len(clauses) == 1 else {"$or": clauses}
+
+    @translate_errors
+    def sealed_page(
+        self,
+        table: str,
+        *,
+        after: Key | None = None,
+        until: Key | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        keys_only: bool = False,
+    ) -> list[tuple[Key, dict[str, Any]]]:
+        """See :meth:`Store.sealed_page`."""
+        collection, paths, names = self._sealed_collection(table)
+        parts = ([self._key_bound(paths, after, "$gt")] if after is not None else []) + (
+            [self._key_bound(paths, until, "$lte")] if until is not None else [])
+        query: Doc = {"$and": parts} if parts else {}
+        projection = dict.fromkeys(paths + ([] if keys_only else names), 1)
+        found = collection.find(query, projection).sort([(path, ASCENDING) for path in paths]).limit(limit)
+        return [
+            (tuple(doc[path] for path in paths), {} if keys_only else {name: doc.get(name) for name in names})
+            for doc in found
+        ]
+
+    @translate_errors
+    def reseal_rows(self, table: str, changes: Sequence[tuple[Key, dict[str, Any], dict[str, Any]]]) -> int:
+        """See :meth:`Store.reseal_rows`: one unordered ``bulk_write`` of conditional updates."""
+        collection, paths, _ = self._sealed_collection(table)
+        ops = [
+            UpdateOne(dict(zip(paths, key, strict=True)) | old, {"$set": new})
+            for key, old, new in changes
+        ]
+        done = 0
+        for part in chunked(ops, DEFAULT_CHUNK):
+            done += collection.bulk_write(list(part), ordered=False).modified_count
+        return done

@@ -20,6 +20,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.collection import Collection
 
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
+from ..sealing import identity
 from ..settings import redact_url
 from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
 from . import schema as ms
@@ -121,7 +122,9 @@ class MongoStore(MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
         assert counter is not None  # upsert=True with ReturnDocument.AFTER always returns the document
         event_id = int(counter["n"])
         # Stored as JSON text: MCP messages may hold keys such as "$schema".
-        body = None if message is None else json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        where = identity("event", mcp_session_id, stream_id)
+        text = None if message is None else json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        body = None if text is None else self.sealer.seal(text, where)
         self._events.insert_one(
             {
                 "_id": event_id,
@@ -150,7 +153,8 @@ class MongoStore(MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
                 event_id=str(doc["_id"]),
                 mcp_session_id=doc["mcp_session_id"],
                 stream_id=doc["stream_id"],
-                message=None if doc.get("message") is None else json.loads(doc["message"]),
+                message=None if doc.get("message") is None else json.loads(
+                    self.sealer.open(doc["message"], identity("event", mcp_session_id, stream_id))),
                 created_at=cast(datetime, from_us(doc["created_at"])),
             )
             for doc in self._events.find(query).sort("_id", ASCENDING).limit(limit)

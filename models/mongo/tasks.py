@@ -21,6 +21,7 @@ from pymongo.database import Database
 
 from ..errors import NotFound, ValidationError
 from ..kinds import RecordKind
+from ..sealing import open_task_texts, seal_task_texts
 from ..store import DEFAULT_PAGE_SIZE, DEFAULT_SWEEP_BATCH_SIZE, Page
 from ..tasks import McpTask, TaskStats
 from . import schema as ms
@@ -82,7 +83,7 @@ class MongoTasks(MongoStoreBase):
     @translate_errors
     def _insert_task(self, task: McpTask) -> None:
         """See :meth:`TaskStore._insert_task` (a taken id is a Conflict)."""
-        self._tasks.insert_one(task_doc(task))
+        self._tasks.insert_one(seal_task_texts(self.sealer, task.task_id, task_doc(task)))
 
     @translate_errors
     def load_task(self, task_id: str) -> McpTask:
@@ -90,12 +91,16 @@ class MongoTasks(MongoStoreBase):
         doc = self._tasks.find_one({"_id": task_id})
         if doc is None:
             raise NotFound(f"task {task_id!r} does not exist")
-        return doc_to_task(doc)
+        return self._to_task(doc)
+
+    def _to_task(self, doc: Doc) -> McpTask:
+        """A stored task document (sealed fields opened) as its record."""
+        return doc_to_task(open_task_texts(self.sealer, doc["_id"], doc))
 
     @translate_errors
     def _update_task(self, task_id: str, expected_version: int, changes: dict[str, Any]) -> bool:
         """See :meth:`TaskStore._update_task`."""
-        update = {name: _encode(name, value) for name, value in changes.items()}
+        update = seal_task_texts(self.sealer, task_id, {name: _encode(name, value) for name, value in changes.items()})
         result = self._tasks.update_one({"_id": task_id, "version": expected_version}, {"$set": update})
         return result.matched_count == 1
 
@@ -112,14 +117,14 @@ class MongoTasks(MongoStoreBase):
         if cursor is not None:
             query["_id"] = {"$gt": cursor}
         docs = list(self._tasks.find(query).sort("_id", ASCENDING).limit(limit + 1))
-        items = [doc_to_task(doc) for doc in docs[:limit]]
+        items = [self._to_task(doc) for doc in docs[:limit]]
         return Page(items, items[-1].task_id if len(docs) > limit else None)
 
     @translate_errors
     def stale_tasks(self, now: datetime, *, limit: int = 1000) -> list[McpTask]:
         """See :meth:`TaskStore.stale_tasks`."""
         query = {"status": "working", "lease_until": {"$ne": None, "$lte": to_us(now)}}
-        return [doc_to_task(doc) for doc in self._tasks.find(query).sort("lease_until", ASCENDING).limit(limit)]
+        return [self._to_task(doc) for doc in self._tasks.find(query).sort("lease_until", ASCENDING).limit(limit)]
 
     @translate_errors
     def delete_expired_tasks(

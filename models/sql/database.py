@@ -16,6 +16,7 @@ import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
 from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..sealing import Sealer
 from ..store import first_line
 from . import schema
 from .schema import Models
@@ -157,6 +158,8 @@ class SqlStoreBase:
     m: Models
     #: PostgreSQL only: load big import_records message batches with COPY.
     use_copy: bool
+    #: The at-rest codec (``Store.sealer``).
+    sealer: Sealer
     _db: pw.Database
     _pooled: bool
 

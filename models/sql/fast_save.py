@@ -24,7 +24,6 @@ from typing import Any
 
 import peewee as pw
 
-from ..records import ChatMessage
 from .database import driver_code
 from .schema import MESSAGE_COLUMNS
 
@@ -80,16 +79,17 @@ def session_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def message_json(message: ChatMessage, seq: int) -> dict[str, Any]:
-    """A message with its ``seq`` as a JSON object of the messages table."""
+def message_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A message row (field names as in ``SqlRecords._message_row``, values as stored)
+    as a JSON object of the messages table."""
     return {
-        "session_id": message.session_id,
-        "message_id": message.message_id,
-        "seq": seq,
-        "role": message.role,
-        "content": message.content,
-        "created_at": message.created_at.isoformat(),
-        "metadata": message.metadata,
+        "session_id": row["session"],
+        "message_id": row["message_id"],
+        "seq": row["seq"],
+        "role": row["role"],
+        "content": row["content"],
+        "created_at": row["created_at"].isoformat(),
+        "metadata": row["metadata"],
     }
 
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import peewee as pw
 
 from ..errors import NotFound, ValidationError
-from ..kinds import Key, RecordKind
+from ..kinds import AGENT_STATES, Key, RecordKind
 from ..records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -31,6 +31,7 @@ from ..records import (
     Record,
     TransportSession,
 )
+from ..sealing import open_record, open_task_values, seal_record, seal_task_values
 from ..store import DEFAULT_PAGE_SIZE, Page, chunked
 from .database import (
     DEFAULT_CHUNK,
@@ -176,7 +177,7 @@ class SqlKinds(SqlStoreBase):
     def put_agent_state(self, state: AgentState) -> bool:
         """See :meth:`Store.put_agent_state`."""
         A = self.m.AgentState
-        row = {f: getattr(state, f) for f in A._meta.fields}
+        row = self._kind_row(A, seal_record(self.sealer, AGENT_STATES, state))
         with self._txn():
             current = self._locked(A.select(A.updated_at).where((A.agent_id == state.agent_id) & (A.key == state.key)))
             existing = current.first()
@@ -193,7 +194,7 @@ class SqlKinds(SqlStoreBase):
         row = A.select().where((A.agent_id == agent_id) & (A.key == key)).dicts().first()
         if row is None or (row["expires_at"] is not None and row["expires_at"] <= now):
             return None
-        return AgentState(**row)
+        return open_record(self.sealer, AGENT_STATES, AgentState(**row))
 
     # -- in bulk ------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class SqlKinds(SqlStoreBase):
                 rows.extend(model.select().where(where).order_by(*columns).limit(limit + 1 - len(rows)).dicts())
                 if len(rows) > limit:
                     break
-        items = [kind.record(**row) for row in rows[:limit]]
+        items = [self._kind_record(kind, row) for row in rows[:limit]]
         return Page(items, kind.cursor(items[-1]) if len(rows) > limit else None)
 
     @translate_errors
@@ -238,7 +239,7 @@ class SqlKinds(SqlStoreBase):
         wanted = list(dict.fromkeys(kind.check_key(key) for key in keys))
         found: list[R] = []
         for chunk in chunked(wanted, DEFAULT_CHUNK):
-            found.extend(kind.record(**row) for row in model.select().where(_key_in(columns, chunk)).dicts())
+            found.extend(self._kind_record(kind, row) for row in model.select().where(_key_in(columns, chunk)).dicts())
         return found
 
     @translate_errors
@@ -253,20 +254,31 @@ class SqlKinds(SqlStoreBase):
         columns = self._key_columns(model, kind)
         with self._txn():
             query = model.select().where(_key_in(columns, [kind.key(r) for r in records])).order_by(*columns)
-            stored = {kind.key(r): r for r in (kind.record(**row) for row in self._locked(query).dicts())}
+            stored = {kind.key(r): r for r in (self._kind_record(kind, row) for row in self._locked(query).dicts())}
             new, newer = [], []
             for record in records:
                 current = stored.get(kind.key(record))
                 if current is None:
-                    new.append(self._kind_row(model, record))
+                    new.append(self._sealed_kind_row(kind, model, record))
                 elif kind.replaces(record, current):
-                    newer.append(self._kind_row(model, record))
+                    newer.append(self._sealed_kind_row(kind, model, record))
             inserted = int(model.insert_many(new).on_conflict_ignore().as_rowcount().execute()) if new else 0
             if newer:
                 values = [f for name, f in model._meta.fields.items() if name not in kind.key_fields]
                 target = None if self.backend == "mysql" else columns
                 model.insert_many(newer).on_conflict(conflict_target=target, preserve=values).as_rowcount().execute()
         return inserted + len(newer), inserted == len(new)
+
+    def _kind_record(self, kind: RecordKind[R], row: dict[str, Any]) -> R:
+        """A stored row of ``kind`` as its record, sealed fields opened."""
+        if kind.plural == "tasks":
+            row = open_task_values(self.sealer, row["task_id"], row)
+        return cast(R, open_record(self.sealer, kind, kind.record(**row)))
+
+    def _sealed_kind_row(self, kind: RecordKind[R], model: Any, record: R) -> dict[str, Any]:
+        """A record of ``kind`` as its row is written, sealed fields sealed."""
+        row = self._kind_row(model, seal_record(self.sealer, kind, record))
+        return seal_task_values(self.sealer, row["task_id"], row) if kind.plural == "tasks" else row
 
     @staticmethod
     def _kind_row(model: Any, record: Record) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from typing import Any
 import peewee as pw
 
 from ..errors import NotFound, ValidationError
+from ..kinds import Key
 from ..records import ChatMessage, ChatSession
+from ..sealing import identity, is_sealed, table_named
 from ..store import (
     DEFAULT_PAGE_SIZE,
     Page,
@@ -89,9 +91,9 @@ class SqlRecords(SqlStoreBase):
             for message in batch.values():
                 current["message_count"] += 1
                 current["updated_at"] = max(current["updated_at"], message.created_at)
-                messages.append(fast_save.message_json(message, current["message_count"]))
+                messages.append(fast_save.message_json(self._message_row(message, current["message_count"])))
         for session_id in sorted(state):
-            new_rows.append(fast_save.session_json(state[session_id]))
+            new_rows.append(fast_save.session_json(self._sealed_session(state[session_id])))
         db = self._db
         db.connect(reuse_if_open=True)  # (opening a connection resets Peewee's transaction stack)
         with db.manual_commit():
@@ -162,14 +164,14 @@ class SqlRecords(SqlStoreBase):
                 dirty.add(session_id)
         new = [state[sid] for sid in ids if sid in dirty and sid not in stored]
         for session_rows in chunked(new, DEFAULT_CHUNK):
-            self._insert_rows(S, session_rows)
+            self._insert_rows(S, [self._sealed_session(row) for row in session_rows])
         for sid in ids:
             if sid in dirty and sid in stored:
                 row = state[sid]
                 S.update(
                     model=row["model"],
                     status=row["status"],
-                    metadata=row["metadata"],
+                    metadata=self._sealed_session(row)["metadata"],
                     updated_at=row["updated_at"],
                     message_count=row["message_count"],
                 ).where(S.session_id == sid).execute()
@@ -187,7 +189,7 @@ class SqlRecords(SqlStoreBase):
         S = self.m.Session
         if self.backend != "postgresql":
             query = self._locked(S.select().where(S.session_id.in_(ids)).order_by(S.session_id))
-            return list(query.dicts())
+            return [self._opened_session(row) for row in query.dicts()]
         fields = S._meta.sorted_fields
         columns = ", ".join(f'"{f.column_name}"' for f in fields)
         marks = ", ".join(["%s"] * len(ids))
@@ -196,7 +198,8 @@ class SqlRecords(SqlStoreBase):
             'ORDER BY "session_id" FOR UPDATE',
             ids,
         )
-        return [{f.name: f.python_value(v) for f, v in zip(fields, row, strict=False)} for row in cursor.fetchall()]
+        return [self._opened_session({f.name: f.python_value(v) for f, v in zip(fields, row, strict=False)})
+                for row in cursor.fetchall()]
 
     def _insert_sql(self, model: Any, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]] | None:
         """A multi-row INSERT of rows keyed by field name (all with the same keys) as
@@ -231,14 +234,16 @@ class SqlRecords(SqlStoreBase):
             stored: dict[str, dict[str, Any]] = {}
             for chunk in chunked(list(incoming), DEFAULT_CHUNK):
                 found_rows = S.select().where(S.session_id.in_(list(chunk))).dicts()
-                stored.update((row["session_id"], row) for row in found_rows)
-            new = [row for sid, row in incoming.items() if sid not in stored]
+                stored.update((row["session_id"], self._opened_session(row)) for row in found_rows)
+            new = [self._sealed_session(row) for sid, row in incoming.items() if sid not in stored]
             for session_rows in chunked(new, DEFAULT_CHUNK):
                 written += int(S.insert_many(session_rows).on_conflict_ignore().as_rowcount().execute())
             for sid, old in stored.items():
                 row = incoming[sid]
                 if row["updated_at"] >= old["updated_at"] and any(old[k] != v for k, v in row.items()):
-                    S.update(**{k: v for k, v in row.items() if k != "session_id"}).where(S.session_id == sid).execute()
+                    sealed = self._sealed_session(row)
+                    S.update(**{k: v for k, v in sealed.items() if k != "session_id"}).where(
+                        S.session_id == sid).execute()
                     written += 1
             others = sorted({m.session_id for m in messages} - set(incoming))
             for chunk in chunked(others, DEFAULT_CHUNK):
@@ -290,17 +295,41 @@ class SqlRecords(SqlStoreBase):
             "message_count": 0,
         }
 
-    @staticmethod
-    def _message_row(message: ChatMessage, seq: int) -> dict[str, Any]:
-        return {
-            "session": message.session_id,
-            "message_id": message.message_id,
-            "seq": seq,
-            "role": message.role,
-            "content": message.content,
-            "created_at": message.created_at,
-            "metadata": message.metadata,
-        }
+    # -- the one place rows are sealed and opened (models/sealing.py) ---------------------
+
+    def _sealed_session(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A planned session row (plaintext, as :meth:`_session_row`) as it is written."""
+        if not self.sealer.enabled:
+            return row
+        return row | {"metadata": self.sealer.seal_json(row["metadata"], identity("session", row["session_id"],
+                                                                                   "metadata"))}
+
+    def _opened_session(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A stored session row with its metadata opened."""
+        metadata = row["metadata"]
+        if isinstance(metadata, str):
+            row["metadata"] = self.sealer.open_json(metadata, identity("session", row["session_id"], "metadata"))
+        return row
+
+    def _message_row(self, message: ChatMessage, seq: int) -> dict[str, Any]:
+        """A message as its row is written (content and metadata sealed)."""
+        seal, sid, mid = self.sealer, message.session_id, message.message_id
+        content, metadata = message.content, message.metadata
+        if seal.enabled:
+            content = seal.seal(content, identity("message", sid, mid, "content"))
+            metadata = seal.seal_json(metadata, identity("message", sid, mid, "metadata"))
+        return {"session": sid, "message_id": mid, "seq": seq, "role": message.role, "content": content,
+                "created_at": message.created_at, "metadata": metadata}
+
+    def _to_message(self, mid: str, sid: str, seq: int, role: str, content: str, at: datetime,
+                    metadata: Any) -> ChatMessage:
+        """A stored message row (content and metadata opened) as a record."""
+        if is_sealed(content):
+            content = self.sealer.open(content, identity("message", sid, mid, "content"))
+        if isinstance(metadata, str):
+            metadata = self.sealer.open_json(metadata, identity("message", sid, mid, "metadata"))
+        return ChatMessage(message_id=mid, session_id=sid, seq=seq, role=role, content=content, created_at=at,
+                           metadata=metadata or {})
 
     def _to_session(self, row: dict[str, Any]) -> ChatSession:
         return ChatSession(
@@ -309,7 +338,7 @@ class SqlRecords(SqlStoreBase):
             status=row["status"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
-            metadata=row["metadata"] or {},
+            metadata=self._opened_session(row)["metadata"] or {},
             message_count=row["message_count"],
         )
 
@@ -409,15 +438,8 @@ class SqlRecords(SqlStoreBase):
         if limit is not None:
             query = query.limit(limit)
         return [
-            ChatMessage(
-                message_id=row["message_id"],
-                session_id=row["session"],
-                seq=row["seq"],
-                role=row["role"],
-                content=row["content"],
-                created_at=row["created_at"],
-                metadata=row["metadata"] or {},
-            )
+            self._to_message(row["message_id"], row["session"], row["seq"], row["role"], row["content"],
+                             row["created_at"], row["metadata"])
             for row in query.dicts()
         ]
 
@@ -446,8 +468,7 @@ class SqlRecords(SqlStoreBase):
         # iteration converts every column and costs as much as the migration's COPY).
         at_value, metadata_value = M.created_at.python_value, M.metadata.python_value
         return [
-            ChatMessage(message_id=mid, session_id=sid, seq=seq, role=role, content=content,
-                        created_at=at_value(at), metadata=metadata_value(metadata) or {})
+            self._to_message(mid, sid, seq, role, content, at_value(at), metadata_value(metadata))
             for mid, sid, seq, role, content, at, metadata in self._db.execute(query).fetchall()
         ]
 
@@ -472,3 +493,72 @@ class SqlRecords(SqlStoreBase):
             row.update(status="archived", updated_at=updated)
         return self._to_session(row)
 
+    # -- values sealed at rest: raw rows for rotation and key counts ----------------------
+
+    def _sealed_model(self, table: str) -> tuple[Any, list[Any], list[Any]]:
+        """The model of a sealed table, its key columns and its sealed columns."""
+        spec = table_named(table)
+        models = {"sessions": self.m.Session, "messages": self.m.Message, "agent_states": self.m.AgentState,
+                  "tasks": self.mt}  # type: ignore[attr-defined]
+        model = models[spec.name]
+        fields = model._meta.fields
+        keys = [fields["session" if name == "session_id" and spec.name == "messages" else name]
+                for name in spec.key_fields]
+        return model, keys, [fields[name] for name, _ in spec.fields]
+
+    @translate_errors
+    def sealed_page(
+        self,
+        table: str,
+        *,
+        after: Key | None = None,
+        until: Key | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        keys_only: bool = False,
+    ) -> list[tuple[Key, dict[str, Any]]]:
+        """See :meth:`Store.sealed_page`."""
+        model, keys, values = self._sealed_model(table)
+        query = model.select(*keys, *([] if keys_only else values))
+        if after is not None:
+            query = query.where(pw.Tuple(*keys) > pw.Tuple(*after))
+        if until is not None:
+            query = query.where(pw.Tuple(*keys) <= pw.Tuple(*until))
+        width = len(keys)
+        convert = self._stored_values(table, values)
+        return [
+            (tuple(row[:width]), {} if keys_only else convert(row[width:]))
+            for row in self._db.execute(query.order_by(*keys).limit(limit)).fetchall()
+        ]
+
+    @staticmethod
+    def _stored_values(table: str, values: list[Any]) -> Any:
+        """Raw column values as stored values: JSON columns parsed (a sealed one is a
+        JSON string), text columns as they are (a task's JSON text, sealed or not)."""
+        forms = dict(table_named(table).fields)
+        parse = [(f.name, f.python_value if forms[f.name] else None) for f in values]
+
+        def convert(raw: Sequence[Any]) -> dict[str, Any]:
+            return {name: fn(v) if fn is not None else v for (name, fn), v in zip(parse, raw, strict=True)}
+
+        return convert
+
+    @translate_errors
+    def reseal_rows(self, table: str, changes: Sequence[tuple[Key, dict[str, Any], dict[str, Any]]]) -> int:
+        """See :meth:`Store.reseal_rows`: one transaction, the rows locked and compared."""
+        model, keys, values = self._sealed_model(table)
+        convert = self._stored_values(table, values)
+        width = len(keys)
+        done = 0
+        with self._txn():
+            for chunk in chunked(list(changes), DEFAULT_CHUNK):
+                wanted = {key: (old, new) for key, old, new in chunk}
+                where = pw.Tuple(*keys).in_(list(wanted)) if width > 1 else keys[0].in_([k[0] for k in wanted])
+                for row in self._db.execute(self._locked(model.select(*keys, *values).where(where))).fetchall():
+                    key = tuple(row[:width])
+                    current = convert(row[width:])
+                    old, new = wanted[key]
+                    if all(current[name] == value for name, value in old.items()):
+                        match = [column == part for column, part in zip(keys, key, strict=True)]
+                        model.update(**new).where(*match).execute()
+                        done += 1
+        return done

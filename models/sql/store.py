@@ -18,6 +18,7 @@ import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
+from ..sealing import identity
 from ..settings import redact_url
 from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
 from . import schema
@@ -108,7 +109,9 @@ class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
     ) -> StreamEvent:
         """See :meth:`Store.append_event`."""
         E = self.m.Event
-        body = None if message is None else json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        where = identity("event", mcp_session_id, stream_id)
+        text = None if message is None else json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        body = None if text is None else self.sealer.seal(text, where)
         probe = StreamEvent("0", mcp_session_id, stream_id, message, created_at)
         with self._db.atomic():
             event_id = E.insert(
@@ -138,7 +141,8 @@ class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
                 event_id=str(row["id"]),
                 mcp_session_id=row["mcp_session_id"],
                 stream_id=row["stream_id"],
-                message=None if row["message"] is None else json.loads(row["message"]),
+                message=None if row["message"] is None else json.loads(
+                    self.sealer.open(row["message"], identity("event", mcp_session_id, row["stream_id"]))),
                 created_at=row["created_at"],
             )
             for row in query.dicts()

@@ -24,6 +24,7 @@ import peewee as pw
 
 from ..errors import NotFound, ValidationError
 from ..kinds import RecordKind
+from ..sealing import is_sealed, open_task_values, seal_task_values
 from ..store import DEFAULT_PAGE_SIZE, DEFAULT_SWEEP_BATCH_SIZE, Page
 from ..tasks import McpTask, TaskStats
 from .database import SqlStoreBase, translate_errors
@@ -37,12 +38,16 @@ class JsonTextField(pw.TextField):
     """Opaque JSON as compact text (``LONGTEXT`` on MySQL)."""
 
     def db_value(self, value: Any) -> Any:
-        """Serialise to compact JSON text."""
-        return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        """Serialise to compact JSON text (a value sealed at rest is that text already)."""
+        if value is None or is_sealed(value):
+            return value
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
     def python_value(self, value: Any) -> Any:
-        """Parse the JSON text back."""
-        return None if value is None else json.loads(value)
+        """Parse the JSON text back (a value sealed at rest stays as it is, for the store to open)."""
+        if value is None or is_sealed(value):
+            return value
+        return json.loads(value)
 
 
 def dialect_of(db: pw.Database) -> str:
@@ -125,12 +130,13 @@ class SqlTasks(SqlStoreBase):
         }
 
     def _to_task(self, row: dict[str, Any]) -> McpTask:
-        return McpTask(**row)
+        return McpTask(**open_task_values(self.sealer, row["task_id"], row))
 
     @translate_errors
     def _insert_task(self, task: McpTask) -> None:
         """See :meth:`TaskStore._insert_task` (a taken id is a Conflict)."""
-        values = [f.db_value(getattr(task, f.name)) for f in self._task_fields]
+        sealed = seal_task_values(self.sealer, task.task_id, {f.name: getattr(task, f.name) for f in self._task_fields})
+        values = [f.db_value(sealed[f.name]) for f in self._task_fields]
         self._db.execute_sql(self._task_sql["insert"], values)
 
     @translate_errors
@@ -139,12 +145,13 @@ class SqlTasks(SqlStoreBase):
         row = self._db.execute_sql(self._task_sql["select"], (task_id,)).fetchone()
         if row is None:
             raise NotFound(f"task {task_id!r} does not exist")
-        return McpTask(**{f.name: f.python_value(v) for f, v in zip(self._task_fields, row, strict=True)})
+        return self._to_task({f.name: f.python_value(v) for f, v in zip(self._task_fields, row, strict=True)})
 
     @translate_errors
     def _update_task(self, task_id: str, expected_version: int, changes: dict[str, Any]) -> bool:
         """See :meth:`TaskStore._update_task`."""
         fields = self.mt._meta.fields
+        changes = seal_task_values(self.sealer, task_id, changes)
         assignments = ", ".join(f"{self._task_quoted[name]} = {self._db.param}" for name in changes)
         values = [fields[name].db_value(value) for name, value in changes.items()]
         sql = self._task_sql["update"].format(assignments)

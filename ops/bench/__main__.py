@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .bus_bench import bench_bus
 from .console_bench import bench_console
+from .encryption_bench import bench_encryption_drain, bench_encryption_migrate
 from .events_bench import bench_event_store
 from .handles_bench import bench_handles
 from .harness import Result, print_table, write_json
@@ -31,6 +32,8 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "C1": bench_console,  # ops console pages with 1M sessions: C1-overview, C1-sessions, ...
     "B1": bench_bus,  # MCP event bus across replicas
     "B2": bench_handles,  # MCP state handles: require()
+    "E1": bench_encryption_drain,  # P2 with encryption at rest vs without
+    "E2": bench_encryption_migrate,  # P4 likewise
 }
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 

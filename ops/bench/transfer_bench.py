@@ -75,13 +75,16 @@ def build_source(messages: int) -> Path:
 def child(src: str, dst: str) -> None:
     """Migrate ``src`` into ``dst`` in this process; print rows/s and peak RSS as JSON."""
     from sessionq.models import open_store
+    from sessionq.models.sealing import sealer_for
     from sessionq.models.transfer import migrate
 
-    s, d = open_store(src), open_store(dst)
-    started = time.perf_counter()
+    sealer = sealer_for(os.environ.get("SESSIONQ_ENCRYPTION_KEYS"))  # E2: the destination seals
+    s, d = open_store(src, sealer=sealer), open_store(dst, sealer=sealer)
+    started, cpu = time.perf_counter(), time.process_time()
     report = migrate(s, d, show_progress=False)
     seconds = time.perf_counter() - started
     print(json.dumps({"rows": report.sessions + report.messages, "seconds": seconds,
+                      "cpu_seconds": time.process_time() - cpu,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

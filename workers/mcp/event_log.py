@@ -30,6 +30,8 @@ import mcp.types
 from mcp.server.streamable_http import EventCallback, EventMessage
 from pydantic import TypeAdapter
 
+from sessionq.models.sealing import PLAIN, Sealer, identity
+
 # Events kept per MCP session (MAX_EVENTS_PER_SESSION).
 DEFAULT_MAX_EVENTS = 1000
 # Seconds a session's log is kept after its last event (SESSION_TTL).
@@ -87,15 +89,26 @@ def parse_event_id(event_id: str) -> EventRef | None:
     return EventRef((int(match[2]), int(match[3])), stream_id, bool(match[1]))
 
 
-def encode_message(message: Any, *, compress: bool) -> tuple[bytes, bool]:
-    """The stored bytes of a message and whether they are zlib-compressed."""
+def encode_message(message: Any, *, compress: bool, sealer: Sealer = PLAIN, where: str = "") -> tuple[bytes, bool]:
+    """The stored bytes of a message and whether they are zlib-compressed; sealed at
+    rest for the record ``where`` (:func:`event_identity`) when ``sealer`` has keys."""
     raw = message.model_dump_json(by_alias=True, exclude_unset=True).encode()
-    return (zlib.compress(raw), True) if compress else (raw, False)
+    if compress:
+        raw = zlib.compress(raw)
+    return sealer.seal_bytes(raw, where), compress
 
 
-def decode_message(raw: bytes, *, compressed: bool) -> Any:
-    """The message :func:`encode_message` stored (either form, whatever the current setting)."""
+def decode_message(raw: bytes, *, compressed: bool, sealer: Sealer = PLAIN, where: str = "") -> Any:
+    """The message :func:`encode_message` stored (either form, sealed or not, whatever the
+    current settings); a sealed one that does not open is a ``SealedValueError``."""
+    raw = sealer.open_bytes(raw, where)
     return MESSAGE_ADAPTER.validate_json(zlib.decompress(raw) if compressed else raw)
+
+
+def event_identity(session_id: str, stream_id: str) -> str:
+    """What a sealed event is bound to: its MCP session and stream (the Redis entry id
+    is assigned after the event is sealed)."""
+    return identity("event", session_id, stream_id)
 
 
 def is_final(message: Any) -> bool:

@@ -36,6 +36,8 @@ from mcp.server.streamable_http import (
 )
 from redis import asyncio as aioredis
 
+from sessionq.models.sealing import PLAIN, Sealer
+
 from .event_log import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_REPLAY_PAGE,
@@ -46,6 +48,7 @@ from .event_log import (
     Replays,
     decode_message,
     encode_message,
+    event_identity,
     format_event_id,
     is_final,
     lost_request_error,
@@ -73,6 +76,7 @@ class _RedisShared:
     key_prefix: str
     retry_after: float
     memory: MemoryEventLog
+    sealer: Sealer = PLAIN
     down_until: float = 0.0
     store_script: Any = None
 
@@ -115,6 +119,7 @@ class RedisEventStore(EventStore):
         key_prefix: str = DEFAULT_KEY_PREFIX,
         retry_after: float = DEFAULT_RETRY_AFTER,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        sealer: Sealer = PLAIN,
     ) -> None:
         if redis is None and url is None:
             raise ValueError("RedisEventStore needs a redis client or a url")
@@ -124,19 +129,21 @@ class RedisEventStore(EventStore):
             url or "", socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         self._shared = _RedisShared(client, ttl, max_events, compress, key_prefix, retry_after,
-                                    MemoryEventLog(max_events=max_events, ttl=ttl))
+                                    MemoryEventLog(max_events=max_events, ttl=ttl), sealer)
         self.session_id: str | None = None
         self._replays = Replays()
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> RedisEventStore:
         """A root store from :class:`~sessionq.models.settings.Settings` (``redis_url``, ``session_ttl``,
-        ``max_events_per_session``, ``session_compression``)."""
+        ``max_events_per_session``, ``session_compression``; events sealed at rest with
+        ``settings.sealer``)."""
         options: dict[str, Any] = {
             "url": settings.redis_url,
             "ttl": settings.session_ttl,
             "max_events": settings.max_events_per_session,
             "compress": settings.session_compression,
+            "sealer": settings.sealer,
         }
         options.update(overrides)
         return cls(**options)
@@ -190,7 +197,8 @@ class RedisEventStore(EventStore):
             try:
                 fields: list[bytes | str] = ["s", stream_id]
                 if message is not None:
-                    raw, compressed = encode_message(message, compress=shared.compress)
+                    raw, compressed = encode_message(message, compress=shared.compress, sealer=shared.sealer,
+                                                     where=event_identity(session_id, stream_id))
                     fields += ["m", raw]
                     if compressed:
                         fields += ["z", "1"]
@@ -286,7 +294,9 @@ class RedisEventStore(EventStore):
             for _, fields in rows:
                 stream = fields.get(b"s")
                 if (stream in wanted and b"m" in fields and stream.decode() not in answered
-                        and is_final(decode_message(fields[b"m"], compressed=fields.get(b"z") == b"1"))):
+                        and is_final(decode_message(fields[b"m"], compressed=fields.get(b"z") == b"1",
+                                                    sealer=self._shared.sealer,
+                                                    where=event_identity(session_id, stream.decode())))):
                     answered.add(stream.decode())
             if len(rows) < DEFAULT_REPLAY_PAGE:
                 return answered
@@ -316,7 +326,9 @@ class RedisEventStore(EventStore):
                 if fields.get(b"s") == wanted and b"m" in fields:
                     position = entry_id.decode()
                     major, minor = position.split("-")
-                    message = decode_message(fields[b"m"], compressed=fields.get(b"z") == b"1")
+                    message = decode_message(fields[b"m"], compressed=fields.get(b"z") == b"1",
+                                             sealer=self._shared.sealer,
+                                             where=event_identity(session_id, ref.stream_id))
                     yield (int(major), int(minor)), format_event_id(position, ref.stream_id), message
             if len(rows) < DEFAULT_REPLAY_PAGE:
                 return
