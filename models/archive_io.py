@@ -43,6 +43,7 @@ from .errors import StoreError, StoreUnavailable, ValidationError
 from .json_stream import iter_members
 from .kinds import KINDS, RecordKind
 from .records import ChatMessage, ChatSession, Record, utcnow
+from .redact import Redactor
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -101,38 +102,45 @@ class ExportReport:
     kinds: dict[str, int] = field(default_factory=_per_kind)
 
 
-def export_jsonl(store: Store, out: IO[str]) -> ExportReport:
+def _keep(data: dict[str, Any]) -> dict[str, Any]:
+    return data
+
+
+def export_jsonl(store: Store, out: IO[str], *, redactor: Redactor | None = None) -> ExportReport:
     """Write every session, each followed by its messages, then every record of the
-    other kinds, as JSON Lines."""
+    other kinds, as JSON Lines (each record through ``redactor.record`` if given)."""
     report = ExportReport()
+    keep = _keep if redactor is None else redactor.record
     header = {"format": FORMAT_JSONL, "version": FORMAT_VERSION, "exported_at": utcnow().isoformat(),
               "backend": store.backend, "records": ["session", "message", *_BY_TYPE]}
     out.write(_dumps(header) + "\n")
     for session in store.iter_sessions():
-        out.write(_dumps({"type": "session", **session.to_json()}) + "\n")
+        out.write(_dumps({"type": "session", **keep(session.to_json())}) + "\n")
         report.sessions += 1
         for message in store.iter_messages(session.session_id, page_size=DEFAULT_EXPORT_PAGE):
-            out.write(_dumps({"type": "message", **message.to_json()}) + "\n")
+            out.write(_dumps({"type": "message", **keep(message.to_json())}) + "\n")
             report.messages += 1
     for kind in KINDS:
         for record in store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE):
-            out.write(_dumps({"type": kind.name, **record.to_json()}) + "\n")
+            out.write(_dumps({"type": kind.name, **keep(record.to_json())}) + "\n")
             report.kinds[kind.plural] += 1
     return report
 
 
-def export_json(store: Store, out: IO[str]) -> ExportReport:
+def export_json(store: Store, out: IO[str], *, redactor: Redactor | None = None) -> ExportReport:
     """Write every session with its messages, then every record of the other kinds,
-    as one JSON document, an element at a time."""
+    as one JSON document, an element at a time (each record through ``redactor.record``
+    if given)."""
     report = ExportReport()
+    keep = _keep if redactor is None else redactor.record
     out.write(f'{{"format": "{FORMAT_JSON}", "version": {FORMAT_VERSION}, ')
     out.write(f'"exported_at": {_dumps(utcnow().isoformat())}, "sessions": [')
     for index, session in enumerate(store.iter_sessions()):
         out.write(",\n" if index else "\n")
-        head = _dumps(session.to_json())[:-1]  # the session object, still open for "messages"
+        head = _dumps(keep(session.to_json()))[:-1]  # the session object, still open for "messages"
         out.write(head + ',"messages":[')
         for position, message in enumerate(store.iter_messages(session.session_id, page_size=DEFAULT_EXPORT_PAGE)):
-            data = message.to_json()
+            data = keep(message.to_json())
             del data["session_id"]
             out.write(("," if position else "") + _dumps(data))
             report.messages += 1
@@ -142,19 +150,24 @@ def export_json(store: Store, out: IO[str]) -> ExportReport:
     for kind in KINDS:
         out.write(f', "{kind.plural}": [')
         for index, record in enumerate(store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE)):
-            out.write((",\n" if index else "\n") + _dumps(record.to_json()))
+            out.write((",\n" if index else "\n") + _dumps(keep(record.to_json())))
             report.kinds[kind.plural] += 1
         out.write("\n]")
     out.write("}\n")
     return report
 
 
-def export_file(store: Store, path: Path, fmt: str | None = None) -> ExportReport:
+def export_file(
+    store: Store, path: Path, fmt: str | None = None, *, redactor: Redactor | None = None
+) -> ExportReport:
     """Export to ``path`` (``jsonl`` unless ``fmt`` or a ``.json`` name says otherwise),
-    written to a temporary name first so a partial file never looks complete."""
+    written to a temporary name first so a partial file never looks complete; with a
+    ``redactor``, secrets and personal data are replaced in the copy (``--redact``)."""
     fmt = fmt or ("json" if path.name.endswith((".json", ".json.gz")) else "jsonl")
     with atomic_text_file(path, compress=path.suffix == ".gz") as out:
-        return export_json(store, out) if fmt == "json" else export_jsonl(store, out)
+        if fmt == "json":
+            return export_json(store, out, redactor=redactor)
+        return export_jsonl(store, out, redactor=redactor)
 
 
 # -- import -----------------------------------------------------------------------

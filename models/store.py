@@ -21,12 +21,14 @@ The contract suite in ``tests/test_store_contract.py`` runs against every backen
 from __future__ import annotations
 
 import abc
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
+from .erasure import ErasureStore
 from .errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
 from .kinds import (
     AGENT_STATES,
@@ -87,6 +89,17 @@ def check_message_owners(writes: Sequence[PendingWrite]) -> None:
                 )
 
 
+def metadata_matches(metadata: dict[str, Any], key: str, value: str) -> bool:
+    """True when ``metadata[key]`` is ``value``, or a non-string JSON value whose JSON
+    text is ``value`` (see :meth:`Store.sessions_with_metadata`)."""
+    if key not in metadata:
+        return False
+    stored = metadata[key]
+    if isinstance(stored, str):
+        return stored == value
+    return json.dumps(stored, ensure_ascii=False, separators=(",", ":")) == value
+
+
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     """One keyset page: the items and the cursor for the next page (``None`` at the end)."""
@@ -142,9 +155,10 @@ class StoreStats:
         }
 
 
-class Store(TaskStore, abc.ABC):
+class Store(TaskStore, ErasureStore, abc.ABC):
     """A durable home for sessions, messages, files, transport sessions, agent state,
-    MCP event logs and MCP tasks (:class:`~sessionq.models.tasks.TaskStore`). Backends
+    MCP event logs, MCP tasks (:class:`~sessionq.models.tasks.TaskStore`) and erasure
+    tombstones and receipts (:class:`~sessionq.models.erasure.ErasureStore`). Backends
     subclass it; see the module docs for the rules."""
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.
@@ -307,6 +321,17 @@ class Store(TaskStore, abc.ABC):
     def delete_session(self, session_id: str) -> bool:
         """Delete a session and its messages; False if it did not exist."""
 
+    def sessions_with_metadata(self, key: str, value: str, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[str]:
+        """The ids of the sessions whose ``metadata[key]`` is ``value`` (a string, or
+        another JSON value written as JSON text: ``"42"`` matches ``42``), streamed.
+
+        This default reads every session page by page (memory stays flat; ``forget
+        --metadata`` is rare); a backend may answer it with a query instead.
+        """
+        for session in self.iter_sessions(page_size=page_size):
+            if metadata_matches(session.metadata, key, value):
+                yield session.session_id
+
     @abc.abstractmethod
     def archive_session(self, session_id: str, at: datetime) -> ChatSession:
         """Set the status to ``archived`` (idempotent); ``updated_at`` moves to ``at``
@@ -447,6 +472,11 @@ class Store(TaskStore, abc.ABC):
         return written
 
     @abc.abstractmethod
+    def delete_kind(self, kind: RecordKind[R], keys: Sequence[Key]) -> int:
+        """Delete the records of ``kind`` with these primary keys (in bounded batches);
+        unknown keys are skipped. Returns how many were deleted."""
+
+    @abc.abstractmethod
     def _import_round(self, kind: RecordKind[R], records: Sequence[R]) -> tuple[int, bool]:
         """One atomic pass of :meth:`import_kind` over a chunk of distinct keys in key
         order: insert the keys not stored, replace the stored records that
@@ -469,6 +499,10 @@ class Store(TaskStore, abc.ABC):
     ) -> tuple[str, list[StreamEvent]] | None:
         """``(stream_id, events)`` — the events of ``event_id``'s stream that follow it,
         in order — or ``None`` if the event is unknown to this session."""
+
+    @abc.abstractmethod
+    def delete_events(self, mcp_session_ids: Sequence[str]) -> int:
+        """Delete every event of these MCP sessions' logs; return how many."""
 
     # -- sweeps (set-based, batched, return counts) --------------------------
     #

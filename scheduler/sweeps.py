@@ -117,6 +117,12 @@ def _tasks(store: Store, settings: Settings, now: datetime, dry_run: bool = Fals
     return {"deleted": deleted, "dispatched": len(handed)}
 
 
+def _tombstones(store: Store, settings: Settings, now: datetime, dry_run: bool = False) -> dict[str, int]:
+    """Delete erasure tombstones past their window (``sessionq forget``; saves for
+    those sessions are accepted again)."""
+    return {"deleted": store.delete_expired_tombstones(now, batch_size=settings.sweep_batch_size, dry_run=dry_run)}
+
+
 SWEEPS: dict[str, Sweep] = {
     "expire_sessions": _expire_sessions,
     "aggressive_cleanup": _aggressive_cleanup,
@@ -125,6 +131,7 @@ SWEEPS: dict[str, Sweep] = {
     "agent_state": _agent_state,
     "events": _events,
     "tasks": _tasks,
+    "tombstones": _tombstones,
 }
 SWEEP_KINDS = tuple(SWEEPS)
 
@@ -138,6 +145,7 @@ def schedule_for(settings: Settings) -> dict[str, int]:
         "agent_state": settings.file_interval,
         "events": settings.event_trim_interval,
         "tasks": settings.task_interval,
+        "tombstones": settings.file_interval,
     }
     if settings.aggressive_cleanup:
         plan["aggressive_cleanup"] = settings.aggressive_interval

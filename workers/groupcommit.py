@@ -15,6 +15,12 @@ thread that saved recently (within ``SAVER_WINDOW`` seconds) has already handed 
 its write: no other write is on its way then, so waiting would only add latency
 (each worker thread blocks on its save, so under load the whole pool is in one batch).
 
+Before a batch is written, the ids of its sessions are checked against the erasure
+tombstones in one query (:meth:`~sessionq.models.erasure.ErasureStore.forgotten_among`):
+a save for a session that ``sessionq forget`` erased (a late or redelivered job) fails
+its own job with :class:`~sessionq.errors.SessionForgotten` instead of re-creating the
+session, and the rest of the batch commits as usual.
+
 Once a batch has committed, and before its threads are released, the flusher hands
 the writes' tokens to ``after_commit``: on Redis the worker acks the batch's jobs
 there with one round trip (instead of one per job from each thread), still only
@@ -34,7 +40,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sessionq.models import ChatMessage, ChatSession, Store
+from sessionq.errors import SessionForgotten
+from sessionq.models import ChatMessage, ChatSession, Store, utcnow
 from sessionq.models.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -204,7 +211,30 @@ class GroupCommitter:
             except queue.Empty:
                 return batch, False
 
+    def _refuse_forgotten(self, batch: list[_Write]) -> list[_Write]:
+        """The writes of ``batch`` whose session has no live tombstone; the others are
+        finished with :class:`SessionForgotten` (one query for the whole batch)."""
+        try:
+            forgotten = self.store.forgotten_among([w.session.session_id for w in batch], utcnow())
+        except Exception as exc:  # the store is down: every write fails (and is retried) with it
+            for write in batch:
+                write.finish(exc)
+            return []
+        if not forgotten:
+            return batch
+        kept: list[_Write] = []
+        for write in batch:
+            if write.session.session_id in forgotten:
+                write.finish(SessionForgotten(f"session {write.session.session_id!r} was erased by forget; "
+                                              "its tombstone refuses this save"))
+            else:
+                kept.append(write)
+        return kept
+
     def _commit(self, batch: list[_Write]) -> None:
+        batch = self._refuse_forgotten(batch)
+        if not batch:
+            return
         try:
             self.store.save_sessions([(w.session, w.messages) for w in batch])
         except Exception as exc:

@@ -36,8 +36,10 @@ AGENT_STATE = "sessionq_agent_state"
 EVENTS = "sessionq_events"
 COUNTERS = "sessionq_counters"
 TASKS = "sessionq_tasks"
+TOMBSTONES = "sessionq_tombstones"
+RECEIPTS = "sessionq_forget_receipts"
 #: Every data collection (the schema collection excluded).
-DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS)
+DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS, TOMBSTONES, RECEIPTS)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -151,10 +153,19 @@ def _v3_mcp_tasks(db: Database[Any]) -> None:
     create_task_indexes(db)
 
 
+def _v5_erasure(db: Database[Any]) -> None:
+    from .erasure import create_erasure_indexes  # the documents live beside the store part using them
+
+    create_erasure_indexes(db)
+
+
+# Version 4 is assigned to another change; the gap is intended until it is merged
+# (steps are applied by version, each once, so a later v4 still runs).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages (unique per session and seq), files, transports, agent state", _v1_core),
     Migration(2, "MCP event log", _v2_event_log),
     Migration(3, "MCP tasks (SEP-2663)", _v3_mcp_tasks),
+    Migration(5, "erasure tombstones (expiry index)", _v5_erasure),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

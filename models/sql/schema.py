@@ -284,12 +284,21 @@ def _v5_mcp_tasks(db: pw.Database, m: Models) -> None:
     create_task_table(db)
 
 
+def _v7_erasure(db: pw.Database, m: Models) -> None:
+    from .erasure import create_erasure_tables  # the models live beside the store part using them
+
+    create_erasure_tables(db)
+
+
+# Version 6 is assigned to another change; the gap is intended until it is merged
+# (steps are applied by version, each once, so a later v6 still runs).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages, files, transport sessions, agent state", _v1_core_tables),
     Migration(2, "MCP event log", _v2_event_log),
     Migration(3, "index messages by created_at for export windows", _v3_message_time_index),
     Migration(4, "case-sensitive ids on MySQL/MariaDB (binary collation)", _v4_case_sensitive_ids),
     Migration(5, "MCP tasks (SEP-2663)", _v5_mcp_tasks),
+    Migration(7, "erasure tombstones and forget receipts", _v7_erasure),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,9 +20,10 @@ from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
 from ..settings import redact_url
-from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
+from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats, chunked
 from . import schema
-from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .database import DEFAULT_CHUNK, DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .erasure import SqlErasure
 from .kinds import SqlKinds
 from .records import SqlRecords
 from .tasks import SqlTasks
@@ -29,7 +31,7 @@ from .tasks import SqlTasks
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
+class SqlStore(SqlErasure, SqlTasks, SqlRecords, SqlKinds, Store):
     """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
@@ -58,6 +60,7 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
         self.use_copy = True
         self.m = schema.build_models(database, self.backend)
         self._init_tasks()
+        self._init_erasure()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -94,6 +97,8 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             for model in reversed(self.m.all()[1:]):
                 model.delete().execute()
             self.mt.delete().execute()
+            for model in self.erasure_models:
+                model.delete().execute()
 
 
     # -- MCP event log ---------------------------------------------------------------------
@@ -140,6 +145,16 @@ class SqlStore(SqlTasks, SqlRecords, SqlKinds, Store):
             for row in query.dicts()
         ]
         return anchor.stream_id, events
+
+    @translate_errors
+    def delete_events(self, mcp_session_ids: Sequence[str]) -> int:
+        """See :meth:`Store.delete_events`."""
+        E = self.m.Event
+        deleted = 0
+        for chunk in chunked(list(dict.fromkeys(mcp_session_ids)), DEFAULT_CHUNK):
+            with self._db.atomic():
+                deleted += int(E.delete().where(E.mcp_session_id.in_(chunk)).execute())
+        return deleted
 
     # -- sweeps ------------------------------------------------------------------------------
 
