@@ -21,7 +21,8 @@ CLASSES = [getattr(errors, name) for name in errors.__all__]
 def test_every_error_is_a_sessionq_error() -> None:
     assert {cls.__name__ for cls in CLASSES} == {
         "SessionqError", "StoreError", "ValidationError", "NotFound", "Conflict", "StoreUnavailable", "SchemaOutdated",
-        "ConfigError", "JobError", "InvalidPayload", "TransientJobError", "SessionNotReady", "ProducerError",
+        "ConfigError", "JobError", "InvalidPayload", "TransientJobError", "SessionNotReady", "SessionForgotten",
+        "ProducerError",
     }
     for cls in CLASSES:
         assert issubclass(cls, errors.SessionqError), cls

@@ -65,6 +65,7 @@ def _samples(now: str) -> dict[str, Any]:
         "migrate_batch": {"source": "@A", "destination": "@B", "kind": "files", "after": None, "until": "f9",
                           "limit": 10},
         "run_tool_task": {"task_id": "t" * 43, "leg": 2},
+        "forget": {"receipt_id": "fr-1", "metadata": {"key": "user", "value": "u-1"}},
     }
 
 
