@@ -109,9 +109,11 @@ _EMAIL_RE = re.compile(
 # Candidates only; each is checked by its validator. Boundaries keep them out of longer
 # tokens (UUIDs, hex ids, words).
 _IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
-_CARD_RE = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# A card candidate starts a run of digits (not after "4 ", so the tail of an IBAN or of a
+# longer grouped number is not a candidate of its own).
+_CARD_RE = re.compile(r"(?<![\w-])(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![\w-])")
 _PHONE_RE = re.compile(
-    r"""(?x)(?<![\w+-])(?:
+    r"""(?x)(?<![\w+-])(?<!\d[ .-])(?:
         \+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}             # international: +49 30 1234567
       | \(\d{3}\)[ .-]?\d{3}[ .-]\d{4}                     # (555) 123-4567
       | \d{3}[.-]\d{3}[.-]\d{4}                            # 555-123-4567
@@ -206,7 +208,9 @@ class Redactor:
     def text(self, text: str) -> str:
         """``text`` with every detected secret and personal datum replaced by a tag."""
         redacted = redact_secrets(text, "[secret]")
-        self.counts["secret"] += redacted.count("[secret]") - text.count("[secret]")
+        secrets = redacted.count("[secret]") - text.count("[secret]")
+        if secrets > 0:
+            self.counts["secret"] += secrets
         for detector in self.detectors:
             redacted = detector.sub(redacted, self.counts)
         if self.hook is not None:
