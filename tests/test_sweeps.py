@@ -73,6 +73,8 @@ def build(store: Store) -> None:
         store.put_agent_state(AgentState("agent", f"k-{name}", value={"n": name}, updated_at=T0, expires_at=expires))
         # MCP tasks, their lease long gone (without a queue the sweep only deletes expired ones)
         store.create_task(McpTask(f"task-{name}", "tool", created_at=T0, expires_at=expires, lease_until=T0))
+        if expires is not None:  # erasure tombstones (sessionq forget) always expire
+            store.put_tombstones([f"gone-{name}"], T0, expires)
     # e1: one event just past the TTL, one exactly at it, then four recent (cap 3);
     # e2: three recent (at the cap); e3: one old event
     store.append_event("e1", "s", {"i": 0}, EVENTS_BEFORE - US)
@@ -88,7 +90,7 @@ def snapshot(store: Store) -> dict[str, dict[Any, dict[str, Any]]]:
     """Every row of every table, by primary key."""
     m = store.m  # type: ignore[attr-defined]
     tables: dict[str, dict[Any, dict[str, Any]]] = {}
-    for model in [*m.all()[1:], store.mt]:  # type: ignore[attr-defined]
+    for model in [*m.all()[1:], store.mt, *store.erasure_models]:  # type: ignore[attr-defined]
         pk = model._meta.primary_key
         names = pk.field_names if hasattr(pk, "field_names") else [pk.name]
         rows: dict[Any, dict[str, Any]] = {}
@@ -137,6 +139,8 @@ def expected_changes(
         return {"deleted": 2}, {"agent_state": {("agent", "k-at-now"), ("agent", "k-past")}}, changed
     if kind == "tasks":
         return {"deleted": 2, "dispatched": 0}, {"tasks": {"task-at-now", "task-past"}}, changed
+    if kind == "tombstones":
+        return {"deleted": 2}, {"tombstones": {"gone-at-now", "gone-past"}}, changed
     assert kind == "events"
     e1 = event_ids(store, "e1")
     return {"deleted": 4}, {"events": set(e1[:3]) | set(event_ids(store, "e3"))}, changed
@@ -208,7 +212,7 @@ def test_cleanup_command_dry_run_then_real_run(tmp_path: Path) -> None:
     assert dry.exit_code == 0, dry.output
     lines = {line.split(":")[0]: line for line in dry.stdout.splitlines()}
     assert set(lines) == {"expire_sessions", "transports", "files", "agent_state", "events", "aggressive_cleanup",
-                          "tasks"}
+                          "tasks", "tombstones"}
     assert "would change expired=6 purged=10" in lines["expire_sessions"]
     assert "would change deleted=3" in lines["files"]
     assert snapshot(store) == before
