@@ -239,6 +239,20 @@ class Store(TaskStore, ErasureStore, abc.ABC):
         becomes the latest of the stored, incoming and new messages' times.
         """
 
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        """:meth:`save_sessions` of the writes whose session has no tombstone live at
+        ``now`` (:mod:`~sessionq.models.erasure`); returns what was written and the ids
+        refused. The group committer saves through this, once per batch.
+
+        This default asks :meth:`forgotten_among` first (one more query per batch); the
+        PostgreSQL store answers both in the save's own statement.
+        """
+        forgotten = self.forgotten_among([session.session_id for session, _ in writes], now)
+        kept = [write for write in writes if write[0].session_id not in forgotten]
+        return (self.save_sessions(kept) if kept else WriteResult()), forgotten
+
     def save_session(self, session: ChatSession, messages: Sequence[ChatMessage] = ()) -> WriteResult:
         """Save one session (see :meth:`save_sessions`)."""
         return self.save_sessions([(session, messages)])

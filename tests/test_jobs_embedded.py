@@ -132,8 +132,10 @@ class _FlakyStore:
             raise StoreUnavailable("poisoned write")
         return self.store.save_sessions(writes)
 
-    def forgotten_among(self, session_ids: Sequence[str], now: datetime) -> set[str]:
-        return self.store.forgotten_among(session_ids, now)
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        return self.save_sessions(writes), set()
 
 
 def _concurrent_saves(committer: GroupCommitter, flaky: _FlakyStore, ids: list[str]) -> dict[str, BaseException]:
@@ -222,8 +224,10 @@ class _DownStore:
             raise ValueError("a bad write somewhere in the batch")
         raise StoreUnavailable("postgresql unavailable: connection refused")
 
-    def forgotten_among(self, session_ids: Sequence[str], now: datetime) -> set[str]:
-        return set()  # the tombstone lookup answers; only the saves fail
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        return self.save_sessions(writes), set()
 
 
 def test_a_store_outage_fails_the_rest_of_a_split_batch_at_once() -> None:

@@ -65,6 +65,9 @@ class SqlErasure(SqlStoreBase):
 
     def _init_erasure(self) -> None:
         self._tombstone_model, self._receipt_model = build_erasure_models(self._db, self.backend)
+        q = "`" if self.backend == "mysql" else '"'
+        self._forgotten_sql = (f"SELECT {q}session_id{q} FROM {q}sessionq_tombstones{q} "
+                               f"WHERE {q}session_id{q} IN ({{}}) AND {q}expires_at{q} > {self._db.param}")
         #: The models :meth:`SqlStore.clear` empties too.
         self.erasure_models = (self._tombstone_model, self._receipt_model)
 
@@ -88,12 +91,15 @@ class SqlErasure(SqlStoreBase):
 
     @translate_errors
     def forgotten_among(self, session_ids: Sequence[str], now: datetime) -> set[str]:
-        """See :meth:`ErasureStore.forgotten_among`."""
-        T = self._tombstone_model
+        """See :meth:`ErasureStore.forgotten_among`. On the save path (once per group-commit
+        batch), so the statement is SQL text, not a Peewee query: building one cost more
+        than the round trip itself (the P2 save drain lost a quarter of its rate)."""
         found: set[str] = set()
+        expires = self._tombstone_model.expires_at.db_value(now)
         for chunk in chunked(list(dict.fromkeys(session_ids)), DEFAULT_TOMBSTONE_CHUNK):
-            query = T.select(T.session_id).where(T.session_id.in_(list(chunk)) & (T.expires_at > now))
-            found.update(sid for (sid,) in query.tuples())
+            marks = ", ".join([self._db.param] * len(chunk))
+            cursor = self._db.execute_sql(self._forgotten_sql.format(marks), (*chunk, expires))
+            found.update(sid for (sid,) in cursor.fetchall())
         return found
 
     @translate_errors
