@@ -4,15 +4,16 @@ deletes the erasure uses (delete_kind, delete_events, sessions_with_metadata).""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from sessionq.models import AgentState, FileRecord, Store, TransportSession
+from sessionq.models import AgentState, FileRecord, Store, TransportSession, WriteResult, utcnow
 from sessionq.models.erasure import ForgetReceipt, Selector
 from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.kinds import AGENT_STATES, FILES, TASKS, TRANSPORTS
 from sessionq.models.tasks import McpTask
-from tests.conftest import T0, messages, session
+from tests.conftest import T0, make_store, messages, reset_store, session
 
 
 def test_tombstones_are_found_in_one_batch_until_they_expire(store: Store) -> None:
@@ -112,3 +113,40 @@ def test_sessions_with_metadata_matches_text_and_json_values(store: Store) -> No
     assert sorted(store.sessions_with_metadata("user", "42")) == ["s3"]
     assert list(store.sessions_with_metadata("n", "42", page_size=1)) == ["s2"]
     assert list(store.sessions_with_metadata("missing", "x")) == []
+
+
+def test_save_unless_forgotten_refuses_only_tombstoned_sessions(store: Store) -> None:
+    # Given a tombstoned session, a stored one and a new one
+    store.put_tombstones(["gone"], T0, utcnow() + timedelta(hours=1))
+    store.save_session(session("stored"), messages("stored", 1))
+    writes = [(session("gone"), messages("gone", 2)), (session("stored"), messages("stored", 2)),
+              (session("new"), messages("new", 1))]
+    # When the batch is saved unless forgotten
+    result, refused = store.save_sessions_unless_forgotten(writes, utcnow())
+    # Then the tombstoned one is refused and not written, the others are
+    assert refused == {"gone"}
+    assert result == WriteResult(2, 2)
+    with pytest.raises(NotFound):
+        store.load_session("gone")
+    assert [store.load_session(s).message_count for s in ("stored", "new")] == [2, 1]
+
+
+def test_postgresql_refuses_forgotten_saves_without_prepared_statements(tmp_path: Path) -> None:
+    from sessionq.models.sql import SqlStore, fast_save
+
+    store = make_store("postgresql", tmp_path)
+    reset_store(store)
+    assert isinstance(store, SqlStore)
+    try:
+        # Given a store behind a pooler where prepared statements do not hold
+        fast_save._UNPREPARED.add(store.database)
+        store.put_tombstones(["gone"], T0, utcnow() + timedelta(hours=1))
+        # When a batch with a forgotten session is saved / Then the same refusal holds
+        result, refused = store.save_sessions_unless_forgotten(
+            [(session("gone"), messages("gone", 1)), (session("new"), messages("new", 1))], utcnow())
+        assert (result, refused) == (WriteResult(1, 1), {"gone"})
+        assert store.stats().total_sessions == 1
+    finally:
+        fast_save._UNPREPARED.discard(store.database)
+        reset_store(store)
+        store.close()
