@@ -559,20 +559,23 @@ def _read_store(app: App, legacy: Any, stack: Any) -> Store:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (.gz compresses).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default=None,
               help="jsonl (default) or json (default for a .json name).")
+@click.option("--redact", is_flag=True, help="Replace secrets and personal data in the copy (docs/privacy.md).")
 @source_layout_options
 @pass_app
 @user_errors
-def export_all_command(app: App, output: str, fmt: str | None, legacy: Any) -> None:
+def export_all_command(app: App, output: str, fmt: str | None, redact: bool, legacy: Any) -> None:
     """Export every session with its messages, file record, transport session and
     agent-state entry from the configured store (sessionq's or seed-era layout)."""
     from contextlib import ExitStack
     from pathlib import Path
 
     from sessionq.models.archive_io import export_file
+    from sessionq.models.redact import Redactor
 
+    redactor = Redactor.from_settings(app.settings) if redact else None
     with ExitStack() as stack:
         store = _read_store(app, legacy, stack)
-        report = export_file(store, Path(output), fmt)
+        report = export_file(store, Path(output), fmt, redactor=redactor)
         click.echo(
             f"exported {report.sessions} sessions, {report.messages} messages{_per_kind(report.kinds)} to {output}"
         )
@@ -758,19 +761,55 @@ def enqueue_save(app: App, file: Any, legacy_tz: Any) -> None:
 @click.argument("session_id")
 @click.option("--format", "fmt", type=click.Choice(["json", "text", "markdown"]), default="json", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here (default: stdout).")
+@click.option("--redact", is_flag=True, help="Replace secrets and personal data in the copy (docs/privacy.md).")
 @pass_app
 @user_errors
-def export_command(app: App, session_id: str, fmt: str, output: str | None) -> None:
+def export_command(app: App, session_id: str, fmt: str, output: str | None, redact: bool) -> None:
     """Export one session from the store as JSON, text or Markdown."""
     from pathlib import Path
 
+    from sessionq.models.redact import Redactor
     from sessionq.workers.exports import export_to_file, write_export
 
+    redactor = Redactor.from_settings(app.settings) if redact else None
     if output:
-        count = export_to_file(app.store, session_id, fmt, Path(output))
+        count = export_to_file(app.store, session_id, fmt, Path(output), redactor=redactor)
         click.echo(f"exported {session_id} ({count} messages) to {output}", err=True)
     else:
-        write_export(app.store, session_id, fmt, sys.stdout)
+        write_export(app.store, session_id, fmt, sys.stdout, redactor=redactor)
+
+
+@main.command("forget")
+@click.option("--session", "session_id", metavar="ID", help="Erase this session.")
+@click.option("--metadata", metavar="KEY=VALUE", help="Erase every session whose metadata has KEY=VALUE.")
+@click.option("--receipt", "receipt_id", metavar="ID", help="Show the stored receipt ID instead.")
+@click.option("--enqueue", is_flag=True, help="Run as a forget job on the workers; print the receipt id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the receipt as JSON.")
+@pass_app
+@user_errors
+def forget_command(app: App, session_id: str | None, metadata: str | None, receipt_id: str | None,
+                   enqueue: bool, as_json: bool) -> None:
+    """Erase a session, or every session with a metadata value, everywhere sessionq keeps
+    it (store, queues, dead letters, outbox, MCP event streams, export files), and print
+    the receipt (docs/privacy.md)."""
+    from sessionq.models.erasure import Selector
+    from sessionq.workers.forget import erase, format_receipt, new_receipt_id, redis_for
+
+    if receipt_id is not None:
+        if session_id or metadata or enqueue:
+            raise click.UsageError("--receipt shows a receipt; give it alone")
+        receipt = app.store.load_receipt(receipt_id)
+    else:
+        if (session_id is None) == (metadata is None):
+            raise click.UsageError("give exactly one of --session ID or --metadata KEY=VALUE")
+        selector = Selector(session_id=session_id) if metadata is None else Selector.parse_metadata(metadata)
+        if enqueue:
+            new_id = new_receipt_id()
+            (job_id,) = _run_jobs(app, [("forget", {"receipt_id": new_id, **selector.to_payload()})])
+            click.echo(f"forget job {job_id}; show its receipt with `sessionq forget --receipt {new_id}`")
+            return
+        receipt = erase(selector, store=app.store, settings=app.settings, redis=redis_for(app.settings))
+    click.echo(json.dumps(receipt.to_json(), indent=2) if as_json else format_receipt(receipt))
 
 
 @main.command("archive")

@@ -16,6 +16,7 @@ The hierarchy (each class stated here once; ``sessionq.models.errors`` and
         ├── InvalidPayload          malformed job arguments (never retried)
         ├── TransientJobError       may succeed later (retried with backoff)
         │   └── SessionNotReady     the session's save is still queued
+        ├── SessionForgotten        the session was erased (`forget`): refused, never retried
         └── ProducerError           neither enqueued nor spooled
 
 The CLI turns any :class:`SessionqError` into one ``Error: ...`` line. This module
@@ -33,6 +34,7 @@ __all__ = [
     "ProducerError",
     "SchemaOutdated",
     "SealedValueError",
+    "SessionForgotten",
     "SessionNotReady",
     "SessionqError",
     "StoreError",
@@ -101,6 +103,14 @@ class TransientJobError(JobError):
 
 class SessionNotReady(TransientJobError):
     """The job addresses a session not saved yet (its save is still queued); retried."""
+
+
+class SessionForgotten(JobError):
+    """A write for a session erased by ``sessionq forget`` while its tombstone lives (a
+    late or redelivered job): refused and dead-lettered with the reason ``forgotten``."""
+
+    #: What the dead letter's reason starts with (see ``DeadLetterReasons``).
+    dead_letter_reason = "forgotten"
 
 
 class ProducerError(JobError):

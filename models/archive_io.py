@@ -55,6 +55,7 @@ from .json_stream import first_char, iter_elements, iter_members
 from .kinds import FILES, KINDS, RecordKind
 from .legacy.records import Problems, is_legacy_file, legacy_export_session, legacy_file
 from .records import ChatMessage, ChatSession, Record, utcnow
+from .redact import Redactor
 from .sealing import PLAIN, Sealer, open_archive_record, seal_archive_record
 from .store import Store
 
@@ -115,18 +116,26 @@ class ExportReport:
     kinds: dict[str, int] = field(default_factory=_per_kind)
 
 
-def export_jsonl(store: Store, out: IO[str], *, sealer: Sealer = PLAIN) -> ExportReport:
+def _keep(data: dict[str, Any]) -> dict[str, Any]:
+    return data
+
+
+def export_jsonl(
+    store: Store, out: IO[str], *, sealer: Sealer = PLAIN, redactor: Redactor | None = None
+) -> ExportReport:
     """Write every session, each followed by its messages, then every record of the
-    other kinds, as JSON Lines; with a ``sealer`` that has keys, private fields are
-    sealed again (``sealing.seal_archive_record``: a backup stays sealed)."""
+    other kinds, as JSON Lines (each record through ``redactor.record`` if given); with
+    a ``sealer`` that has keys, private fields are sealed again
+    (``sealing.seal_archive_record``: a backup stays sealed)."""
     report = ExportReport()
+    keep = _keep if redactor is None else redactor.record
     header = {"format": FORMAT_JSONL, "version": FORMAT_VERSION, "exported_at": utcnow().isoformat(),
               "backend": store.backend, "records": ["session", "message", *_BY_TYPE]}
     if sealer.enabled:
         header["sealed_under"] = sealer.primary
 
     def line(rtype: str, data: dict[str, Any]) -> str:
-        return _dumps({"type": rtype, **seal_archive_record(sealer, rtype, data)}) + "\n"
+        return _dumps({"type": rtype, **seal_archive_record(sealer, rtype, keep(data))}) + "\n"
 
     out.write(_dumps(header) + "\n")
     for session in store.iter_sessions():
@@ -142,18 +151,20 @@ def export_jsonl(store: Store, out: IO[str], *, sealer: Sealer = PLAIN) -> Expor
     return report
 
 
-def export_json(store: Store, out: IO[str]) -> ExportReport:
+def export_json(store: Store, out: IO[str], *, redactor: Redactor | None = None) -> ExportReport:
     """Write every session with its messages, then every record of the other kinds,
-    as one JSON document, an element at a time."""
+    as one JSON document, an element at a time (each record through ``redactor.record``
+    if given)."""
     report = ExportReport()
+    keep = _keep if redactor is None else redactor.record
     out.write(f'{{"format": "{FORMAT_JSON}", "version": {FORMAT_VERSION}, ')
     out.write(f'"exported_at": {_dumps(utcnow().isoformat())}, "sessions": [')
     for index, session in enumerate(store.iter_sessions()):
         out.write(",\n" if index else "\n")
-        head = _dumps(session.to_json())[:-1]  # the session object, still open for "messages"
+        head = _dumps(keep(session.to_json()))[:-1]  # the session object, still open for "messages"
         out.write(head + ',"messages":[')
         for position, message in enumerate(store.iter_messages(session.session_id, page_size=DEFAULT_EXPORT_PAGE)):
-            data = message.to_json()
+            data = keep(message.to_json())
             del data["session_id"]
             out.write(("," if position else "") + _dumps(data))
             report.messages += 1
@@ -163,20 +174,25 @@ def export_json(store: Store, out: IO[str]) -> ExportReport:
     for kind in KINDS:
         out.write(f', "{kind.plural}": [')
         for index, record in enumerate(store.iter_kind(kind, page_size=DEFAULT_EXPORT_PAGE)):
-            out.write((",\n" if index else "\n") + _dumps(record.to_json()))
+            out.write((",\n" if index else "\n") + _dumps(keep(record.to_json())))
             report.kinds[kind.plural] += 1
         out.write("\n]")
     out.write("}\n")
     return report
 
 
-def export_file(store: Store, path: Path, fmt: str | None = None, *, sealer: Sealer = PLAIN) -> ExportReport:
+def export_file(
+    store: Store, path: Path, fmt: str | None = None, *, sealer: Sealer = PLAIN, redactor: Redactor | None = None
+) -> ExportReport:
     """Export to ``path`` (``jsonl`` unless ``fmt`` or a ``.json`` name says otherwise),
     written to a temporary name first so a partial file never looks complete; JSON
-    Lines sealed with ``sealer`` (see :func:`export_jsonl`)."""
+    Lines sealed with ``sealer`` (see :func:`export_jsonl`); with a ``redactor``,
+    secrets and personal data are replaced in the copy (``--redact``)."""
     fmt = fmt or ("json" if path.name.endswith((".json", ".json.gz")) else "jsonl")
     with atomic_text_file(path, compress=path.suffix == ".gz") as out:
-        return export_json(store, out) if fmt == "json" else export_jsonl(store, out, sealer=sealer)
+        if fmt == "json":
+            return export_json(store, out, redactor=redactor)
+        return export_jsonl(store, out, sealer=sealer, redactor=redactor)
 
 
 # -- import -----------------------------------------------------------------------

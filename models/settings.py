@@ -195,6 +195,12 @@ class Settings:
     request_state_audience: str | None = _setting(
         None, "SESSIONQ_REQUEST_STATE_AUDIENCE",
         help="audience sealed into MCP requestState (and the event-bus channel); unset: the MCPServer name")
+    forget_window_hours: float = _setting(
+        168.0, "SESSIONQ_FORGET_WINDOW_HOURS",
+        help="hours a forgotten session's tombstone refuses late saves (dead-lettered `forgotten`)")
+    redact_hook: str | None = _setting(
+        None, "SESSIONQ_REDACT_HOOK",
+        help="module:function (str -> str) export redaction runs after the built-in detectors")
     stores: dict[str, str] = field(
         default_factory=dict, hash=False,
         metadata={"env": (), "env_prefix": STORE_ENV_PREFIX, "secret": True,

@@ -21,6 +21,7 @@ The contract suite in ``tests/test_store_contract.py`` runs against every backen
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import string
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
+from .erasure import ErasureStore
 from .errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
 from .handles import HandleRecords
 from .idempotency import IdempotencyRecords
@@ -92,6 +94,17 @@ def check_message_owners(writes: Sequence[PendingWrite]) -> None:
                 raise ValidationError(
                     f"message {message.message_id!r} belongs to session {message.session_id!r}, not {session_id!r}"
                 )
+
+
+def metadata_matches(metadata: dict[str, Any], key: str, value: str) -> bool:
+    """True when ``metadata[key]`` is ``value``, or a non-string JSON value whose JSON
+    text is ``value`` (see :meth:`Store.sessions_with_metadata`)."""
+    if key not in metadata:
+        return False
+    stored = metadata[key]
+    if isinstance(stored, str):
+        return stored == value
+    return json.dumps(stored, ensure_ascii=False, separators=(",", ":")) == value
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +227,12 @@ def parse_session_cursor(cursor: str) -> tuple[datetime, str]:
     return at, session_id
 
 
-class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
+class Store(TaskStore, HandleRecords, IdempotencyRecords, ErasureStore, abc.ABC):
     """A durable home for sessions, messages, files, transport sessions, agent state,
     MCP event logs, MCP tasks (:class:`~sessionq.models.tasks.TaskStore`), state handles
     (:class:`~sessionq.models.handles.HandleRecords`) and idempotency entries
-    (:class:`~sessionq.models.idempotency.IdempotencyRecords`). Backends
+    (:class:`~sessionq.models.idempotency.IdempotencyRecords`), erasure tombstones and receipts
+    (:class:`~sessionq.models.erasure.ErasureStore`). Backends
     subclass it; see the module docs for the rules."""
 
     #: The URL scheme family, e.g. ``"sqlite"``, ``"postgresql"``, ``"mysql"``, ``"mongodb"``.
@@ -314,6 +328,20 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
         ``message_count`` and ``created_at`` are kept by the store; ``updated_at``
         becomes the latest of the stored, incoming and new messages' times.
         """
+
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        """:meth:`save_sessions` of the writes whose session has no tombstone live at
+        ``now`` (:mod:`~sessionq.models.erasure`); returns what was written and the ids
+        refused. The group committer saves through this, once per batch.
+
+        This default asks :meth:`forgotten_among` first (one more query per batch); the
+        PostgreSQL store answers both in the save's own statement.
+        """
+        forgotten = self.forgotten_among([session.session_id for session, _ in writes], now)
+        kept = [write for write in writes if write[0].session_id not in forgotten]
+        return (self.save_sessions(kept) if kept else WriteResult()), forgotten
 
     def save_session(self, session: ChatSession, messages: Sequence[ChatMessage] = ()) -> WriteResult:
         """Save one session (see :meth:`save_sessions`)."""
@@ -447,6 +475,17 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
     @abc.abstractmethod
     def delete_session(self, session_id: str) -> bool:
         """Delete a session and its messages; False if it did not exist."""
+
+    def sessions_with_metadata(self, key: str, value: str, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[str]:
+        """The ids of the sessions whose ``metadata[key]`` is ``value`` (a string, or
+        another JSON value written as JSON text: ``"42"`` matches ``42``), streamed.
+
+        This default reads every session page by page (memory stays flat; ``forget
+        --metadata`` is rare); a backend may answer it with a query instead.
+        """
+        for session in self.iter_sessions(page_size=page_size):
+            if metadata_matches(session.metadata, key, value):
+                yield session.session_id
 
     @abc.abstractmethod
     def archive_session(self, session_id: str, at: datetime) -> ChatSession:
@@ -588,6 +627,11 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
         return written
 
     @abc.abstractmethod
+    def delete_kind(self, kind: RecordKind[R], keys: Sequence[Key]) -> int:
+        """Delete the records of ``kind`` with these primary keys (in bounded batches);
+        unknown keys are skipped. Returns how many were deleted."""
+
+    @abc.abstractmethod
     def _import_round(self, kind: RecordKind[R], records: Sequence[R]) -> tuple[int, bool]:
         """One atomic pass of :meth:`import_kind` over a chunk of distinct keys in key
         order: insert the keys not stored, replace the stored records that
@@ -610,6 +654,10 @@ class Store(TaskStore, HandleRecords, IdempotencyRecords, abc.ABC):
     ) -> tuple[str, list[StreamEvent]] | None:
         """``(stream_id, events)`` — the events of ``event_id``'s stream that follow it,
         in order — or ``None`` if the event is unknown to this session."""
+
+    @abc.abstractmethod
+    def delete_events(self, mcp_session_ids: Sequence[str]) -> int:
+        """Delete every event of these MCP sessions' logs; return how many."""
 
     # -- sweeps (set-based, batched, return counts) --------------------------
     #

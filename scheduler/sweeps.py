@@ -128,6 +128,12 @@ def _handles(store: Store, settings: Settings, now: datetime, dry_run: bool = Fa
     return {"handles": handles, "idempotency_entries": entries}
 
 
+def _tombstones(store: Store, settings: Settings, now: datetime, dry_run: bool = False) -> dict[str, int]:
+    """Delete erasure tombstones past their window (``sessionq forget``; saves for
+    those sessions are accepted again)."""
+    return {"deleted": store.delete_expired_tombstones(now, batch_size=settings.sweep_batch_size, dry_run=dry_run)}
+
+
 SWEEPS: dict[str, Sweep] = {
     "expire_sessions": _expire_sessions,
     "aggressive_cleanup": _aggressive_cleanup,
@@ -137,6 +143,7 @@ SWEEPS: dict[str, Sweep] = {
     "events": _events,
     "tasks": _tasks,
     "handles": _handles,
+    "tombstones": _tombstones,
 }
 SWEEP_KINDS = tuple(SWEEPS)
 
@@ -151,6 +158,7 @@ def schedule_for(settings: Settings) -> dict[str, int]:
         "events": settings.event_trim_interval,
         "tasks": settings.task_interval,
         "handles": settings.handle_interval,
+        "tombstones": settings.file_interval,
     }
     if settings.aggressive_cleanup:
         plan["aggressive_cleanup"] = settings.aggressive_interval

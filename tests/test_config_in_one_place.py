@@ -83,7 +83,7 @@ dramatiq.broker.Broker.__init__ = recording_init
 
 import sessionq.models, sessionq.scheduler, sessionq.workers
 
-ACTOR_SIDE = {"actors", "bulk", "exports", "maintenance", "records", "sessions", "tool_tasks"}
+ACTOR_SIDE = {"actors", "bulk", "exports", "forget", "maintenance", "records", "sessions", "tool_tasks"}
 root = Path(sessionq.models.__file__).resolve().parent.parent
 names = [f"sessionq.{p.stem}" for p in sorted(root.glob("*.py"))]
 for package in (sessionq.models, sessionq.scheduler, sessionq.workers):

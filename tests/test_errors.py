@@ -22,6 +22,7 @@ def test_every_error_is_a_sessionq_error() -> None:
     assert {cls.__name__ for cls in CLASSES} == {
         "SessionqError", "StoreError", "ValidationError", "NotFound", "Conflict", "StoreUnavailable", "SchemaOutdated",
         "SealedValueError", "ConfigError", "JobError", "InvalidPayload", "TransientJobError", "SessionNotReady",
+        "SessionForgotten",
         "ProducerError",
     }
     for cls in CLASSES:

@@ -66,6 +66,7 @@ def _samples(now: str) -> dict[str, Any]:
                           "limit": 10},
         "run_tool_task": {"task_id": "t" * 43, "leg": 2},
         "rotate_batch": {"table": "messages", "after": None, "until": ["s9", "m9"]},
+        "forget": {"receipt_id": "fr-1", "metadata": {"key": "user", "value": "u-1"}},
     }
 
 

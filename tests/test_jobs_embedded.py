@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,11 @@ class _FlakyStore:
             raise StoreUnavailable("poisoned write")
         return self.store.save_sessions(writes)
 
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        return self.save_sessions(writes), set()
+
 
 def _concurrent_saves(committer: GroupCommitter, flaky: _FlakyStore, ids: list[str]) -> dict[str, BaseException]:
     """Save ``ids[0]`` and hold its commit open, queue the rest behind it, then open the store.
@@ -218,6 +223,11 @@ class _DownStore:
         if len(writes) > 1:
             raise ValueError("a bad write somewhere in the batch")
         raise StoreUnavailable("postgresql unavailable: connection refused")
+
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        return self.save_sessions(writes), set()
 
 
 def test_a_store_outage_fails_the_rest_of_a_split_batch_at_once() -> None:

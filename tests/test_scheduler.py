@@ -173,7 +173,7 @@ def test_schedule_comes_from_settings() -> None:
     # Then every sweep is scheduled with its interval, and the lease period applies
     assert s.schedule["transports"] == 7 and s.schedule["aggressive_cleanup"] == 11
     assert set(s.schedule) == {"expire_sessions", "aggressive_cleanup", "transports", "files", "agent_state", "events",
-                               "tasks", "handles"}
+                               "tasks", "handles", "tombstones"}
     assert s.lease.ttl == 4
 
 

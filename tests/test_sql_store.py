@@ -15,7 +15,7 @@ import pytest
 
 from sessionq.models import ChatMessage, Conflict, StoreUnavailable, open_store
 from sessionq.models.sql import SqlStore
-from sessionq.models.sql.schema import LATEST_VERSION
+from sessionq.models.sql.schema import LATEST_VERSION, MIGRATIONS
 from tests.conftest import MYSQL_URL, POSTGRES_URL, T0, make_store, messages, reset_store, service_missing, session
 
 
@@ -226,7 +226,7 @@ def test_old_and_fresh_databases_both_upgrade_to_latest(fresh_url: str) -> None:
         assert store.upgrade(target=1) == [1]
         store.save_session(session("old"), messages("old", 2))
         # When it is upgraded
-        assert store.upgrade() == list(range(2, LATEST_VERSION + 1))
+        assert store.upgrade() == [step.version for step in MIGRATIONS if step.version >= 2]
         # Then it is at the latest version, data intact, and upgrade is idempotent
         assert store.schema_version() == LATEST_VERSION
         assert store.upgrade() == []

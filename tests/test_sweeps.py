@@ -79,6 +79,8 @@ def build(store: Store) -> None:
         store.create_handle(StateHandle(f"h-{name}", "basket", created_at=T0, expires_at=expires))
         store.claim_idempotency(IdempotencyEntry(f"i-{name}", name, "tool", "d", expires or NOW + timedelta(days=9),
                                                  created_at=T0), T0)
+        if expires is not None:  # erasure tombstones (sessionq forget) always expire
+            store.put_tombstones([f"gone-{name}"], T0, expires)
     # e1: one event just past the TTL, one exactly at it, then four recent (cap 3);
     # e2: three recent (at the cap); e3: one old event
     store.append_event("e1", "s", {"i": 0}, EVENTS_BEFORE - US)
@@ -94,7 +96,7 @@ def snapshot(store: Store) -> dict[str, dict[Any, dict[str, Any]]]:
     """Every row of every table, by primary key."""
     m = store.m  # type: ignore[attr-defined]
     tables: dict[str, dict[Any, dict[str, Any]]] = {}
-    for model in [*m.all()[1:], store.mt, store.mh, store.mi]:  # type: ignore[attr-defined]
+    for model in [*m.all()[1:], store.mt, store.mh, store.mi, *store.erasure_models]:  # type: ignore[attr-defined]
         pk = model._meta.primary_key
         names = pk.field_names if hasattr(pk, "field_names") else [pk.name]
         rows: dict[Any, dict[str, Any]] = {}
@@ -146,6 +148,8 @@ def expected_changes(
     if kind == "handles":
         swept: dict[str, set[Any]] = {"handles": {"h-past"}, "idempotency": {"i-at-now", "i-past"}}
         return {"handles": 1, "idempotency_entries": 2}, swept, changed
+    if kind == "tombstones":
+        return {"deleted": 2}, {"tombstones": {"gone-at-now", "gone-past"}}, changed
     assert kind == "events"
     e1 = event_ids(store, "e1")
     return {"deleted": 4}, {"events": set(e1[:3]) | set(event_ids(store, "e3"))}, changed
@@ -217,7 +221,7 @@ def test_cleanup_command_dry_run_then_real_run(tmp_path: Path) -> None:
     assert dry.exit_code == 0, dry.output
     lines = {line.split(":")[0]: line for line in dry.stdout.splitlines()}
     assert set(lines) == {"expire_sessions", "transports", "files", "agent_state", "events", "aggressive_cleanup",
-                          "tasks", "handles"}
+                          "tasks", "handles", "tombstones"}
     assert "would change expired=6 purged=10" in lines["expire_sessions"]
     assert "would change deleted=3" in lines["files"]
     assert snapshot(store) == before

@@ -18,6 +18,6 @@ if not broker.is_configured():
     broker.configure(Settings.load())
 
 # Only now: each job module declares its actors on the broker configured above.
-from . import bulk, exports, maintenance, records, sessions, tool_tasks
+from . import bulk, exports, forget, maintenance, records, sessions, tool_tasks
 
-__all__ = ["broker", "bulk", "exports", "maintenance", "records", "sessions", "tool_tasks"]
+__all__ = ["broker", "bulk", "exports", "forget", "maintenance", "records", "sessions", "tool_tasks"]

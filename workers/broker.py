@@ -79,7 +79,9 @@ class DeadLetterReasons(Middleware):
     ) -> None:
         """Note the reason of a failed message."""
         if exception is not None and message.failed:
-            self._record(broker, message, f"{type(exception).__name__}: {exception}")
+            # An error may name its own reason code (SessionForgotten: "forgotten: ...").
+            code = getattr(exception, "dead_letter_reason", None) or type(exception).__name__
+            self._record(broker, message, f"{code}: {exception}")
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         """Note the reason of a message skipped as failed (e.g. too old)."""

@@ -10,7 +10,7 @@ dead-message TTL (7 days).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -144,6 +144,32 @@ class DeadLetters:
             pipe.execute()
             moved += 1
         return moved
+
+    def remove(self, match: Callable[[Any], bool]) -> int:
+        """Delete the dead letters whose decoded message ``match`` accepts (``forget``);
+        return how many. Reads each queue's dead letters with ``HSCAN`` (memory stays flat)."""
+        removed = 0
+        for queue in self.queues:
+            xq, msgs = self._keys(queue)
+            cursor = 0
+            while True:
+                cursor, chunk = self.client.hscan(msgs, cursor, count=500)
+                hits = []
+                for rid, raw in chunk.items():
+                    try:
+                        data = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if match(data):
+                        hits.append(rid)
+                if hits:
+                    pipe = self.client.pipeline(transaction=True)
+                    pipe.zrem(xq, *hits)
+                    pipe.hdel(msgs, *hits)
+                    removed += int(pipe.execute()[1])
+                if int(cursor) == 0:
+                    break
+        return removed
 
     def purge(self) -> int:
         """Delete every dead letter; return how many there were."""

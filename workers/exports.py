@@ -18,7 +18,9 @@ from typing import Any, TextIO
 
 from sessionq.models import Store
 from sessionq.models.atomic_write import atomic_text_file
+from sessionq.models.erasure import refuse_if_forgotten
 from sessionq.models.errors import NotFound, ValidationError
+from sessionq.models.redact import Redactor
 
 from . import payloads
 from .broker import get_settings, get_store
@@ -28,31 +30,36 @@ from .jobs import job_actor
 logger = logging.getLogger(__name__)
 
 
-def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
+def write_export(store: Store, session_id: str, fmt: str, out: TextIO, *, redactor: Redactor | None = None) -> int:
     """Write one session in ``fmt`` (json, text, markdown) to ``out``; return the message count.
 
+    With a ``redactor`` (``--redact``) the copy written has secrets and personal data
+    replaced (:mod:`sessionq.models.redact`); the stored session stays whole.
     Raises :class:`~sessionq.models.errors.NotFound` for an unknown session.
     """
     session = store.load_session(session_id)
+    keep = _identity if redactor is None else redactor.record
+    text = _identity if redactor is None else redactor.text
+    metadata = keep({"metadata": session.metadata})["metadata"]
     count = 0
     if fmt == "json":
-        head = payloads.save_payload(session)
+        head = keep(payloads.save_payload(session))
         del head["messages"]
         body = json.dumps(head, indent=2, ensure_ascii=False)
         out.write(body[:-2] + ',\n  "messages": [')
         for message in store.iter_messages(session_id):
             out.write("," if count else "")
-            out.write("\n    " + json.dumps(payloads.message_payload(message), ensure_ascii=False))
+            out.write("\n    " + json.dumps(keep(payloads.message_payload(message)), ensure_ascii=False))
             count += 1
         out.write("\n  ]\n}\n" if count else "]\n}\n")
         return count
     if fmt == "text":
         out.write(f"Session: {session.session_id}\nModel: {session.model}\nStatus: {session.status}\n")
         out.write(f"Created: {session.created_at.isoformat()}\nUpdated: {session.last_activity.isoformat()}\n")
-        if session.metadata:
-            out.write(f"Metadata: {json.dumps(session.metadata, ensure_ascii=False)}\n")
+        if metadata:
+            out.write(f"Metadata: {json.dumps(metadata, ensure_ascii=False)}\n")
         for message in store.iter_messages(session_id):
-            out.write(f"\n[{message.created_at.isoformat()}] {message.role}:\n{message.content}\n")
+            out.write(f"\n[{message.created_at.isoformat()}] {message.role}:\n{text(message.content)}\n")
             count += 1
         return count
     if fmt == "markdown":
@@ -60,23 +67,29 @@ def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
         out.write(f"- **Model:** {session.model}\n- **Status:** {session.status}\n")
         out.write(f"- **Created:** {session.created_at.isoformat()}\n"
                   f"- **Updated:** {session.last_activity.isoformat()}\n")
-        if session.metadata:
-            out.write(f"- **Metadata:** `{json.dumps(session.metadata, ensure_ascii=False)}`\n")
+        if metadata:
+            out.write(f"- **Metadata:** `{json.dumps(metadata, ensure_ascii=False)}`\n")
         for message in store.iter_messages(session_id):
-            out.write(f"\n## {message.role} — {message.created_at.isoformat()}\n\n{message.content}\n")
+            out.write(f"\n## {message.role} — {message.created_at.isoformat()}\n\n{text(message.content)}\n")
             count += 1
         return count
     raise InvalidPayload(f"format must be one of {', '.join(payloads.EXPORT_FORMATS)}; got {fmt!r:.40}")
 
 
-def export_to_file(store: Store, session_id: str, fmt: str, path: Path, *, root: Path | None = None) -> int:
+def _identity(value: Any) -> Any:
+    return value
+
+
+def export_to_file(
+    store: Store, session_id: str, fmt: str, path: Path, *, root: Path | None = None, redactor: Redactor | None = None
+) -> int:
     """Write an export atomically to ``path`` (temporary file + rename); return the message count.
 
     With ``root`` the file is written only if no directory between ``root`` and ``path``
     is a symlink when it is opened (else :class:`~sessionq.models.errors.ValidationError`).
     """
     with atomic_text_file(path, root=root) as out:
-        return write_export(store, session_id, fmt, out)
+        return write_export(store, session_id, fmt, out, redactor=redactor)
 
 
 @job_actor
@@ -84,10 +97,12 @@ def export_session(payload: dict[str, Any]) -> None:
     """Export a session to a file under the export dir (atomically replaced)."""
     export_dir = get_settings().export_dir
     request = payloads.parse_export(payload, export_dir)
+    store = get_store()
     try:
-        count = export_to_file(get_store(), request.session_id, request.format, request.path,
+        count = export_to_file(store, request.session_id, request.format, request.path,
                                root=Path(export_dir).resolve())
     except NotFound:
+        refuse_if_forgotten(store, request.session_id)
         raise SessionNotReady(f"session {request.session_id!r} does not exist (yet)") from None
     except ValidationError as exc:  # a directory swapped for a symlink since the path was checked
         raise InvalidPayload(f"export path refused: {exc}") from None

@@ -15,6 +15,13 @@ thread that saved recently (within ``SAVER_WINDOW`` seconds) has already handed 
 its write: no other write is on its way then, so waiting would only add latency
 (each worker thread blocks on its save, so under load the whole pool is in one batch).
 
+A batch is written with :meth:`~sessionq.models.store.Store.save_sessions_unless_forgotten`:
+a save for a session that ``sessionq forget`` erased (a late or redelivered job) is
+refused by its tombstone and fails its own job with
+:class:`~sessionq.errors.SessionForgotten` instead of re-creating the session, while the
+rest of the batch commits as usual. On PostgreSQL the tombstone lookup rides in the
+batch's own save statement; other stores ask once per batch.
+
 Once a batch has committed, and before its threads are released, the flusher hands
 the writes' tokens to ``after_commit``: on Redis the worker acks the batch's jobs
 there with one round trip (instead of one per job from each thread), still only
@@ -34,7 +41,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sessionq.models import ChatMessage, ChatSession, Store
+from sessionq.errors import SessionForgotten
+from sessionq.models import ChatMessage, ChatSession, Store, utcnow
 from sessionq.models.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,11 @@ SAVER_WINDOW = 0.5
 HOLD_IDLE = 1.0
 
 _STOP = object()
+
+
+def _forgotten(write: _Write) -> SessionForgotten:
+    return SessionForgotten(f"session {write.session.session_id!r} was erased by forget; "
+                            "its tombstone refuses this save")
 
 
 class _Write:
@@ -206,7 +219,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Write]) -> None:
         try:
-            self.store.save_sessions([(w.session, w.messages) for w in batch])
+            refused = self._save(batch)
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].finish(exc)
@@ -215,7 +228,7 @@ class GroupCommitter:
             done: list[_Write] = []
             for index, write in enumerate(batch):
                 try:
-                    self.store.save_sessions([(write.session, write.messages)])
+                    refused = self._save([write])
                 except StoreUnavailable as item_exc:
                     # The store is down, not this write: fail the rest now (their jobs
                     # retry with backoff) instead of one connect timeout per write.
@@ -225,16 +238,25 @@ class GroupCommitter:
                 except Exception as item_exc:
                     write.finish(item_exc)
                 else:
-                    done.append(write)
+                    if refused:
+                        write.finish(_forgotten(write))
+                    else:
+                        done.append(write)
             self._after_commit(done)
             for write in done:
                 write.finish()
             return
         self.batches += 1
         self.writes += len(batch)
-        self._after_commit(batch)
+        done = [w for w in batch if w.session.session_id not in refused]
+        self._after_commit(done)
         for write in batch:
-            write.finish()
+            write.finish(_forgotten(write) if write.session.session_id in refused else None)
+
+    def _save(self, batch: list[_Write]) -> set[str]:
+        """Write the batch in one transaction; the ids refused by a tombstone."""
+        _, refused = self.store.save_sessions_unless_forgotten([(w.session, w.messages) for w in batch], utcnow())
+        return refused
 
     def _after_commit(self, writes: list[_Write]) -> None:
         tokens = [w.token for w in writes if w.token is not None]

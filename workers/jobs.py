@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import dramatiq
 
 from . import payloads
-from .errors import InvalidPayload
+from .errors import InvalidPayload, SessionForgotten
 from .producer_plain import plain_append, plain_save
 
 P = ParamSpec("P")
@@ -88,6 +88,11 @@ def _export(arg: Any, export_dir: str | Path) -> Any:
     return dict(arg)
 
 
+def _forget(arg: Any, export_dir: str | Path) -> Any:
+    receipt_id, selector = payloads.parse_forget(arg)
+    return {"receipt_id": receipt_id, **selector.to_payload()}
+
+
 def _tool_task(arg: Any, export_dir: str | Path) -> Any:
     task_id, leg = payloads.parse_tool_task(arg)
     return {"task_id": task_id, "leg": leg}
@@ -114,6 +119,8 @@ JOBS: Mapping[str, Job] = _table(
     Job("run_sweep", "maintenance", _sweep),
     Job("save_file", "maintenance", _record(payloads.parse_file)),
     Job("put_agent_state", "maintenance", _record(payloads.parse_agent_state)),
+    # Erasure with a receipt (sessionq.workers.forget): rare, and never behind bulk work.
+    Job("forget", "maintenance", _forget),
     Job("export_session", "bulk", _export),
     Job("migrate_batch", "bulk", _record(payloads.parse_migrate_batch)),
     # One key range of a sealed table re-sealed under the primary key (sessionq keys rotate).
@@ -163,7 +170,8 @@ def job_actor(
 ) -> Any:
     """Declare ``fn`` as the actor of the job of the same name, on that job's queue; an
     :class:`InvalidPayload` (or one of ``throws``) dead-letters the message at once (never
-    retried). ``@job_actor`` or ``@job_actor(time_limit=..., ...)`` (Dramatiq actor options).
+    retried), and so does a :class:`SessionForgotten` (a write for an erased session).
+    ``@job_actor`` or ``@job_actor(time_limit=..., ...)`` (Dramatiq actor options).
 
     Call it from a job module only, after :mod:`sessionq.workers.broker` is imported
     (Dramatiq declares the actor on the current broker).
@@ -171,6 +179,6 @@ def job_actor(
 
     def declare(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
         queue = job_named(f.__name__).queue
-        return dramatiq.actor(queue_name=queue, throws=(InvalidPayload, *throws), **options)(f)
+        return dramatiq.actor(queue_name=queue, throws=(InvalidPayload, SessionForgotten, *throws), **options)(f)
 
     return declare(fn) if fn is not None else declare

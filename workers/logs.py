@@ -2,7 +2,7 @@
 
 Only the CLI calls :func:`configure`; library modules just use
 ``logging.getLogger(__name__)`` with %-style arguments. The redaction filter masks
-passwords in URLs and Bearer tokens wherever they appear in a record. Control
+passwords in URLs, Bearer tokens and API keys wherever they appear in a record. Control
 characters are escaped in both formats, so a payload value that reaches a log line
 (a dead-letter reason) cannot end it and forge another.
 
@@ -24,30 +24,11 @@ from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
 
-from sessionq.models.settings import Settings, redact_url
+from sessionq.models.redact import redact_secrets
+from sessionq.models.settings import Settings
 
 # Job context fields a line carries, from :func:`job_context` or a caller's ``extra=``.
 CONTEXT_FIELDS = ("job_id", "actor", "session_id", "queue", "sweep")
-# A credential after "Bearer" or "Authorization: Basic" (token68 characters).
-_BEARER_RE = re.compile(r"(?i)\b((?:bearer|authorization[\"']?\s*[=:]\s*[\"']?basic)\s+)([A-Za-z0-9._~+/=-]+)")
-# A secret-named key, its separator, and its value: quoted (all of it) or bare (up to a
-# delimiter; closing parentheses after it are left, as in "(password=***)"). Each part
-# is unambiguous or bounded, so a hostile line costs linear time.
-_TOKEN_RE = re.compile(
-    r"""(?ix)
-    (?P<key>secret\w{0,40}|api[_-]?key|token|passw(?:or)?d)
-    (?P<sep>["']?[ \t]{0,8}[=:][ \t]{0,8})
-    (?:
-        (?P<quote>")(?:[^"\\]|\\.){0,4096}"
-      | (?P<squote>')(?:[^'\\]|\\.){0,4096}'
-      | (?P<bare>\)*[^\s"'&,;}\])]+(?:\)+[^\s"'&,;}\])]+)*)
-    )""")
-# Words of prose, not credentials: "token: set", "(using password: YES)", "a Bearer token".
-# A closed list: any other word after such a key is masked, however plain it looks.
-_PROSE_WORDS = frozenset({
-    "set", "unset", "yes", "no", "none", "null", "missing", "required", "given", "configured", "empty",
-    "invalid", "wrong", "expired", "token", "tokens", "auth", "authentication", "header", "is", "was", "the", "a",
-})
 # Characters that end or rewrite a line for some reader: C0 and C1 controls, DEL, and the
 # Unicode line and paragraph separators.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -109,30 +90,14 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def _mask_credential(match: re.Match[str]) -> str:
-    return match[0] if match[2].lower() in _PROSE_WORDS else f"{match[1]}***"
-
-
-def _mask_value(match: re.Match[str]) -> str:
-    key, sep = match["key"], match["sep"]
-    quote = match["quote"] or match["squote"]
-    if quote:
-        return f"{key}{sep}{quote}***{quote}"
-    # "key: value" in prose names no secret when the value is a plain word
-    if ":" in sep and sep[-1].isspace() and sep[0] not in "\"'" and match["bare"].lower() in _PROSE_WORDS:
-        return match[0]
-    return f"{key}{sep}***"
-
-
 def redact(text: str) -> str:
-    """Mask URL passwords, Bearer/Basic credentials and ``token=...``-style secrets in ``text``.
+    """Mask URL passwords, Bearer/Basic credentials, ``token=...``-style secrets and
+    API-key shapes in ``text`` with ``***`` (the shapes live in :mod:`sessionq.models.redact`).
 
     Only the secret values go: the words around them stay, and a plain word after
     ``token:`` or ``Bearer`` is prose, not a credential (``without an API token: set ...``).
     """
-    text = redact_url(text)
-    text = _BEARER_RE.sub(_mask_credential, text)
-    return _TOKEN_RE.sub(_mask_value, text)
+    return redact_secrets(text)
 
 
 def _escape_control(match: re.Match[str]) -> str:

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from sessionq.models.erasure import refuse_if_forgotten
 from sessionq.models.errors import NotFound
 from sessionq.scheduler.lease import sweep_guard
 from sessionq.scheduler.status import SweepBook
@@ -29,9 +30,11 @@ logger = logging.getLogger(__name__)
 def archive_session(payload: dict[str, Any]) -> None:
     """Set a session's status to archived (idempotent)."""
     session_id, at = payloads.parse_archive(payload)
+    store = get_store()
     try:
-        get_store().archive_session(session_id, at)
+        store.archive_session(session_id, at)
     except NotFound:
+        refuse_if_forgotten(store, session_id)
         raise SessionNotReady(f"session {session_id!r} does not exist (yet)") from None
 
 

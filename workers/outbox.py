@@ -93,6 +93,29 @@ class Outbox:
             forwarded += len(rows)
             logger.info("forwarded %d spooled job(s) from %s", len(rows), self.path)
 
+    def remove(self, match: Callable[[str, bytes], bool], *, batch: int = DEFAULT_FORWARD_BATCH) -> int:
+        """Delete the spooled jobs ``match(queue, data)`` accepts (``forget``); return how
+        many. Reads ``batch`` rows at a time under the write lock, like :meth:`forward`."""
+        removed = 0
+        last = 0
+        while True:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = self._db.execute(
+                        "SELECT id, queue, data FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                    ).fetchall()
+                    hits = [(row_id,) for row_id, queue, data in rows if match(queue, bytes(data))]
+                    self._db.executemany("DELETE FROM outbox WHERE id = ?", hits)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            removed += len(hits)
+            if len(rows) < batch:
+                return removed
+            last = rows[-1][0]
+
     def close(self) -> None:
         """Close the file."""
         with self._lock:

@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
+from sessionq.models.erasure import Selector
 from sessionq.models.errors import ConfigError, ValidationError
 from sessionq.models.kinds import KINDS, kind_named
 from sessionq.models.legacy.records import Problems, is_legacy_file, legacy_export_session, legacy_file
@@ -252,6 +253,20 @@ def export_filename(session_id: str, fmt: str) -> str:
     if len(stem) > _MAX_EXPORT_STEM:  # "~" never occurs in a whole encoding (it is %7E there)
         stem = f"{stem[:_MAX_EXPORT_STEM - 65]}~{hashlib.sha256(session_id.encode()).hexdigest()}"
     return f"{stem}.{EXPORT_FORMATS[fmt]}"
+
+
+@_guard
+def parse_forget(payload: Any) -> tuple[str, Selector]:
+    """``forget``: ``{"receipt_id", "session_id"}`` or ``{"receipt_id", "metadata": {"key", "value"}}``."""
+    data = _object("forget", payload, {"receipt_id", "session_id", "metadata"}, ("receipt_id",))
+    receipt_id = check_id("receipt_id", data["receipt_id"])
+    metadata = data.get("metadata")
+    if metadata is None:
+        return receipt_id, Selector(session_id=data.get("session_id"))
+    if not (isinstance(metadata, dict) and set(metadata) == {"key", "value"}
+            and all(isinstance(v, str) for v in metadata.values())):
+        raise InvalidPayload('forget "metadata" must be {"key": text, "value": text}')
+    return receipt_id, Selector(session_id=data.get("session_id"), key=metadata["key"], value=metadata["value"])
 
 
 @_guard

@@ -13,6 +13,7 @@ from typing import Any
 
 from dramatiq.middleware import CurrentMessage
 
+from sessionq.models.erasure import refuse_if_forgotten
 from sessionq.models.errors import NotFound
 
 from . import payloads
@@ -38,9 +39,11 @@ def save_session(payload: dict[str, Any]) -> None:
 def append_messages(payload: dict[str, Any]) -> None:
     """Append messages to a saved session; retried while the session's save is still queued."""
     session_id, messages = payloads.parse_append(payload)
+    store = get_store()
     try:
-        get_store().append_messages(session_id, messages)
+        store.append_messages(session_id, messages)
     except NotFound:
+        refuse_if_forgotten(store, session_id)
         raise SessionNotReady(f"session {session_id!r} does not exist (yet)") from None
 
 

@@ -173,6 +173,7 @@ class LegacyStore(Store):
     _insert_task = _update_task = delete_expired_tasks = _read_only
     _insert_handle = _update_handle = delete_dead_handles = reseal_rows = _read_only
     _insert_idempotency = _replace_idempotency = _delete_idempotency = delete_expired_idempotency = _read_only
+    put_tombstones = delete_expired_tombstones = save_receipt = delete_kind = delete_events = _read_only
 
     # -- the kinds the seed system did not have ------------------------------
 
@@ -195,6 +196,18 @@ class LegacyStore(Store):
     def sealed_page(self, table: str, **page: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Always empty: a seed-era store holds nothing sealed."""
         return []
+
+    def forgotten_among(self, session_ids: Sequence[str], now: datetime) -> set[str]:
+        """Always empty: sessionq never erased anything here."""
+        return set()
+
+    def load_tombstone(self, session_id: str) -> NoReturn:
+        """Always :class:`NotFound`."""
+        raise NotFound(f"no tombstone for session {session_id!r} (a seed-era store has none)")
+
+    def load_receipt(self, receipt_id: str) -> NoReturn:
+        """Always :class:`NotFound`."""
+        raise NotFound(f"forget receipt {receipt_id!r} not found (a seed-era store has none)")
 
     def load_handle(self, handle_id: str) -> NoReturn:
         """Always :class:`NotFound`."""

@@ -270,6 +270,20 @@ class MongoKinds(MongoStoreBase):
             found.extend(self._from_doc(kind, layout, doc) for doc in self._stored(layout, collection, chunk).values())
         return found
 
+    @translate_errors
+    def delete_kind(self, kind: RecordKind[R], keys: Sequence[Key]) -> int:
+        """See :meth:`Store.delete_kind`."""
+        layout, collection = self._layout(kind)
+        wanted = list(dict.fromkeys(kind.check_key(key) for key in keys))
+        deleted = 0
+        for chunk in chunked(wanted, DEFAULT_IMPORT_CHUNK):
+            if len(layout.key_paths) == 1:
+                query: Doc = {layout.key_paths[0]: {"$in": [key[0] for key in chunk]}}
+            else:
+                query = {"$or": [dict(zip(layout.key_paths, key, strict=True)) for key in chunk]}
+            deleted += collection.delete_many(query).deleted_count
+        return deleted
+
     @staticmethod
     def _stored(layout: _Layout, collection: Collection[Doc], keys: Sequence[Key]) -> dict[Key, Doc]:
         """The stored documents of ``keys``, by key: one query (per key field ``$in``,

@@ -38,8 +38,11 @@ COUNTERS = "sessionq_counters"
 TASKS = "sessionq_tasks"
 HANDLES = "sessionq_handles"
 IDEMPOTENCY = "sessionq_idempotency"
+TOMBSTONES = "sessionq_tombstones"
+RECEIPTS = "sessionq_forget_receipts"
 #: Every data collection (the schema collection excluded).
-DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS, HANDLES, IDEMPOTENCY)
+DATA_COLLECTIONS = (SESSIONS, MESSAGES, FILES, TRANSPORTS, AGENT_STATE, EVENTS, COUNTERS, TASKS, HANDLES, IDEMPOTENCY,
+                    TOMBSTONES, RECEIPTS)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -159,11 +162,18 @@ def _v4_handles_idempotency(db: Database[Any]) -> None:
     create_handle_indexes(db)
 
 
+def _v5_erasure(db: Database[Any]) -> None:
+    from .erasure import create_erasure_indexes  # the documents live beside the store part using them
+
+    create_erasure_indexes(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages (unique per session and seq), files, transports, agent state", _v1_core),
     Migration(2, "MCP event log", _v2_event_log),
     Migration(3, "MCP tasks (SEP-2663)", _v3_mcp_tasks),
     Migration(4, "MCP state handles (SEP-2567) and idempotency entries", _v4_handles_idempotency),
+    Migration(5, "erasure tombstones (expiry index)", _v5_erasure),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.collection import Collection
 
+from ..kinds import DEFAULT_IMPORT_CHUNK
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
 from ..sealing import identity
 from ..settings import redact_url
-from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
+from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats, chunked
 from . import schema as ms
 from .database import (
     DEFAULT_DATABASE,
@@ -32,6 +33,7 @@ from .database import (
     open_client,
     translate_errors,
 )
+from .erasure import MongoErasure
 from .handles import MongoHandles
 from .kinds import MongoKinds
 from .records import MongoRecords
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 EVENT_COUNTER = "event_id"
 
 
-class MongoStore(MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
+class MongoStore(MongoErasure, MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
     """A :class:`~sessionq.models.store.Store` on MongoDB.
 
     Pass a URL (``mongodb://host/db?retryWrites=false``) or a ready ``client`` (and
@@ -160,6 +162,14 @@ class MongoStore(MongoHandles, MongoTasks, MongoRecords, MongoKinds, Store):
             for doc in self._events.find(query).sort("_id", ASCENDING).limit(limit)
         ]
         return stream_id, events
+
+    @translate_errors
+    def delete_events(self, mcp_session_ids: Sequence[str]) -> int:
+        """See :meth:`Store.delete_events`."""
+        deleted = 0
+        for chunk in chunked(list(dict.fromkeys(mcp_session_ids)), DEFAULT_IMPORT_CHUNK):
+            deleted += self._events.delete_many({"mcp_session_id": {"$in": list(chunk)}}).deleted_count
+        return deleted
 
     # -- sweeps ------------------------------------------------------------------------
 

@@ -32,28 +32,41 @@ logger = logging.getLogger(__name__)
 SESSION_COLUMNS = ("session_id", "model", "status", "created_at", "updated_at", "metadata", "message_count")
 
 
-def _statement(session_table: str, message_table: str, first: str = "$1", second: str = "$2") -> str:
+def _statement(
+    session_table: str, message_table: str, tombstone_table: str | None,
+    first: str = "$1", second: str = "$2", third: str = "$3",
+) -> str:
     sessions = ", ".join(SESSION_COLUMNS)
     messages = ", ".join(f"r.{c}" for c in MESSAGE_COLUMNS)
+    rows = f'json_populate_recordset(NULL::"{session_table}", {first})'
+    # With a tombstone table, the sessions it holds live at ``third`` are neither inserted
+    # nor left to the general path: they come back flagged (the group committer's save,
+    # sessionq.models.erasure), at no extra round trip.
+    refused, keep = "", ""
+    if tombstone_table is not None:
+        refused = (f'WITH t AS (SELECT session_id FROM "{tombstone_table}" WHERE expires_at > {third} '
+                   f"AND session_id IN (SELECT session_id FROM {rows})), ")
+        keep = "WHERE session_id NOT IN (SELECT session_id FROM t) "
     # Sessions are inserted in id order, as the general path locks them, so two
     # batches never wait on each other's new rows in opposite orders.
     return (
-        f'WITH s AS (INSERT INTO "{session_table}" ({sessions}) '
-        f'SELECT {sessions} FROM json_populate_recordset(NULL::"{session_table}", {first}) ORDER BY session_id '
+        f'{refused or "WITH "}s AS (INSERT INTO "{session_table}" ({sessions}) '
+        f"SELECT {sessions} FROM {rows} {keep}ORDER BY session_id "
         f"ON CONFLICT (session_id) DO NOTHING RETURNING session_id), "
         f'm AS (INSERT INTO "{message_table}" ({", ".join(MESSAGE_COLUMNS)}) '
         f'SELECT {messages} FROM json_populate_recordset(NULL::"{message_table}", {second}) r '
         f"WHERE r.session_id IN (SELECT session_id FROM s)) "
-        f"SELECT session_id FROM s"
+        f"SELECT session_id, false FROM s"
+        + (" UNION ALL SELECT session_id, true FROM t" if tombstone_table is not None else "")
     )
 
 
 @functools.cache
-def _prepared(session_table: str, message_table: str) -> tuple[str, str]:
+def _prepared(session_table: str, message_table: str, tombstone_table: str | None) -> tuple[str, str]:
     """The save statement and its name. The name is derived from the text, so a server
     connection that prepared another version's statement (behind a pooler, across a
     rolling upgrade) is never asked to run it."""
-    statement = _statement(session_table, message_table)
+    statement = _statement(session_table, message_table, tombstone_table)
     return f'"sq_save:{hashlib.sha1(statement.encode()).hexdigest()[:16]}"', statement
 
 
@@ -99,17 +112,26 @@ def begin_and_insert_new(
     message_table: str,
     sessions: Sequence[dict[str, Any]],
     messages: Sequence[dict[str, Any]],
-) -> set[str]:
+    *,
+    tombstones: tuple[str, Any] | None = None,
+) -> tuple[set[str], set[str]]:
     """Open a transaction and insert the ``sessions`` not stored yet with their ``messages``
-    (JSON objects from :func:`session_json` / :func:`message_json`); return the ids inserted.
+    (JSON objects from :func:`session_json` / :func:`message_json`); return the ids
+    inserted and, with ``tombstones`` (the tombstone table and the instant, as the
+    driver takes it), the ids refused because a tombstone lives for them.
 
     The caller must be in ``db.manual_commit()`` and must COMMIT or :func:`rollback`.
     """
-    name, statement = _prepared(session_table, message_table)
-    params = (
+    table = tombstones[0] if tombstones is not None else None
+    name, statement = _prepared(session_table, message_table, table)
+    params: tuple[Any, ...] = (
         json.dumps(sessions, separators=(",", ":"), ensure_ascii=False),
         json.dumps(messages, separators=(",", ":"), ensure_ascii=False),
     )
+    if tombstones is not None:
+        params += (tombstones[1],)
+    types = "json, json, timestamptz" if tombstones is not None else "json, json"
+    marks = ", ".join(["%s"] * len(params))
     if db not in _UNPREPARED:
         conn = db.connection()
         prepared = _PREPARED.get(conn)
@@ -117,9 +139,9 @@ def begin_and_insert_new(
             prepared = _PREPARED[conn] = set()
         try:
             if name not in prepared:
-                db.execute_sql(f"PREPARE {name}(json, json) AS {statement}")
+                db.execute_sql(f"PREPARE {name}({types}) AS {statement}")
                 prepared.add(name)
-            return {sid for (sid,) in db.execute_sql(f"BEGIN; EXECUTE {name}(%s, %s)", params).fetchall()}
+            return _split(db.execute_sql(f"BEGIN; EXECUTE {name}({marks})", params).fetchall())
         except pw.DatabaseError as exc:
             if driver_code(exc) not in _PREPARE_ERRORS:
                 raise
@@ -129,8 +151,15 @@ def begin_and_insert_new(
                 "prepared statements do not hold on %s (%s); saving without them from now on "
                 "(a transaction-mode pooler such as pgbouncer?)", db.database, str(exc).strip()
             )
-    statement = _statement(session_table, message_table, "%s::json", "%s::json")
-    return {sid for (sid,) in db.execute_sql(f"BEGIN; {statement}", params).fetchall()}
+    # Named parameters: the sessions' JSON is read twice when tombstones are checked.
+    statement = _statement(session_table, message_table, table, "%(s)s::json", "%(m)s::json", "%(at)s::timestamptz")
+    named = dict(zip(("s", "m", "at"), params, strict=False))
+    return _split(db.execute_sql(f"BEGIN; {statement}", named).fetchall())
+
+
+def _split(rows: list[tuple[str, bool]]) -> tuple[set[str], set[str]]:
+    """(inserted ids, refused ids) from the statement's rows."""
+    return {sid for sid, refused in rows if not refused}, {sid for sid, refused in rows if refused}
 
 
 def rollback(db: pw.Database) -> None:

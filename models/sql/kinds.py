@@ -243,6 +243,17 @@ class SqlKinds(SqlStoreBase):
         return found
 
     @translate_errors
+    def delete_kind(self, kind: RecordKind[R], keys: Sequence[Key]) -> int:
+        """See :meth:`Store.delete_kind`."""
+        model = self._kind_model(kind)
+        columns = self._key_columns(model, kind)
+        deleted = 0
+        for chunk in chunked(list(dict.fromkeys(kind.check_key(key) for key in keys)), DEFAULT_CHUNK):
+            with self._db.atomic():
+                deleted += int(model.delete().where(_key_in(columns, chunk)).execute())
+        return deleted
+
+    @translate_errors
     def _import_round(self, kind: RecordKind[R], records: Sequence[R]) -> tuple[int, bool]:
         """See :meth:`Store._import_round`: one transaction over the chunk, run again
         when the database picks it as a deadlock victim."""

@@ -51,22 +51,38 @@ class SqlRecords(SqlStoreBase):
     @translate_errors
     def save_sessions(self, writes: Sequence[SessionWrite]) -> WriteResult:
         """See :meth:`Store.save_sessions`."""
-        return self._write([(session, session.session_id, list(messages)) for session, messages in writes])
+        return self._write([(session, session.session_id, list(messages)) for session, messages in writes])[0]
+
+    @translate_errors
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[SessionWrite], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        """See :meth:`Store.save_sessions_unless_forgotten`: on PostgreSQL the tombstone
+        lookup rides in the save's own statement (:mod:`~sessionq.models.sql.fast_save`)."""
+        pending: list[PendingWrite] = [(session, session.session_id, list(messages)) for session, messages in writes]
+        if not self._fast_path(pending):
+            return super().save_sessions_unless_forgotten(writes, now)  # type: ignore[misc]
+        return self._write(pending, refuse_at=now)
 
     @translate_errors
     def append_messages(self, session_id: str, messages: Sequence[ChatMessage]) -> int:
         """See :meth:`Store.append_messages`."""
-        return self._write([(None, session_id, list(messages))]).messages_inserted
+        return self._write([(None, session_id, list(messages))])[0].messages_inserted
 
-    def _write(self, writes: list[PendingWrite]) -> WriteResult:
+    def _fast_path(self, writes: list[PendingWrite]) -> bool:
+        return (self.backend == "postgresql" and any(session is not None for session, _, _ in writes)
+                and not self._db.in_transaction())  # inside the caller's transaction: a savepoint
+
+    def _write(self, writes: list[PendingWrite], refuse_at: datetime | None = None) -> tuple[WriteResult, set[str]]:
+        """Write in one transaction (retried on a lost race or deadlock); with ``refuse_at``
+        (PostgreSQL's fast path only), sessions tombstoned then are refused and returned."""
         check_message_owners(writes)
         for attempt in range(1, DEFAULT_WRITE_ATTEMPTS + 1):
             try:
-                if (self.backend == "postgresql" and any(session is not None for session, _, _ in writes)
-                        and not self._db.in_transaction()):  # inside the caller's transaction: a savepoint
-                    return self._write_postgresql(writes)
+                if self._fast_path(writes):
+                    return self._write_postgresql(writes, refuse_at)
                 with self._txn():
-                    return self._write_once(writes)
+                    return self._write_once(writes), set()
             except pw.IntegrityError:
                 if attempt == DEFAULT_WRITE_ATTEMPTS:
                     raise
@@ -77,7 +93,9 @@ class SqlRecords(SqlStoreBase):
                 logger.debug("write transaction deadlocked; retrying (attempt %d)", attempt)
         raise AssertionError("unreachable")
 
-    def _write_postgresql(self, writes: list[PendingWrite]) -> WriteResult:
+    def _write_postgresql(
+        self, writes: list[PendingWrite], refuse_at: datetime | None = None
+    ) -> tuple[WriteResult, set[str]]:
         """One transaction: the sessions not stored yet go through :mod:`~sessionq.models.sql.fast_save`
         (planned as new, one statement that also begins the transaction), the rest
         (stored sessions, appends) through :meth:`_write_once`."""
@@ -98,17 +116,20 @@ class SqlRecords(SqlStoreBase):
         db.connect(reuse_if_open=True)  # (opening a connection resets Peewee's transaction stack)
         with db.manual_commit():
             try:
-                inserted = fast_save.begin_and_insert_new(
-                    db, self.m.Session._meta.table_name, self.m.Message._meta.table_name, new_rows, messages
+                tombstones = None if refuse_at is None else (
+                    "sessionq_tombstones", self.m.Session.created_at.db_value(refuse_at))
+                inserted, refused = fast_save.begin_and_insert_new(
+                    db, self.m.Session._meta.table_name, self.m.Message._meta.table_name, new_rows, messages,
+                    tombstones=tombstones,
                 )
-                rest = [w for w in writes if w[1] not in inserted]
+                rest = [w for w in writes if w[1] not in inserted and w[1] not in refused]
                 result = self._write_once(rest) if rest else WriteResult(0, 0)
                 db.commit()
             except BaseException:
                 fast_save.rollback(db)
                 raise
         fast_messages = sum(state[sid]["message_count"] for sid in inserted)
-        return WriteResult(result.sessions_written + len(inserted), result.messages_inserted + fast_messages)
+        return WriteResult(result.sessions_written + len(inserted), result.messages_inserted + fast_messages), refused
 
     def _merge(
         self, writes: list[PendingWrite], stored: dict[str, dict[str, Any]]

@@ -290,6 +290,12 @@ def _v6_handles_idempotency(db: pw.Database, m: Models) -> None:
     create_handle_tables(db)
 
 
+def _v7_erasure(db: pw.Database, m: Models) -> None:
+    from .erasure import create_erasure_tables  # the models live beside the store part using them
+
+    create_erasure_tables(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sessions, messages, files, transport sessions, agent state", _v1_core_tables),
     Migration(2, "MCP event log", _v2_event_log),
@@ -297,6 +303,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "case-sensitive ids on MySQL/MariaDB (binary collation)", _v4_case_sensitive_ids),
     Migration(5, "MCP tasks (SEP-2663)", _v5_mcp_tasks),
     Migration(6, "MCP state handles (SEP-2567) and idempotency entries", _v6_handles_idempotency),
+    Migration(7, "erasure tombstones and forget receipts", _v7_erasure),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,9 +21,10 @@ from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 from ..records import DEFAULT_GRACE_PERIOD, StreamEvent
 from ..sealing import identity
 from ..settings import redact_url
-from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats
+from ..store import DEFAULT_SWEEP_BATCH_SIZE, Store, StoreStats, chunked
 from . import schema
-from .database import DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .database import DEFAULT_CHUNK, DEFAULT_MAX_POOL_SIZE, open_database, translate_errors
+from .erasure import SqlErasure
 from .handles import SqlHandles
 from .kinds import SqlKinds
 from .records import SqlRecords
@@ -31,7 +33,7 @@ from .tasks import SqlTasks
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
+class SqlStore(SqlErasure, SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
     """A :class:`~sessionq.models.store.Store` on SQLite, PostgreSQL or MariaDB/MySQL.
 
     Pass a URL (``sqlite:///path``, ``postgresql://user@host/db``, ``mysql://...``)
@@ -61,6 +63,7 @@ class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
         self.m = schema.build_models(database, self.backend)
         self._init_tasks()
         self._init_handles()
+        self._init_erasure()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -99,6 +102,8 @@ class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
             self.mt.delete().execute()
             self.mh.delete().execute()
             self.mi.delete().execute()
+            for model in self.erasure_models:
+                model.delete().execute()
 
 
     # -- MCP event log ---------------------------------------------------------------------
@@ -148,6 +153,16 @@ class SqlStore(SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
             for row in query.dicts()
         ]
         return anchor.stream_id, events
+
+    @translate_errors
+    def delete_events(self, mcp_session_ids: Sequence[str]) -> int:
+        """See :meth:`Store.delete_events`."""
+        E = self.m.Event
+        deleted = 0
+        for chunk in chunked(list(dict.fromkeys(mcp_session_ids)), DEFAULT_CHUNK):
+            with self._db.atomic():
+                deleted += int(E.delete().where(E.mcp_session_id.in_(chunk)).execute())
+        return deleted
 
     # -- sweeps ------------------------------------------------------------------------------
 
