@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ import redis
 
 from .errors import ProducerError
 from .outbox import Outbox
-from .wire_codec import PackedEnqueue, PendingJob
+from .wire_codec import ENQUEUE_LUA, ENQUEUE_SHA, PackedEnqueue, PendingJob, uuid4, with_redis_id
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,56 @@ class RedisPusher:
         conn.retry.call_with_retry(lambda: self._enqueue(conn, by_queue), lambda _error: conn.disconnect())
 
 
+class AsyncRedisPusher:
+    """:meth:`RedisPusher.push` for asyncio callers, on the caller's event loop (no
+    thread): the same ``EVALSHA`` of ``ENQUEUE_LUA`` per queue, through redis-py's
+    asyncio client (one per event loop). It does not retry: a push that fails may or
+    may not have landed, and the caller's fallback pushes again with new Redis ids
+    (at worst a duplicate job, which is safe)."""
+
+    def __init__(self, url: str, *, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+    async def push(self, jobs: Sequence[PendingJob]) -> None:
+        """Enqueue jobs on their queues (raises on any failure: see the class docs)."""
+        from redis.exceptions import NoScriptError
+
+        by_queue: dict[str, list[bytes]] = {}
+        for job in jobs:
+            redis_id = uuid4()
+            by_queue.setdefault(job.queue_name, []).extend((redis_id.encode(), with_redis_id(job.encoded(), redis_id)))
+        client = self._client()
+        for queue, args in by_queue.items():
+            keys = (f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}")
+            try:
+                await client.evalsha(ENQUEUE_SHA, 2, *keys, *args)
+            except NoScriptError:  # nothing of that call ran
+                await client.script_load(ENQUEUE_LUA)
+                await client.evalsha(ENQUEUE_SHA, 2, *keys, *args)
+
+    def _client(self) -> Any:
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = redis.asyncio.Redis.from_url(
+                self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), 0))
+        return client
+
+    def close(self) -> None:
+        """Close the clients of the event loops still running (on their own loops)."""
+        for loop, client in list(self._clients.items()):
+            if loop.is_running() and not loop.is_closed():
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+        self._clients.clear()
+
+
 class BrokerPusher:
     """Hand jobs to a Dramatiq broker object as messages (no wire encoding involved)."""
 
@@ -205,6 +256,11 @@ class SpoolingPusher:
             logger.warning("broker unreachable (%s); spooling %d job(s) to %s", exc, len(jobs), self.outbox_path)
             self._down = True
             self.spool(jobs)
+
+    @property
+    def down(self) -> bool:
+        """True from a failed push until the outbox has been forwarded (pushes spool meanwhile)."""
+        return self._down
 
     def spool(self, jobs: Iterable[PendingJob], *, forward: bool = True) -> None:
         """Put jobs in the outbox and (``forward``) start forwarding it; raises

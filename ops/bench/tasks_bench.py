@@ -192,6 +192,9 @@ class _NoExecutor:
     def dispatch(self, task_id: str, leg: int) -> None:
         del task_id, leg
 
+    async def dispatch_async(self, task_id: str, leg: int) -> None:
+        del task_id, leg
+
     def cancel(self, task_id: str) -> None:
         del task_id
 
