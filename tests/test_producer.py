@@ -123,8 +123,8 @@ def test_send_async_pushes_on_the_event_loop_as_send_does(redis_client: redis.Re
     # Then both are on their queue under the ids returned, in the wire format a worker reads
     stored = {m["message_id"]: m for m in map(json.loads, redis_client.hvals("dramatiq:maintenance.msgs"))}
     assert set(stored) == set(ids) and redis_client.llen("dramatiq:maintenance") == 2
-    assert all(m["options"]["redis_message_id"] in set(map(bytes.decode, redis_client.lrange(
-        "dramatiq:maintenance", 0, -1))) for m in stored.values())
+    queued = {rid.decode() for rid in redis_client.lrange("dramatiq:maintenance", 0, -1)}  # type: ignore[union-attr]
+    assert {m["options"]["redis_message_id"] for m in stored.values()} == queued
     assert stored[ids[0]]["args"][0]["session_id"] == "s0"
 
 

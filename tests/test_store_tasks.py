@@ -6,13 +6,14 @@ import asyncio
 import socket
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from peewee import PostgresqlDatabase
 
 from sessionq.models import Conflict, Store, StoreUnavailable, ValidationError
-from sessionq.models.sql.async_tasks import AsyncTaskInsert, asyncpg_connect_args
 from sessionq.models.kinds import TASKS
+from sessionq.models.sql.async_tasks import AsyncTaskInsert, asyncpg_connect_args
 from sessionq.models.tasks import McpTask, new_task_id
 from tests.conftest import T0
 
@@ -286,7 +287,10 @@ def test_the_async_create_commits_what_create_task_would(pg_store: Store) -> Non
     task = asyncio.run(scenario())
     assert pg_store.load_task(task.task_id).owner == "alice"
     # And each event loop gets its own pool (a second asyncio.run works as the first)
-    assert asyncio.run(create(make_task())).task_id != task.task_id
+    async def another() -> McpTask:
+        return await create(make_task())
+
+    assert asyncio.run(another()).task_id != task.task_id
 
 
 def test_the_async_create_reports_an_unreachable_database_as_unavailable(pg_store: Store) -> None:
@@ -309,6 +313,6 @@ def test_the_async_create_reports_an_unreachable_database_as_unavailable(pg_stor
     ({"host": "db", "keepalives": 1}, None),  # no sure asyncpg equivalent: the store's thread path
     ({"host": "db", "options": "--geqo=off"}, None),
 ])
-def test_asyncpg_connects_as_the_store_does_or_not_at_all(params: dict[str, object], expected: object) -> None:
+def test_asyncpg_connects_as_the_store_does_or_not_at_all(params: dict[str, Any], expected: object) -> None:
     db = PostgresqlDatabase("d", **params)
     assert asyncpg_connect_args(db) == expected

@@ -27,9 +27,11 @@ from typing import Any
 
 import redis
 
+from sessionq.models.loop_connections import LoopConnections
+
 from .errors import ProducerError
 from .outbox import Outbox
-from .wire_codec import ENQUEUE_LUA, ENQUEUE_SHA, PackedEnqueue, PendingJob, uuid4, with_redis_id
+from .wire_codec import PackedEnqueue, PendingJob
 
 logger = logging.getLogger(__name__)
 
@@ -154,52 +156,45 @@ class RedisPusher:
 
 class AsyncRedisPusher:
     """:meth:`RedisPusher.push` for asyncio callers, on the caller's event loop (no
-    thread): the same ``EVALSHA`` of ``ENQUEUE_LUA`` per queue, through redis-py's
-    asyncio client (one per event loop). It does not retry: a push that fails may or
-    may not have landed, and the caller's fallback pushes again with new Redis ids
-    (at worst a duplicate job, which is safe)."""
+    thread): the same packed ``EVALSHA`` per queue (:meth:`PackedEnqueue.push_async`)
+    on connections of redis-py's asyncio client kept per loop (:class:`LoopConnections`).
+    It does not retry: a push that fails may or may not have landed, and the caller's
+    fallback pushes again with new Redis ids (at worst a duplicate job, which is safe)."""
 
     def __init__(self, url: str, *, namespace: str) -> None:
-        self.url = url
-        self.namespace = namespace
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        import redis.asyncio
+
+        self.pool = redis.asyncio.ConnectionPool.from_url(
+            url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT)
+        self._enqueue = PackedEnqueue(namespace)
+        self._conns: LoopConnections[Any] = LoopConnections(self._open, _disconnect)
 
     async def push(self, jobs: Sequence[PendingJob]) -> None:
         """Enqueue jobs on their queues (raises on any failure: see the class docs)."""
-        from redis.exceptions import NoScriptError
-
         by_queue: dict[str, list[bytes]] = {}
         for job in jobs:
-            redis_id = uuid4()
-            by_queue.setdefault(job.queue_name, []).extend((redis_id.encode(), with_redis_id(job.encoded(), redis_id)))
-        client = self._client()
-        for queue, args in by_queue.items():
-            keys = (f"{self.namespace}:{queue}.msgs", f"{self.namespace}:{queue}")
-            try:
-                await client.evalsha(ENQUEUE_SHA, 2, *keys, *args)
-            except NoScriptError:  # nothing of that call ran
-                await client.script_load(ENQUEUE_LUA)
-                await client.evalsha(ENQUEUE_SHA, 2, *keys, *args)
+            by_queue.setdefault(job.queue_name, []).append(job.encoded())
+        async with self._conns.lent() as conn:
+            await self._enqueue.push_async(conn, by_queue)
 
-    def _client(self) -> Any:
-        import redis.asyncio
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = redis.asyncio.Redis.from_url(
-                self.url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT,
-                retry=Retry(NoBackoff(), 0))
-        return client
+    async def _open(self) -> Any:
+        conn = self.pool.connection_class(**self.pool.connection_kwargs)
+        await conn.connect()
+        return conn
 
     def close(self) -> None:
-        """Close the clients of the event loops still running (on their own loops)."""
-        for loop, client in list(self._clients.items()):
-            if loop.is_running() and not loop.is_closed():
-                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-        self._clients.clear()
+        """Close the idle connections (each on its own loop)."""
+        self._conns.close()
+
+
+# Disconnects under way (referenced until done, so none is collected half-way).
+_DISCONNECTING: set[asyncio.Future[Any]] = set()
+
+
+def _disconnect(conn: Any) -> None:
+    future = asyncio.ensure_future(conn.disconnect(nowait=True))
+    _DISCONNECTING.add(future)
+    future.add_done_callback(_DISCONNECTING.discard)
 
 
 class BrokerPusher:

@@ -5,7 +5,7 @@ store's Peewee connection that insert has to run in a worker thread, and handing
 there and back costs two thread wake-ups, as much as the insert's own round trip on a
 busy host (ops/bench T1). :class:`AsyncTaskInsert` sends the same statement with the
 same column values (each field's ``db_value``) through asyncpg on the caller's event
-loop: one autocommitted statement, committed when the call returns, exactly as
+loop (asyncpg prepares it once per connection): one autocommitted statement, committed when the call returns, exactly as
 :meth:`~sessionq.models.tasks.TaskStore.create_task` is.
 
 It is used only where it connects exactly as the store does: a
@@ -17,22 +17,16 @@ and callers use the store from a thread.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import shlex
-import weakref
 from typing import Any
 
 import peewee as pw
 
 from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from ..loop_connections import LoopConnections
 from ..store import first_line
 from ..tasks import McpTask
 
-logger = logging.getLogger(__name__)
-
-# Connections of one event loop's asyncpg pool (they are opened on demand).
-DEFAULT_ASYNC_POOL_SIZE = 8
 # psycopg2 connect parameters with an asyncpg equivalent (others: no async insert).
 _KNOWN_PARAMS = frozenset({"host", "port", "user", "password", "connect_timeout", "options", "sslmode"})
 
@@ -66,18 +60,15 @@ def asyncpg_connect_args(db: pw.Database) -> dict[str, Any] | None:
 
 class AsyncTaskInsert:
     """``await insert(task)``: store a new task (one committed ``INSERT``) on the running
-    event loop. One asyncpg pool per event loop, made on first use; errors map to the
-    store's (a taken id is a :class:`Conflict`, an unreachable database
+    event loop, over connections kept per loop (:class:`LoopConnections`). Errors map
+    to the store's (a taken id is a :class:`Conflict`, an unreachable database
     :class:`StoreUnavailable`)."""
 
-    def __init__(self, sql: str, fields: list[pw.Field], connect: dict[str, Any], *,
-                 pool_size: int = DEFAULT_ASYNC_POOL_SIZE) -> None:
+    def __init__(self, sql: str, fields: list[pw.Field], connect: dict[str, Any]) -> None:
         self.sql = sql
         self.fields = fields
         self.connect = connect
-        self.pool_size = pool_size
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Any]] = (
-            weakref.WeakKeyDictionary())
+        self._conns: LoopConnections[Any] = LoopConnections(self._open, _terminate)
 
     async def __call__(self, task: McpTask) -> McpTask:
         """Insert ``task`` (version 0); return it once committed."""
@@ -87,8 +78,8 @@ class AsyncTaskInsert:
             raise ValidationError("a new task starts at version 0")
         values = [f.db_value(getattr(task, f.name)) for f in self.fields]
         try:
-            pool = await self._pool()
-            await pool.execute(self.sql, *values)
+            async with self._conns.lent() as conn:
+                await conn.execute(self.sql, *values)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise Conflict(f"integrity error: {first_line(exc)}") from exc
         except asyncpg.DataError as exc:
@@ -99,37 +90,18 @@ class AsyncTaskInsert:
             raise StoreError(f"postgresql rejected a statement: {first_line(exc)}") from exc
         return task
 
-    async def _pool(self) -> Any:
+    async def _open(self) -> Any:
         import asyncpg
 
-        loop = asyncio.get_running_loop()
-        made = self._pools.get(loop)
-        if made is None:  # min_size=0: making the pool opens no connection, so it cannot fail
-            made = self._pools[loop] = asyncio.ensure_future(
-                asyncpg.create_pool(min_size=0, max_size=self.pool_size, **self.connect))
-        return await asyncio.shield(made)
+        return await asyncpg.connect(**self.connect)
 
     def close(self) -> None:
-        """Close every loop's pool (on its own loop when that runs in another thread)."""
-        for loop, made in list(self._pools.items()):
-            if loop.is_closed() or not made.done() or made.cancelled() or made.exception() is not None:
-                continue
-            pool = made.result()
-            try:
-                if loop.is_running() and _loop_of_this_thread() is not loop:
-                    loop.call_soon_threadsafe(pool.terminate)
-                else:
-                    pool.terminate()
-            except RuntimeError as exc:  # the loop stopped meanwhile: its connections went with it
-                logger.debug("closing an asyncpg pool failed: %s", exc)
-        self._pools.clear()
+        """Close the idle connections (each on its own loop)."""
+        self._conns.close()
 
 
-def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def _terminate(conn: Any) -> None:
+    conn.terminate()
 
 
 def async_task_insert(db: pw.Database, sql: str, fields: list[pw.Field]) -> AsyncTaskInsert | None:
