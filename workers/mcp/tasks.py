@@ -259,15 +259,18 @@ class SessionqTasks(Extension):
         return {"resultType": "task", **task_json(task)}
 
     async def _create_and_dispatch(self, task: McpTask) -> None:
-        """Store the task (committed when this returns), then start its first leg: on
-        this event loop where the store and the executor can (no thread hop), else
-        both in one trip to a store thread."""
+        """Store the task (committed when this returns) and start its first leg.
+
+        Where the store and the executor can, both go from this event loop (no thread
+        hop) and at once: the leg's enqueue travels while the INSERT commits, and a
+        worker that looks before the commit waits for the row
+        (:func:`~sessionq.workers.mcp.task_runner.run_task`). Else both run in one
+        trip to a store thread, the insert first."""
         create = self.store.async_create
         if create is None or not _on_asyncio():
             await self._in_store_thread(self._create, task)
             return
-        await create(task)
-        await self.executor.dispatch_async(task.task_id, 0)
+        await asyncio.gather(create(task), self.executor.dispatch_async(task.task_id, 0))
 
     def _create(self, task: McpTask) -> None:
         self.store.create_task(task)
