@@ -5,7 +5,7 @@ Use :func:`open_store` to get a store for a URL or a :class:`Settings`.
 
 from __future__ import annotations
 
-from .errors import (
+from sessionq.errors import (
     ConfigError,
     Conflict,
     NotFound,
@@ -13,6 +13,7 @@ from .errors import (
     StoreUnavailable,
     ValidationError,
 )
+
 from .records import (
     AgentState,
     ChatMessage,

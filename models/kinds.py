@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import ValidationError
+from sessionq.errors import ValidationError
+
 from .records import AgentState, FileRecord, Record, TransportSession
 from .tasks import McpTask
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import redis
 
+from sessionq.errors import InvalidPayload, ProducerError
 from sessionq.models import (
     AgentState,
     ChatMessage,
@@ -63,7 +64,6 @@ from sessionq.models import (
 from sessionq.models.settings import is_redis_url
 
 from . import payloads
-from .errors import InvalidPayload, ProducerError
 from .jobs import job_named, single_argument
 from .producer_plain import deferred_bound
 from .pusher import AsyncRedisPusher, BrokerPusher, RedisPusher, SpoolingPusher

@@ -13,11 +13,10 @@ from typing import Any
 
 from dramatiq.middleware import CurrentMessage
 
-from sessionq.models.errors import NotFound
+from sessionq.errors import NotFound, SessionNotReady
 
 from . import payloads
 from .broker import get_committer, get_settings, get_store
-from .errors import SessionNotReady
 from .jobs import job_actor
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from sessionq.errors import Conflict, StoreError, StoreUnavailable, ValidationError
+
 from ..store import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])

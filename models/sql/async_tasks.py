@@ -22,7 +22,8 @@ from typing import Any
 
 import peewee as pw
 
-from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
+from sessionq.errors import Conflict, StoreError, StoreUnavailable, ValidationError
+
 from ..loop_connections import LoopConnections
 from ..store import first_line
 from ..tasks import McpTask

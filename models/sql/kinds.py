@@ -21,7 +21,8 @@ from typing import Any, TypeVar, cast
 
 import peewee as pw
 
-from ..errors import NotFound, ValidationError
+from sessionq.errors import NotFound, ValidationError
+
 from ..kinds import Key, RecordKind
 from ..records import (
     DEFAULT_GRACE_PERIOD,

@@ -16,7 +16,8 @@ from typing import Any
 
 import peewee as pw
 
-from ..errors import NotFound, ValidationError
+from sessionq.errors import NotFound, ValidationError
+
 from ..records import ChatMessage, ChatSession
 from ..store import (
     DEFAULT_PAGE_SIZE,
