@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -144,6 +145,28 @@ async def test_a_first_leg_waits_for_its_task_row_and_drops_one_that_never_comes
     # Then it runs the task once the row is there, once
     done = store.load_task(task.task_id)
     assert outcome == "completed" and done.status == "completed" and done.attempt == 1
+    # And when the row commits between a missed claim and the look for it, the leg still runs
+    racing = McpTask(new_task_id(), "echo", arguments={"text": "raced"}, created_at=utcnow())
+
+    class CommitsAfterTheClaim:
+        """The store, where the task's INSERT commits right after the first claim missed it."""
+
+        def __init__(self) -> None:
+            self.missed = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def claim_task(self, *args: object) -> object:
+            claimed = store.claim_task(*args)  # type: ignore[arg-type]
+            if not self.missed:
+                self.missed = True
+                store.create_task(racing)
+            return claimed
+
+    racy: Any = CommitsAfterTheClaim()
+    assert await run_task(server, racy, racing.task_id, 0, worker_id="w1") == "completed"
+    assert store.load_task(racing.task_id).status == "completed"
     # And a leg whose row never comes (its create failed) is dropped after the wait
     monkeypatch.setattr(task_runner, "CREATE_WAIT_S", 0.05)
     assert await run_task(server, store, new_task_id(), 0, worker_id="w1") == "skipped"

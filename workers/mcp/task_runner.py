@@ -218,17 +218,20 @@ async def run_task(
     claimed: a duplicate, finished or cancelled task) or ``lost`` (the lease passed
     to another attempt meanwhile). ``blocking``: the event loop runs this leg only,
     so the claim and the end call the store directly instead of in a thread."""
-    waited = 0.0
+    waited, seen = 0.0, False
     while True:
         now = clock()
         until = now + timedelta(milliseconds=lease_ms)
         task = store.claim_task(task_id, leg, worker_id, now, until) if blocking else await anyio.to_thread.run_sync(
             store.claim_task, task_id, leg, worker_id, now, until)
-        if task is None and leg == 0 and waited < CREATE_WAIT_S and not await _stored(store, task_id, blocking):
-            # The replica enqueues the first leg while the task's INSERT commits: wait for the row.
-            delay = min(waited + CREATE_WAIT_FIRST_S, CREATE_WAIT_S - waited)  # 2, 4, 8... ms
-            await asyncio.sleep(delay)
-            waited += delay
+        if task is None and leg == 0 and not seen and waited < CREATE_WAIT_S:
+            # The replica enqueues the first leg while the task's INSERT commits: wait for the
+            # row, then claim once more (it may have appeared between the claim and the look).
+            seen = await _stored(store, task_id, blocking)
+            if not seen:
+                delay = min(waited + CREATE_WAIT_FIRST_S, CREATE_WAIT_S - waited)  # 2, 4, 8... ms
+                await asyncio.sleep(delay)
+                waited += delay
             continue
         if task is None:
             logger.debug("task %s leg %d not claimed (duplicate, finished or held elsewhere)", task_id, leg)
