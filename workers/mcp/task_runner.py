@@ -60,7 +60,7 @@ _KEY_SUFFIX_BYTES = 6
 # whose row never comes -- its create failed -- is dropped after this). It looks again
 # after CREATE_WAIT_FIRST_S, then after twice as long each time.
 CREATE_WAIT_S = 2.0
-CREATE_WAIT_FIRST_S = 0.002
+CREATE_WAIT_FIRST_S = 0.001
 
 Clock = Callable[[], datetime]
 
@@ -229,7 +229,7 @@ async def run_task(
             # row, then claim once more (it may have appeared between the claim and the look).
             seen = await _stored(store, task_id, blocking)
             if not seen:
-                delay = min(waited + CREATE_WAIT_FIRST_S, CREATE_WAIT_S - waited)  # 2, 4, 8... ms
+                delay = min(waited + CREATE_WAIT_FIRST_S, CREATE_WAIT_S - waited)  # 1, 2, 4... ms
                 await asyncio.sleep(delay)
                 waited += delay
             continue
