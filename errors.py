@@ -1,7 +1,7 @@
 """Every error sessionq raises on purpose, under one root: :class:`SessionqError`.
 
-The hierarchy (each class stated here once; ``sessionq.models`` re-exports the data
-layer's part and ``sessionq.workers.errors`` the jobs' part)::
+The hierarchy (each class stated here once; ``sessionq.models.errors`` and
+``sessionq.workers.errors`` re-export their part)::
 
     SessionqError
     ├── StoreError                  the data layer

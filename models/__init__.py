@@ -5,7 +5,7 @@ Use :func:`open_store` to get a store for a URL or a :class:`Settings`.
 
 from __future__ import annotations
 
-from sessionq.errors import (
+from .errors import (
     ConfigError,
     Conflict,
     NotFound,
@@ -13,7 +13,6 @@ from sessionq.errors import (
     StoreUnavailable,
     ValidationError,
 )
-
 from .records import (
     AgentState,
     ChatMessage,

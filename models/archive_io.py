@@ -38,9 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sessionq.errors import StoreError, StoreUnavailable, ValidationError
-
 from .atomic_write import atomic_text_file
+from .errors import StoreError, StoreUnavailable, ValidationError
 from .json_stream import iter_members
 from .kinds import KINDS, RecordKind
 from .records import ChatMessage, ChatSession, Record, utcnow

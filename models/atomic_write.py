@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from sessionq.errors import ValidationError
+from .errors import ValidationError
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -39,7 +39,7 @@ def open_directory(directory: Path, *, root: Path | None = None) -> int:
 
     With ``root``, ``directory`` must lie under it: ``root`` is opened as configured,
     then each component below it without following symlinks; a component that is a
-    symlink (or not a directory) raises :class:`~sessionq.errors.ValidationError`.
+    symlink (or not a directory) raises :class:`~sessionq.models.errors.ValidationError`.
     """
     if root is None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def _about(exc: OSError, path: Path) -> OSError:
 
 
 def _refuse_special(path: Path, dir_fd: int) -> None:
-    """Raise :class:`~sessionq.errors.ValidationError` if ``path`` is a device, a
+    """Raise :class:`~sessionq.models.errors.ValidationError` if ``path`` is a device, a
     pipe, a socket or a directory: the rename would replace it (``-o /dev/null``, as root,
     would turn the device into a file). A symlink is replaced, never followed."""
     try:

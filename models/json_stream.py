@@ -9,7 +9,7 @@ import json
 from collections.abc import Collection, Iterator
 from typing import IO, Any
 
-from sessionq.errors import ValidationError
+from .errors import ValidationError
 
 # Characters read at a time.
 DEFAULT_READ_CHUNK = 1 << 16
@@ -21,7 +21,7 @@ def iter_members(
     """Yield ``(key, value)`` for the members of the top-level JSON object in file
     order, except that a member named in ``streamed`` must be an array and yields
     ``(key, element)`` once per element instead. Malformed JSON raises
-    :class:`~sessionq.errors.ValidationError`."""
+    :class:`~sessionq.models.errors.ValidationError`."""
     reader = _JsonReader(fp, chunk)
     reader.expect("{")
     if reader.take("}"):

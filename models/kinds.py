@@ -36,8 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sessionq.errors import ValidationError
-
+from .errors import ValidationError
 from .records import AgentState, FileRecord, Record, TransportSession
 from .tasks import McpTask
 

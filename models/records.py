@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sessionq.errors import Conflict, ValidationError
-
+from .errors import Conflict, ValidationError
 from .validation import (
     check_choice,
     check_datetime,
@@ -235,7 +234,7 @@ class TransportSession(Record):
         self, now: datetime, *, max_attempts: int = DEFAULT_MAX_RECOVERY_ATTEMPTS
     ) -> dict[str, Any]:
         """The fields one recovery at ``now`` changes (status ``recovered``, one more
-        attempt, a fresh heartbeat, no grace window); :class:`~sessionq.errors.Conflict`
+        attempt, a fresh heartbeat, no grace window); :class:`~sessionq.models.errors.Conflict`
         if the session may not be recovered."""
         if not self.recoverable_at(now, max_attempts=max_attempts):
             raise Conflict(

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
-from sessionq.errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
-
+from .errors import NotFound, SchemaOutdated, StoreUnavailable, ValidationError
 from .kinds import (
     AGENT_STATES,
     DEFAULT_IMPORT_CHUNK,
@@ -79,7 +78,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def check_message_owners(writes: Sequence[PendingWrite]) -> None:
-    """Raise :class:`~sessionq.errors.ValidationError` if a message names another session."""
+    """Raise :class:`~sessionq.models.errors.ValidationError` if a message names another session."""
     for _, session_id, messages in writes:
         for message in messages:
             if message.session_id != session_id:
@@ -195,7 +194,7 @@ class Store(TaskStore, abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Raise :class:`~sessionq.errors.StoreUnavailable` unless the backend answers."""
+        """Raise :class:`~sessionq.models.errors.StoreUnavailable` unless the backend answers."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -234,7 +233,7 @@ class Store(TaskStore, abc.ABC):
     def append_messages(self, session_id: str, messages: Sequence[ChatMessage]) -> int:
         """Append the messages not stored yet to an existing session; return how many.
 
-        Raises :class:`~sessionq.errors.NotFound` if the session does not exist.
+        Raises :class:`~sessionq.models.errors.NotFound` if the session does not exist.
         """
 
     @abc.abstractmethod
@@ -248,12 +247,12 @@ class Store(TaskStore, abc.ABC):
         whose ``(session_id, message_id)`` or ``(session_id, seq)`` is already stored
         is skipped. Re-importing the same records changes nothing. Every message's
         session must be in ``sessions`` or already stored (else
-        :class:`~sessionq.errors.NotFound`). Returns sessions written and messages inserted.
+        :class:`~sessionq.models.errors.NotFound`). Returns sessions written and messages inserted.
         """
 
     @abc.abstractmethod
     def load_session(self, session_id: str) -> ChatSession:
-        """The session, or :class:`~sessionq.errors.NotFound`."""
+        """The session, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def list_sessions(
@@ -311,7 +310,7 @@ class Store(TaskStore, abc.ABC):
     @abc.abstractmethod
     def archive_session(self, session_id: str, at: datetime) -> ChatSession:
         """Set the status to ``archived`` (idempotent); ``updated_at`` moves to ``at``
-        only if that is later. Raises :class:`~sessionq.errors.NotFound`."""
+        only if that is later. Raises :class:`~sessionq.models.errors.NotFound`."""
 
     # -- files ---------------------------------------------------------------
 
@@ -321,7 +320,7 @@ class Store(TaskStore, abc.ABC):
 
     @abc.abstractmethod
     def load_file(self, file_id: str) -> FileRecord:
-        """The file record, or :class:`~sessionq.errors.NotFound`."""
+        """The file record, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def delete_file(self, file_id: str) -> bool:
@@ -337,7 +336,7 @@ class Store(TaskStore, abc.ABC):
 
     @abc.abstractmethod
     def load_transport(self, mcp_session_id: str) -> TransportSession:
-        """The transport session, or :class:`~sessionq.errors.NotFound`."""
+        """The transport session, or :class:`~sessionq.models.errors.NotFound`."""
 
     @abc.abstractmethod
     def heartbeat(self, mcp_session_id: str, at: datetime) -> bool:
@@ -371,8 +370,8 @@ class Store(TaskStore, abc.ABC):
         """Atomically count one recovery and return the session with its saved state.
 
         The session becomes ``recovered`` with a fresh heartbeat. Raises
-        :class:`~sessionq.errors.Conflict` past the grace deadline or attempt cap,
-        :class:`~sessionq.errors.NotFound` for an unknown id.
+        :class:`~sessionq.models.errors.Conflict` past the grace deadline or attempt cap,
+        :class:`~sessionq.models.errors.NotFound` for an unknown id.
         """
 
     # -- agent state ---------------------------------------------------------

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sessionq.errors import Conflict, NotFound, ValidationError
-
+from .errors import Conflict, NotFound, ValidationError
 from .records import Record, utcnow
 from .validation import (
     DEFAULT_MAX_CONTENT_BYTES,
@@ -232,7 +231,7 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def _insert_task(self, task: McpTask) -> None:
-        """Insert a new task; :class:`~sessionq.errors.Conflict` if its id is taken."""
+        """Insert a new task; :class:`~sessionq.models.errors.Conflict` if its id is taken."""
 
     @abc.abstractmethod
     def load_task(self, task_id: str) -> McpTask:

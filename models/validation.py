@@ -1,7 +1,7 @@
 """Field validators shared by the records.
 
 Each checker takes the field name (for the message) and the value, and returns the
-normalised value or raises :class:`~sessionq.errors.ValidationError`. The limits are the
+normalised value or raises :class:`~sessionq.models.errors.ValidationError`. The limits are the
 ones every backend can honour: PostgreSQL rejects NUL characters in text, MongoDB
 rejects ``$``-prefixed and dotted keys, MySQL indexes at most 255 characters of an id.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sessionq.errors import ValidationError
+from .errors import ValidationError
 
 # Longest id accepted for sessions, messages, files, agents and keys.
 DEFAULT_MAX_ID_LENGTH = 255

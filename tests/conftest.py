@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from sessionq.errors import StoreError
 from sessionq.models import ChatMessage, ChatSession, Store, open_store
+from sessionq.models.errors import StoreError
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import uvicorn
 
-from sessionq.errors import StoreError
 from sessionq.models import Store, open_store
+from sessionq.models.errors import StoreError
 from tests.conftest import POSTGRES_URL, reset_store, service_missing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

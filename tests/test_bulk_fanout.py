@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from sessionq.errors import InvalidPayload
 from sessionq.models import open_store
 from sessionq.models.kinds import KINDS
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import normalize
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, reset_store, session
 from tests.support_bulk import fill_kinds

@@ -83,8 +83,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessionq.errors import InvalidPayload
 from sessionq.models import Settings, Store
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import JOBS
 from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session

@@ -29,11 +29,11 @@ from urllib.parse import unquote
 import pytest
 import redis
 
-from sessionq.errors import InvalidPayload
 from sessionq.models import Settings, open_store
 from sessionq.models.transfer import Checkpoint
 from sessionq.workers import payloads
 from sessionq.workers.embedded import EmbeddedRuntime
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.producer import Producer
 from tests.conftest import REDIS_URL, messages, session
 from tests.support_faults import SessionqWorker, wait_until

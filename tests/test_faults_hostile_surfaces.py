@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from sessionq.errors import ConfigError, ValidationError
 from sessionq.models import Settings, Store
 from sessionq.models.archive_io import import_file
+from sessionq.models.errors import ConfigError, ValidationError
 from tests.conftest import POSTGRES_URL, REDIS_URL, messages, session
 from tests.support_faults import PLANTED_TOKEN, assert_no_secrets, record_figures, with_password
 from tests.support_hostile import BYSTANDERS, checksum, examples

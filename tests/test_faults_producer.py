@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from sessionq.errors import InvalidPayload, ProducerError
 from sessionq.models import Settings, Store
+from sessionq.workers.errors import InvalidPayload, ProducerError
 from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL
 from tests.support_faults import (

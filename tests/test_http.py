@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store, TransportSession, open_store
+from sessionq.models.errors import ConfigError
 from sessionq.scheduler.status import SweepBook
 from sessionq.workers.health import HealthChecker
 from sessionq.workers.http import check_bind, create_app, is_loopback

@@ -15,9 +15,10 @@ from typing import Any
 import dramatiq
 import pytest
 
-from sessionq.errors import InvalidPayload, NotFound
 from sessionq.models import Settings, open_store, utcnow
+from sessionq.models.errors import NotFound
 from sessionq.workers.embedded import EmbeddedRuntime
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import JOBS, QUEUES, normalize
 from sessionq.workers.mcp.registry import apply_transport_job
 from sessionq.workers.producer import Producer

@@ -17,8 +17,8 @@ from mcp.types import (
     jsonrpc_message_adapter,
 )
 
-from sessionq.errors import InvalidPayload
 from sessionq.models import Store, open_store
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.mcp import (
     RedisEventStore,
     SessionRegistry,

@@ -136,7 +136,7 @@ def test_unreachable_server_is_store_unavailable() -> None:
     # Given a store pointed at a port nobody listens on
     from pymongo import MongoClient
 
-    from sessionq.errors import StoreUnavailable
+    from sessionq.models.errors import StoreUnavailable
 
     client: MongoClient[dict[str, object]] = MongoClient(
         "mongodb://127.0.0.1:1/?retryWrites=false", serverSelectionTimeoutMS=200, connect=False

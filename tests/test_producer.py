@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from sessionq.errors import InvalidPayload
 from sessionq.models import ChatMessage, ChatSession, Settings
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.producer import Producer
 from tests.conftest import POSTGRES_URL, REDIS_URL, T0, make_store, reset_store
 from tests.support_jobs import ROOT, WorkerProcess, child_env, pending_jobs, wait_drained

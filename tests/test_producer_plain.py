@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from sessionq.errors import InvalidPayload
 from sessionq.workers import payloads
+from sessionq.workers.errors import InvalidPayload
 from sessionq.workers.jobs import JOBS, normalize
 
 NOW_KEYS = ("created_at", "updated_at", "at")

@@ -225,8 +225,8 @@ def test_cleanup_command_dry_run_then_real_run(tmp_path: Path) -> None:
 
 
 def test_sweep_failure_is_recorded_and_raised(tmp_path: Path) -> None:
-    from sessionq.errors import StoreError
     from sessionq.models import open_store
+    from sessionq.models.errors import StoreError
 
     # Given a store whose session tables were dropped under it
     store = open_store(f"sqlite:///{tmp_path / 'x.db'}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sessionq.errors import ValidationError
+from sessionq.models.errors import ValidationError
 from sessionq.models.validation import (
     DEFAULT_MAX_JSON_DEPTH,
     _check_json_object_full,

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from sessionq.errors import ConfigError, InvalidPayload
+from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store, open_store
 from sessionq.models.kinds import KINDS, kind_named
 from sessionq.models.transfer import migrate_batch as _migrate_batch
@@ -27,6 +27,7 @@ from sessionq.models.transfer import open_url, plan_batches
 from sessionq.models.transfer_kinds import migrate_kind_batch, plan_kind_batches
 
 from .broker import get_settings
+from .errors import InvalidPayload
 from .jobs import job_actor
 from .payloads import parse_migrate_batch, store_reference
 

@@ -16,12 +16,13 @@ import logging
 from pathlib import Path
 from typing import Any, TextIO
 
-from sessionq.errors import InvalidPayload, NotFound, SessionNotReady, ValidationError
 from sessionq.models import Store
 from sessionq.models.atomic_write import atomic_text_file
+from sessionq.models.errors import NotFound, ValidationError
 
 from . import payloads
 from .broker import get_settings, get_store
+from .errors import InvalidPayload, SessionNotReady
 from .jobs import job_actor
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 def write_export(store: Store, session_id: str, fmt: str, out: TextIO) -> int:
     """Write one session in ``fmt`` (json, text, markdown) to ``out``; return the message count.
 
-    Raises :class:`~sessionq.errors.NotFound` for an unknown session.
+    Raises :class:`~sessionq.models.errors.NotFound` for an unknown session.
     """
     session = store.load_session(session_id)
     count = 0
@@ -72,7 +73,7 @@ def export_to_file(store: Store, session_id: str, fmt: str, path: Path, *, root:
     """Write an export atomically to ``path`` (temporary file + rename); return the message count.
 
     With ``root`` the file is written only if no directory between ``root`` and ``path``
-    is a symlink when it is opened (else :class:`~sessionq.errors.ValidationError`).
+    is a symlink when it is opened (else :class:`~sessionq.models.errors.ValidationError`).
     """
     with atomic_text_file(path, root=root) as out:
         return write_export(store, session_id, fmt, out)

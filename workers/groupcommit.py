@@ -34,8 +34,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sessionq.errors import StoreUnavailable
 from sessionq.models import ChatMessage, ChatSession, Store
+from sessionq.models.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

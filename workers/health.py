@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sessionq.errors import StoreUnavailable
 from sessionq.models import Settings, Store, StoreStats, open_store, utcnow
+from sessionq.models.errors import StoreUnavailable
 from sessionq.models.settings import is_redis_url, redact_url, storage_backend
 from sessionq.models.tasks import TaskStats
 from sessionq.scheduler.status import SweepBook, SweepRun

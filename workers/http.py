@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sessionq.errors import ConfigError
 from sessionq.models import Settings, Store
+from sessionq.models.errors import ConfigError
 
 from .health import EventStoreMode, HealthChecker
 from .metrics import StateCollector, event_registry, prepare

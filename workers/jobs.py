@@ -21,9 +21,8 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import dramatiq
 
-from sessionq.errors import InvalidPayload
-
 from . import payloads
+from .errors import InvalidPayload
 from .producer_plain import plain_append, plain_save
 
 P = ParamSpec("P")

@@ -11,13 +11,14 @@ import logging
 import time
 from typing import Any
 
-from sessionq.errors import NotFound, SessionNotReady
+from sessionq.models.errors import NotFound
 from sessionq.scheduler.lease import sweep_guard
 from sessionq.scheduler.status import SweepBook
 from sessionq.scheduler.sweeps import run_sweep as _run_sweep
 
 from . import payloads
 from .broker import get_redis, get_settings, get_store
+from .errors import SessionNotReady
 from .jobs import job_actor
 from .metrics import observe_sweep
 

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sessionq.errors import ConfigError, InvalidPayload, ValidationError
+from sessionq.models.errors import ConfigError, ValidationError
 from sessionq.models.kinds import KINDS, kind_named
 from sessionq.models.records import (
     AgentState,
@@ -40,6 +40,8 @@ from sessionq.models.records import (
 )
 from sessionq.models.settings import STORE_ENV_PREFIX, redact_url, store_name
 from sessionq.models.validation import check_choice, check_datetime, check_id
+
+from .errors import InvalidPayload
 
 # How far in the future a timestamp may lie (producer clock skew) before it is refused.
 DEFAULT_MAX_FUTURE_SKEW = timedelta(days=1)

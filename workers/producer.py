@@ -51,7 +51,6 @@ from typing import Any
 
 import redis
 
-from sessionq.errors import InvalidPayload, ProducerError
 from sessionq.models import (
     AgentState,
     ChatMessage,
@@ -64,6 +63,7 @@ from sessionq.models import (
 from sessionq.models.settings import is_redis_url
 
 from . import payloads
+from .errors import InvalidPayload, ProducerError
 from .jobs import job_named, single_argument
 from .producer_plain import deferred_bound
 from .pusher import AsyncRedisPusher, BrokerPusher, RedisPusher, SpoolingPusher

@@ -22,7 +22,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sessionq.errors import ValidationError
+from sessionq.models.errors import ValidationError
 from sessionq.models.records import MAX_MODEL_LENGTH, MESSAGE_ROLES, SESSION_STATUSES
 from sessionq.models.validation import (
     DEFAULT_MAX_CONTENT_BYTES,

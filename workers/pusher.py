@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from sessionq.errors import ProducerError
 from sessionq.models.loop_connections import LoopConnections
 
+from .errors import ProducerError
 from .outbox import Outbox
 from .wire_codec import PackedEnqueue, PendingJob
 

@@ -13,10 +13,11 @@ from typing import Any
 
 from dramatiq.middleware import CurrentMessage
 
-from sessionq.errors import NotFound, SessionNotReady
+from sessionq.models.errors import NotFound
 
 from . import payloads
 from .broker import get_committer, get_settings, get_store
+from .errors import SessionNotReady
 from .jobs import job_actor
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sessionq.errors import NotFound
+from sessionq.models.errors import NotFound
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
 from sessionq.models.tasks import McpTask

@@ -23,8 +23,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from sessionq.errors import Conflict, StoreError, StoreUnavailable, ValidationError
-
+from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
 from ..store import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])

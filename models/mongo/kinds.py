@@ -28,8 +28,7 @@ from pymongo import ASCENDING, InsertOne, ReplaceOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from sessionq.errors import NotFound, StoreUnavailable, ValidationError
-
+from ..errors import NotFound, StoreUnavailable, ValidationError
 from ..kinds import DEFAULT_IMPORT_CHUNK, Key, RecordKind
 from ..records import (
     DEFAULT_GRACE_PERIOD,

@@ -28,8 +28,7 @@ from datetime import datetime
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError
 
-from sessionq.errors import NotFound, StoreUnavailable, ValidationError
-
+from ..errors import NotFound, StoreUnavailable, ValidationError
 from ..records import ChatMessage, ChatSession
 from ..store import (
     DEFAULT_PAGE_SIZE,

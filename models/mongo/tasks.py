@@ -19,8 +19,7 @@ from pymongo import ASCENDING, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from sessionq.errors import NotFound, ValidationError
-
+from ..errors import NotFound, ValidationError
 from ..kinds import RecordKind
 from ..store import DEFAULT_PAGE_SIZE, DEFAULT_SWEEP_BATCH_SIZE, Page
 from ..tasks import McpTask, TaskStats

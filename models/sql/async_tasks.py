@@ -22,8 +22,7 @@ from typing import Any
 
 import peewee as pw
 
-from sessionq.errors import Conflict, StoreError, StoreUnavailable, ValidationError
-
+from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
 from ..loop_connections import LoopConnections
 from ..store import first_line
 from ..tasks import McpTask

@@ -15,8 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import peewee as pw
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
-from sessionq.errors import Conflict, StoreError, StoreUnavailable, ValidationError
-
+from ..errors import Conflict, StoreError, StoreUnavailable, ValidationError
 from ..store import first_line
 from . import schema
 from .schema import Models

@@ -21,8 +21,7 @@ from typing import Any, TypeVar, cast
 
 import peewee as pw
 
-from sessionq.errors import NotFound, ValidationError
-
+from ..errors import NotFound, ValidationError
 from ..kinds import Key, RecordKind
 from ..records import (
     DEFAULT_GRACE_PERIOD,

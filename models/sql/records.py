@@ -16,8 +16,7 @@ from typing import Any
 
 import peewee as pw
 
-from sessionq.errors import NotFound, ValidationError
-
+from ..errors import NotFound, ValidationError
 from ..records import ChatMessage, ChatSession
 from ..store import (
     DEFAULT_PAGE_SIZE,

@@ -23,8 +23,7 @@ from typing import Any
 
 import peewee as pw
 
-from sessionq.errors import NotFound, ValidationError
-
+from ..errors import NotFound, ValidationError
 from ..kinds import RecordKind
 from ..store import DEFAULT_PAGE_SIZE, DEFAULT_SWEEP_BATCH_SIZE, Page
 from ..tasks import McpTask, TaskStats

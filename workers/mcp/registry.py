@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from sessionq.errors import Conflict, InvalidPayload, NotFound, SchemaOutdated, StoreError, ValidationError
+from sessionq.models.errors import Conflict, NotFound, SchemaOutdated, StoreError, ValidationError
 from sessionq.models.records import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_RECOVERY_ATTEMPTS,
@@ -34,6 +34,7 @@ from sessionq.models.records import (
 )
 from sessionq.models.store import Store
 from sessionq.workers import payloads
+from sessionq.workers.errors import InvalidPayload
 
 logger = logging.getLogger(__name__)
 

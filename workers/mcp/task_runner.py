@@ -46,7 +46,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, InputRequiredResult, TextContent
 
-from sessionq.errors import NotFound, ValidationError
+from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
 from sessionq.models.tasks import DEFAULT_LEASE_MS, McpTask, task_error

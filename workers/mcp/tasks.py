@@ -51,7 +51,7 @@ from mcp_types import HEADER_MISMATCH, INVALID_PARAMS, CallToolRequestParams, In
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError as PydanticValidationError
 
-from sessionq.errors import ValidationError
+from sessionq.models.errors import ValidationError
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
 from sessionq.models.tasks import DEFAULT_DISPATCH_TIMEOUT_MS, DEFAULT_MAX_ATTEMPTS, McpTask, new_task_id
