@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -221,6 +221,11 @@ class TaskStore(abc.ABC):
     written here once, as a decision over the row as read, applied by
     compare-and-set on its ``version``.
     """
+
+    #: :meth:`create_task` for asyncio callers, without a thread (``await
+    #: store.async_create(task)``), on backends with a native async driver for it
+    #: (PostgreSQL: :mod:`sessionq.models.sql.async_tasks`); ``None`` elsewhere.
+    async_create: Callable[[McpTask], Awaitable[McpTask]] | None = None
 
     # -- primitives (per backend) -----------------------------------------------------
 

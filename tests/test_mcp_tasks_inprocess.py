@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,9 +14,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import InputRequiredResult
 
-from sessionq.models import Store, open_store
-from sessionq.workers.mcp import SessionqTasks, SessionqTasksClient, TaskPolicy
+from sessionq.models import Store, open_store, utcnow
+from sessionq.models.tasks import McpTask, new_task_id
+from sessionq.workers.mcp import SessionqTasks, SessionqTasksClient, TaskPolicy, task_runner
 from sessionq.workers.mcp.task_executors import InProcessExecutor
+from sessionq.workers.mcp.task_runner import run_task
 from sessionq.workers.mcp.tasks_client import (
     CreateTaskResult,
     call_tool_as_task,
@@ -117,3 +120,57 @@ async def test_input_responses_a_store_cannot_keep_are_refused_with_one_line(cli
     await update_task(client.session, task_id, {key: {"action": "accept", "content": {"v": "fine"}}})
     done = await wait_for_task(client.session, task_id, poll_interval=0.01, timeout=30)
     assert done.call_tool_result().structured_content == {"result": "answered"}
+
+
+async def test_a_first_leg_waits_for_its_task_row_and_drops_one_that_never_comes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = MCPServer("late")
+
+    @server.tool()
+    async def echo(text: str) -> str:
+        """Return ``text``."""
+        return text
+
+    task = McpTask(new_task_id(), "echo", arguments={"text": "hi"}, created_at=utcnow())
+
+    async def insert_late() -> None:
+        await anyio.sleep(0.05)
+        await anyio.to_thread.run_sync(store.create_task, task)
+
+    # Given a worker that gets the first leg before the replica's INSERT has committed
+    async with anyio.create_task_group() as group:
+        group.start_soon(insert_late)
+        outcome = await run_task(server, store, task.task_id, 0, worker_id="w1")
+    # Then it runs the task once the row is there, once
+    done = store.load_task(task.task_id)
+    assert outcome == "completed" and done.status == "completed" and done.attempt == 1
+    # And when the row commits between a missed claim and the look for it, the leg still runs
+    racing = McpTask(new_task_id(), "echo", arguments={"text": "raced"}, created_at=utcnow())
+
+    class CommitsAfterTheClaim:
+        """The store, where the task's INSERT commits right after the first claim missed it."""
+
+        def __init__(self) -> None:
+            self.missed = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def claim_task(self, *args: object) -> object:
+            claimed = store.claim_task(*args)  # type: ignore[arg-type]
+            if not self.missed:
+                self.missed = True
+                store.create_task(racing)
+            return claimed
+
+    racy: Any = CommitsAfterTheClaim()
+    assert await run_task(server, racy, racing.task_id, 0, worker_id="w1") == "completed"
+    assert store.load_task(racing.task_id).status == "completed"
+    # And a leg whose row never comes (its create failed) is dropped after the wait
+    monkeypatch.setattr(task_runner, "CREATE_WAIT_S", 0.05)
+    assert await run_task(server, store, new_task_id(), 0, worker_id="w1") == "skipped"
+    # And a later leg of a missing task does not wait at all
+    monkeypatch.setattr(task_runner, "CREATE_WAIT_S", 60.0)
+    with anyio.fail_after(5):
+        assert await run_task(server, store, new_task_id(), 1, worker_id="w1") == "skipped"

@@ -7,6 +7,7 @@ starts with Redis reachable and forwards them; a real worker stores every one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -106,6 +107,34 @@ def test_unreachable_redis_spools_to_the_outbox(tmp_path: Path, redis_client: re
         time.sleep(0.05)
     revived.close()
     assert pending_jobs(redis_client) == 4
+
+
+def test_send_async_pushes_on_the_event_loop_as_send_does(redis_client: redis.Redis, tmp_path: Path) -> None:
+    # Given a producer on a real Redis whose enqueue script is not loaded yet (SCRIPT FLUSH)
+    producer = _producer(tmp_path, REDIS_URL)
+    redis_client.script_flush()
+
+    async def send_both() -> list[str]:
+        return [await producer.send_async("archive_session", {"session_id": f"s{i}", "at": T0}) for i in range(2)]
+
+    # When two jobs are sent from a coroutine
+    ids = asyncio.run(send_both())
+    producer.close()
+    # Then both are on their queue under the ids returned, in the wire format a worker reads
+    stored = {m["message_id"]: m for m in map(json.loads, redis_client.hvals("dramatiq:maintenance.msgs"))}
+    assert set(stored) == set(ids) and redis_client.llen("dramatiq:maintenance") == 2
+    queued = {rid.decode() for rid in redis_client.lrange("dramatiq:maintenance", 0, -1)}  # type: ignore[union-attr]
+    assert {m["options"]["redis_message_id"] for m in stored.values()} == queued
+    assert stored[ids[0]]["args"][0]["session_id"] == "s0"
+
+
+def test_send_async_on_an_unreachable_redis_spools_like_send(tmp_path: Path) -> None:
+    # Given a producer whose Redis does not answer
+    producer = _producer(tmp_path, _dead_redis_url())
+    # When a coroutine sends a job, the job is accepted (its id returned) and kept in the outbox
+    job_id = asyncio.run(producer.send_async("archive_session", {"session_id": "s1", "at": T0}))
+    assert job_id and producer.pending() == 1
+    producer.close()
 
 
 PRODUCE = """

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from peewee import PostgresqlDatabase
 
-from sessionq.models import Conflict, Store, ValidationError
+from sessionq.models import Conflict, Store, StoreUnavailable, ValidationError
 from sessionq.models.kinds import TASKS
+from sessionq.models.sql.async_tasks import AsyncTaskInsert, asyncpg_connect_args
 from sessionq.models.tasks import McpTask, new_task_id
 from tests.conftest import T0
 
@@ -256,3 +261,58 @@ def test_a_stale_known_copy_costs_a_read_never_a_lost_change(store: Store) -> No
     copy = store.claim_task(other.task_id, 0, "w1", T0, T0 + LEASE)
     assert not store.finish_task(other.task_id, "w2", T0, result={"content": []}, known=copy)
     assert store.load_task(other.task_id).status == "working"
+
+
+def test_only_postgresql_creates_tasks_from_the_event_loop(store: Store) -> None:
+    assert (store.async_create is not None) == (getattr(store, "backend", None) == "postgresql")
+
+
+def test_the_async_create_commits_what_create_task_would(pg_store: Store) -> None:
+    create = pg_store.async_create
+    assert create is not None
+
+    async def scenario() -> McpTask:
+        # When a task is created from a coroutine
+        task = make_task()
+        assert await create(task) is task
+        # Then it is committed: the store's own connections read it back exactly
+        assert pg_store.load_task(task.task_id) == task
+        # And the contract's refusals are the same: a taken id, a task not at version 0
+        with pytest.raises(Conflict):
+            await create(make_task(task_id=task.task_id, owner="bob"))
+        with pytest.raises(ValidationError):
+            await create(make_task(version=1))
+        return task
+
+    task = asyncio.run(scenario())
+    assert pg_store.load_task(task.task_id).owner == "alice"
+    # And each event loop gets its own pool (a second asyncio.run works as the first)
+    async def another() -> McpTask:
+        return await create(make_task())
+
+    assert asyncio.run(another()).task_id != task.task_id
+
+
+def test_the_async_create_reports_an_unreachable_database_as_unavailable(pg_store: Store) -> None:
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = AsyncTaskInsert("INSERT INTO nowhere VALUES ($1)", [], {"host": "127.0.0.1", "port": port,
+                                                                  "user": "postgres", "database": "x", "timeout": 2})
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(down(make_task()))
+
+
+@pytest.mark.parametrize("params,expected", [
+    ({"host": "db", "port": 5433, "user": "u", "password": "p", "connect_timeout": 3, "options": "-c timezone=UTC",
+      "sslmode": "require"},
+     {"database": "d", "host": "db", "port": 5433, "user": "u", "password": "p", "timeout": 3.0, "ssl": "require",
+      "server_settings": {"timezone": "UTC"}}),
+    ({"host": "db", "options": "-ctimezone=UTC -c statement_timeout=5s"},
+     {"database": "d", "host": "db", "server_settings": {"timezone": "UTC", "statement_timeout": "5s"}}),
+    ({"host": "db", "keepalives": 1}, None),  # no sure asyncpg equivalent: the store's thread path
+    ({"host": "db", "options": "--geqo=off"}, None),
+])
+def test_asyncpg_connects_as_the_store_does_or_not_at_all(params: dict[str, Any], expected: object) -> None:
+    db = PostgresqlDatabase("d", **params)
+    assert asyncpg_connect_args(db) == expected

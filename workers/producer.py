@@ -36,6 +36,7 @@ plainly valid payloads and returns what the general check would
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import logging
@@ -47,6 +48,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from sessionq.models import (
     AgentState,
@@ -63,7 +66,7 @@ from . import payloads
 from .errors import InvalidPayload, ProducerError
 from .jobs import job_named, single_argument
 from .producer_plain import deferred_bound
-from .pusher import BrokerPusher, RedisPusher, SpoolingPusher
+from .pusher import AsyncRedisPusher, BrokerPusher, RedisPusher, SpoolingPusher
 from .wire_codec import PendingJob, make_ids_ahead, message_text, uuid4
 
 logger = logging.getLogger(__name__)
@@ -121,12 +124,14 @@ class Producer:
         # Why the last buffered batch could be neither pushed nor spooled (cleared on success).
         self._failure: BaseException | None = None
         pusher: RedisPusher | BrokerPusher
+        self._async_pusher: AsyncRedisPusher | None = None
         if not is_redis_url(self.url):
             from .broker import build_broker, current_broker
 
             pusher = BrokerPusher(current_broker(self.url) or build_broker(self.settings))
         else:
             pusher = RedisPusher(self.url, namespace=namespace)
+            self._async_pusher = AsyncRedisPusher(self.url, namespace=namespace)
         self._transport = SpoolingPusher(pusher, self.outbox_path)
         _PRODUCERS.add(self)
         atexit.register(self.close)
@@ -157,6 +162,23 @@ class Producer:
         """
         job = self._build(actor_name, args)
         self._deliver([job])
+        return job.message_id
+
+    async def send_async(self, actor_name: str, *args: Any) -> str:
+        """:meth:`send` for asyncio code: as durable when it returns, without a thread.
+
+        The job is pushed to Redis on the caller's event loop. If that push fails, or
+        the queue is not Redis, or jobs are being spooled, :meth:`send`'s own path (its
+        retries, the outbox) runs in a worker thread instead.
+        """
+        job = self._build(actor_name, args)
+        if self._async_pusher is not None and not self._transport.down:
+            try:
+                await self._async_pusher.push([job])
+                return job.message_id
+            except (OSError, redis.RedisError) as exc:  # UNREACHABLE and every reply error
+                logger.debug("async push of %s failed (%s); sending it the blocking way", actor_name, exc)
+        await asyncio.to_thread(self._deliver, [job])
         return job.message_id
 
     def send_nowait(self, actor_name: str, *args: Any) -> str:
@@ -243,6 +265,8 @@ class Producer:
                     raise ProducerError(f"{len(leftover)} accepted job(s) not delivered: {exc}") from exc
         finally:
             self._transport.close()
+            if self._async_pusher is not None:
+                self._async_pusher.close()
 
     # -- job helpers -------------------------------------------------------------
 

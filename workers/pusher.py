@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from sessionq.models.loop_connections import LoopConnections
 
 from .errors import ProducerError
 from .outbox import Outbox
@@ -151,6 +154,49 @@ class RedisPusher:
         conn.retry.call_with_retry(lambda: self._enqueue(conn, by_queue), lambda _error: conn.disconnect())
 
 
+class AsyncRedisPusher:
+    """:meth:`RedisPusher.push` for asyncio callers, on the caller's event loop (no
+    thread): the same packed ``EVALSHA`` per queue (:meth:`PackedEnqueue.push_async`)
+    on connections of redis-py's asyncio client kept per loop (:class:`LoopConnections`).
+    It does not retry: a push that fails may or may not have landed, and the caller's
+    fallback pushes again with new Redis ids (at worst a duplicate job, which is safe)."""
+
+    def __init__(self, url: str, *, namespace: str) -> None:
+        import redis.asyncio
+
+        self.pool = redis.asyncio.ConnectionPool.from_url(
+            url, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT, socket_timeout=DEFAULT_SOCKET_TIMEOUT)
+        self._enqueue = PackedEnqueue(namespace)
+        self._conns: LoopConnections[Any] = LoopConnections(self._open, _disconnect)
+
+    async def push(self, jobs: Sequence[PendingJob]) -> None:
+        """Enqueue jobs on their queues (raises on any failure: see the class docs)."""
+        by_queue: dict[str, list[bytes]] = {}
+        for job in jobs:
+            by_queue.setdefault(job.queue_name, []).append(job.encoded())
+        async with self._conns.lent() as conn:
+            await self._enqueue.push_async(conn, by_queue)
+
+    async def _open(self) -> Any:
+        conn = self.pool.connection_class(**self.pool.connection_kwargs)
+        await conn.connect()
+        return conn
+
+    def close(self) -> None:
+        """Close the idle connections (each on its own loop)."""
+        self._conns.close()
+
+
+# Disconnects under way (referenced until done, so none is collected half-way).
+_DISCONNECTING: set[asyncio.Future[Any]] = set()
+
+
+def _disconnect(conn: Any) -> None:
+    future = asyncio.ensure_future(conn.disconnect(nowait=True))
+    _DISCONNECTING.add(future)
+    future.add_done_callback(_DISCONNECTING.discard)
+
+
 class BrokerPusher:
     """Hand jobs to a Dramatiq broker object as messages (no wire encoding involved)."""
 
@@ -205,6 +251,11 @@ class SpoolingPusher:
             logger.warning("broker unreachable (%s); spooling %d job(s) to %s", exc, len(jobs), self.outbox_path)
             self._down = True
             self.spool(jobs)
+
+    @property
+    def down(self) -> bool:
+        """True from a failed push until the outbox has been forwarded (pushes spool meanwhile)."""
+        return self._down
 
     def spool(self, jobs: Iterable[PendingJob], *, forward: bool = True) -> None:
         """Put jobs in the outbox and (``forward``) start forwarding it; raises

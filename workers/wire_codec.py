@@ -197,23 +197,7 @@ class PackedEnqueue:
 
     def __call__(self, conn: Any, by_queue: dict[str, list[bytes]], *, reloaded: bool = False) -> None:
         """One attempt: EVALSHA of :data:`ENQUEUE_LUA` per queue, written at once."""
-        chunks: list[bytes] = []
-        buf = bytearray()
-        for queue, bodies in by_queue.items():
-            buf += b"*%d\r\n" % (5 + 2 * len(bodies))
-            buf += self.head(queue)
-            for data in bodies:
-                redis_id = uuid4()
-                body = with_redis_id(data, redis_id)
-                buf += b"$36\r\n%b\r\n$%d\r\n" % (redis_id.encode(), len(body))
-                if len(body) > PACK_COPY_LIMIT:
-                    chunks += (bytes(buf), body)
-                    buf = bytearray(b"\r\n")
-                else:
-                    buf += body
-                    buf += b"\r\n"
-        chunks.append(bytes(buf))
-        conn.send_packed_command(chunks)
+        conn.send_packed_command(self.pack(by_queue))
         # Read every reply (the connection stays in step), then report the first error.
         unloaded: list[str] = []
         error: redis.ResponseError | None = None
@@ -232,3 +216,44 @@ class PackedEnqueue:
             self(conn, {queue: by_queue[queue] for queue in unloaded}, reloaded=True)
         if error is not None:
             raise error
+
+    async def push_async(self, conn: Any, by_queue: dict[str, list[bytes]], *, reloaded: bool = False) -> None:
+        """:meth:`__call__` on a connection of redis-py's asyncio client."""
+        await conn.send_packed_command(self.pack(by_queue), check_health=False)
+        unloaded: list[str] = []
+        error: redis.ResponseError | None = None
+        for queue in by_queue:
+            try:
+                await conn.read_response()
+            except redis.exceptions.NoScriptError:
+                unloaded.append(queue)
+            except redis.ResponseError as exc:
+                error = error or exc
+        if unloaded and error is None:
+            if reloaded:
+                raise redis.ResponseError("the enqueue script is still not loaded after SCRIPT LOAD")
+            await conn.send_command("SCRIPT", "LOAD", ENQUEUE_LUA)
+            await conn.read_response()
+            await self.push_async(conn, {queue: by_queue[queue] for queue in unloaded}, reloaded=True)
+        if error is not None:
+            raise error
+
+    def pack(self, by_queue: dict[str, list[bytes]]) -> list[bytes]:
+        """The packed ``EVALSHA`` commands, one per queue, each job with a fresh Redis id."""
+        chunks: list[bytes] = []
+        buf = bytearray()
+        for queue, bodies in by_queue.items():
+            buf += b"*%d\r\n" % (5 + 2 * len(bodies))
+            buf += self.head(queue)
+            for data in bodies:
+                redis_id = uuid4()
+                body = with_redis_id(data, redis_id)
+                buf += b"$36\r\n%b\r\n$%d\r\n" % (redis_id.encode(), len(body))
+                if len(body) > PACK_COPY_LIMIT:
+                    chunks += (bytes(buf), body)
+                    buf = bytearray(b"\r\n")
+                else:
+                    buf += body
+                    buf += b"\r\n"
+        chunks.append(bytes(buf))
+        return chunks

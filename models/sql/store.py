@@ -88,6 +88,8 @@ class SqlStore(SqlErasure, SqlHandles, SqlTasks, SqlRecords, SqlKinds, Store):
 
     def close(self) -> None:
         """See :meth:`Store.close`."""
+        if self._async_insert is not None:
+            self._async_insert.close()
         if self._pooled:
             self._db.close_all()  # type: ignore[attr-defined]
         elif not self._db.is_closed():

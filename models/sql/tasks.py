@@ -17,6 +17,7 @@ round trip), which put ``tools/call`` -> handle at 2.4x the inline call and
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..kinds import RecordKind
 from ..sealing import is_sealed, open_task_values, seal_task_values
 from ..store import DEFAULT_PAGE_SIZE, DEFAULT_SWEEP_BATCH_SIZE, Page
 from ..tasks import McpTask, TaskStats
+from .async_tasks import AsyncTaskInsert, async_task_insert
 from .database import SqlStoreBase, translate_errors
 from .schema import UTCDateTimeField
 
@@ -112,6 +114,9 @@ class SqlTasks(SqlStoreBase):
     """The task primitives of :class:`~sessionq.models.tasks.TaskStore` on SQL, a part
     of :class:`~sessionq.models.sql.SqlStore` (which calls :meth:`_init_tasks`)."""
 
+    _async_insert: AsyncTaskInsert | None
+    async_create: Callable[[McpTask], Awaitable[McpTask]] | None
+
     def _init_tasks(self) -> None:
         """Bind the tasks model and prepare the hot statements (text, not built per call)."""
         self.mt = build_task_model(self._db, self.backend)
@@ -122,12 +127,15 @@ class SqlTasks(SqlStoreBase):
         self._task_quoted = {f.name: f"{quote}{f.column_name}{quote}" for f in fields}
         columns = ", ".join(self._task_quoted[f.name] for f in fields)
         table = f"{quote}{TABLE}{quote}"
+        insert = f"INSERT INTO {table} ({columns}) VALUES "
         self._task_sql = {
-            "insert": f"INSERT INTO {table} ({columns}) VALUES ({', '.join([mark] * len(fields))})",
+            "insert": f"{insert}({', '.join([mark] * len(fields))})",
             "select": f"SELECT {columns} FROM {table} WHERE {self._task_quoted['task_id']} = {mark}",
             "update": f"UPDATE {table} SET {{}} WHERE {self._task_quoted['task_id']} = {mark} "
                       f"AND {self._task_quoted['version']} = {mark}",
         }
+        numbered = f"{insert}({', '.join(f'${i}' for i in range(1, len(fields) + 1))})"
+        self._async_insert = self.async_create = async_task_insert(self._db, numbered, self._task_fields)
 
     def _to_task(self, row: dict[str, Any]) -> McpTask:
         return McpTask(**open_task_values(self.sealer, row["task_id"], row))

@@ -3,7 +3,8 @@
 * **T1** ``tools/call`` answered with a task handle vs the same tool answered inline by
   the same server (one client declares the Tasks extension, the other does not): raw
   2026-07-28 JSON-RPC POSTs over one keep-alive connection, p50 of each, while no
-  worker runs (the request path alone).
+  worker runs (the request path alone); afterwards the worker drains them and every
+  handle must be one task row, each `completed`.
 * **T2** a no-op task from its handle to ``completed`` as ``tasks/get`` reads it
   (``Store.get_task``, polled) vs a bare Dramatiq job on the same broker from enqueue
   to ack (its message gone from the queue's hash, polled): one worker process serving
@@ -50,6 +51,8 @@ DRAIN_TIMEOUT = 300.0
 # Milliseconds the worker sleeps at most between polls of an idle queue.
 IDLE_POLL_MS = "5"
 TASKS_MSGS = "dramatiq:tasks.msgs"
+# Untimed T1 calls before the timed ones.
+T1_WARMUP = 20
 
 
 def _env() -> dict[str, str]:
@@ -162,6 +165,15 @@ def _completed(store: Any, task_id: str) -> bool:
     return task is not None and task.status == "completed"
 
 
+def _all_completed(store: Any, created: int) -> bool:
+    from sessionq.models import utcnow
+
+    stats = store.task_stats(utcnow())
+    if stats.total != created:
+        raise RuntimeError(f"T1 returned {created} task handles but the store holds {stats.total} tasks")
+    return bool(stats.by_status.get("completed", 0) == created)
+
+
 def _acked(client: redis.Redis, rid: str) -> bool:
     return not client.hexists(TASKS_MSGS, rid)
 
@@ -190,6 +202,9 @@ def _t2(http: httpx.Client, url: str, client: redis.Redis, store: Any, count: in
 
 class _NoExecutor:
     def dispatch(self, task_id: str, leg: int) -> None:
+        del task_id, leg
+
+    async def dispatch_async(self, task_id: str, leg: int) -> None:
         del task_id, leg
 
     def cancel(self, task_id: str) -> None:
@@ -249,13 +264,14 @@ def bench_tasks(*, quick: bool) -> list[Result]:
         with httpx.Client(timeout=30.0) as http:
             # T1 times the request path alone: the worker, which would run each task at
             # once on the same two cores, starts afterwards and drains what T1 queued.
-            _t1(http, url, 20)
+            _t1(http, url, T1_WARMUP)
             for _ in range(DEFAULT_REPEATS):
                 ours, raw = _t1(http, url, count)
                 t1.append(ours)
                 t1_raw.append(raw)
             processes.start_worker()
-            _wait(lambda: not client.hlen(TASKS_MSGS), timeout=DRAIN_TIMEOUT)
+            # Proof of T1's work: every handle is one task row, and every one runs to completed.
+            _wait(functools.partial(_all_completed, store, T1_WARMUP + DEFAULT_REPEATS * count), DRAIN_TIMEOUT)
             _t2(http, url, client, store, 10)
             for _ in range(DEFAULT_REPEATS):
                 ours, raw = _t2(http, url, client, store, count // 2)

@@ -87,6 +87,13 @@ class QueueExecutor:
         except Exception as exc:
             logger.warning("task %s: could not enqueue leg %d (the tasks sweep will): %s", task_id, leg, exc)
 
+    async def dispatch_async(self, task_id: str, leg: int) -> None:
+        """:meth:`dispatch` on the caller's event loop (see ``Producer.send_async``)."""
+        try:
+            await self.producer.send_async(RUN_TOOL_TASK, leg_payload(task_id, leg))
+        except Exception as exc:
+            logger.warning("task %s: could not enqueue leg %d (the tasks sweep will): %s", task_id, leg, exc)
+
     def cancel(self, task_id: str) -> None:
         """Publish the cancellation to every tasks worker (they also see it on their next lease renewal)."""
         if self.redis is None:
@@ -159,6 +166,10 @@ class InProcessExecutor:
             logger.warning("task %s: executor not started (SessionqTasks.bind was not called)", task_id)
             return
         self._submit(self._run(task_id, leg))
+
+    async def dispatch_async(self, task_id: str, leg: int) -> None:
+        """:meth:`dispatch` from a coroutine (it never blocks)."""
+        self.dispatch(task_id, leg)
 
     def cancel(self, task_id: str) -> None:
         """Cancel the leg if it runs here (thread-safe)."""

@@ -2,7 +2,8 @@
 executor) does with ``run_tool_task(task_id, leg)``.
 
 :func:`run_task` claims the leg by compare-and-set (a lease and one more attempt; a
-lost claim is a duplicate delivery and does nothing), calls the tool on the user's
+lost claim is a duplicate delivery and does nothing; a first leg whose task row is not
+committed yet waits for it, up to :data:`CREATE_WAIT_S`), calls the tool on the user's
 ``MCPServer`` outside any request, renews the lease while the tool runs and folds the
 outcome the way the SDK's own ``tools/call`` handler does:
 
@@ -45,7 +46,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, CallToolResult, InputRequiredResult, TextContent
 
-from sessionq.models.errors import ValidationError
+from sessionq.models.errors import NotFound, ValidationError
 from sessionq.models.records import utcnow
 from sessionq.models.store import Store
 from sessionq.models.tasks import DEFAULT_LEASE_MS, McpTask, task_error
@@ -54,6 +55,12 @@ logger = logging.getLogger(__name__)
 
 # Random characters appended to a tool's input key to make it unique for the task's life.
 _KEY_SUFFIX_BYTES = 6
+# Seconds a first leg waits, at most, for its task's row: the replica enqueues the leg
+# while the row's INSERT commits, so a quick worker may look before the commit (a job
+# whose row never comes -- its create failed -- is dropped after this). It looks again
+# after CREATE_WAIT_FIRST_S, then after twice as long each time.
+CREATE_WAIT_S = 2.0
+CREATE_WAIT_FIRST_S = 0.001
 
 Clock = Callable[[], datetime]
 
@@ -211,11 +218,21 @@ async def run_task(
     claimed: a duplicate, finished or cancelled task) or ``lost`` (the lease passed
     to another attempt meanwhile). ``blocking``: the event loop runs this leg only,
     so the claim and the end call the store directly instead of in a thread."""
+    waited, seen = 0.0, False
     while True:
         now = clock()
         until = now + timedelta(milliseconds=lease_ms)
         task = store.claim_task(task_id, leg, worker_id, now, until) if blocking else await anyio.to_thread.run_sync(
             store.claim_task, task_id, leg, worker_id, now, until)
+        if task is None and leg == 0 and not seen and waited < CREATE_WAIT_S:
+            # The replica enqueues the first leg while the task's INSERT commits: wait for the
+            # row, then claim once more (it may have appeared between the claim and the look).
+            seen = await _stored(store, task_id, blocking)
+            if not seen:
+                delay = min(waited + CREATE_WAIT_FIRST_S, CREATE_WAIT_S - waited)  # 1, 2, 4... ms
+                await asyncio.sleep(delay)
+                waited += delay
+            continue
         if task is None:
             logger.debug("task %s leg %d not claimed (duplicate, finished or held elsewhere)", task_id, leg)
             return "skipped"
@@ -223,6 +240,18 @@ async def run_task(
         if outcome != "checkpoint":
             return outcome
         leg += 1
+
+
+async def _stored(store: Store, task_id: str, blocking: bool) -> bool:
+    """True if the task's row exists (in whatever state)."""
+    try:
+        if blocking:
+            store.load_task(task_id)
+        else:
+            await anyio.to_thread.run_sync(store.load_task, task_id)
+    except NotFound:
+        return False
+    return True
 
 
 async def _run_claimed(server: MCPServer, leg: _Leg) -> str:

@@ -107,11 +107,16 @@ class TaskPolicy:
 
 class TaskExecutor(Protocol):
     """Where task legs run (see :mod:`sessionq.workers.mcp.task_executors`). Its calls
-    come from a worker thread, right after the store write they follow (one thread
-    hop per request), and must not raise."""
+    come right after the store write they follow, from the same worker thread (one
+    thread hop per request) or, for :meth:`dispatch_async`, from the event loop; none
+    may raise."""
 
     def dispatch(self, task_id: str, leg: int) -> None:
         """Start leg ``leg`` of the task somewhere (a failure is logged: the sweep retries)."""
+
+    async def dispatch_async(self, task_id: str, leg: int) -> None:
+        """:meth:`dispatch` on the event loop, without blocking it (used after a store's
+        ``async_create``, so a new task costs no thread hop)."""
 
     def cancel(self, task_id: str) -> None:
         """Tell whoever runs the task that its cancellation was requested."""
@@ -248,10 +253,24 @@ class SessionqTasks(Extension):
             return await call_next(ctx)  # the SDK answers with its own inline validation error
         task = self._new_task(params, policy, owner_of(ctx))
         try:
-            await self._in_store_thread(self._create, task)
+            await self._create_and_dispatch(task)
         except ValidationError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"cannot run {params.name!r} as a task: {exc}") from None
         return {"resultType": "task", **task_json(task)}
+
+    async def _create_and_dispatch(self, task: McpTask) -> None:
+        """Store the task (committed when this returns) and start its first leg.
+
+        Where the store and the executor can, both go from this event loop (no thread
+        hop) and at once: the leg's enqueue travels while the INSERT commits, and a
+        worker that looks before the commit waits for the row
+        (:func:`~sessionq.workers.mcp.task_runner.run_task`). Else both run in one
+        trip to a store thread, the insert first."""
+        create = self.store.async_create
+        if create is None or not _on_asyncio():
+            await self._in_store_thread(self._create, task)
+            return
+        await asyncio.gather(create(task), self.executor.dispatch_async(task.task_id, 0))
 
     def _create(self, task: McpTask) -> None:
         self.store.create_task(task)
@@ -354,6 +373,14 @@ def _held(store: Store, fn: Callable[..., T], *args: Any) -> T:
     if hold is not None:
         hold()
     return fn(*args)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
 
 
 def _declared(ctx: ServerRequestContext[Any, Any]) -> bool:
