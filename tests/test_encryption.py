@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -420,3 +421,21 @@ def test_verify_reports_values_under_a_key_not_in_the_ring(tmp_path: Path) -> No
     assert any(d.startswith("source: 30 value(s) sealed under key") for d in report.differences), report.differences
     for store in (source, target):
         store.close()
+
+
+def test_the_event_loop_task_create_seals_like_the_threaded_one(pg_store: Store) -> None:
+    # Given PostgreSQL sealing under ring A, and its event-loop insert (no thread hop)
+    before, pg_store.sealer = pg_store.sealer, RING_A
+    try:
+        create = pg_store.async_create
+        assert create is not None
+        task = McpTask("async-sealed-task", "tool", arguments={"q": SECRET}, created_at=T0)
+        # When a task is created from a coroutine
+        asyncio.run(create(task))
+        # Then its arguments are sealed at rest and open through the store
+        raw = pg_store.database.execute_sql(  # type: ignore[attr-defined]
+            "SELECT arguments FROM sessionq_tasks WHERE task_id = %s", (task.task_id,)).fetchone()[0]
+        assert SECRET not in str(raw) and KID_A in str(raw)
+        assert pg_store.load_task(task.task_id).arguments == {"q": SECRET}
+    finally:
+        pg_store.sealer = before

@@ -297,7 +297,7 @@ def test_the_async_create_reports_an_unreachable_database_as_unavailable(pg_stor
     with socket.socket() as sock:  # a loopback port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    down = AsyncTaskInsert("INSERT INTO nowhere VALUES ($1)", [], {"host": "127.0.0.1", "port": port,
+    down = AsyncTaskInsert("INSERT INTO nowhere VALUES ($1)", lambda task: [], {"host": "127.0.0.1", "port": port,
                                                                   "user": "postgres", "database": "x", "timeout": 2})
     with pytest.raises(StoreUnavailable):
         asyncio.run(down(make_task()))

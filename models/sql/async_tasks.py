@@ -4,7 +4,7 @@
 store's Peewee connection that insert has to run in a worker thread, and handing it
 there and back costs two thread wake-ups, as much as the insert's own round trip on a
 busy host (ops/bench T1). :class:`AsyncTaskInsert` sends the same statement with the
-same column values (each field's ``db_value``) through asyncpg on the caller's event
+same column values (the store's own, sealed at rest when it seals) through asyncpg on the caller's event
 loop (asyncpg prepares it once per connection): one autocommitted statement, committed when the call returns, exactly as
 :meth:`~sessionq.models.tasks.TaskStore.create_task` is.
 
@@ -18,6 +18,7 @@ and callers use the store from a thread.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 import peewee as pw
@@ -64,9 +65,10 @@ class AsyncTaskInsert:
     to the store's (a taken id is a :class:`Conflict`, an unreachable database
     :class:`StoreUnavailable`)."""
 
-    def __init__(self, sql: str, fields: list[pw.Field], connect: dict[str, Any]) -> None:
+    def __init__(self, sql: str, values: Callable[[McpTask], list[Any]], connect: dict[str, Any]) -> None:
         self.sql = sql
-        self.fields = fields
+        #: The statement's parameters for a task (the store's own, sealing included).
+        self.values = values
         self.connect = connect
         self._conns: LoopConnections[Any] = LoopConnections(self._open, _terminate)
 
@@ -76,7 +78,7 @@ class AsyncTaskInsert:
 
         if task.version != 0:
             raise ValidationError("a new task starts at version 0")
-        values = [f.db_value(getattr(task, f.name)) for f in self.fields]
+        values = self.values(task)
         try:
             async with self._conns.lent() as conn:
                 await conn.execute(self.sql, *values)
@@ -104,12 +106,14 @@ def _terminate(conn: Any) -> None:
     conn.terminate()
 
 
-def async_task_insert(db: pw.Database, sql: str, fields: list[pw.Field]) -> AsyncTaskInsert | None:
-    """The :class:`AsyncTaskInsert` of ``sql`` (an ``INSERT`` with ``$1``... for
-    ``fields``) on ``db``, or ``None`` where there is none (see the module docs)."""
+def async_task_insert(
+    db: pw.Database, sql: str, values: Callable[[McpTask], list[Any]]
+) -> AsyncTaskInsert | None:
+    """The :class:`AsyncTaskInsert` of ``sql`` (an ``INSERT`` with ``$1``... taking
+    ``values(task)``) on ``db``, or ``None`` where there is none (see the module docs)."""
     try:
         import asyncpg  # noqa: F401
     except ImportError:
         return None
     connect = asyncpg_connect_args(db)
-    return None if connect is None else AsyncTaskInsert(sql, fields, connect)
+    return None if connect is None else AsyncTaskInsert(sql, values, connect)

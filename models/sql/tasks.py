@@ -135,7 +135,7 @@ class SqlTasks(SqlStoreBase):
                       f"AND {self._task_quoted['version']} = {mark}",
         }
         numbered = f"{insert}({', '.join(f'${i}' for i in range(1, len(fields) + 1))})"
-        self._async_insert = self.async_create = async_task_insert(self._db, numbered, self._task_fields)
+        self._async_insert = self.async_create = async_task_insert(self._db, numbered, self._task_values)
 
     def _to_task(self, row: dict[str, Any]) -> McpTask:
         return McpTask(**open_task_values(self.sealer, row["task_id"], row))
@@ -143,9 +143,12 @@ class SqlTasks(SqlStoreBase):
     @translate_errors
     def _insert_task(self, task: McpTask) -> None:
         """See :meth:`TaskStore._insert_task` (a taken id is a Conflict)."""
+        self._db.execute_sql(self._task_sql["insert"], self._task_values(task))
+
+    def _task_values(self, task: McpTask) -> list[Any]:
+        """The insert's parameters for ``task``, in column order, sealed at rest as configured."""
         sealed = seal_task_values(self.sealer, task.task_id, {f.name: getattr(task, f.name) for f in self._task_fields})
-        values = [f.db_value(sealed[f.name]) for f in self._task_fields]
-        self._db.execute_sql(self._task_sql["insert"], values)
+        return [f.db_value(sealed[f.name]) for f in self._task_fields]
 
     @translate_errors
     def load_task(self, task_id: str) -> McpTask:
