@@ -431,7 +431,10 @@ def test_the_event_loop_task_create_seals_like_the_threaded_one(pg_store: Store)
         assert create is not None
         task = McpTask("async-sealed-task", "tool", arguments={"q": SECRET}, created_at=T0)
         # When a task is created from a coroutine
-        asyncio.run(create(task))
+        async def scenario() -> McpTask:
+            return await create(task)
+
+        asyncio.run(scenario())
         # Then its arguments are sealed at rest and open through the store
         raw = pg_store.database.execute_sql(  # type: ignore[attr-defined]
             "SELECT arguments FROM sessionq_tasks WHERE task_id = %s", (task.task_id,)).fetchone()[0]
