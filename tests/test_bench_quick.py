@@ -1,4 +1,9 @@
-"""The benchmark suite's quick mode runs end to end (figures are reported, never asserted)."""
+"""The benchmark suite's quick mode runs end to end and proves its work.
+
+Figures are never asserted against goals (timing on a shared box), but every timed path
+must have done its work (the suite itself fails otherwise: counts, dead letters, empty
+outbox) and every ratio must stay within wide sanity bounds that only a broken path leaves.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +41,22 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     keys = {r["key"] for r in data["results"]}
-    assert {"P1", "P1-p99", "P1-buffered", "P2", "P2-50", "P2-scale-N", "P2-scale-procs", "P3", "P4", "P4-rss",
-            "P5", "P6", "P6-replay", "T1", "T2", "T3"} <= keys
+    mixes = {f"P1-{mix}{suffix}" for mix in ("unicode", "resave", "append") for suffix in ("", "-p99", "-buffered")}
+    assert {"P1", "P1-p99", "P1-buffered", *mixes, "P2", "P2-unicode", "P2-resave", "P2-append", "P2-ack1",
+            "P2-50", "P2-scale-N", "P2-scale-procs", "P3", "P4", "P4-rss", "P5", "P6", "P6-replay",
+            "T1", "T2", "T3"} <= keys
     for result in data["results"]:
         assert result["ours"] > 0 and result["ceiling"] > 0
         assert result["ratio"] > 0
+        if result.get("sanity"):
+            low, high = result["sanity"]
+            assert low <= result["ratio"] <= high, result
+    # And the proofs of the timed paths were made (a failed one fails the run above)
+    proved = {r["key"]: r["proof"] for r in data["results"] if r.get("proof")}
+    assert {"P1", "P1-unicode", "P2", "P2-resave", "P3", "P4", "P5"} <= set(proved)
+    assert proved["P1"]["outbox_and_buffer_after"] == 0 and proved["P2"]["dead_letters"] == 0
+    # And the environment that bounds the figures is recorded
+    env = data["environment"]
+    assert env["postgresql"]["synchronous_commit"] and env["postgresql"]["fsync"]
+    assert env["redis"]["redis_version"] and env["cpus"] and len(env["load_average"]) == 3
     assert "| P3 |" in proc.stdout

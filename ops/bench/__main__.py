@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from .events_bench import bench_event_store
-from .harness import Result, print_table, write_json
+from .harness import Result, environment, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
 from .store_bench import bench_append_cost, bench_purge
 from .tasks_bench import bench_tasks
@@ -24,7 +25,16 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
 }
+# Quick runs (CI) overwrite this file; full runs are kept, one file per run, under
+# docs/benchmarks/<date>.json (the README's table names the one it comes from).
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
+KEPT_DIR = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+
+
+def kept_path(chosen: list[str], everything: bool) -> Path:
+    """Where a full run keeps its results: ``<UTC date>.json``, or ``<date>-P1-P2.json`` for a partial run."""
+    stem = time.strftime("%Y-%m-%d", time.gmtime())
+    return KEPT_DIR / (f"{stem}.json" if everything else f"{stem}-{'-'.join(chosen)}.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
     parser.add_argument("--only", help="comma-separated ids, e.g. P1,P3")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: ops/bench/results/"
+                        "latest.json for --quick, docs/benchmarks/<date>.json for a full run)")
     args = parser.parse_args(argv)
     chosen = [k.strip().upper() for k in args.only.split(",")] if args.only else list(BENCHMARKS)
     unknown = [k for k in chosen if k not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    json_path = args.json or (DEFAULT_JSON if args.quick else kept_path(chosen, not args.only))
+    before = environment()
     results: list[Result] = []
     crashed = False
     for key in chosen:
@@ -50,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.extend(outcome if isinstance(outcome, list) else [outcome])
     print_table(results)
-    write_json(results, args.json, quick=args.quick)
+    write_json(results, json_path, quick=args.quick, before=before)
+    print(f"results written to {json_path}", file=sys.stderr)
     return 1 if crashed else 0
 
 
