@@ -12,6 +12,7 @@ from pathlib import Path
 from .events_bench import bench_event_store
 from .harness import Result, environment, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
+from .soak_bench import bench_outage, bench_purge_under_load, bench_worker_memory
 from .store_bench import bench_append_cost, bench_purge
 from .tasks_bench import bench_tasks
 from .transfer_bench import bench_migrate
@@ -24,6 +25,8 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "P10": lambda *, quick: [bench_worker_memory(quick=quick), bench_outage(quick=quick)],
+    "P11": bench_purge_under_load,
 }
 # Quick runs (CI) overwrite this file; full runs are kept, one file per run, under
 # docs/benchmarks/<date>.json (the README's table names the one it comes from).
