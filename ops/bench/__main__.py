@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .e2e_bench import bench_end_to_end
 from .events_bench import bench_event_store
 from .harness import Result, environment, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
@@ -25,6 +26,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P5": bench_purge,
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
+    "P7": bench_end_to_end,
     "P10": lambda *, quick: [bench_worker_memory(quick=quick), bench_outage(quick=quick)],
     "P11": bench_purge_under_load,
 }
