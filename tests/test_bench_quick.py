@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.conftest import MONGO_URL, MYSQL_URL, POSTGRES_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,7 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                SESSIONQ_BENCH_POSTGRES_URL=_bench_db(POSTGRES_URL), SESSIONQ_BENCH_REDIS_URL=REDIS_URL,
+               SESSIONQ_BENCH_MYSQL_URL=_bench_db(MYSQL_URL), SESSIONQ_BENCH_MONGO_URL=_bench_db(MONGO_URL),
                SESSIONQ_BENCH_WORKDIR=str(tmp_path / "work"))
     # When the quick suite runs
     proc = subprocess.run(
@@ -44,8 +45,8 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
     mixes = {f"P1-{mix}{suffix}" for mix in ("unicode", "resave", "append") for suffix in ("", "-p99", "-buffered")}
     assert {"P1", "P1-p99", "P1-buffered", *mixes, "P2", "P2-unicode", "P2-resave", "P2-append", "P2-ack1",
             "P2-50", "P2-scale-N", "P2-scale-procs", "P3", "P4", "P4-rss", "P5", "P6", "P6-replay",
-            "P7-50", "P7-50-buffered", "P7-90", "P7-90-buffered", "P10-rss", "P10-outage", "P11",
-            "T1", "T2", "T3"} <= keys
+            "P7-50", "P7-50-buffered", "P7-90", "P7-90-buffered", "P9-mysql", "P9-mongo", "P10-rss",
+            "P10-outage", "P11", "T1", "T2", "T3"} <= keys
     for result in data["results"]:
         assert result["ours"] > 0 and result["ceiling"] > 0
         assert result["ratio"] > 0
@@ -54,8 +55,8 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
             assert low <= result["ratio"] <= high, result
     # And the proofs of the timed paths were made (a failed one fails the run above)
     proved = {r["key"]: r["proof"] for r in data["results"] if r.get("proof")}
-    assert {"P1", "P1-unicode", "P2", "P2-resave", "P3", "P4", "P5", "P7-50", "P10-rss", "P10-outage",
-            "P11"} <= set(proved)
+    assert {"P1", "P1-unicode", "P2", "P2-resave", "P3", "P4", "P5", "P7-50", "P9-mysql", "P9-mongo",
+            "P10-rss", "P10-outage", "P11"} <= set(proved)
     assert proved["P1"]["outbox_and_buffer_after"] == 0 and proved["P2"]["dead_letters"] == 0
     # And the environment that bounds the figures is recorded
     env = data["environment"]

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .backends_bench import bench_backends
 from .e2e_bench import bench_end_to_end
 from .events_bench import bench_event_store
 from .harness import Result, environment, print_table, write_json
@@ -27,6 +28,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
     "P7": bench_end_to_end,
+    "P9": bench_backends,
     "P10": lambda *, quick: [bench_worker_memory(quick=quick), bench_outage(quick=quick)],
     "P11": bench_purge_under_load,
 }
@@ -60,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     crashed = False
     for key in chosen:
         print(f"running {key} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         try:
             outcome = BENCHMARKS[key](quick=args.quick)
         except Exception:
             crashed = True
             traceback.print_exc()
             continue
+        print(f"{key} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         results.extend(outcome if isinstance(outcome, list) else [outcome])
     print_table(results)
     write_json(results, json_path, quick=args.quick, before=before)

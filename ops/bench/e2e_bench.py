@@ -97,13 +97,13 @@ def bench_end_to_end(*, quick: bool) -> list[Result]:
     from sessionq.workers.producer import Producer
 
     store = open_bench_store()
-    seconds = 1.0 if quick else 10.0
+    seconds = 0.4 if quick else 10.0
     results: list[Result] = []
     tmp = tempfile.mkdtemp(prefix="sessionq-bench-e2e-")
     try:
         with WorkerPool(2) as pool:
-            drain(pool, store, "", 400)  # warm
-            max_rate = statistics.median(drain(pool, store, "", 400 if quick else 5_000)
+            drain(pool, store, "", 200)  # warm
+            max_rate = statistics.median(drain(pool, store, "", 300 if quick else 5_000)
                                          for _ in range(repeats(quick)))
             producer = Producer(url=BENCH_REDIS_URL, outbox_path=Path(tmp) / "outbox.db")
             try:

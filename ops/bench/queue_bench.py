@@ -177,7 +177,7 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
 
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     _flush(client)
-    count = 300 if quick else 3000
+    count = 100 if quick else 3000
     tmp = tempfile.mkdtemp(prefix="sessionq-bench-")
     producer = Producer(url=BENCH_REDIS_URL, outbox_path=Path(tmp) / "outbox.db")
     results: list[Result] = []
@@ -370,7 +370,7 @@ def drain(pool: WorkerPool, store: Any, actor: str, jobs: int, mix: str = "ascii
 def _warm_up(pool: WorkerPool, store: Any) -> None:
     """Untimed drains of every actor: each process opens its store and pools first."""
     for actor in ("bench_noop", "bench_noop_batched", ""):
-        drain(pool, store, actor, 100 * pool.processes)
+        drain(pool, store, actor, 50 * pool.processes)
 
 
 def _insert_many_rate(store: Any, jobs: int, messages: int) -> float:
@@ -413,10 +413,10 @@ def bench_drain(*, quick: bool) -> list[Result]:
     the same way (2 processes); also vs per-message-ack no-ops, 50-message jobs vs
     insert_many, and scale."""
     store = open_bench_store()
-    jobs = 400 if quick else 10_000
+    jobs = 200 if quick else 10_000
     # Re-saves and appends carry (or land in) 100-message histories: fewer jobs, same order of time.
-    seeded_jobs = 200 if quick else 2_000
-    big_jobs = 40 if quick else 1_000
+    seeded_jobs = 60 if quick else 2_000
+    big_jobs = 20 if quick else 1_000
     reps = repeats(quick)
     results: list[Result] = []
     try:
@@ -456,7 +456,7 @@ def bench_drain(*, quick: bool) -> list[Result]:
                 "P2-50", f"{big_jobs:,} save jobs of 50 messages through workers vs Peewee insert_many (1 process)",
                 rates["fifty"], rates["raw50"], "msgs/s", goal_op="info", goal=0, higher_is_better=True,
                 sanity=(0.05, 50.0)))
-            large = 1_000 if quick else 100_000
+            large = 400 if quick else 100_000
             many = [drain(pool, store, "", large) for _ in range(reps)]
             results.append(ratio_result(
                 "P2-scale-N", f"save drain with {large:,} queued jobs vs {jobs:,} (2 processes)",

@@ -53,11 +53,11 @@ def _rss_mb(pid: int) -> float:
 def bench_worker_memory(*, quick: bool) -> Result:
     """P10: RSS of a worker process before and after draining 100k save jobs."""
     store = open_bench_store()
-    total = 4_000 if quick else 100_000
-    chunk = 2_000 if quick else 10_000
+    total = 1_000 if quick else 100_000
+    chunk = 500 if quick else 10_000
     try:
         with WorkerPool(1) as pool:
-            drain(pool, store, "", 2_000)  # warm: imports, pools, caches
+            drain(pool, store, "", 500 if quick else 2_000)  # warm: imports, pools, caches
             workers = _children(pool.proc.pid)
             if not workers:
                 raise RuntimeError("no worker process found under the dramatiq parent")
@@ -125,7 +125,7 @@ def bench_outage(*, quick: bool) -> Result:
     and the time to drain the outbox once Redis is back (every job must arrive)."""
     from sessionq.workers.producer import Producer
 
-    seconds = 2.0 if quick else OUTAGE_SECONDS
+    seconds = 1.0 if quick else OUTAGE_SECONDS
     server = PrivateRedis()
     tmp = Path(tempfile.mkdtemp(prefix="sessionq-bench-outage-"))
     producer = Producer(url=server.url, outbox_path=tmp / "outbox.db")
@@ -205,7 +205,7 @@ def bench_purge_under_load(*, quick: bool) -> Result:
     purger = SqlStore(BENCH_POSTGRES_URL, max_pool_size=1)
     sessions = 4_000 if quick else 200_000
     per_session = 4
-    saves = 200 if quick else 2_000
+    saves = 100 if quick else 2_000
     calm, busy = [], []
     try:
         for rep in range(repeats(quick)):

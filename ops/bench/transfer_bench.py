@@ -94,10 +94,10 @@ def child(src: str, dst: str) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def _migrate(source: Path) -> dict[str, float]:
+def _migrate(source: Path, destination: str = BENCH_POSTGRES_URL) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     code = "import sys; from ops.bench.transfer_bench import child; child(sys.argv[1], sys.argv[2])"
-    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{source}", BENCH_POSTGRES_URL],
+    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{source}", destination],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"migration child failed: {out.stderr[-3000:]}")
