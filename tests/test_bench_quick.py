@@ -45,7 +45,7 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
     mixes = {f"P1-{mix}{suffix}" for mix in ("unicode", "resave", "append") for suffix in ("", "-p99", "-buffered")}
     assert {"P1", "P1-p99", "P1-buffered", *mixes, "P2", "P2-unicode", "P2-resave", "P2-append", "P2-ack1",
             "P2-50", "P2-scale-N", "P2-scale-procs", "P3", "P4", "P4-rss", "P5", "P6", "P6-replay",
-            "P7-50", "P7-50-buffered", "P7-90", "P7-90-buffered", "P9-mysql", "P9-mongo", "P10-rss",
+            "P7-50", "P7-50-buffered", "P7-90", "P7-90-buffered", "P8", "P8-append", "P9-mysql", "P9-mongo", "P10-rss",
             "P10-outage", "P11", "T1", "T2", "T3"} <= keys
     for result in data["results"]:
         assert result["ours"] > 0 and result["ceiling"] > 0
@@ -55,7 +55,7 @@ def test_quick_benchmarks_run_and_write_json(tmp_path: Path) -> None:
             assert low <= result["ratio"] <= high, result
     # And the proofs of the timed paths were made (a failed one fails the run above)
     proved = {r["key"]: r["proof"] for r in data["results"] if r.get("proof")}
-    assert {"P1", "P1-unicode", "P2", "P2-resave", "P3", "P4", "P5", "P7-50", "P9-mysql", "P9-mongo",
+    assert {"P1", "P1-unicode", "P2", "P2-resave", "P3", "P4", "P5", "P7-50", "P8", "P9-mysql", "P9-mongo",
             "P10-rss", "P10-outage", "P11"} <= set(proved)
     assert proved["P1"]["outbox_and_buffer_after"] == 0 and proved["P2"]["dead_letters"] == 0
     # And the environment that bounds the figures is recorded

@@ -14,6 +14,7 @@ from .e2e_bench import bench_end_to_end
 from .events_bench import bench_event_store
 from .harness import Result, environment, print_table, write_json
 from .queue_bench import bench_drain, bench_enqueue
+from .scale_bench import bench_scale
 from .soak_bench import bench_outage, bench_purge_under_load, bench_worker_memory
 from .store_bench import bench_append_cost, bench_purge
 from .tasks_bench import bench_tasks
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, Callable[..., Result | list[Result]]] = {
     "P6": bench_event_store,
     "T": bench_tasks,  # MCP tasks: T1, T2, T3
     "P7": bench_end_to_end,
+    "P8": bench_scale,
     "P9": bench_backends,
     "P10": lambda *, quick: [bench_worker_memory(quick=quick), bench_outage(quick=quick)],
     "P11": bench_purge_under_load,

@@ -239,14 +239,14 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
 class WorkerPool:
     """``python -m dramatiq sessionq.workers.actors ops.bench.noop_actors`` on the bench services."""
 
-    def __init__(self, processes: int, threads: int = 8) -> None:
+    def __init__(self, processes: int, threads: int = 8, storage_url: str = BENCH_POSTGRES_URL) -> None:
         self.processes, self.threads = processes, threads
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed by stop())
             prefix="sessionq-bench-workers-", suffix=".log", delete=False)
         env = dict(os.environ)
         for name in ("SESSIONQ_BROKER_URL", "SESSIONQ_REDIS_URL", "SESSIONQ_STORAGE_URL", "SESSIONQ_CONFIG"):
             env.pop(name, None)
-        env.update(REDIS_URL=BENCH_REDIS_URL, STORAGE_URL=BENCH_POSTGRES_URL,
+        env.update(REDIS_URL=BENCH_REDIS_URL, STORAGE_URL=storage_url,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dramatiq", "sessionq.workers.actors", "ops.bench.noop_actors",
@@ -259,6 +259,10 @@ class WorkerPool:
                 self.stop()
                 raise RuntimeError(f"workers did not start: {Path(self.log.name).read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the workers' log."""
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
         """SIGTERM the worker group (Dramatiq shuts down gracefully) and wait."""
@@ -296,8 +300,13 @@ def _stage(client: redis.Redis, actor: str, jobs: int, mix: str, tag: str) -> No
     pipe.execute()
 
 
-def _count_messages(store: Any) -> int:
-    return int(store.database.execute_sql("SELECT count(*) FROM sessionq_messages").fetchone()[0])
+def _count_messages(store: Any, tag: str | None = None, jobs: int = 0) -> int:
+    """Messages stored, or those of the sessions of ``jobs`` jobs tagged ``tag`` (index lookups)."""
+    if tag is None:
+        return int(store.database.execute_sql("SELECT count(*) FROM sessionq_messages").fetchone()[0])
+    return int(store.database.execute_sql(
+        "SELECT count(*) FROM sessionq_messages WHERE session_id = ANY(%s)",
+        ([f"b{tag}-{i:07d}" for i in range(jobs)],)).fetchone()[0])
 
 
 # The processes that have taken jobs: their acks sets (one per worker process) are not empty.
@@ -311,26 +320,29 @@ return out
 ACKS_PATTERN = "dramatiq:__acks__.*.sessions"
 
 
-def drain(pool: WorkerPool, store: Any, actor: str, jobs: int, mix: str = "ascii") -> float:
+def drain(pool: WorkerPool, store: Any, actor: str, jobs: int, mix: str = "ascii", *, keep: bool = False) -> float:
     """Jobs per second for ``jobs`` staged jobs of ``mix`` (run by ``actor``, or by the
     mix's own actor if empty) drained by ``pool``.
 
     The clock starts once every worker process has taken a job (a process idle between
     drains polls with a backoff of up to a second), counting only the jobs not yet acked
     then; it stops when every job is acked and every message is in PostgreSQL. Then it
-    proves the work: no job dead-lettered, every message stored.
+    proves the work: no job dead-lettered, every message stored. ``keep``: the store's
+    rows stay (P8 drains into a large database), and it is not vacuumed first.
     """
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     try:
         _flush(client)
-        empty(store)
+        if not keep:
+            empty(store)
         tag = uuid.uuid4().hex[:6]
         own = mix_payload(mix, 0, tag)[0]
         saving = not actor or actor == own
         seeded = mix in ("resave", "append")
         if seeded:
             seed_history(store, jobs, tag)
-        store.database.execute_sql("VACUUM ANALYZE sessionq_sessions, sessionq_messages")
+        if not keep:
+            store.database.execute_sql("VACUUM ANALYZE sessionq_sessions, sessionq_messages")
         _stage(client, actor, jobs, mix, tag)
         taking = client.register_script(_TAKING_LUA)
         client.rename(STAGING, QUEUE)
@@ -352,15 +364,20 @@ def drain(pool: WorkerPool, store: Any, actor: str, jobs: int, mix: str = "ascii
         deadline = time.monotonic() + DRAIN_TIMEOUT
         expected = jobs * ((HISTORY if seeded else 0) + (_new_messages(mix) if saving else 0))
         while True:
-            if client.hlen(MSGS) == 0 and (not saving or _count_messages(store) >= expected):
+            if client.hlen(MSGS) == 0 and (not saving or _count_messages(store, tag, jobs) >= expected):
                 break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"drain of {jobs} {actor or own} jobs did not finish in {DRAIN_TIMEOUT}s")
+            failed = client.zcard(QUEUE + ".XQ") + client.hlen(QUEUE + ".DQ.msgs")
+            if failed or time.monotonic() > deadline:
+                # A failed job is retried later (delay queue) or dead-lettered: the drain
+                # would never end; say why, from the workers' log.
+                raise RuntimeError(
+                    f"drain of {jobs} {actor or own} jobs ({mix}): {failed} failed, or not finished in "
+                    f"{DRAIN_TIMEOUT}s; workers' log:\n{pool.log_tail()}")
             time.sleep(0.002)
         seconds = time.perf_counter() - started
         prove(f"P2 {mix}/{actor or own}: dead-lettered jobs", client.zcard(QUEUE + ".XQ"), 0)
         prove(f"P2 {mix}/{actor or own}: jobs left on the queue", (client.llen(QUEUE), client.hlen(MSGS)), (0, 0))
-        prove(f"P2 {mix}/{actor or own}: messages stored", _count_messages(store), expected)
+        prove(f"P2 {mix}/{actor or own}: messages stored", _count_messages(store, tag, jobs), expected)
         return max(counted, 1) / seconds
     finally:
         _flush(client)
