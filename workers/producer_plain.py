@@ -135,7 +135,8 @@ def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str,
         metadata = _plain_metadata(metadata)
         if metadata is None:
             return None
-        message = {"message_id": message_id, "role": role, "content": content, "created_at": created_iso}
+        message: dict[str, Any] = {
+            "message_id": message_id, "role": role, "content": content, "created_at": created_iso}
         if metadata:
             message["metadata"] = metadata
         append(message)

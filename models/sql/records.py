@@ -314,12 +314,12 @@ class SqlRecords(SqlStoreBase):
             # session's history again): the (session, id) pairs joined on the primary key.
             pairs = [(sid, mid) for sid in session_ids for mid in pending[sid]]
             table = M._meta.table_name
-            for chunk in chunked(pairs, DEFAULT_CHUNK * 10):
+            for some in chunked(pairs, DEFAULT_CHUNK * 10):
                 cursor = self.database.execute_sql(
                     f'SELECT m."session_id", m."message_id" FROM "{table}" m '
                     "JOIN unnest(%s::text[], %s::text[]) AS x(sid, mid) "
                     'ON m."session_id" = x.sid AND m."message_id" = x.mid',
-                    ([sid for sid, _ in chunk], [mid for _, mid in chunk]),
+                    ([sid for sid, _ in some], [mid for _, mid in some]),
                 )
                 found.update(cursor.fetchall())
             return found

@@ -158,8 +158,7 @@ def _redis_settings(url: str) -> dict[str, Any]:
         out["aof_enabled"] = persistence.get("aof_enabled")
         try:
             for name in ("appendonly", "appendfsync", "save"):
-                out.update({k if isinstance(k, str) else k.decode(): v if isinstance(v, str) else v.decode()
-                            for k, v in client.config_get(name).items()})
+                out.update({_text(k): _text(v) for k, v in client.config_get(name).items()})
         except redis.ResponseError as exc:  # CONFIG renamed or disabled on this server
             out["config"] = f"unavailable: {exc}"
         return out
@@ -167,6 +166,10 @@ def _redis_settings(url: str) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def environment() -> dict[str, Any]:

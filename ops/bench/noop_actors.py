@@ -38,8 +38,9 @@ def _noop_committer() -> GroupCommitter:
     global _committer
     with _lock:
         if _committer is None:
+            # The committer uses only save_sessions of its store.
             _committer = GroupCommitter(
-                _NoWrites(),  # type: ignore[arg-type]  (only save_sessions is used)
+                _NoWrites(),  # type: ignore[arg-type]
                 gather_delay=get_settings().group_commit_delay_ms / 1000,
                 after_commit=getattr(get_broker(), "ack_messages", None),
             )

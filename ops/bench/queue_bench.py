@@ -181,7 +181,8 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
     tmp = tempfile.mkdtemp(prefix="sessionq-bench-")
     producer = Producer(url=BENCH_REDIS_URL, outbox_path=Path(tmp) / "outbox.db")
     results: list[Result] = []
-    q = {name: {k: [] for k in ("p50", "p99", "raw50", "raw99", "buf50", "buf99")} for name in MIXES}
+    quantiles = ("p50", "p99", "raw50", "raw99", "buf50", "buf99")
+    q: dict[str, dict[str, list[float]]] = {name: {k: [] for k in quantiles} for name in MIXES}
     beat99s: list[float] = []
     try:
         for rep in range(repeats(quick)):
