@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{key} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         results.extend(outcome if isinstance(outcome, list) else [outcome])
+        write_json(results, json_path, quick=args.quick, before=before)  # kept as it goes
     print_table(results)
     write_json(results, json_path, quick=args.quick, before=before)
     print(f"results written to {json_path}", file=sys.stderr)

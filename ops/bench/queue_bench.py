@@ -431,9 +431,9 @@ def bench_drain(*, quick: bool) -> list[Result]:
     the same way (2 processes); also vs per-message-ack no-ops, 50-message jobs vs
     insert_many, and scale."""
     store = open_bench_store()
-    jobs = 200 if quick else 10_000
+    jobs = 200 if quick else 5_000
     # Re-saves and appends carry (or land in) 100-message histories: fewer jobs, same order of time.
-    seeded_jobs = 60 if quick else 2_000
+    seeded_jobs = 60 if quick else 1_000
     big_jobs = 20 if quick else 1_000
     reps = repeats(quick)
     results: list[Result] = []
@@ -474,7 +474,7 @@ def bench_drain(*, quick: bool) -> list[Result]:
                 "P2-50", f"{big_jobs:,} save jobs of 50 messages through workers vs Peewee insert_many (1 process)",
                 rates["fifty"], rates["raw50"], "msgs/s", goal_op="info", goal=0, higher_is_better=True,
                 sanity=(0.05, 50.0)))
-            large = 400 if quick else 100_000
+            large = 400 if quick else 30_000
             many = [drain(pool, store, "", large) for _ in range(reps)]
             results.append(ratio_result(
                 "P2-scale-N", f"save drain with {large:,} queued jobs vs {jobs:,} (2 processes)",
