@@ -221,7 +221,7 @@ def bench_enqueue(*, quick: bool) -> list[Result]:
             proof=proof))
         results.append(ratio_result(
             f"{key}-p99", f"enqueue ({what}), p99: Producer vs raw LPUSH", m["p99"], m["raw99"], "µs",
-            goal_op="info", goal=0, higher_is_better=False, sanity=(0.1, 20.0)))
+            goal_op="info", goal=0, higher_is_better=False, sanity=(0.005, 200.0)))  # one stall moves a p99
         buf = statistics.median(m["buf99"])
         raw50 = statistics.median(m["raw50"])
         results.append(Result(
