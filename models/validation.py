@@ -63,6 +63,15 @@ def check_text(name: str, value: Any, *, max_bytes: int = DEFAULT_MAX_CONTENT_BY
     return value
 
 
+def utf8_encodable(value: str) -> bool:
+    """True if ``value`` encodes to UTF-8 (no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_choice(name: str, value: Any, choices: frozenset[str]) -> str:
     """One of a fixed set of strings."""
     if not isinstance(value, str) or value not in choices:
@@ -161,7 +170,11 @@ def _plain_bound(value: Any, depth: int, field_names: bool) -> int:
         return -1
     kind = type(value)
     if kind is str:
-        if len(value) > DEFAULT_MAX_CONTENT_BYTES or "\x00" in value or not value.isascii():
+        # At most 6 bytes a character as JSON (``\u00XX``; a non-ASCII character takes
+        # at most 4 in UTF-8); text with a lone surrogate is not plain.
+        if ("\x00" in value or len(value) > DEFAULT_MAX_CONTENT_BYTES
+                or (not value.isascii() and (4 * len(value) > DEFAULT_MAX_CONTENT_BYTES
+                                             or not utf8_encodable(value)))):
             return -1
         return 6 * len(value) + 2
     if kind is int:
@@ -182,8 +195,8 @@ def _plain_bound(value: Any, depth: int, field_names: bool) -> int:
                 or (field_names and (key[0] == "$" or "." in key))
             ):
                 return -1
-            if (type(item) is str and depth < DEFAULT_MAX_JSON_DEPTH and len(item) <= 4096 and item.isascii()
-                    and "\x00" not in item):
+            if (type(item) is str and depth < DEFAULT_MAX_JSON_DEPTH and len(item) <= 4096
+                    and "\x00" not in item and (item.isascii() or utf8_encodable(item))):
                 size = 6 * len(item) + 2  # the common short string, without the call below
             else:
                 size = _plain_bound(item, depth + 1, field_names)

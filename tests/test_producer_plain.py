@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -81,6 +82,14 @@ VALID_SAVES: list[dict[str, Any]] = [
 ]
 
 
+UNICODE_SAVE: dict[str, Any] = {
+    "session_id": "s", "model": "modèle-ü", "metadata": {"user": {"name": "João", "tags": ["é", "日本"]}, "n": 1},
+    "messages": [_message(1, content="Olá, ¿qué tal? ✓ 😀", metadata={"tool": {"args": {"q": "café"}}}),
+                 _message(2, content="ünïcödé\n", created_at=T)],
+}
+VALID_SAVES.append(UNICODE_SAVE)
+
+
 @pytest.mark.parametrize("payload", VALID_SAVES, ids=range(len(VALID_SAVES)))
 def test_plain_save_matches_normalize(payload: dict[str, Any]) -> None:
     _check("save_session", payload)
@@ -90,6 +99,19 @@ def test_the_plain_path_takes_the_common_shapes() -> None:
     assert _check("save_session", VALID_SAVES[1])
     assert _check("save_session", VALID_SAVES[2])
     assert _check("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]})
+    # Non-ASCII text and nested metadata are common too (P1's "unicode" mix): not sent the slow way.
+    assert _check("save_session", UNICODE_SAVE)
+    assert _check("append_messages", {"session_id": "s", "messages": UNICODE_SAVE["messages"]})
+
+
+def test_the_plain_path_steps_aside_for_text_that_is_not_utf8_or_too_long() -> None:
+    from sessionq.models.validation import DEFAULT_MAX_CONTENT_BYTES
+
+    for content in ("lone \ud800 surrogate", "é" * (DEFAULT_MAX_CONTENT_BYTES // 2 + 1), "nul \x00"):
+        payload = {"session_id": "s", "messages": [_message(1, content=content)]}
+        assert not _check("save_session", payload)
+        assert _normalize("save_session", payload)[0] == "error"
+    assert not _check("save_session", {"session_id": "s", "metadata": {"k": ["ok", "\udfff"]}})
 
 
 def _mutations(rng: random.Random, base: Any) -> Any:
@@ -118,6 +140,7 @@ def _mutations(rng: random.Random, base: Any) -> Any:
 @pytest.mark.parametrize("actor,base", [
     ("save_session", VALID_SAVES[1]),
     ("save_session", VALID_SAVES[5]),
+    ("save_session", UNICODE_SAVE),
     ("append_messages", {"session_id": "s", "messages": [_message(1), _message(2, created_at=T)]}),
 ])
 def test_plain_path_agrees_with_normalize_on_random_mutations(actor: str, base: Any) -> None:
@@ -222,9 +245,24 @@ def test_a_buffered_job_encoded_later_is_the_same_message_and_a_snapshot(tmp_pat
         assert got == expected
         text = later.encoded().decode()
         assert text == json.dumps(json.loads(text), separators=(",", ":"))  # key order kept, compact
-        # Nested containers in metadata could still change: such a job is encoded at once.
-        nested = producer._build("save_session", [{"session_id": "s", "metadata": {"tags": ["a"]}}], buffered=True)
-        assert nested.body
+        # Nested metadata (and non-ASCII text) is deferred too, as a deep snapshot: the
+        # caller's later changes to its nested containers are not seen.
+        tags = ["a", {"deep": ["é"]}]
+        nested_payload = {"session_id": "s", "model": "modèle", "created_at": T, "metadata": {"tags": tags},
+                          "messages": [_message(1, created_at=T, content="olá ✓", metadata={"tool": {"q": tags}})]}
+        nested_now = producer._build("save_session", [nested_payload])
+        nested = producer._build("save_session", [nested_payload], buffered=True)
+        assert nested.body == b"" and nested.source is not None
+        tags.append("changed")
+        tags[1]["deep"].append("changed")  # type: ignore[index]
+        got, want = json.loads(nested.encoded()), json.loads(nested_now.encoded())
+        for message in (got, want):
+            message.pop("message_id"), message.pop("message_timestamp")
+        assert got == want and "changed" not in json.dumps(got)
+        # A container of another type (the caller's own Mapping) cannot be snapshotted: encoded at once.
+        odd = producer._build("save_session", [{"session_id": "s", "metadata": {"o": OrderedDict(a=1)}}],
+                              buffered=True)
+        assert odd.body
         # So is anything off the plain path, and a job near the size limit.
         assert producer._build("run_sweep", ["expire_sessions"], buffered=True).body
         big = {"session_id": "s", "messages": [_message(1, content="x" * (2 * 1024 * 1024))]}
@@ -242,11 +280,13 @@ def test_a_job_for_another_broker_is_the_message_its_encoding_decodes_to(tmp_pat
     try:
         payload = {"session_id": "s", "model": "é", "created_at": T, "metadata": {"tags": ["a"]},
                    "messages": [_message(1, created_at=T)]}
-        # A job pushed at once, a buffered snapshot, a buffered job keeping only its encoding
+        # A job pushed at once, buffered snapshots, a buffered job keeping only its encoding
         jobs = [producer._build("save_session", [payload]),
                 producer._build("heartbeat", [{"mcp_session_id": "t", "at": T}], buffered=True),
                 producer._build("save_session", [payload], buffered=True)]
-        assert [job.source is not None for job in jobs] == [True, True, False]
+        jobs.append(producer._build("save_session", [dict(payload, metadata={"o": OrderedDict(a=1)})],
+                                    buffered=True))
+        assert [job.source is not None for job in jobs] == [True, True, True, False]
         for job in jobs:
             # the Dramatiq message built from the job is the one its wire encoding describes
             assert job.message().encode() == Message(**json.loads(job.encoded())).encode()

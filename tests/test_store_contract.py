@@ -121,6 +121,23 @@ def test_batch_save_of_many_sessions_and_repeated_ids(store: Store) -> None:
     assert store.stats().total_sessions == 20
 
 
+def test_batch_of_resaves_with_full_histories_inserts_only_the_new_messages(store: Store) -> None:
+    # Given five stored sessions with ten messages each
+    for i in range(5):
+        store.save_session(session(f"r{i}"), messages(f"r{i}", 10))
+    # When one batch re-saves each with its whole history plus two new messages (a later
+    # save, so its fields win), and the batch is delivered again
+    writes = [(session(f"r{i}", at=T0 + timedelta(minutes=i + 1), created_at=T0, model=f"m{i}"),
+               messages(f"r{i}", 12)) for i in range(5)]
+    assert store.save_sessions(writes).messages_inserted == 10
+    assert store.save_sessions(writes).messages_inserted == 0
+    # Then every session holds its twelve messages once, in order, and the new fields
+    for i in range(5):
+        loaded = store.load_session(f"r{i}")
+        assert (loaded.model, loaded.message_count) == (f"m{i}", 12)
+        assert loaded.updated_at == T0 + timedelta(minutes=i + 1)
+        assert [(m.message_id, m.seq) for m in store.load_messages(f"r{i}")] == [(f"m{j}", j + 1) for j in range(12)]
+
 
 def test_batch_mixing_new_and_stored_sessions_is_idempotent(store: Store) -> None:
     # Given two stored sessions, one last active ten minutes after T0

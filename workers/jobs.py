@@ -46,8 +46,8 @@ class Job:
     #: a bad payload included). Kept only where it pays for itself (see producer_plain).
     plain: Callable[[Any], Any] | None = None
     #: True when the canonical form is the job's own copy of the caller's payload (up to
-    #: flat metadata values, which :func:`~sessionq.workers.producer_plain.deferred_bound`
-    #: checks), so that a buffered job may be encoded later by the producer's flusher.
+    #: the values of its metadata, which :func:`~sessionq.workers.producer_plain.deferred_bound`
+    #: checks or snapshots), so that a buffered job may be encoded later by the producer's flusher.
     deferrable: bool = False
 
 

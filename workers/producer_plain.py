@@ -29,6 +29,7 @@ from sessionq.models.validation import (
     DEFAULT_MAX_ID_LENGTH,
     check_datetime,
     check_json_object,
+    utf8_encodable,
 )
 
 from . import payloads
@@ -49,7 +50,13 @@ def _plain_id(value: Any) -> bool:
 
 
 def _plain_text(value: Any, max_bytes: int) -> bool:
-    return type(value) is str and len(value) <= max_bytes and value.isascii() and "\x00" not in value
+    # Non-ASCII text is plain too (users write it): UTF-8 takes at most 4 bytes a
+    # character, and a lone surrogate (not valid UTF-8) steps aside to the full check.
+    if type(value) is not str or "\x00" in value:
+        return False
+    if value.isascii():
+        return len(value) <= max_bytes
+    return len(value) * 4 <= max_bytes and utf8_encodable(value)
 
 
 class _Clock:
@@ -92,28 +99,47 @@ def _plain_metadata(value: Any) -> dict[str, Any] | None:
 
 
 def _plain_messages(session_id: str, items: Any, now_iso: str) -> list[dict[str, Any]] | None:
+    # The checks of _plain_id and _plain_text inlined: this loop runs once per message
+    # (a re-save carries the session's whole history), where a call costs as much as a check.
     if type(items) is not list or len(items) > payloads.DEFAULT_MAX_MESSAGES_PER_JOB:
         return None
     out: list[dict[str, Any]] = []
+    append = out.append
+    fields, roles = _PLAIN_MESSAGE_FIELDS, MESSAGE_ROLES
     for item in items:
-        if type(item) is not dict or not item.keys() <= _PLAIN_MESSAGE_FIELDS:
+        if type(item) is not dict or not item.keys() <= fields:
             return None
-        message_id, role, content = item.get("message_id"), item.get("role"), item.get("content")
-        if (not _plain_id(message_id) or type(role) is not str or role not in MESSAGE_ROLES
-                or not _plain_text(content, DEFAULT_MAX_CONTENT_BYTES)
-                or (item.get("session_id", session_id) is not session_id
-                    and (type(item["session_id"]) is not str or item["session_id"] != session_id))):
+        get = item.get
+        message_id, role, content = get("message_id"), get("role"), get("content")
+        if (type(message_id) is not str or not 0 < len(message_id) <= DEFAULT_MAX_ID_LENGTH
+                or not message_id.isascii() or not message_id.isprintable() or " " in message_id
+                or type(role) is not str or role not in roles
+                or type(content) is not str or "\x00" in content
+                or not (len(content) <= DEFAULT_MAX_CONTENT_BYTES if content.isascii()
+                        else _plain_text(content, DEFAULT_MAX_CONTENT_BYTES))):
             return None
-        created_iso = _plain_iso_or_now(item.get("created_at", _MISSING), now_iso)
-        if created_iso is None:
+        owner = get("session_id", session_id)
+        if owner is not session_id and (type(owner) is not str or owner != session_id):
             return None
-        metadata = _plain_metadata(item.get("metadata"))
+        created = get("created_at", _MISSING)
+        if created is _MISSING:
+            created_iso = now_iso
+        else:
+            created_iso = _plain_iso_or_now(created, now_iso)  # type: ignore[assignment]
+            if created_iso is None:
+                return None
+        metadata = get("metadata")
+        if metadata is None or (type(metadata) is dict and not metadata):
+            append({"message_id": message_id, "role": role, "content": content, "created_at": created_iso})
+            continue
+        metadata = _plain_metadata(metadata)
         if metadata is None:
             return None
-        message = {"message_id": message_id, "role": role, "content": content, "created_at": created_iso}
+        message: dict[str, Any] = {
+            "message_id": message_id, "role": role, "content": content, "created_at": created_iso}
         if metadata:
             message["metadata"] = metadata
-        out.append(message)
+        append(message)
     return out
 
 
@@ -171,22 +197,65 @@ def _flat_bound(document: dict[str, Any]) -> int:
     return size
 
 
+def _copy_bound(value: Any) -> tuple[Any, int]:
+    """A copy of a checked JSON value whose containers are new (exact dicts and lists)
+    and an upper bound of its JSON size; size -1 if a container is of another type."""
+    kind = type(value)
+    if kind is str:
+        return value, _JSON_BYTES_PER_CHAR * len(value) + 2
+    if kind in _NOT_CONTAINERS:
+        return value, 32
+    size = 2
+    if kind is dict:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            copied, item_size = _copy_bound(item)
+            if item_size < 0 or type(key) is not str:
+                return value, -1
+            out[key] = copied
+            size += _JSON_BYTES_PER_CHAR * len(key) + 4 + item_size
+        return out, size
+    if kind is list or kind is tuple:
+        items = []
+        for item in value:
+            copied, item_size = _copy_bound(item)
+            if item_size < 0:
+                return value, -1
+            items.append(copied)
+            size += item_size + 1
+        return items, size
+    return value, -1
+
+
+def _metadata_bound(owner: dict[str, Any]) -> int:
+    """The size bound of ``owner["metadata"]``, first replaced by a snapshot (a deep copy)
+    if it holds containers, which the caller could still change; -1 if it cannot be."""
+    metadata = owner["metadata"]
+    size = _flat_bound(metadata)
+    if size < 0:
+        metadata, size = _copy_bound(metadata)
+        if size >= 0:
+            owner["metadata"] = metadata
+    return size
+
+
 def deferred_bound(arg: dict[str, Any]) -> int:
     """An upper bound of the encoded size of a deferrable job's canonical argument
-    (``Job.deferrable``), or -1 if encoding it later could see the caller's changes
-    (nested containers in metadata).
+    (``Job.deferrable``), or -1 if encoding it later could see the caller's changes.
 
     Every container of such an argument is its own, except the values of the metadata
-    copies: with scalar values only, the argument is a snapshot.
+    copies: metadata holding containers (nested metadata) is replaced here by a deep
+    copy, so that the argument is a snapshot; one holding a container of a type other
+    than dict, list or tuple is not copied (-1: encode it now).
     """
     size = 256
     for message in arg.get("messages", ()):
-        meta = _flat_bound(message["metadata"]) if "metadata" in message else 0
+        meta = _metadata_bound(message) if "metadata" in message else 0
         if meta < 0:
             return -1
         size += meta + _JSON_BYTES_PER_CHAR * (len(message["message_id"]) + len(message["content"])) + 128
     if "metadata" in arg:
-        meta = _flat_bound(arg["metadata"])
+        meta = _metadata_bound(arg)
         if meta < 0:
             return -1
         size += meta

@@ -42,6 +42,10 @@ from .database import (
 
 logger = logging.getLogger(__name__)
 
+# A PostgreSQL save batch carrying at least this many messages per save on average
+# (re-saves of sessions with their histories) first asks which sessions are stored.
+PROBE_MESSAGES_PER_SAVE = 8
+
 
 class SqlRecords(SqlStoreBase):
     """Sessions and messages: the session and message half of the Store contract on SQL."""
@@ -101,6 +105,13 @@ class SqlRecords(SqlStoreBase):
         (stored sessions, appends) through :meth:`_write_once`."""
         appended = {session_id for session, session_id, _ in writes if session is None}
         saves = [w for w in writes if w[1] not in appended]
+        if saves and sum(len(m) for _, _, m in saves) >= PROBE_MESSAGES_PER_SAVE * len(saves):
+            # Saves carrying histories are mostly re-saves of stored sessions: planning them
+            # as new would send (and have the server parse) every message of every history
+            # for nothing. Sessions stored now skip the fast statement (one more round trip);
+            # one stored in between still lands in the general path below.
+            stored = self._stored_session_ids([sid for _, sid, _ in saves])
+            saves = [w for w in saves if w[1] not in stored]
         state, _, pending = self._merge(saves, {})
         new_rows: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
@@ -186,19 +197,46 @@ class SqlRecords(SqlStoreBase):
         new = [state[sid] for sid in ids if sid in dirty and sid not in stored]
         for session_rows in chunked(new, DEFAULT_CHUNK):
             self._insert_rows(S, [self._sealed_session(row) for row in session_rows])
-        for sid in ids:
-            if sid in dirty and sid in stored:
-                row = state[sid]
-                S.update(
-                    model=row["model"],
-                    status=row["status"],
-                    metadata=self._sealed_session(row)["metadata"],
-                    updated_at=row["updated_at"],
-                    message_count=row["message_count"],
-                ).where(S.session_id == sid).execute()
+        changed = [self._sealed_session(state[sid]) for sid in ids if sid in dirty and sid in stored]
+        if self.backend == "postgresql" and len(changed) > 1:
+            self._update_sessions_postgresql(changed)
+            changed = []
+        for row in changed:
+            S.update(
+                model=row["model"],
+                status=row["status"],
+                metadata=row["metadata"],
+                updated_at=row["updated_at"],
+                message_count=row["message_count"],
+            ).where(S.session_id == row["session_id"]).execute()
         for message_rows in chunked(rows, DEFAULT_CHUNK):
             self._insert_rows(M, message_rows)
         return WriteResult(sessions_written=len(dirty), messages_inserted=len(rows))
+
+    def _stored_session_ids(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` are stored (PostgreSQL, no lock: a hint for planning)."""
+        cursor = self.database.execute_sql(
+            f'SELECT "session_id" FROM "{self.m.Session._meta.table_name}" WHERE "session_id" = ANY(%s)', (ids,))
+        return {sid for (sid,) in cursor.fetchall()}
+
+    def _update_sessions_postgresql(self, rows: list[dict[str, Any]]) -> None:
+        """The changed fields of many stored (and locked) sessions in one ``UPDATE ... FROM
+        VALUES`` (a Peewee update per session cost more than the rest of a re-save batch)."""
+        S = self.m.Session
+        names = ("model", "status", "metadata", "updated_at", "message_count")
+        fields = [S._meta.fields[name] for name in names]
+        params: list[Any] = []
+        for row in rows:
+            params.append(row["session_id"])
+            params.extend(f.db_value(row[f.name]) for f in fields)
+        one = "(%s, %s, %s, %s::jsonb, %s::timestamptz, %s::integer)"
+        sets = ", ".join(f'"{f.column_name}" = v."{f.column_name}"' for f in fields)
+        columns = ", ".join(f'"{f.column_name}"' for f in fields)
+        self.database.execute_sql(
+            f'UPDATE "{S._meta.table_name}" AS s SET {sets} FROM (VALUES {", ".join([one] * len(rows))}) '
+            f'AS v("session_id", {columns}) WHERE s."session_id" = v."session_id"',
+            params,
+        )
 
     def _lock_sessions(self, ids: list[str]) -> list[dict[str, Any]]:
         """The stored rows of ``ids``, locked for this transaction, in id order.
@@ -298,6 +336,20 @@ class SqlRecords(SqlStoreBase):
     ) -> set[tuple[str, str]]:
         M = self.m.Message
         found: set[tuple[str, str]] = set()
+        if self.backend == "postgresql" and session_ids:
+            # One statement for the whole batch (a group commit of re-saves carries each
+            # session's history again): the (session, id) pairs joined on the primary key.
+            pairs = [(sid, mid) for sid in session_ids for mid in pending[sid]]
+            table = M._meta.table_name
+            for some in chunked(pairs, DEFAULT_CHUNK * 10):
+                cursor = self.database.execute_sql(
+                    f'SELECT m."session_id", m."message_id" FROM "{table}" m '
+                    "JOIN unnest(%s::text[], %s::text[]) AS x(sid, mid) "
+                    'ON m."session_id" = x.sid AND m."message_id" = x.mid',
+                    ([sid for sid, _ in some], [mid for _, mid in some]),
+                )
+                found.update(cursor.fetchall())
+            return found
         for session_id in session_ids:
             for chunk in chunked(list(pending[session_id]), DEFAULT_CHUNK):
                 query = M.select(M.message_id).where((M.session == session_id) & M.message_id.in_(list(chunk)))

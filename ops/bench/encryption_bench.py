@@ -60,7 +60,7 @@ def bench_encryption_drain(*, quick: bool) -> Result:
             for keys, rates in ((None, clear), (key, sealed)):
                 with _keys(keys), WorkerPool(2) as pool:
                     _warm_up(pool, store)
-                    rates.append(drain(pool, store, "save_session", jobs, 2))
+                    rates.append(drain(pool, store, "save_session", jobs))  # the ascii mix: 2-message saves
                     share = _sealed_share(store)
                     if share != (1.0 if keys else 0.0):
                         raise RuntimeError(f"{share:.0%} of messages sealed with {ENV}={'set' if keys else 'unset'}")

@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Repetitions per measurement (the median is reported).
+# Repetitions per measurement (the median is reported); --quick runs one (it proves
+# the work and checks sanity bounds, it does not judge goals).
 DEFAULT_REPEATS = 3
+
+
+def repeats(quick: bool) -> int:
+    """Repetitions of a measurement: one in a quick run, ``DEFAULT_REPEATS`` otherwise."""
+    return 1 if quick else DEFAULT_REPEATS
 BENCH_POSTGRES_URL = os.environ.get("SESSIONQ_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/sessionq_bench")
 BENCH_REDIS_URL = os.environ.get("SESSIONQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -32,6 +38,11 @@ class Result:
     met: bool | None
     samples: list[float] = field(default_factory=list)
     notes: str = ""
+    #: Wide bounds a working path's ratio stays within, whatever the load (``--quick``
+    #: asserts them: a ratio outside means a broken path, not a slow one); None: unchecked.
+    sanity: tuple[float, float] | None = None
+    #: What the run proved about the work it timed (row counts, queue lengths, ...).
+    proof: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> list[str]:
         """The table row."""
@@ -47,6 +58,7 @@ def _num(value: float) -> str:
 def ratio_result(
     key: str, title: str, ours: list[float], ceiling: list[float], unit: str, *,
     goal_op: str, goal: float, higher_is_better: bool, notes: str = "",
+    sanity: tuple[float, float] | None = None, proof: dict[str, Any] | None = None,
 ) -> Result:
     """Build a result from repeated samples: medians, ratio ours/ceiling, goal check.
 
@@ -56,9 +68,21 @@ def ratio_result(
     ratio = ours_m / ceiling_m if ceiling_m else float("inf")
     del higher_is_better
     if goal_op == "info":
-        return Result(key, title, ours_m, ceiling_m, unit, ratio, "—", None, ours + ceiling, notes)
+        return Result(key, title, ours_m, ceiling_m, unit, ratio, "—", None, ours + ceiling, notes, sanity,
+                      proof or {})
     met = ratio >= goal if goal_op == ">=" else ratio <= goal
-    return Result(key, title, ours_m, ceiling_m, unit, ratio, f"{goal_op} {goal}", met, ours + ceiling, notes)
+    return Result(key, title, ours_m, ceiling_m, unit, ratio, f"{goal_op} {goal}", met, ours + ceiling, notes,
+                  sanity, proof or {})
+
+
+def prove(what: str, actual: object, expected: object) -> None:
+    """Check that a timed path did its work (a count, a length); raise if it did not.
+
+    A benchmark whose work was not done measured nothing: the run fails (and so does
+    ``--quick`` in CI) instead of reporting a flattering figure.
+    """
+    if actual != expected:
+        raise RuntimeError(f"benchmark proof failed: {what} is {actual!r}, expected {expected!r}")
 
 
 def timed(func: Callable[[], Any]) -> float:
@@ -102,8 +126,80 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(results: list[Result], path: Path, *, quick: bool) -> None:
-    """Write results and machine info as JSON."""
+def _postgres_settings(url: str) -> dict[str, Any]:
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg2
+
+    names = ("server_version", "synchronous_commit", "fsync", "full_page_writes", "shared_buffers", "wal_level")
+    try:
+        conn = psycopg2.connect(urlunsplit(urlsplit(url)._replace(path="/postgres", query="")))
+    except Exception as exc:  # recorded, not fatal: the run still says what it could not read
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    try:
+        with conn.cursor() as cur:
+            out: dict[str, Any] = {}
+            for name in names:
+                cur.execute(f"SHOW {name}")
+                out[name] = cur.fetchone()[0]
+            return out
+    finally:
+        conn.close()
+
+
+def _redis_settings(url: str) -> dict[str, Any]:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        info = client.info("server")
+        out: dict[str, Any] = {"redis_version": info.get("redis_version")}
+        persistence = client.info("persistence")
+        out["aof_enabled"] = persistence.get("aof_enabled")
+        try:
+            for name in ("appendonly", "appendfsync", "save"):
+                out.update({_text(k): _text(v) for k, v in client.config_get(name).items()})
+        except redis.ResponseError as exc:  # CONFIG renamed or disabled on this server
+            out["config"] = f"unavailable: {exc}"
+        return out
+    except redis.RedisError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def environment() -> dict[str, Any]:
+    """The services' settings that bound the figures (durability, versions) and the load."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": list(load) if load else None,
+        "postgresql": _postgres_settings(BENCH_POSTGRES_URL),
+        "redis": _redis_settings(BENCH_REDIS_URL),
+        "packages": _versions("dramatiq", "redis", "peewee", "psycopg2-binary", "pymysql", "pymongo"),
+    }
+
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json(results: list[Result], path: Path, *, quick: bool, before: dict[str, Any] | None = None) -> None:
+    """Write results, machine info and the environment (at the start, ``before``, and now) as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"quick": quick, "machine": machine(), "time": time.time(), "results": [asdict(r) for r in results]}
-    path.write_text(json.dumps(data, indent=2))
+    data = {"quick": quick, "machine": machine(), "environment": before or environment(),
+            "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "time": time.time(), "results": [asdict(r) for r in results]}
+    path.write_text(json.dumps(data, indent=2, default=str))
