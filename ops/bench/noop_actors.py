@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import dramatiq
@@ -24,10 +25,12 @@ from sessionq.workers.groupcommit import GroupCommitter
 class _NoWrites:
     """A store whose batch write does nothing (the group committer's work minus the database)."""
 
-    def save_sessions(self, writes: Sequence[tuple[ChatSession, Sequence[ChatMessage]]]) -> WriteResult:
-        """Write nothing."""
-        del writes
-        return WriteResult()
+    def save_sessions_unless_forgotten(
+        self, writes: Sequence[tuple[ChatSession, Sequence[ChatMessage]]], now: datetime
+    ) -> tuple[WriteResult, set[str]]:
+        """Write nothing, refuse nothing (the committer's one store call)."""
+        del writes, now
+        return WriteResult(), set()
 
 
 _committer: GroupCommitter | None = None
@@ -38,7 +41,7 @@ def _noop_committer() -> GroupCommitter:
     global _committer
     with _lock:
         if _committer is None:
-            # The committer uses only save_sessions of its store.
+            # The committer uses only save_sessions_unless_forgotten of its store.
             _committer = GroupCommitter(
                 _NoWrites(),  # type: ignore[arg-type]
                 gather_delay=get_settings().group_commit_delay_ms / 1000,
