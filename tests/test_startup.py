@@ -173,7 +173,7 @@ def test_the_embedded_default_gets_its_schema_by_itself(tmp_path: Path) -> None:
 def _readme_mcp_snippet() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    (snippet,) = [block for block in blocks if "recoverable_http_app(" in block]
+    (snippet,) = [block for block in blocks if "adopt(server" in block]
     return snippet
 
 
